@@ -1,0 +1,1298 @@
+/**
+ * mc-relay: a small, self-hosted relay between a browser app (first of all
+ * MetaConfigurator) and any OpenAI-compatible LLM endpoint.
+ *
+ * The browser sends `username:password`; the relay checks it, adds the
+ * provider key (which never leaves this process), sets CORS headers for the
+ * configured origins only, and streams the upstream's answer straight back.
+ *
+ * This file is the whole relay, top to bottom: configuration, auth, CORS,
+ * proxy, logging, the demo upstream and start-up. It has no third-party
+ * imports on purpose: a process that holds an API key should be small enough
+ * to read in one sitting.
+ *
+ * @module
+ */
+
+/** The relay's version; `--version` prints it and CHANGELOG.md's newest entry matches it. */
+export const VERSION = "0.1.0";
+
+// ---------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------
+
+/** Every environment variable the relay reads; deno.json's `--allow-env` list must match it. */
+export const ENV_VARS = [
+  "UPSTREAM_BASE_URL",
+  "UPSTREAM_API_KEY",
+  "MC_RELAY_USERNAME",
+  "MC_RELAY_PASSWORD",
+  "ALLOWED_ORIGIN",
+  "PORT",
+  "HOST",
+  "REQUEST_TIMEOUT_SECONDS",
+  "MAX_REQUEST_BYTES",
+  "UPSTREAM_EXTRA_HEADERS_JSON",
+  "UPSTREAM_AUTH_HEADER",
+  "UPSTREAM_AUTH_PREFIX",
+  "LOG_LEVEL",
+  "TLS_CERT_FILE",
+  "TLS_KEY_FILE",
+  "SHUTDOWN_TIMEOUT_SECONDS",
+] as const;
+
+/** The name of one environment variable the relay reads. */
+export type EnvVar = typeof ENV_VARS[number];
+
+/** The environment as the relay sees it: only its own variables. */
+export type RelayEnv = Partial<Record<EnvVar, string>>;
+
+/** Log levels, least to most severe. */
+export const LOG_LEVELS = ["debug", "info", "warn", "error"] as const;
+
+/** One log level. */
+export type LogLevel = typeof LOG_LEVELS[number];
+
+/** The relay's validated configuration; `createHandler` is built from it. */
+export interface RelayConfig {
+  /** Upstream base URL without a trailing slash, e.g. `https://api.openai.com/v1`. */
+  upstreamBaseUrl: string;
+  /** The provider key; sent upstream only, never to clients or logs. */
+  upstreamApiKey: string;
+  /** Header that carries the provider key (`Authorization`, `api-key`, `x-api-key`). */
+  upstreamAuthHeader: string;
+  /** Prefix before the key in that header (`Bearer`); empty for a raw key. */
+  upstreamAuthPrefix: string;
+  /** Extra headers sent with every upstream request. */
+  upstreamExtraHeaders: Record<string, string>;
+  /** The relay user's name (no colon). */
+  username: string;
+  /** The relay user's password. */
+  password: string;
+  /** Exact browser origins allowed to call the relay; empty allows none. */
+  allowedOrigins: string[];
+  /** TCP port to listen on (0 picks a free one). */
+  port: number;
+  /** Interface to listen on. */
+  host: string;
+  /** Longest wait for upstream headers, longest upstream silence mid-body, longest client body upload. */
+  requestTimeoutMs: number;
+  /** Largest request body accepted, in bytes. */
+  maxRequestBytes: number;
+  /** Least severe level that is logged. */
+  logLevel: LogLevel;
+  /** PEM certificate chain file; with `tlsKeyFile` the relay serves HTTPS itself. */
+  tlsCertFile?: string;
+  /** PEM private key file. */
+  tlsKeyFile?: string;
+  /** How long in-flight requests may run on after SIGTERM/SIGINT. */
+  shutdownTimeoutMs: number;
+}
+
+/** Defaults for every optional setting (documented in README.md). */
+export const DEFAULTS = {
+  port: 8080,
+  host: "0.0.0.0",
+  requestTimeoutSeconds: 180,
+  maxRequestBytes: 32 * 1024 * 1024,
+  upstreamAuthHeader: "Authorization",
+  upstreamAuthPrefix: "Bearer",
+  logLevel: "info" as LogLevel,
+  shutdownTimeoutSeconds: 10,
+};
+
+/** MetaConfigurator's public origins; the demo allows them so MC can be tried against it. */
+export const METACONFIGURATOR_ORIGINS = [
+  "https://www.metaconfigurator.org",
+  "https://metaconfigurator.github.io",
+];
+
+/** The outcome of `parseConfig`: a config plus warnings, or every problem found. */
+export type ConfigResult =
+  | { ok: true; config: RelayConfig; warnings: string[] }
+  | { ok: false; errors: string[] };
+
+/** A valid HTTP header name (RFC 9110 token). */
+const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+/** A header value without control characters other than tab. */
+const HEADER_VALUE = /^[\t\x20-\x7e\x80-\xff]*$/;
+
+/** Hop-by-hop and framing headers that never cross the relay in either direction. */
+const HOP_BY_HOP = new Set([
+  "connection",
+  "keep-alive",
+  "proxy-authenticate",
+  "proxy-authorization",
+  "proxy-connection",
+  "te",
+  "trailer",
+  "transfer-encoding",
+  "upgrade",
+]);
+
+/** Headers an operator may not set through UPSTREAM_EXTRA_HEADERS_JSON: the relay owns them. */
+const RESERVED_UPSTREAM_HEADERS = new Set([
+  ...HOP_BY_HOP,
+  "host",
+  "content-length",
+  "content-type",
+  "accept-encoding",
+]);
+
+/**
+ * Validates the relay's environment variables. Pure: reads only `env`.
+ * Every problem is collected, one line each, naming the variable and a valid
+ * value; secret values are never repeated back.
+ */
+export function parseConfig(env: RelayEnv): ConfigResult {
+  const errors: string[] = [];
+  const warnings: string[] = [];
+  const value = (name: EnvVar) => env[name]?.trim() || undefined;
+
+  const upstreamBaseUrl = parseUpstreamBaseUrl(value("UPSTREAM_BASE_URL"), errors);
+
+  const upstreamApiKey = env.UPSTREAM_API_KEY?.trim() ?? "";
+  if (!upstreamApiKey) {
+    errors.push(
+      "UPSTREAM_API_KEY is required: the provider's API key (for a local server that needs none, any placeholder such as 'none')",
+    );
+  } else if (!HEADER_VALUE.test(upstreamApiKey)) {
+    errors.push("UPSTREAM_API_KEY contains control characters; paste the key alone, without line breaks");
+  }
+
+  const username = env.MC_RELAY_USERNAME?.trim() ?? "";
+  if (!username) {
+    errors.push("MC_RELAY_USERNAME is required: the name users type before the colon, e.g. 'team'");
+  } else if (username.includes(":")) {
+    errors.push("MC_RELAY_USERNAME must not contain ':' (users send 'username:password'), e.g. 'team'");
+  }
+
+  const password = env.MC_RELAY_PASSWORD ?? "";
+  if (!password) {
+    errors.push(
+      "MC_RELAY_PASSWORD is required: a long random password, e.g. the output of 'openssl rand -base64 24'",
+    );
+  } else if (password.length < 12) {
+    warnings.push("MC_RELAY_PASSWORD is shorter than 12 characters; anyone who can reach the relay may guess it");
+  }
+
+  const allowedOrigins = parseAllowedOrigins(env.ALLOWED_ORIGIN, errors);
+  if (allowedOrigins.length === 0) {
+    warnings.push(
+      "ALLOWED_ORIGIN is not set: no browser origin may call the relay (server-side clients still can); set e.g. ALLOWED_ORIGIN=https://www.metaconfigurator.org",
+    );
+  }
+
+  const port = parseNumber(value("PORT"), DEFAULTS.port, "PORT", errors, {
+    integer: true,
+    min: 0,
+    max: 65535,
+    example: "a whole number from 0 to 65535, e.g. 8080",
+  });
+  const host = value("HOST") ?? DEFAULTS.host;
+  if (/\s|\//.test(host)) {
+    errors.push(`HOST must be an interface address or name, e.g. 0.0.0.0 or 127.0.0.1, got "${host}"`);
+  }
+
+  const requestTimeoutSeconds = parseNumber(
+    value("REQUEST_TIMEOUT_SECONDS"),
+    DEFAULTS.requestTimeoutSeconds,
+    "REQUEST_TIMEOUT_SECONDS",
+    errors,
+    { min: 0.001, max: 86400, example: "seconds greater than 0, e.g. 180" },
+  );
+  const maxRequestBytes = parseNumber(
+    value("MAX_REQUEST_BYTES"),
+    DEFAULTS.maxRequestBytes,
+    "MAX_REQUEST_BYTES",
+    errors,
+    { integer: true, min: 1, max: 2 ** 31, example: "a whole number of bytes, e.g. 33554432 (32 MiB)" },
+  );
+  const shutdownTimeoutSeconds = parseNumber(
+    value("SHUTDOWN_TIMEOUT_SECONDS"),
+    DEFAULTS.shutdownTimeoutSeconds,
+    "SHUTDOWN_TIMEOUT_SECONDS",
+    errors,
+    { min: 0, max: 3600, example: "seconds, e.g. 10" },
+  );
+
+  const upstreamAuthHeader = value("UPSTREAM_AUTH_HEADER") ?? DEFAULTS.upstreamAuthHeader;
+  if (!HEADER_NAME.test(upstreamAuthHeader) || RESERVED_UPSTREAM_HEADERS.has(upstreamAuthHeader.toLowerCase())) {
+    errors.push(
+      `UPSTREAM_AUTH_HEADER must be a header name such as Authorization, api-key or x-api-key, got "${upstreamAuthHeader}"`,
+    );
+  }
+  // Unset means "Bearer"; set but empty means "send the raw key".
+  const upstreamAuthPrefix = env.UPSTREAM_AUTH_PREFIX === undefined
+    ? DEFAULTS.upstreamAuthPrefix
+    : env.UPSTREAM_AUTH_PREFIX.trim();
+  if (!HEADER_VALUE.test(upstreamAuthPrefix) || /\s/.test(upstreamAuthPrefix)) {
+    errors.push('UPSTREAM_AUTH_PREFIX must be one word such as "Bearer", or empty for a raw key');
+  }
+
+  const upstreamExtraHeaders = parseExtraHeaders(
+    value("UPSTREAM_EXTRA_HEADERS_JSON"),
+    upstreamAuthHeader,
+    errors,
+  );
+
+  const rawLevel = value("LOG_LEVEL")?.toLowerCase() ?? DEFAULTS.logLevel;
+  const logLevel = (LOG_LEVELS as readonly string[]).includes(rawLevel) ? rawLevel as LogLevel : DEFAULTS.logLevel;
+  if (logLevel !== rawLevel) {
+    errors.push(`LOG_LEVEL must be one of ${LOG_LEVELS.join(", ")}, got "${value("LOG_LEVEL")}"`);
+  }
+
+  const tlsCertFile = value("TLS_CERT_FILE");
+  const tlsKeyFile = value("TLS_KEY_FILE");
+  if (Boolean(tlsCertFile) !== Boolean(tlsKeyFile)) {
+    errors.push(
+      "TLS_CERT_FILE and TLS_KEY_FILE go together: set both (PEM certificate chain and private key) or neither",
+    );
+  }
+
+  if (errors.length > 0) return { ok: false, errors };
+  return {
+    ok: true,
+    warnings,
+    config: {
+      upstreamBaseUrl: upstreamBaseUrl!,
+      upstreamApiKey,
+      upstreamAuthHeader,
+      upstreamAuthPrefix,
+      upstreamExtraHeaders,
+      username,
+      password,
+      allowedOrigins,
+      port,
+      host,
+      requestTimeoutMs: Math.round(requestTimeoutSeconds * 1000),
+      maxRequestBytes,
+      logLevel,
+      tlsCertFile,
+      tlsKeyFile,
+      shutdownTimeoutMs: Math.round(shutdownTimeoutSeconds * 1000),
+    },
+  };
+}
+
+function parseUpstreamBaseUrl(raw: string | undefined, errors: string[]): string | undefined {
+  const example = "e.g. https://api.openai.com/v1 or http://localhost:11434/v1";
+  if (!raw) {
+    errors.push(`UPSTREAM_BASE_URL is required: the provider's OpenAI-compatible base URL, ${example}`);
+    return undefined;
+  }
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    errors.push(`UPSTREAM_BASE_URL must be an absolute http(s) URL, ${example}`);
+    return undefined;
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") {
+    errors.push(`UPSTREAM_BASE_URL must start with http:// or https://, ${example}`);
+  } else if (url.username || url.password) {
+    errors.push("UPSTREAM_BASE_URL must not contain credentials (user:pass@); put the key in UPSTREAM_API_KEY");
+  } else if (url.search || url.hash) {
+    errors.push(`UPSTREAM_BASE_URL must not have a query or fragment, ${example}`);
+  } else {
+    return url.href.replace(/\/+$/, "");
+  }
+  return undefined;
+}
+
+function parseAllowedOrigins(raw: string | undefined, errors: string[]): string[] {
+  const origins: string[] = [];
+  for (const entry of (raw ?? "").split(",").map((part) => part.trim()).filter(Boolean)) {
+    let origin: string | undefined;
+    try {
+      const url = new URL(entry);
+      if ((url.protocol === "http:" || url.protocol === "https:") && url.origin === entry) origin = entry;
+    } catch {
+      // reported below
+    }
+    if (origin) {
+      origins.push(origin);
+    } else {
+      errors.push(
+        `ALLOWED_ORIGIN entries must be exact origins (scheme://host[:port], no path, no trailing slash, never *), got "${entry}"; e.g. https://www.metaconfigurator.org`,
+      );
+    }
+  }
+  return [...new Set(origins)];
+}
+
+function parseNumber(
+  raw: string | undefined,
+  fallback: number,
+  name: EnvVar,
+  errors: string[],
+  rule: { integer?: boolean; min: number; max: number; example: string },
+): number {
+  if (raw === undefined) return fallback;
+  const number = /^[0-9]+(\.[0-9]+)?$/.test(raw) ? Number(raw) : NaN;
+  if (
+    !Number.isFinite(number) || number < rule.min || number > rule.max || (rule.integer && !Number.isInteger(number))
+  ) {
+    errors.push(`${name} must be ${rule.example}, got "${raw}"`);
+    return fallback;
+  }
+  return number;
+}
+
+function parseExtraHeaders(raw: string | undefined, authHeader: string, errors: string[]): Record<string, string> {
+  if (!raw) return {};
+  const example =
+    'a JSON object of header names to string values, e.g. {"HTTP-Referer":"https://example.com","X-Title":"MC"}';
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(raw);
+  } catch {
+    errors.push(`UPSTREAM_EXTRA_HEADERS_JSON is not valid JSON; it must be ${example}`);
+    return {};
+  }
+  if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) {
+    errors.push(`UPSTREAM_EXTRA_HEADERS_JSON must be ${example}`);
+    return {};
+  }
+  const headers: Record<string, string> = {};
+  for (const [name, headerValue] of Object.entries(parsed)) {
+    const lower = name.toLowerCase();
+    if (!HEADER_NAME.test(name)) {
+      errors.push(`UPSTREAM_EXTRA_HEADERS_JSON has an invalid header name "${name}"; it must be ${example}`);
+    } else if (RESERVED_UPSTREAM_HEADERS.has(lower) || lower === authHeader.toLowerCase()) {
+      errors.push(
+        `UPSTREAM_EXTRA_HEADERS_JSON may not set "${name}": the relay sets it (the key goes in UPSTREAM_API_KEY)`,
+      );
+    } else if (typeof headerValue !== "string" || !HEADER_VALUE.test(headerValue)) {
+      // The value may be a secret: name the header, never repeat the value.
+      errors.push(`UPSTREAM_EXTRA_HEADERS_JSON header "${name}" must have a single-line string value`);
+    } else {
+      headers[name] = headerValue;
+    }
+  }
+  return headers;
+}
+
+// ---------------------------------------------------------------------------
+// Auth
+// ---------------------------------------------------------------------------
+
+/**
+ * Reads `username:password` from an Authorization header:
+ * `Basic base64(username:password)` or `Bearer username:password` (what MC
+ * and every OpenAI SDK send when the user types `username:password` as the
+ * API key). Returns a reason instead when the header is missing or malformed.
+ */
+export function readCredentials(authorization: string | null): { credentials: string } | { problem: string } {
+  if (!authorization) {
+    return {
+      problem: "missing credentials: send 'Authorization: Bearer <username>:<password>' (in MC: the API key field)",
+    };
+  }
+  const match = /^(\S+)\s+(\S+)\s*$/.exec(authorization);
+  const scheme = match?.[1].toLowerCase();
+  let credentials: string | undefined;
+  if (scheme === "bearer") {
+    credentials = match![2];
+  } else if (scheme === "basic") {
+    try {
+      credentials = new TextDecoder("utf-8", { fatal: true }).decode(
+        Uint8Array.from(atob(match![2]), (char) => char.charCodeAt(0)),
+      );
+    } catch {
+      return { problem: "malformed Basic credentials: expected base64 of <username>:<password>" };
+    }
+  } else {
+    return { problem: "unsupported Authorization scheme: use 'Bearer <username>:<password>' or Basic" };
+  }
+  if (!credentials.includes(":")) {
+    return { problem: "the API key must be <username>:<password> (both parts, joined by a colon)" };
+  }
+  return { credentials };
+}
+
+const textEncoder = new TextEncoder();
+
+/**
+ * Compares a client-supplied secret with the expected one in time that
+ * depends only on the expected value's length, never on where they differ.
+ */
+export function constantTimeEqual(given: string, expected: string): boolean {
+  const a = textEncoder.encode(given);
+  const b = textEncoder.encode(expected);
+  let difference = a.length ^ b.length;
+  for (let i = 0; i < b.length; i++) difference |= (a[i] ?? 0) ^ b[i];
+  return difference === 0;
+}
+
+// ---------------------------------------------------------------------------
+// CORS
+// ---------------------------------------------------------------------------
+
+/** Request headers a browser may send cross-origin, besides the `x-stainless-*` and `openai-*` families. */
+const ALLOWED_REQUEST_HEADERS = new Set([
+  "authorization",
+  "content-type",
+  "accept",
+  "x-relay-endpoint",
+  "idempotency-key",
+]);
+/** Header name prefixes OpenAI's JS SDK sends from browsers. */
+const ALLOWED_REQUEST_HEADER_PREFIXES = ["x-stainless-", "openai-"];
+/** Response headers a page may read: ours, rate limits and the provider's request id. */
+const EXPOSED_RESPONSE_HEADERS = [
+  "x-relay-request-id",
+  "x-request-id",
+  "retry-after",
+  "openai-processing-ms",
+  "x-ratelimit-limit-requests",
+  "x-ratelimit-limit-tokens",
+  "x-ratelimit-remaining-requests",
+  "x-ratelimit-remaining-tokens",
+  "x-ratelimit-reset-requests",
+  "x-ratelimit-reset-tokens",
+].join(", ");
+/** How long a browser may cache a preflight (Chromium caps this at two hours). */
+const PREFLIGHT_MAX_AGE_SECONDS = 7200;
+
+/** The CORS headers for a response to an allowed origin (never `*`). */
+export function corsHeaders(origin: string): Record<string, string> {
+  return {
+    "access-control-allow-origin": origin,
+    "access-control-expose-headers": EXPOSED_RESPONSE_HEADERS,
+  };
+}
+
+/** Answers a preflight from an allowed origin, allowing only the request headers the relay accepts. */
+export function preflightHeaders(origin: string, request: Request): Record<string, string> {
+  const requested = (request.headers.get("access-control-request-headers") ?? "")
+    .split(",")
+    .map((name) => name.trim().toLowerCase())
+    .filter((name) =>
+      ALLOWED_REQUEST_HEADERS.has(name) || ALLOWED_REQUEST_HEADER_PREFIXES.some((prefix) => name.startsWith(prefix))
+    );
+  const headers: Record<string, string> = {
+    "access-control-allow-origin": origin,
+    "access-control-allow-methods": "GET, POST, OPTIONS",
+    "access-control-allow-headers": [...new Set([...ALLOWED_REQUEST_HEADERS, ...requested])].join(", "),
+    "access-control-max-age": String(PREFLIGHT_MAX_AGE_SECONDS),
+  };
+  // Chromium asks before a public page may call a relay on the user's own machine or network.
+  if (request.headers.get("access-control-request-private-network") === "true") {
+    headers["access-control-allow-private-network"] = "true";
+  }
+  return headers;
+}
+
+// ---------------------------------------------------------------------------
+// Proxy
+// ---------------------------------------------------------------------------
+
+/** One route the relay serves: the only paths that ever reach the upstream are these. */
+interface Route {
+  method: "GET" | "POST";
+  /** Path appended to UPSTREAM_BASE_URL; absent for routes the relay answers itself. */
+  upstreamPath?: string;
+}
+
+/** The routes, matched exactly against the normalised path. */
+const ROUTES: Record<string, Route> = {
+  "/health": { method: "GET" },
+  "/v1/models": { method: "GET", upstreamPath: "/models" },
+  "/v1/chat/completions": { method: "POST", upstreamPath: "/chat/completions" },
+};
+
+/** Response headers from the upstream that the relay drops: they describe the upstream's connection, cookies or CORS, not the answer. */
+function isDroppedResponseHeader(name: string, connectionTokens: Set<string>): boolean {
+  return HOP_BY_HOP.has(name) || connectionTokens.has(name) || name.startsWith("access-control-") ||
+    name === "set-cookie" || name === "set-cookie2" || name === "alt-svc" || name === "date";
+}
+
+/** Builds an OpenAI-style error response: `{"error":{"message","type","code"}}`. */
+export function errorResponse(
+  status: number,
+  message: string,
+  code: string,
+  headers: Record<string, string> = {},
+): Response {
+  const type = status >= 500 ? "server_error" : "invalid_request_error";
+  return Response.json({ error: { message: `mc-relay: ${message}`, type, code } }, { status, headers });
+}
+
+/** Why an upstream call ended early. */
+class RelayAbort extends Error {
+  constructor(readonly kind: "client_gone" | "upstream_timeout") {
+    super(kind);
+  }
+}
+
+/** What the handler records about one request for its log line. */
+interface RequestRecord {
+  id: string;
+  method: string;
+  path: string;
+  client: string;
+  startedAt: number;
+  status?: number;
+  upstreamStatus?: number;
+  bytesIn: number;
+  bytesOut: number;
+  outcome?: string;
+  error?: string;
+  /** True while an upstream body is relayed: the log line is written when it ends. */
+  logWhenBodyEnds?: boolean;
+}
+
+/** Options for `createHandler` that are not configuration. */
+export interface HandlerOptions {
+  /** Receives each finished log line (JSON, no trailing newline); defaults to stdout. */
+  log?: (line: string) => void;
+}
+
+/** A `Deno.serve` handler. */
+export type RelayHandler = (request: Request, info: Deno.ServeHandlerInfo) => Promise<Response>;
+
+/**
+ * Builds the relay's request handler from a validated config.
+ * Order of checks: origin, preflight, route, method, auth, body size, upstream.
+ */
+export function createHandler(config: RelayConfig, options: HandlerOptions = {}): RelayHandler {
+  const log = createLogger(config, options.log);
+  const allowedOrigins = new Set(config.allowedOrigins);
+  const expectedCredentials = `${config.username}:${config.password}`;
+  const upstreamHost = new URL(config.upstreamBaseUrl).host;
+  const upstreamAuthValue = config.upstreamAuthPrefix
+    ? `${config.upstreamAuthPrefix} ${config.upstreamApiKey}`
+    : config.upstreamApiKey;
+
+  function finish(record: RequestRecord) {
+    log.info("request", {
+      request_id: record.id,
+      method: record.method,
+      path: record.path,
+      client: record.client,
+      status: record.status,
+      upstream_status: record.upstreamStatus,
+      duration_ms: Math.round((performance.now() - record.startedAt) * 10) / 10,
+      bytes_in: record.bytesIn,
+      bytes_out: record.bytesOut,
+      outcome: record.outcome,
+      error: record.error,
+    });
+  }
+
+  async function handle(request: Request, record: RequestRecord, cors: Record<string, string>): Promise<Response> {
+    const url = new URL(request.url);
+    const origin = request.headers.get("origin");
+
+    if (origin !== null && !allowedOrigins.has(origin)) {
+      // No CORS headers: the browser blocks the page from reading this, and nothing reaches the upstream.
+      return errorResponse(403, `origin ${origin} is not allowed; add it to ALLOWED_ORIGIN`, "origin_not_allowed");
+    }
+    if (request.method === "OPTIONS") {
+      const headers = origin ? preflightHeaders(origin, request) : { allow: "GET, POST, OPTIONS" };
+      return new Response(null, { status: 204, headers });
+    }
+
+    const route = Object.hasOwn(ROUTES, url.pathname) ? ROUTES[url.pathname] : undefined;
+    if (!route) {
+      return errorResponse(
+        404,
+        `unknown path ${record.path}; the relay serves /health, /v1/models and /v1/chat/completions`,
+        "unknown_url",
+      );
+    }
+    if (request.method !== route.method) {
+      return errorResponse(
+        405,
+        `${request.method} is not allowed on ${url.pathname}; use ${route.method}`,
+        "method_not_allowed",
+        {
+          allow: `${route.method}, OPTIONS`,
+        },
+      );
+    }
+    if (!route.upstreamPath) return Response.json({ status: "ok" });
+
+    const read = readCredentials(request.headers.get("authorization"));
+    const valid = "credentials" in read && constantTimeEqual(read.credentials, expectedCredentials);
+    if (!valid) {
+      // A Basic challenge makes browsers pop up a login dialog: offer it only to non-browser clients.
+      const challenge: Record<string, string> = origin === null
+        ? { "www-authenticate": 'Basic realm="mc-relay", charset="UTF-8"' }
+        : {};
+      const message = "problem" in read ? read.problem : "wrong username or password";
+      return errorResponse(401, message, "invalid_api_key", challenge);
+    }
+
+    return await proxy(request, url, route.upstreamPath, record, cors);
+  }
+
+  async function proxy(
+    request: Request,
+    url: URL,
+    upstreamPath: string,
+    record: RequestRecord,
+    cors: Record<string, string>,
+  ): Promise<Response> {
+    let body: Uint8Array<ArrayBuffer> | undefined;
+    if (request.method === "POST") {
+      const read = await readBody(request, config.maxRequestBytes, config.requestTimeoutMs);
+      if ("status" in read) {
+        record.outcome = read.outcome;
+        return errorResponse(read.status, read.message, read.code);
+      }
+      body = read.body;
+      record.bytesIn = body.byteLength;
+    }
+
+    const headers = new Headers(config.upstreamExtraHeaders);
+    for (const name of ["content-type", "accept"]) {
+      const value = request.headers.get(name);
+      if (value !== null) headers.set(name, value);
+    }
+    // Ask for the body as the upstream has it, so it passes through byte for byte.
+    headers.set("accept-encoding", "identity");
+    headers.set("user-agent", `mc-relay/${VERSION}`);
+    headers.set(config.upstreamAuthHeader, upstreamAuthValue);
+
+    const upstream = new AbortController();
+    // Deno fires request.signal when the client goes away, and also once a response is complete;
+    // by then the upstream body is fully read, so aborting is a no-op.
+    const onClientGone = () => upstream.abort(new RelayAbort("client_gone"));
+    request.signal.addEventListener("abort", onClientGone, { once: true });
+    const headersTimer = setTimeout(
+      () => upstream.abort(new RelayAbort("upstream_timeout")),
+      config.requestTimeoutMs,
+    );
+
+    let response: Response;
+    try {
+      response = await fetch(`${config.upstreamBaseUrl}${upstreamPath}${url.search}`, {
+        method: request.method,
+        headers,
+        body,
+        signal: upstream.signal,
+        redirect: "manual",
+      });
+    } catch (error) {
+      request.signal.removeEventListener("abort", onClientGone);
+      const reason = upstream.signal.reason;
+      if (reason instanceof RelayAbort && reason.kind === "client_gone") {
+        record.outcome = "client_gone";
+        return errorResponse(499, "the client closed the request", "client_closed_request");
+      }
+      if (reason instanceof RelayAbort && reason.kind === "upstream_timeout") {
+        record.outcome = "upstream_timeout";
+        return errorResponse(
+          504,
+          `the upstream ${upstreamHost} sent no response within ${
+            config.requestTimeoutMs / 1000
+          } s (REQUEST_TIMEOUT_SECONDS)`,
+          "upstream_timeout",
+        );
+      }
+      record.outcome = "upstream_unreachable";
+      record.error = errorText(error);
+      return errorResponse(
+        502,
+        `could not reach the upstream ${upstreamHost}: ${
+          describeNetworkError(record.error)
+        }; check UPSTREAM_BASE_URL and that the provider is reachable from the relay`,
+        "upstream_unreachable",
+      );
+    } finally {
+      clearTimeout(headersTimer);
+    }
+    record.upstreamStatus = response.status;
+
+    if (response.status >= 300 && response.status < 400 && response.headers.has("location")) {
+      // Following a redirect could carry the provider key to another host; report it instead.
+      await response.body?.cancel();
+      request.signal.removeEventListener("abort", onClientGone);
+      record.outcome = "upstream_redirect";
+      let target = "another location";
+      try {
+        target = new URL(response.headers.get("location")!, config.upstreamBaseUrl).host;
+      } catch {
+        // keep the generic wording
+      }
+      return errorResponse(
+        502,
+        `the upstream ${upstreamHost} redirected to ${target}; set UPSTREAM_BASE_URL to the final URL`,
+        "upstream_redirect",
+      );
+    }
+
+    const responseHeaders = new Headers(cors);
+    const connectionTokens = new Set(
+      (response.headers.get("connection") ?? "").split(",").map((token) => token.trim().toLowerCase()),
+    );
+    for (const [name, value] of response.headers) {
+      if (!isDroppedResponseHeader(name, connectionTokens)) responseHeaders.append(name, value);
+    }
+    if (response.headers.get("content-type")?.toLowerCase().startsWith("text/event-stream")) {
+      // Tell reverse proxies and CDNs not to buffer or compress the stream.
+      responseHeaders.set("cache-control", "no-cache, no-transform");
+      responseHeaders.set("x-accel-buffering", "no");
+    }
+
+    const relayedBody = response.body === null ? null : relayBody(response.body, upstream, config.requestTimeoutMs, {
+      onChunk(bytes) {
+        record.bytesOut += bytes;
+      },
+      onEnd(outcome, error) {
+        request.signal.removeEventListener("abort", onClientGone);
+        record.outcome = outcome;
+        if (error) record.error = error;
+        finish(record);
+      },
+    });
+    if (relayedBody === null) request.signal.removeEventListener("abort", onClientGone);
+    record.logWhenBodyEnds = relayedBody !== null;
+    return new Response(relayedBody, {
+      status: response.status,
+      statusText: response.statusText,
+      headers: responseHeaders,
+    });
+  }
+
+  return async (request, info) => {
+    const path = new URL(request.url).pathname;
+    const record: RequestRecord = {
+      id: crypto.randomUUID(),
+      method: request.method.slice(0, 16),
+      path: path.length > 200 ? `${path.slice(0, 200)}...` : path,
+      client: "hostname" in info.remoteAddr ? info.remoteAddr.hostname : "unix",
+      startedAt: performance.now(),
+      bytesIn: 0,
+      bytesOut: 0,
+    };
+    const origin = request.headers.get("origin");
+    const cors = origin !== null && allowedOrigins.has(origin) ? corsHeaders(origin) : {};
+    let response: Response;
+    try {
+      response = await handle(request, record, cors);
+    } catch (error) {
+      record.error = errorText(error);
+      record.outcome = "relay_error";
+      response = errorResponse(500, `internal error (request id ${record.id}); see the relay's log`, "relay_error");
+    }
+    record.status = response.status;
+    for (const [name, value] of Object.entries(cors)) response.headers.set(name, value);
+    response.headers.set("vary", "Origin");
+    response.headers.set("x-relay-request-id", record.id);
+    if (!record.logWhenBodyEnds) finish(record);
+    return response;
+  };
+}
+
+/** What reading a client's request body produced: the bytes, or an error to send. */
+type BodyRead =
+  | { body: Uint8Array<ArrayBuffer> }
+  | { status: number; message: string; code: string; outcome: string };
+
+/**
+ * Reads a request body into memory, refusing it as soon as it grows past
+ * `maxBytes` (whatever Content-Length claims) or takes longer than `timeoutMs`
+ * to arrive, so a slow or oversized upload never reaches the upstream.
+ */
+async function readBody(request: Request, maxBytes: number, timeoutMs: number): Promise<BodyRead> {
+  const tooLarge: BodyRead = {
+    status: 413,
+    message: `request body is larger than ${maxBytes} bytes (MAX_REQUEST_BYTES)`,
+    code: "request_too_large",
+    outcome: "body_too_large",
+  };
+  const declared = Number(request.headers.get("content-length") ?? "0");
+  if (declared > maxBytes) return tooLarge;
+  if (request.body === null) return { body: new Uint8Array(0) };
+
+  const reader = request.body.getReader();
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    reader.cancel().catch(() => {});
+  }, timeoutMs);
+  const chunks: Uint8Array<ArrayBuffer>[] = [];
+  let size = 0;
+  try {
+    while (true) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      size += value.byteLength;
+      if (size > maxBytes) {
+        await reader.cancel().catch(() => {});
+        return tooLarge;
+      }
+      chunks.push(value);
+    }
+  } catch {
+    if (!timedOut) {
+      return {
+        status: 400,
+        message: "the request body could not be read",
+        code: "bad_request_body",
+        outcome: "client_gone",
+      };
+    }
+  } finally {
+    clearTimeout(timer);
+  }
+  if (timedOut) {
+    return {
+      status: 408,
+      message: `the request body did not arrive within ${timeoutMs / 1000} s (REQUEST_TIMEOUT_SECONDS)`,
+      code: "request_timeout",
+      outcome: "body_timeout",
+    };
+  }
+  if (chunks.length === 1) return { body: chunks[0] };
+  const body = new Uint8Array(size);
+  let offset = 0;
+  for (const chunk of chunks) {
+    body.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  return { body };
+}
+
+/**
+ * Passes an upstream body through chunk by chunk (never buffered), counting
+ * bytes, cutting it when the upstream stays silent longer than `idleMs`
+ * while the relay waits for the next chunk, and cancelling the upstream when
+ * the client goes away. A cut stream ends with an error, not a clean end, so
+ * the client can tell that it is incomplete.
+ */
+function relayBody(
+  source: ReadableStream<Uint8Array>,
+  upstream: AbortController,
+  idleMs: number,
+  events: { onChunk(bytes: number): void; onEnd(outcome: string, error?: string): void },
+): ReadableStream<Uint8Array> {
+  const reader = source.getReader();
+  let waitingSince: number | null = null;
+  let ended = false;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+
+  const end = (outcome: string, error?: string) => {
+    if (ended) return;
+    ended = true;
+    clearTimeout(timer);
+    events.onEnd(outcome, error);
+  };
+  // One lazy timer per stream instead of one per chunk: it only acts when a read has been pending too long.
+  const watch = () => {
+    timer = setTimeout(() => {
+      if (ended) return;
+      const silentFor = waitingSince === null ? 0 : performance.now() - waitingSince;
+      if (silentFor >= idleMs) {
+        upstream.abort(new RelayAbort("upstream_timeout"));
+      } else {
+        watch();
+      }
+    }, waitingSince === null ? idleMs : Math.max(1, idleMs - (performance.now() - waitingSince)));
+  };
+  watch();
+
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      waitingSince = performance.now();
+      try {
+        const { done, value } = await reader.read();
+        waitingSince = null;
+        if (done) {
+          end("completed");
+          controller.close();
+          return;
+        }
+        events.onChunk(value.byteLength);
+        controller.enqueue(value);
+      } catch (error) {
+        waitingSince = null;
+        const reason = upstream.signal.reason;
+        const outcome = reason instanceof RelayAbort ? reason.kind : "upstream_stream_error";
+        end(outcome, outcome === "upstream_stream_error" ? errorText(error) : undefined);
+        // Erroring the body makes Deno drop the connection, so the client sees the cut. Deno prints the
+        // error to stderr: keep that to one line without a stack (the request's log line has the details).
+        const cut = new Error(`mc-relay: response body cut short (${outcome})`);
+        cut.stack = cut.message;
+        controller.error(cut);
+      }
+    },
+    cancel(reason) {
+      end("client_gone");
+      upstream.abort(new RelayAbort("client_gone"));
+      return reader.cancel(reason).catch(() => {});
+    },
+  });
+}
+
+/** An error's message followed by those of its causes (fetch puts the useful part in `cause`). */
+function errorText(error: unknown): string {
+  const parts: string[] = [];
+  for (let current = error, depth = 0; current !== undefined && depth < 5; depth++) {
+    parts.push(current instanceof Error ? current.message : String(current));
+    current = current instanceof Error ? current.cause : undefined;
+  }
+  return parts.join(": ");
+}
+
+/** Turns a fetch error into a short, secret-free phrase for clients. */
+function describeNetworkError(message: string): string {
+  if (/connection refused/i.test(message)) return "connection refused";
+  if (/dns|lookup address|name or service not known|no such host/i.test(message)) return "DNS lookup failed";
+  if (/certificate|tls|ssl|handshake/i.test(message)) return "TLS handshake failed";
+  if (/reset/i.test(message)) return "connection reset";
+  if (/timed out|timeout/i.test(message)) return "connection timed out";
+  return "network error";
+}
+
+// ---------------------------------------------------------------------------
+// Logging
+// ---------------------------------------------------------------------------
+
+/** A structured logger that writes one JSON object per line. */
+export interface Logger {
+  /** Logs at debug level. */
+  debug(msg: string, fields?: Record<string, unknown>): void;
+  /** Logs at info level. */
+  info(msg: string, fields?: Record<string, unknown>): void;
+  /** Logs at warn level. */
+  warn(msg: string, fields?: Record<string, unknown>): void;
+  /** Logs at error level. */
+  error(msg: string, fields?: Record<string, unknown>): void;
+}
+
+/**
+ * Creates the logger. Callers never pass headers, bodies or credentials;
+ * as a second line of defence every configured secret is masked in each line.
+ */
+export function createLogger(config: RelayConfig, sink: (line: string) => void = console.log): Logger {
+  const threshold = LOG_LEVELS.indexOf(config.logLevel);
+  const secrets = [config.upstreamApiKey, config.password, ...Object.values(config.upstreamExtraHeaders)]
+    .filter((secret) => secret.length >= 6)
+    .flatMap((secret) => [secret, JSON.stringify(secret).slice(1, -1)]);
+  const write = (level: LogLevel) => (msg: string, fields: Record<string, unknown> = {}) => {
+    if (LOG_LEVELS.indexOf(level) < threshold) return;
+    let line = JSON.stringify({ time: new Date().toISOString(), level, msg, ...fields });
+    for (const secret of secrets) line = line.replaceAll(secret, "[REDACTED]");
+    sink(line);
+  };
+  return { debug: write("debug"), info: write("info"), warn: write("warn"), error: write("error") };
+}
+
+// ---------------------------------------------------------------------------
+// Demo upstream: an echo model for `deno task demo`
+// ---------------------------------------------------------------------------
+
+/**
+ * A tiny OpenAI-compatible upstream that echoes the last user message back,
+ * streamed word by word when asked. Only `deno task demo` uses it; it is never
+ * used when UPSTREAM_BASE_URL is set. It checks the key so the demo shows the
+ * relay adding it.
+ */
+export function createDemoUpstream(apiKey: string): (request: Request) => Promise<Response> {
+  const model = "echo";
+  const encoder = new TextEncoder();
+  return async (request) => {
+    const path = new URL(request.url).pathname;
+    if (request.headers.get("authorization") !== `Bearer ${apiKey}`) {
+      return Response.json({
+        error: { message: "demo upstream: wrong key", type: "invalid_request_error", code: "invalid_api_key" },
+      }, { status: 401 });
+    }
+    if (path === "/models" && request.method === "GET") {
+      return Response.json({
+        object: "list",
+        data: [{ id: model, object: "model", created: 0, owned_by: "mc-relay-demo" }],
+      });
+    }
+    if (path !== "/chat/completions" || request.method !== "POST") {
+      return Response.json({
+        error: { message: "demo upstream: not found", type: "invalid_request_error", code: "unknown_url" },
+      }, { status: 404 });
+    }
+    let payload: { stream?: boolean; messages?: { role?: string; content?: unknown }[] };
+    try {
+      payload = await request.json();
+    } catch {
+      return Response.json({
+        error: { message: "demo upstream: body is not JSON", type: "invalid_request_error", code: "invalid_json" },
+      }, { status: 400 });
+    }
+    const lastUser = [...(payload.messages ?? [])].reverse().find((message) => message.role === "user");
+    const content = typeof lastUser?.content === "string"
+      ? lastUser.content
+      : Array.isArray(lastUser?.content)
+      ? lastUser.content.map((part: { text?: string }) => part?.text ?? "").join(" ")
+      : "";
+    const reply = `Echo: ${content || "(no user message)"}`;
+    const id = `chatcmpl-demo-${crypto.randomUUID()}`;
+    const created = Math.floor(Date.now() / 1000);
+    if (!payload.stream) {
+      return Response.json({
+        id,
+        object: "chat.completion",
+        created,
+        model,
+        choices: [{ index: 0, message: { role: "assistant", content: reply }, finish_reason: "stop" }],
+        usage: {
+          prompt_tokens: content.split(/\s+/).length,
+          completion_tokens: reply.split(/\s+/).length,
+          total_tokens: 0,
+        },
+      });
+    }
+    const words = reply.split(/(?<= )/);
+    const chunk = (delta: Record<string, string>, finish: string | null) =>
+      encoder.encode(
+        `data: ${
+          JSON.stringify({
+            id,
+            object: "chat.completion.chunk",
+            created,
+            model,
+            choices: [{ index: 0, delta, finish_reason: finish }],
+          })
+        }\n\n`,
+      );
+    let index = 0;
+    const body = new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        if (index === 0) controller.enqueue(chunk({ role: "assistant", content: "" }, null));
+        if (index < words.length) {
+          await new Promise((resolve) => setTimeout(resolve, 60));
+          controller.enqueue(chunk({ content: words[index++] }, null));
+          return;
+        }
+        controller.enqueue(chunk({}, "stop"));
+        controller.enqueue(encoder.encode("data: [DONE]\n\n"));
+        controller.close();
+      },
+    });
+    return new Response(body, { headers: { "content-type": "text/event-stream" } });
+  };
+}
+
+// ---------------------------------------------------------------------------
+// Start-up
+// ---------------------------------------------------------------------------
+
+/** `--help` text: what the relay is, every variable with its default, where the docs are. */
+export const HELP = `mc-relay ${VERSION}: a self-hosted relay from browser apps (MetaConfigurator) to an
+OpenAI-compatible LLM endpoint. Keeps the provider key on the server, answers CORS
+for the configured origins only, and streams responses through.
+
+Usage:
+  mc-relay                 run the relay (configured by environment variables)
+  mc-relay demo            run the relay in front of a built-in echo model, nothing to configure
+  mc-relay healthcheck     request this relay's /health; exit 0 if it answers, 1 if not
+  mc-relay --version       print the version
+  mc-relay --help          print this help
+
+Required environment variables:
+  UPSTREAM_BASE_URL            provider base URL, e.g. https://api.openai.com/v1
+  UPSTREAM_API_KEY             provider API key (never sent to browsers or logged)
+  MC_RELAY_USERNAME            user name; clients send "username:password" as their API key
+  MC_RELAY_PASSWORD            password
+
+Optional (default in brackets):
+  ALLOWED_ORIGIN               comma-separated exact browser origins [none allowed]
+  PORT                         port to listen on [${DEFAULTS.port}]
+  HOST                         interface to listen on [${DEFAULTS.host}]
+  REQUEST_TIMEOUT_SECONDS      wait for upstream headers / longest silence in a stream [${DEFAULTS.requestTimeoutSeconds}]
+  MAX_REQUEST_BYTES            largest request body [${DEFAULTS.maxRequestBytes}]
+  UPSTREAM_AUTH_HEADER         header carrying the provider key [${DEFAULTS.upstreamAuthHeader}]
+  UPSTREAM_AUTH_PREFIX         prefix before the key; set it empty for a raw key [${DEFAULTS.upstreamAuthPrefix}]
+  UPSTREAM_EXTRA_HEADERS_JSON  JSON object of extra upstream headers [none]
+  LOG_LEVEL                    debug, info, warn or error [${DEFAULTS.logLevel}]
+  TLS_CERT_FILE, TLS_KEY_FILE  PEM files; both set makes the relay serve HTTPS itself [unset]
+  SHUTDOWN_TIMEOUT_SECONDS     how long in-flight requests may finish after SIGTERM [${DEFAULTS.shutdownTimeoutSeconds}]
+
+Docs: https://github.com/metaconfigurator/mc-relay#readme
+`;
+
+function readEnv(): RelayEnv {
+  const env: RelayEnv = {};
+  for (const name of ENV_VARS) {
+    const value = Deno.env.get(name);
+    if (value !== undefined) env[name] = value;
+  }
+  return env;
+}
+
+function exitWithErrors(errors: string[]): never {
+  console.error(`mc-relay: cannot start, ${errors.length} configuration problem(s):`);
+  for (const error of errors) console.error(`  ${error}`);
+  console.error("See 'mc-relay --help' or README.md for every variable.");
+  Deno.exit(1);
+}
+
+/** Reads the TLS files named in the config; problems are reported like config errors. */
+async function loadTls(config: RelayConfig): Promise<{ cert: string; key: string } | undefined> {
+  if (!config.tlsCertFile || !config.tlsKeyFile) return undefined;
+  const errors: string[] = [];
+  const read = async (name: EnvVar, path: string) => {
+    try {
+      const text = await Deno.readTextFile(path);
+      if (!text.includes("-----BEGIN")) errors.push(`${name} must name a PEM file, but "${path}" is not PEM`);
+      return text;
+    } catch (error) {
+      errors.push(`${name} names "${path}", which cannot be read (${error instanceof Error ? error.name : "error"})`);
+      return "";
+    }
+  };
+  const cert = await read("TLS_CERT_FILE", config.tlsCertFile);
+  const key = await read("TLS_KEY_FILE", config.tlsKeyFile);
+  if (errors.length > 0) exitWithErrors(errors);
+  return { cert, key };
+}
+
+/** Starts the relay server for a config and wires graceful shutdown; resolves when it has stopped. */
+export async function serve(config: RelayConfig, warnings: string[] = []): Promise<void> {
+  const log = createLogger(config);
+  const tls = await loadTls(config);
+  for (const warning of warnings) log.warn(warning);
+  const handler = createHandler(config);
+  const server = Deno.serve({
+    port: config.port,
+    hostname: config.host,
+    ...tls,
+    onListen({ hostname, port }) {
+      const shown = hostname.includes(":") ? `[${hostname}]` : hostname;
+      log.info(`mc-relay ${VERSION} listening`, {
+        url: `${tls ? "https" : "http"}://${shown}:${port}`,
+        upstream: new URL(config.upstreamBaseUrl).host,
+        allowed_origins: config.allowedOrigins,
+      });
+    },
+    onError(error) {
+      log.error("unhandled error", { error: errorText(error) });
+      return errorResponse(500, "internal error; see the relay's log", "relay_error");
+    },
+  }, handler);
+
+  let stopping = false;
+  const stop = (signal: Deno.Signal) => {
+    // A second signal (process managers often send one per process in the group) changes nothing.
+    if (stopping) return;
+    stopping = true;
+    log.info("shutting down: no new connections, in-flight requests may finish", {
+      signal,
+      timeout_seconds: config.shutdownTimeoutMs / 1000,
+    });
+    const deadline = setTimeout(() => {
+      log.warn("shutdown timeout reached; closing remaining requests");
+      Deno.exit(0);
+    }, config.shutdownTimeoutMs);
+    server.shutdown().then(() => {
+      clearTimeout(deadline);
+      log.info("stopped");
+      Deno.exit(0);
+    });
+  };
+  const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT", "SIGBREAK"] : ["SIGINT", "SIGTERM"];
+  for (const signal of signals) Deno.addSignalListener(signal, () => stop(signal));
+  await server.finished;
+}
+
+/** `mc-relay healthcheck`: asks the running relay's /health; 0 when it answers ok. */
+async function healthcheck(env: RelayEnv): Promise<number> {
+  const port = Number(env.PORT?.trim() || DEFAULTS.port);
+  const host = env.HOST?.trim() || "127.0.0.1";
+  const target = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
+  const scheme = env.TLS_CERT_FILE ? "https" : "http";
+  let client: Deno.HttpClient | undefined;
+  try {
+    if (scheme === "https") {
+      // Trust the relay's own certificate, so self-signed and private-CA certificates pass too.
+      client = Deno.createHttpClient({ caCerts: [await Deno.readTextFile(env.TLS_CERT_FILE!.trim())] });
+    }
+    const shown = target.includes(":") ? `[${target}]` : target;
+    const response = await fetch(`${scheme}://${shown}:${port}/health`, {
+      client,
+      signal: AbortSignal.timeout(5000),
+    });
+    const ok = response.ok && (await response.json()).status === "ok";
+    console.log(ok ? "healthy" : `unhealthy: HTTP ${response.status}`);
+    return ok ? 0 : 1;
+  } catch (error) {
+    console.log(`unhealthy: ${error instanceof Error ? error.message : error}`);
+    return 1;
+  } finally {
+    client?.close();
+  }
+}
+
+/** `mc-relay demo`: the relay in front of the built-in echo model, with generated credentials. */
+async function demo(env: RelayEnv): Promise<void> {
+  if (env.UPSTREAM_BASE_URL) {
+    exitWithErrors([
+      "UPSTREAM_BASE_URL is set, so the demo will not start (it never stands in for a real upstream); unset it for the demo, or run 'deno task start'",
+    ]);
+  }
+  const random = (bytes: number) =>
+    btoa(String.fromCharCode(...crypto.getRandomValues(new Uint8Array(bytes))))
+      .replaceAll("+", "-").replaceAll("/", "_").replaceAll("=", "");
+  const apiKey = `demo-${random(12)}`;
+  const upstream = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, createDemoUpstream(apiKey));
+  const result = parseConfig({
+    ALLOWED_ORIGIN: METACONFIGURATOR_ORIGINS.join(","),
+    HOST: "127.0.0.1",
+    ...env,
+    UPSTREAM_BASE_URL: `http://127.0.0.1:${upstream.addr.port}`,
+    UPSTREAM_API_KEY: apiKey,
+    MC_RELAY_USERNAME: "demo",
+    MC_RELAY_PASSWORD: random(18),
+  });
+  if (!result.ok) exitWithErrors(result.errors);
+  const { config } = result;
+  const shownHost = config.host === "0.0.0.0" || config.host === "127.0.0.1" ? "localhost" : config.host;
+  const base = `http://${shownHost}:${config.port}`;
+  const apiKeyForClients = `${config.username}:${config.password}`;
+  console.log(`
+mc-relay demo: the relay runs in front of a built-in echo model; nothing leaves this machine.
+
+  Relay URL (MC's endpoint, an SDK's baseURL): ${base}/v1
+  API key (username:password):                 ${apiKeyForClients}
+  Allowed browser origins:                     ${config.allowedOrigins.join(", ") || "none"}
+
+Try it:
+  curl -N ${base}/v1/chat/completions -H "Authorization: Bearer ${apiKeyForClients}" -H "Content-Type: application/json" -d '{"model":"echo","stream":true,"messages":[{"role":"user","content":"Hello relay"}]}'
+
+Stop with Ctrl+C. For a real provider, set the variables in README.md and run 'deno task start'.
+`);
+  await serve(config, []);
+}
+
+/** Runs the command line: the relay, `demo`, `healthcheck`, `--help` or `--version`. */
+export async function main(args: string[]): Promise<number> {
+  const command = args[0];
+  if (command === "--help" || command === "-h" || command === "help") {
+    console.log(HELP);
+    return 0;
+  }
+  if (command === "--version" || command === "-V" || command === "version") {
+    console.log(`mc-relay ${VERSION}`);
+    return 0;
+  }
+  const env = readEnv();
+  if (command === "healthcheck") return await healthcheck(env);
+  if (command === "demo") {
+    await demo(env);
+    return 0;
+  }
+  if (command !== undefined) {
+    console.error(`mc-relay: unknown command "${command}"; see 'mc-relay --help'`);
+    return 2;
+  }
+  const result = parseConfig(env);
+  if (!result.ok) exitWithErrors(result.errors);
+  await serve(result.config, result.warnings);
+  return 0;
+}
+
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args));
+}

@@ -1,0 +1,1353 @@
+/**
+ * The relay's specification, proved through its real HTTP surface: the handler
+ * served by `Deno.serve` on an ephemeral port, a fake upstream on another, and
+ * real `fetch` (or raw TCP where `fetch` would tidy the request up first).
+ *
+ * Every test runs with recognisable fake secrets; the last test checks that
+ * none of them ever appeared in anything the relay logged or returned.
+ */
+import assert from "node:assert/strict";
+import { constantTimeEqual, createHandler, ENV_VARS, parseConfig, readCredentials, type RelayConfig } from "./main.ts";
+
+// ---------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------
+
+const CANARY_KEY = "sk-CANARY-upstream-key-4f1d2c9a";
+const CANARY_PASSWORD = "CANARY-relay-password-77e1";
+const CANARY_EXTRA = "CANARY-extra-header-value-5b0e";
+const USERNAME = "team";
+const GOOD_BEARER = `Bearer ${USERNAME}:${CANARY_PASSWORD}`;
+const ALLOWED = "https://www.metaconfigurator.org";
+const OTHER_ALLOWED = "https://metaconfigurator.github.io";
+const EVIL = "https://evil.example";
+
+/** Everything the relay logged or returned in this file, for the canary test at the end. */
+const seenByClientsOrLogs: string[] = [];
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** A request as the fake upstream received it. */
+interface SeenRequest {
+  method: string;
+  path: string;
+  search: string;
+  headers: Headers;
+  body: string;
+}
+
+/** A fake upstream on an ephemeral loopback port that records every request. */
+function startUpstream(handler: (request: Request, seen: SeenRequest) => Response | Promise<Response>) {
+  const requests: SeenRequest[] = [];
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (request) => {
+    const url = new URL(request.url);
+    const seen: SeenRequest = {
+      method: request.method,
+      path: url.pathname,
+      search: url.search,
+      headers: request.headers,
+      body: request.method === "POST" ? await request.text() : "",
+    };
+    requests.push(seen);
+    return await handler(request, seen);
+  });
+  return {
+    url: `http://127.0.0.1:${server.addr.port}`,
+    requests,
+    server,
+    [Symbol.asyncDispose]: () => server.shutdown(),
+  };
+}
+
+/** The config every test starts from, with canary secrets. */
+function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConfig> = {}): RelayConfig {
+  return {
+    upstreamBaseUrl,
+    upstreamApiKey: CANARY_KEY,
+    upstreamAuthHeader: "Authorization",
+    upstreamAuthPrefix: "Bearer",
+    upstreamExtraHeaders: { "X-Title": "mc-relay tests", "X-Extra-Secret": CANARY_EXTRA },
+    username: USERNAME,
+    password: CANARY_PASSWORD,
+    allowedOrigins: [ALLOWED, OTHER_ALLOWED],
+    port: 0,
+    host: "127.0.0.1",
+    requestTimeoutMs: 5000,
+    maxRequestBytes: 1024 * 1024,
+    logLevel: "debug",
+    shutdownTimeoutMs: 1000,
+    ...overrides,
+  };
+}
+
+/** The relay handler served on an ephemeral loopback port; its log lines are kept. */
+function startRelay(config: RelayConfig) {
+  const logs: string[] = [];
+  const handler = createHandler(config, {
+    log(line) {
+      logs.push(line);
+      seenByClientsOrLogs.push(line);
+    },
+  });
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, handler);
+  const url = `http://127.0.0.1:${server.addr.port}`;
+  return {
+    url,
+    port: server.addr.port,
+    logs,
+    /** Parsed request log lines. */
+    requestLogs: () => logs.map((line) => JSON.parse(line)).filter((entry) => entry.msg === "request"),
+    /** Fetches from the relay, reads the whole body and records what came back. */
+    async call(path: string, init: RequestInit = {}) {
+      const response = await fetch(`${url}${path}`, init);
+      const text = await response.text();
+      seenByClientsOrLogs.push(text, JSON.stringify([...response.headers]));
+      return { status: response.status, headers: response.headers, text, json: () => JSON.parse(text) };
+    },
+    server,
+    [Symbol.asyncDispose]: () => server.shutdown(),
+  };
+}
+
+/** Sends a raw HTTP/1.1 request (so nothing tidies the request target) and returns status and body. */
+async function rawRequest(port: number, head: string, body = ""): Promise<{ status: number; text: string }> {
+  const connection = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    await connection.write(encoder.encode(`${head}\r\n\r\n${body}`));
+    let text = "";
+    const buffer = new Uint8Array(16384);
+    while (true) {
+      const read = await connection.read(buffer);
+      if (read === null) break;
+      text += decoder.decode(buffer.subarray(0, read));
+    }
+    seenByClientsOrLogs.push(text);
+    return { status: Number(text.split(" ")[1]), text };
+  } finally {
+    connection.close();
+  }
+}
+
+/** An upstream that answers like OpenAI: a model list and a non-streamed chat completion. */
+function openAiLikeUpstream(request: Request, seen: SeenRequest): Response {
+  if (seen.path.endsWith("/models")) {
+    return Response.json({ object: "list", data: [{ id: "gpt-test", object: "model", owned_by: "test" }] });
+  }
+  return Response.json({
+    id: "chatcmpl-1",
+    object: "chat.completion",
+    choices: [{ index: 0, message: { role: "assistant", content: "hi" }, finish_reason: "stop" }],
+    echo: { method: request.method, body: seen.body },
+  }, { headers: { "x-request-id": "req_upstream_1", "openai-processing-ms": "12" } });
+}
+
+/** A streamed body whose chunks the test releases one by one. */
+function controlledStream() {
+  const releases: (() => void)[] = [];
+  let cancelled: (reason: unknown) => void = () => {};
+  const cancelledPromise = new Promise<unknown>((resolve) => (cancelled = resolve));
+  let controller!: ReadableStreamDefaultController<Uint8Array>;
+  const body = new ReadableStream<Uint8Array>({
+    start(c) {
+      controller = c;
+    },
+    cancel(reason) {
+      cancelled(reason);
+    },
+  });
+  return {
+    body,
+    send: (text: string) => controller.enqueue(encoder.encode(text)),
+    close: () => controller.close(),
+    cancelled: cancelledPromise,
+    releases,
+  };
+}
+
+/** Resolves with the promise's value, or fails the test with `message` after `ms`. */
+async function within<T>(ms: number, promise: Promise<T>, message: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      promise,
+      new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(message)), ms))),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+const chatBody = (extra: Record<string, unknown> = {}) =>
+  JSON.stringify({ model: "gpt-test", messages: [{ role: "user", content: "Hello" }], ...extra });
+
+// ---------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------
+
+const minimalEnv = {
+  UPSTREAM_BASE_URL: "https://api.openai.com/v1/",
+  UPSTREAM_API_KEY: CANARY_KEY,
+  MC_RELAY_USERNAME: USERNAME,
+  MC_RELAY_PASSWORD: CANARY_PASSWORD,
+};
+
+Deno.test("configuration", async (t) => {
+  await t.step("a minimal environment gets the documented defaults", () => {
+    const result = parseConfig(minimalEnv);
+    assert.ok(result.ok);
+    const { config } = result;
+    assert.equal(config.upstreamBaseUrl, "https://api.openai.com/v1");
+    assert.equal(config.port, 8080);
+    assert.equal(config.host, "0.0.0.0");
+    assert.equal(config.requestTimeoutMs, 180_000);
+    assert.equal(config.maxRequestBytes, 32 * 1024 * 1024);
+    assert.equal(config.upstreamAuthHeader, "Authorization");
+    assert.equal(config.upstreamAuthPrefix, "Bearer");
+    assert.equal(config.logLevel, "info");
+    assert.deepEqual(config.allowedOrigins, []);
+    assert.match(result.warnings.join("\n"), /ALLOWED_ORIGIN is not set: no browser origin/);
+  });
+
+  await t.step("several exact origins are accepted, comma-separated", () => {
+    const result = parseConfig({
+      ...minimalEnv,
+      ALLOWED_ORIGIN: ` ${ALLOWED} , ${OTHER_ALLOWED},http://localhost:5173`,
+    });
+    assert.ok(result.ok);
+    assert.deepEqual(result.config.allowedOrigins, [ALLOWED, OTHER_ALLOWED, "http://localhost:5173"]);
+  });
+
+  await t.step("an origin that is * or not an exact origin is refused", () => {
+    for (
+      const origin of [
+        "*",
+        "https://www.metaconfigurator.org/",
+        "www.metaconfigurator.org",
+        "https://x.org/path",
+        "null",
+        "ftp://x.org",
+      ]
+    ) {
+      const result = parseConfig({ ...minimalEnv, ALLOWED_ORIGIN: origin });
+      assert.ok(!result.ok, `ALLOWED_ORIGIN=${origin} should be refused`);
+      assert.match(result.errors[0], /^ALLOWED_ORIGIN entries must be exact origins/);
+    }
+  });
+
+  await t.step("every problem is reported at once, one line each, naming the variable", () => {
+    const result = parseConfig({
+      UPSTREAM_BASE_URL: "api.openai.com",
+      PORT: "eighty",
+      REQUEST_TIMEOUT_SECONDS: "0",
+      MAX_REQUEST_BYTES: "-5",
+      UPSTREAM_EXTRA_HEADERS_JSON: "{not json",
+      UPSTREAM_AUTH_HEADER: "bad header",
+      LOG_LEVEL: "loud",
+      TLS_CERT_FILE: "/tmp/cert.pem",
+    });
+    assert.ok(!result.ok);
+    const named = result.errors.map((line) => line.split(" ")[0]);
+    assert.deepEqual(named, [
+      "UPSTREAM_BASE_URL",
+      "UPSTREAM_API_KEY",
+      "MC_RELAY_USERNAME",
+      "MC_RELAY_PASSWORD",
+      "PORT",
+      "REQUEST_TIMEOUT_SECONDS",
+      "MAX_REQUEST_BYTES",
+      "UPSTREAM_AUTH_HEADER",
+      "UPSTREAM_EXTRA_HEADERS_JSON",
+      "LOG_LEVEL",
+      "TLS_CERT_FILE",
+    ]);
+    for (const line of result.errors) assert.ok(!line.includes("\n"));
+    assert.match(result.errors.join("\n"), /e\.g\./);
+  });
+
+  await t.step("an empty UPSTREAM_AUTH_PREFIX means the raw key", () => {
+    const result = parseConfig({ ...minimalEnv, UPSTREAM_AUTH_HEADER: "api-key", UPSTREAM_AUTH_PREFIX: "" });
+    assert.ok(result.ok);
+    assert.equal(result.config.upstreamAuthHeader, "api-key");
+    assert.equal(result.config.upstreamAuthPrefix, "");
+  });
+
+  await t.step("secret values are never repeated in an error", () => {
+    const result = parseConfig({
+      ...minimalEnv,
+      UPSTREAM_BASE_URL: `https://user:${CANARY_KEY}@api.example.com/v1`,
+      UPSTREAM_EXTRA_HEADERS_JSON: JSON.stringify({ "X-Secret": `${CANARY_EXTRA}\n`, Authorization: CANARY_EXTRA }),
+      MC_RELAY_USERNAME: `a:${CANARY_PASSWORD}`,
+    });
+    assert.ok(!result.ok);
+    assert.equal(result.errors.length, 4);
+    for (const secret of [CANARY_KEY, CANARY_EXTRA, CANARY_PASSWORD]) {
+      assert.ok(!result.errors.join("\n").includes(secret));
+    }
+  });
+
+  await t.step("a user name with a colon, a base URL with a query and reserved extra headers are refused", () => {
+    const result = parseConfig({
+      ...minimalEnv,
+      MC_RELAY_USERNAME: "a:b",
+      UPSTREAM_BASE_URL: "https://x.example/v1?api-version=1",
+      UPSTREAM_EXTRA_HEADERS_JSON: '{"Host":"x","Content-Length":"1"}',
+    });
+    assert.ok(!result.ok);
+    assert.equal(result.errors.length, 4);
+  });
+
+  await t.step("deno.json grants exactly the environment variables the relay reads", async () => {
+    const denoJson = JSON.parse(await Deno.readTextFile(new URL("./deno.json", import.meta.url)));
+    assert.deepEqual([...denoJson.permissions.default.env].sort(), [...ENV_VARS].sort());
+  });
+
+  await t.step("a start-up with bad configuration exits 1 naming every bad variable", async () => {
+    const output = await runRelayProcess({ UPSTREAM_BASE_URL: "localhost:11434", PORT: "99999", ALLOWED_ORIGIN: "*" });
+    assert.equal(output.code, 1);
+    const lines = output.stderr.split("\n").filter((line) => line.startsWith("  "));
+    assert.deepEqual(lines.map((line) => line.trim().split(" ")[0]), [
+      "UPSTREAM_BASE_URL",
+      "UPSTREAM_API_KEY",
+      "MC_RELAY_USERNAME",
+      "MC_RELAY_PASSWORD",
+      "ALLOWED_ORIGIN",
+      "PORT",
+    ]);
+    assert.doesNotMatch(output.stderr, /\bat .*main\.ts:\d+/, "no stack trace");
+    assert.equal(output.stdout, "");
+  });
+});
+
+/** Environment for a relay subprocess: nothing inherited but what Deno needs to run. */
+function processEnv(env: Record<string, string>): Record<string, string> {
+  const keep: Record<string, string> = { NO_COLOR: "1" };
+  for (const name of ["PATH", "HOME", "DENO_DIR", "XDG_CACHE_HOME"]) {
+    const value = Deno.env.get(name);
+    if (value !== undefined) keep[name] = value;
+  }
+  return { ...keep, ...env };
+}
+
+/** Runs `deno run -P main.ts` (the start task's flags) to completion. */
+async function runRelayProcess(env: Record<string, string>, args: string[] = []) {
+  const output = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-P", "main.ts", ...args],
+    cwd: new URL(".", import.meta.url).pathname,
+    env: processEnv(env),
+    clearEnv: true,
+    stdin: "null",
+  }).output();
+  const stdout = decoder.decode(output.stdout);
+  const stderr = decoder.decode(output.stderr);
+  seenByClientsOrLogs.push(stdout, stderr);
+  return { code: output.code, stdout, stderr };
+}
+
+// ---------------------------------------------------------------------------
+// Routes
+// ---------------------------------------------------------------------------
+
+Deno.test("routes", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  await using relay = startRelay(testConfig(`${upstream.url}/api/v1`));
+  const auth = { authorization: GOOD_BEARER };
+
+  await t.step("GET /health answers ok without credentials and never calls the upstream", async () => {
+    const response = await relay.call("/health");
+    assert.equal(response.status, 200);
+    assert.deepEqual(response.json(), { status: "ok" });
+    assert.equal(upstream.requests.length, 0);
+  });
+
+  await t.step("GET /v1/models maps to UPSTREAM_BASE_URL + /models", async () => {
+    const response = await relay.call("/v1/models", { headers: auth });
+    assert.equal(response.status, 200);
+    assert.equal(response.json().data[0].id, "gpt-test");
+    assert.equal(upstream.requests.at(-1)!.path, "/api/v1/models");
+    assert.equal(upstream.requests.at(-1)!.method, "GET");
+  });
+
+  await t.step("POST /v1/chat/completions passes body, status and headers through unchanged", async () => {
+    const body = chatBody({ temperature: 0.2 });
+    const response = await relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { ...auth, "content-type": "application/json" },
+      body,
+    });
+    assert.equal(response.status, 200);
+    assert.equal(upstream.requests.at(-1)!.path, "/api/v1/chat/completions");
+    assert.equal(upstream.requests.at(-1)!.body, body);
+    assert.equal(response.json().echo.body, body);
+    assert.equal(response.headers.get("x-request-id"), "req_upstream_1");
+    assert.equal(response.headers.get("content-type"), "application/json");
+    assert.match(response.headers.get("x-relay-request-id") ?? "", /^[0-9a-f-]{36}$/);
+  });
+
+  await t.step("the query string is passed to the upstream", async () => {
+    await relay.call("/v1/models?limit=5", { headers: auth });
+    assert.equal(upstream.requests.at(-1)!.search, "?limit=5");
+  });
+
+  await t.step("any other path is 404 in OpenAI's error shape", async () => {
+    const before = upstream.requests.length;
+    for (const path of ["/", "/v1", "/v1/embeddings", "/v1/models/", "/V1/models", "/admin"]) {
+      const response = await relay.call(path, { headers: auth });
+      assert.equal(response.status, 404, path);
+      assert.equal(response.json().error.code, "unknown_url");
+      assert.equal(typeof response.json().error.message, "string");
+      assert.equal(response.json().error.type, "invalid_request_error");
+    }
+    assert.equal(upstream.requests.length, before);
+  });
+
+  await t.step("a known path with another method is 405 with Allow", async () => {
+    const post = await relay.call("/v1/models", { method: "POST", headers: auth, body: "{}" });
+    assert.equal(post.status, 405);
+    assert.equal(post.headers.get("allow"), "GET, OPTIONS");
+    const get = await relay.call("/v1/chat/completions", { headers: auth });
+    assert.equal(get.status, 405);
+    assert.equal(get.headers.get("allow"), "POST, OPTIONS");
+    const del = await relay.call("/health", { method: "DELETE" });
+    assert.equal(del.status, 405);
+  });
+
+  await t.step(
+    "dot segments, encoded dots, double slashes and absolute targets never reach another path or host",
+    async () => {
+      const before = upstream.requests.length;
+      const attacks = [
+        "/v1/models/../../admin",
+        "/v1/%2e%2e/%2e%2e/etc/passwd",
+        "/v1/chat/completions/..%2f..%2fadmin",
+        "/v1/%2E%2E/models",
+        "//evil.example/v1/models",
+        "/v1//models",
+        "/v1/models%2f..",
+        "/v1/models%00",
+        "/v1/models;x",
+        "/v1\\..\\..\\admin",
+        "/%76%31/models",
+        "http://evil.example/admin",
+      ];
+      for (const target of attacks) {
+        const response = await rawRequest(
+          relay.port,
+          `GET ${target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: ${GOOD_BEARER}\r\nConnection: close`,
+        );
+        assert.ok(response.status === 404 || response.status === 400, `${target} gave ${response.status}`);
+      }
+      assert.equal(upstream.requests.length, before, "no attack reached the upstream");
+    },
+  );
+
+  await t.step(
+    "a path that normalises to a real route is served as that route, at the configured upstream only",
+    async () => {
+      const response = await rawRequest(
+        relay.port,
+        `GET /v1/chat/../models HTTP/1.1\r\nHost: evil.example\r\nAuthorization: ${GOOD_BEARER}\r\nConnection: close`,
+      );
+      assert.equal(response.status, 200);
+      assert.equal(upstream.requests.at(-1)!.path, "/api/v1/models");
+    },
+  );
+});
+
+// ---------------------------------------------------------------------------
+// Auth
+// ---------------------------------------------------------------------------
+
+Deno.test("auth", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  await using relay = startRelay(testConfig(upstream.url));
+  const models = (headers: Record<string, string>) => relay.call("/v1/models", { headers });
+
+  await t.step("Bearer username:password is accepted (what MC and OpenAI SDKs send)", async () => {
+    assert.equal((await models({ authorization: GOOD_BEARER })).status, 200);
+  });
+
+  await t.step("Basic base64(username:password) is accepted", async () => {
+    const basic = `Basic ${btoa(`${USERNAME}:${CANARY_PASSWORD}`)}`;
+    assert.equal((await models({ authorization: basic })).status, 200);
+  });
+
+  await t.step("the scheme is case-insensitive", async () => {
+    assert.equal((await models({ authorization: `bearer ${USERNAME}:${CANARY_PASSWORD}` })).status, 200);
+    assert.equal((await models({ authorization: `BASIC ${btoa(`${USERNAME}:${CANARY_PASSWORD}`)}` })).status, 200);
+  });
+
+  await t.step(
+    "missing credentials get 401 in OpenAI's shape with a Basic challenge for non-browser clients",
+    async () => {
+      const response = await models({});
+      assert.equal(response.status, 401);
+      assert.deepEqual(Object.keys(response.json().error).sort(), ["code", "message", "type"]);
+      assert.equal(response.json().error.code, "invalid_api_key");
+      assert.match(response.json().error.message, /username>:<password/);
+      assert.match(response.headers.get("www-authenticate") ?? "", /^Basic realm="mc-relay"/);
+    },
+  );
+
+  await t.step("browser requests (with Origin) get no Basic challenge, so no login dialog pops up", async () => {
+    const response = await models({ origin: ALLOWED, authorization: "Bearer team:wrong" });
+    assert.equal(response.status, 401);
+    assert.equal(response.headers.get("www-authenticate"), null);
+  });
+
+  await t.step("a wrong password or a wrong user name gets 401", async () => {
+    for (
+      const authorization of [
+        `Bearer ${USERNAME}:wrong`,
+        `Bearer other:${CANARY_PASSWORD}`,
+        `Bearer ${USERNAME}:${CANARY_PASSWORD}x`,
+        `Bearer ${USERNAME}:`,
+      ]
+    ) {
+      const response = await models({ authorization });
+      assert.equal(response.status, 401, authorization);
+      assert.equal(response.json().error.message, "mc-relay: wrong username or password");
+    }
+  });
+
+  await t.step("malformed credentials get 401, never 500", async () => {
+    const malformed = [
+      "Bearer",
+      "Bearer ",
+      `Bearer ${CANARY_PASSWORD}`,
+      "Basic !!!not-base64!!!",
+      `Basic ${btoa("no-colon")}`,
+      "Basic /w==",
+      "Digest username=x",
+      `Token ${USERNAME}:${CANARY_PASSWORD}`,
+      `Bearer ${USERNAME}:${CANARY_PASSWORD} extra`,
+      "x".repeat(8000),
+    ];
+    for (const authorization of malformed) {
+      const response = await models({ authorization });
+      assert.equal(response.status, 401, authorization);
+      assert.equal(response.json().error.code, "invalid_api_key");
+    }
+  });
+
+  await t.step("a password containing a colon works with Bearer and Basic", async () => {
+    await using colonRelay = startRelay(testConfig(upstream.url, { password: `${CANARY_PASSWORD}:with:colons` }));
+    const credentials = `${USERNAME}:${CANARY_PASSWORD}:with:colons`;
+    assert.equal(
+      (await colonRelay.call("/v1/models", { headers: { authorization: `Bearer ${credentials}` } })).status,
+      200,
+    );
+    assert.equal(
+      (await colonRelay.call("/v1/models", { headers: { authorization: `Basic ${btoa(credentials)}` } })).status,
+      200,
+    );
+  });
+
+  await t.step("failed authentication never reaches the upstream", async () => {
+    const before = upstream.requests.length;
+    await models({ authorization: "Bearer team:wrong" });
+    await relay.call("/v1/chat/completions", { method: "POST", body: chatBody() });
+    assert.equal(upstream.requests.length, before);
+  });
+
+  await t.step("the comparison helpers behave as specified", () => {
+    assert.ok(constantTimeEqual("a:b", "a:b"));
+    assert.ok(!constantTimeEqual("a:b", "a:c"));
+    assert.ok(!constantTimeEqual("a:bc", "a:b"));
+    assert.ok(!constantTimeEqual("", "a:b"));
+    assert.deepEqual(readCredentials("Bearer a:b:c"), { credentials: "a:b:c" });
+    assert.ok("problem" in readCredentials(null));
+  });
+});
+
+// ---------------------------------------------------------------------------
+// CORS
+// ---------------------------------------------------------------------------
+
+Deno.test("cors", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  await using relay = startRelay(testConfig(upstream.url, { maxRequestBytes: 100 }));
+  const preflight = (origin: string, requestHeaders: string, extra: Record<string, string> = {}) =>
+    relay.call("/v1/chat/completions", {
+      method: "OPTIONS",
+      headers: {
+        origin,
+        "access-control-request-method": "POST",
+        "access-control-request-headers": requestHeaders,
+        ...extra,
+      },
+    });
+
+  await t.step("a preflight from an allowed origin is answered before auth, echoing the origin", async () => {
+    const response = await preflight(ALLOWED, "authorization,content-type,x-relay-endpoint");
+    assert.equal(response.status, 204);
+    assert.equal(response.headers.get("access-control-allow-origin"), ALLOWED);
+    assert.equal(response.headers.get("vary"), "Origin");
+    assert.equal(response.headers.get("access-control-allow-methods"), "GET, POST, OPTIONS");
+    const allowed = response.headers.get("access-control-allow-headers")!.split(", ");
+    for (const name of ["authorization", "content-type", "x-relay-endpoint"]) assert.ok(allowed.includes(name), name);
+    assert.ok(Number(response.headers.get("access-control-max-age")) > 0);
+    assert.equal(upstream.requests.length, 0);
+  });
+
+  await t.step(
+    "the OpenAI SDK's x-stainless-* and openai-* headers pass the preflight; unknown ones do not",
+    async () => {
+      const response = await preflight(
+        OTHER_ALLOWED,
+        "authorization,content-type,x-stainless-os,x-stainless-retry-count,openai-organization,x-custom-header",
+      );
+      assert.equal(response.headers.get("access-control-allow-origin"), OTHER_ALLOWED);
+      const allowed = response.headers.get("access-control-allow-headers")!.split(", ");
+      for (const name of ["x-stainless-os", "x-stainless-retry-count", "openai-organization"]) {
+        assert.ok(allowed.includes(name), name);
+      }
+      assert.ok(!allowed.includes("x-custom-header"));
+    },
+  );
+
+  await t.step("a Private Network Access preflight is allowed for allowed origins", async () => {
+    const response = await preflight(ALLOWED, "authorization", { "access-control-request-private-network": "true" });
+    assert.equal(response.headers.get("access-control-allow-private-network"), "true");
+  });
+
+  await t.step("a preflight from a disallowed origin gets no CORS headers at all", async () => {
+    const response = await preflight(EVIL, "authorization,content-type");
+    assert.equal(response.status, 403);
+    for (const [name] of response.headers) assert.ok(!name.startsWith("access-control-"), name);
+  });
+
+  await t.step(
+    "a request from a disallowed origin gets 403 without CORS headers and never reaches the upstream",
+    async () => {
+      for (const origin of [EVIL, "null", `${ALLOWED}.evil.example`, "http://www.metaconfigurator.org"]) {
+        const response = await relay.call("/v1/models", { headers: { origin, authorization: GOOD_BEARER } });
+        assert.equal(response.status, 403, origin);
+        assert.equal(response.headers.get("access-control-allow-origin"), null);
+      }
+      assert.equal(upstream.requests.length, 0);
+    },
+  );
+
+  await t.step("responses to an allowed origin echo it with Vary: Origin", async () => {
+    const response = await relay.call("/v1/models", { headers: { origin: ALLOWED, authorization: GOOD_BEARER } });
+    assert.equal(response.status, 200);
+    assert.equal(response.headers.get("access-control-allow-origin"), ALLOWED);
+    assert.equal(response.headers.get("vary"), "Origin");
+    assert.match(response.headers.get("access-control-expose-headers")!, /x-relay-request-id/);
+  });
+
+  await t.step("errors carry CORS headers too, so the page can show them (401, 404, 405, 413, 502)", async () => {
+    await using unreachable = startRelay(testConfig("http://127.0.0.1:1/v1"));
+    const cases: [string, RequestInit, number][] = [
+      [`${relay.url}/v1/models`, { headers: { authorization: "Bearer team:wrong" } }, 401],
+      [`${relay.url}/v2/nothing`, {}, 404],
+      [`${relay.url}/v1/models`, { method: "DELETE" }, 405],
+      [`${relay.url}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER },
+        body: "x".repeat(101),
+      }, 413],
+      [`${unreachable.url}/v1/models`, { headers: { authorization: GOOD_BEARER } }, 502],
+    ];
+    for (const [url, init, status] of cases) {
+      const response = await fetch(url, { ...init, headers: { ...init.headers, origin: ALLOWED } });
+      seenByClientsOrLogs.push(await response.text());
+      assert.equal(response.status, status, url);
+      assert.equal(response.headers.get("access-control-allow-origin"), ALLOWED, `${status}`);
+      assert.equal(response.headers.get("vary"), "Origin");
+    }
+  });
+
+  await t.step("the upstream's own CORS headers never reach the browser, and * never appears", async () => {
+    await using loose = startUpstream(() =>
+      Response.json({ data: [] }, {
+        headers: { "access-control-allow-origin": "*", "access-control-allow-credentials": "true" },
+      })
+    );
+    await using looseRelay = startRelay(testConfig(loose.url));
+    const browser = await looseRelay.call("/v1/models", { headers: { origin: ALLOWED, authorization: GOOD_BEARER } });
+    assert.equal(browser.headers.get("access-control-allow-origin"), ALLOWED);
+    assert.equal(browser.headers.get("access-control-allow-credentials"), null);
+    const server = await looseRelay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+    assert.equal(server.headers.get("access-control-allow-origin"), null);
+  });
+
+  await t.step("MC's X-Relay-Endpoint is accepted and not forwarded (the relay's upstream decides)", async () => {
+    const response = await relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: {
+        origin: ALLOWED,
+        authorization: GOOD_BEARER,
+        "content-type": "application/json",
+        "x-relay-endpoint": "https://api.other.example/v1",
+      },
+      body: chatBody(),
+    });
+    assert.equal(response.status, 200);
+    assert.equal(upstream.requests.at(-1)!.headers.get("x-relay-endpoint"), null);
+  });
+});
+
+// ---------------------------------------------------------------------------
+// Upstream request and response
+// ---------------------------------------------------------------------------
+
+Deno.test("upstream request and response", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  await using relay = startRelay(testConfig(upstream.url));
+
+  await t.step(
+    "the provider key, the extra headers, content-type and accept are sent; client secrets and hop-by-hop headers are not",
+    async () => {
+      await rawRequest(
+        relay.port,
+        [
+          "POST /v1/chat/completions HTTP/1.1",
+          "Host: relay.example",
+          `Authorization: ${GOOD_BEARER}`,
+          "Content-Type: application/json",
+          "Accept: application/json",
+          "Cookie: session=abc",
+          "Connection: close, X-Hop",
+          "X-Hop: 1",
+          "Keep-Alive: timeout=5",
+          "TE: trailers",
+          "Proxy-Authorization: Basic eDp5",
+          "X-Forwarded-For: 10.0.0.1",
+          "Content-Length: 2",
+        ].join("\r\n"),
+        "{}",
+      );
+      const seen = upstream.requests.at(-1)!.headers;
+      assert.equal(seen.get("authorization"), `Bearer ${CANARY_KEY}`);
+      assert.equal(seen.get("x-title"), "mc-relay tests");
+      assert.equal(seen.get("x-extra-secret"), CANARY_EXTRA);
+      assert.equal(seen.get("content-type"), "application/json");
+      assert.equal(seen.get("accept"), "application/json");
+      assert.equal(seen.get("host"), new URL(upstream.url).host);
+      for (const name of ["cookie", "x-hop", "keep-alive", "te", "proxy-authorization", "x-forwarded-for"]) {
+        assert.equal(seen.get(name), null, name);
+      }
+    },
+  );
+
+  await t.step(
+    "UPSTREAM_AUTH_HEADER and an empty UPSTREAM_AUTH_PREFIX send the raw key (Azure's api-key)",
+    async () => {
+      await using azure = startRelay(
+        testConfig(upstream.url, { upstreamAuthHeader: "api-key", upstreamAuthPrefix: "" }),
+      );
+      await azure.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+      const seen = upstream.requests.at(-1)!.headers;
+      assert.equal(seen.get("api-key"), CANARY_KEY);
+      assert.equal(seen.get("authorization"), null);
+    },
+  );
+
+  await t.step(
+    "hop-by-hop headers, set-cookie and alt-svc from the upstream are dropped; content headers pass",
+    async () => {
+      await using chatty = startUpstream(() =>
+        new Response('{"ok":true}', {
+          status: 201,
+          headers: {
+            "content-type": "application/json; charset=utf-8",
+            "set-cookie": "tracking=1",
+            "alt-svc": 'h3=":443"',
+            "x-ratelimit-remaining-requests": "99",
+            "connection": "x-private-hop",
+            "x-private-hop": "1",
+            "keep-alive": "timeout=5",
+          },
+        })
+      );
+      await using chattyRelay = startRelay(testConfig(chatty.url));
+      const response = await chattyRelay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+      assert.equal(response.status, 201);
+      assert.equal(response.text, '{"ok":true}');
+      assert.equal(response.headers.get("content-type"), "application/json; charset=utf-8");
+      assert.equal(response.headers.get("x-ratelimit-remaining-requests"), "99");
+      for (const name of ["set-cookie", "alt-svc", "x-private-hop", "keep-alive"]) {
+        assert.equal(response.headers.get(name), null, name);
+      }
+    },
+  );
+
+  await t.step("upstream errors pass through unchanged (status and body)", async () => {
+    const providerError = { error: { message: "Rate limit reached", type: "requests", code: "rate_limit_exceeded" } };
+    await using limited = startUpstream(() =>
+      Response.json(providerError, { status: 429, headers: { "retry-after": "7" } })
+    );
+    await using limitedRelay = startRelay(testConfig(limited.url));
+    const response = await limitedRelay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+      body: chatBody(),
+    });
+    assert.equal(response.status, 429);
+    assert.deepEqual(response.json(), providerError);
+    assert.equal(response.headers.get("retry-after"), "7");
+  });
+
+  await t.step("a compressed upstream body passes through byte for byte", async () => {
+    const original = JSON.stringify({ data: "compressible ".repeat(200) });
+    const gzipped = new Uint8Array(
+      await new Response(new Blob([original]).stream().pipeThrough(new CompressionStream("gzip"))).arrayBuffer(),
+    );
+    await using gzipUpstream = startUpstream(() =>
+      new Response(gzipped, { headers: { "content-type": "application/json", "content-encoding": "gzip" } })
+    );
+    await using gzipRelay = startRelay(testConfig(gzipUpstream.url));
+    const response = await fetch(`${gzipRelay.url}/v1/models`, {
+      headers: { authorization: GOOD_BEARER, "accept-encoding": "gzip" },
+    });
+    assert.equal(response.headers.get("content-encoding"), "gzip");
+    assert.equal(await response.text(), original, "the client decodes exactly the upstream's bytes");
+    assert.equal(gzipUpstream.requests.at(-1)!.headers.get("accept-encoding"), "identity");
+  });
+
+  await t.step("an upstream redirect is not followed (the key must not travel elsewhere): 502", async () => {
+    await using target = startUpstream(openAiLikeUpstream);
+    await using redirecting = startUpstream(() =>
+      new Response(null, { status: 307, headers: { location: `${target.url}/models` } })
+    );
+    await using redirectRelay = startRelay(testConfig(redirecting.url));
+    const response = await redirectRelay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+    assert.equal(response.status, 502);
+    assert.equal(response.json().error.code, "upstream_redirect");
+    assert.match(response.json().error.message, /redirected to 127\.0\.0\.1:\d+; set UPSTREAM_BASE_URL/);
+    assert.equal(target.requests.length, 0);
+  });
+});
+
+// ---------------------------------------------------------------------------
+// Request size and upload limits
+// ---------------------------------------------------------------------------
+
+Deno.test("request limits", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  await using relay = startRelay(testConfig(upstream.url, { maxRequestBytes: 1000, requestTimeoutMs: 600 }));
+  const post = (body: BodyInit, headers: Record<string, string> = {}) =>
+    relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER, "content-type": "application/json", ...headers },
+      body,
+    });
+
+  await t.step("a body of exactly MAX_REQUEST_BYTES passes", async () => {
+    const body = `{"pad":"${"x".repeat(1000 - 10)}"}`;
+    assert.equal(body.length, 1000);
+    assert.equal((await post(body)).status, 200);
+    assert.equal(upstream.requests.at(-1)!.body, body);
+  });
+
+  await t.step("a larger body declared by Content-Length gets 413 and never reaches the upstream", async () => {
+    const before = upstream.requests.length;
+    const response = await post("x".repeat(1001));
+    assert.equal(response.status, 413);
+    assert.equal(response.json().error.code, "request_too_large");
+    assert.match(response.json().error.message, /MAX_REQUEST_BYTES/);
+    assert.equal(upstream.requests.length, before);
+  });
+
+  await t.step("a larger chunked body (no Content-Length) is cut while reading: 413, upstream untouched", async () => {
+    const before = upstream.requests.length;
+    let sent = 0;
+    const body = new ReadableStream<Uint8Array>({
+      pull(controller) {
+        if (sent >= 5000) return controller.close();
+        sent += 500;
+        controller.enqueue(encoder.encode("y".repeat(500)));
+      },
+    });
+    const response = await post(body);
+    assert.equal(response.status, 413);
+    assert.equal(upstream.requests.length, before);
+  });
+
+  await t.step("a Content-Length that lies low is still cut at the limit", async () => {
+    const before = upstream.requests.length;
+    const response = await rawRequest(
+      relay.port,
+      `POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: ${GOOD_BEARER}\r\nContent-Length: 10\r\nConnection: close`,
+      "z".repeat(2000),
+    );
+    // The server reads only the declared 10 bytes as the body; the rest is not this request's body.
+    assert.ok(response.status === 200 || response.status === 400 || response.status === 413);
+    assert.ok(upstream.requests.length - before <= 1);
+    if (upstream.requests.length > before) assert.equal(upstream.requests.at(-1)!.body.length, 10);
+  });
+
+  await t.step(
+    "an upload that trickles in slower than REQUEST_TIMEOUT_SECONDS gets 408, upstream untouched",
+    async () => {
+      const before = upstream.requests.length;
+      const connection = await Deno.connect({ hostname: "127.0.0.1", port: relay.port });
+      try {
+        await connection.write(encoder.encode(
+          `POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: ${GOOD_BEARER}\r\nContent-Length: 100\r\n\r\n{`,
+        ));
+        const started = performance.now();
+        const buffer = new Uint8Array(4096);
+        const read = await within(5000, connection.read(buffer), "the relay never answered a trickling upload");
+        const text = decoder.decode(buffer.subarray(0, read ?? 0));
+        seenByClientsOrLogs.push(text);
+        assert.match(text, /^HTTP\/1\.1 408/);
+        assert.ok(performance.now() - started >= 400);
+      } finally {
+        connection.close();
+      }
+      assert.equal(upstream.requests.length, before);
+    },
+  );
+});
+
+// ---------------------------------------------------------------------------
+// Streaming
+// ---------------------------------------------------------------------------
+
+Deno.test("streaming", async (t) => {
+  await t.step("each chunk reaches the client before the upstream sends the next (no buffering)", async () => {
+    const stream = controlledStream();
+    await using upstream = startUpstream(() =>
+      new Response(stream.body, { headers: { "content-type": "text/event-stream" } })
+    );
+    await using relay = startRelay(testConfig(upstream.url));
+    const response = await fetch(`${relay.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+      body: chatBody({ stream: true }),
+    });
+    assert.equal(response.headers.get("content-type"), "text/event-stream");
+    assert.equal(response.headers.get("cache-control"), "no-cache, no-transform");
+    assert.equal(response.headers.get("x-accel-buffering"), "no");
+    const reader = response.body!.getReader();
+    const delays: number[] = [];
+    for (let i = 0; i < 5; i++) {
+      const event = `data: {"choices":[{"delta":{"content":"token ${i}"}}]}\n\n`;
+      const sentAt = performance.now();
+      stream.send(event);
+      // The upstream sends nothing more until this chunk has arrived: a buffering relay would hang here.
+      const { value } = await within(3000, reader.read(), `chunk ${i} was held back by the relay`);
+      delays.push(performance.now() - sentAt);
+      assert.equal(decoder.decode(value), event);
+    }
+    stream.send("data: [DONE]\n\n");
+    stream.close();
+    assert.equal(decoder.decode((await reader.read()).value), "data: [DONE]\n\n");
+    assert.ok((await reader.read()).done);
+    console.log(`  chunk delays through the relay (ms): ${delays.map((delay) => delay.toFixed(2)).join(", ")}`);
+  });
+
+  await t.step("a client that leaves mid-stream cancels the upstream at once", async () => {
+    const stream = controlledStream();
+    await using upstream = startUpstream(() =>
+      new Response(stream.body, { headers: { "content-type": "text/event-stream" } })
+    );
+    await using relay = startRelay(testConfig(upstream.url));
+    const client = new AbortController();
+    const response = await fetch(`${relay.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER },
+      body: chatBody({ stream: true }),
+      signal: client.signal,
+    });
+    const reader = response.body!.getReader();
+    stream.send("data: first\n\n");
+    await reader.read();
+    client.abort();
+    await reader.read().catch(() => {});
+    await within(3000, stream.cancelled, "the upstream stream was not cancelled after the client left");
+    await sleep(50);
+    assert.equal(relay.requestLogs().at(-1)?.outcome, "client_gone");
+  });
+
+  await t.step("a client that leaves before the upstream answers cancels the upstream request", async () => {
+    let upstreamSawAbort!: () => void;
+    const aborted = new Promise<void>((resolve) => (upstreamSawAbort = resolve));
+    await using upstream = startUpstream(async (request) => {
+      request.signal.addEventListener("abort", () => upstreamSawAbort());
+      await aborted;
+      return new Response("too late");
+    });
+    await using relay = startRelay(testConfig(upstream.url));
+    const client = new AbortController();
+    const pending = fetch(`${relay.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER },
+      body: chatBody(),
+      signal: client.signal,
+    }).catch((error) => error);
+    while (upstream.requests.length === 0) await sleep(10);
+    client.abort();
+    await pending;
+    await within(3000, aborted, "the upstream request was not cancelled after the client left");
+    await sleep(50);
+    assert.equal(relay.requestLogs().at(-1)?.outcome, "client_gone");
+  });
+
+  await t.step("a stream that keeps flowing is never cut, however much longer than the timeout it runs", async () => {
+    await using upstream = startUpstream(() => {
+      let sent = 0;
+      const body = new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          await sleep(60);
+          if (sent++ === 20) return controller.close();
+          controller.enqueue(encoder.encode(`data: ${sent}\n\n`));
+        },
+      });
+      return new Response(body, { headers: { "content-type": "text/event-stream" } });
+    });
+    await using relay = startRelay(testConfig(upstream.url, { requestTimeoutMs: 250 }));
+    const started = performance.now();
+    const response = await relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER },
+      body: chatBody({ stream: true }),
+    });
+    assert.ok(performance.now() - started > 4 * 250, "the stream ran well past the timeout");
+    assert.equal(response.text.match(/data: /g)?.length, 20);
+    assert.ok(response.text.endsWith("data: 20\n\n"));
+  });
+
+  await t.step(
+    "a stream that stalls longer than the timeout is cut, visibly, and the upstream is cancelled",
+    async () => {
+      const stream = controlledStream();
+      await using upstream = startUpstream(() =>
+        new Response(stream.body, { headers: { "content-type": "text/event-stream" } })
+      );
+      await using relay = startRelay(testConfig(upstream.url, { requestTimeoutMs: 300 }));
+      const response = await fetch(`${relay.url}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER },
+        body: chatBody({ stream: true }),
+      });
+      const reader = response.body!.getReader();
+      stream.send("data: first\n\n");
+      assert.equal(decoder.decode((await reader.read()).value), "data: first\n\n");
+      const ending = await within(
+        3000,
+        reader.read().then(() => "clean end", () => "error"),
+        "the stalled stream hung",
+      );
+      assert.equal(ending, "error", "a cut stream must not look complete to the client");
+      await within(3000, stream.cancelled, "the stalled upstream was not cancelled");
+      await sleep(50);
+      assert.equal(relay.requestLogs().at(-1)?.outcome, "upstream_timeout");
+    },
+  );
+
+  await t.step("an upstream that resets mid-stream ends the client's stream with an error", async () => {
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const serving = (async () => {
+      const connection = await listener.accept();
+      const buffer = new Uint8Array(65536);
+      await connection.read(buffer);
+      await connection.write(encoder.encode(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\nd\r\ndata: first\n\n\r\n",
+      ));
+      await sleep(100);
+      connection.close();
+    })();
+    await using relay = startRelay(testConfig(`http://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`));
+    const response = await fetch(`${relay.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER },
+      body: chatBody({ stream: true }),
+    });
+    const reader = response.body!.getReader();
+    assert.equal(decoder.decode((await reader.read()).value), "data: first\n\n");
+    const ending = await within(3000, reader.read().then(() => "clean end", () => "error"), "the reset stream hung");
+    assert.equal(ending, "error");
+    await serving;
+    listener.close();
+  });
+});
+
+// ---------------------------------------------------------------------------
+// Upstream failures
+// ---------------------------------------------------------------------------
+
+Deno.test("upstream failures", async (t) => {
+  await t.step("an unreachable upstream gives 502 naming the host and the kind of failure", async () => {
+    const closed = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const port = (closed.addr as Deno.NetAddr).port;
+    closed.close();
+    await using relay = startRelay(testConfig(`http://127.0.0.1:${port}/v1`));
+    const response = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+    assert.equal(response.status, 502);
+    assert.equal(response.json().error.code, "upstream_unreachable");
+    assert.equal(response.json().error.type, "server_error");
+    assert.match(response.json().error.message, new RegExp(`127\\.0\\.0\\.1:${port}: connection refused`));
+    assert.equal(relay.requestLogs().at(-1)?.outcome, "upstream_unreachable");
+  });
+
+  await t.step("an upstream that sends no headers within the timeout gives 504", async () => {
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    await using upstream = startUpstream(async () => {
+      await released;
+      return new Response("late");
+    });
+    await using relay = startRelay(testConfig(upstream.url, { requestTimeoutMs: 300 }));
+    const started = performance.now();
+    const response = await relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER, origin: ALLOWED },
+      body: chatBody(),
+    });
+    release();
+    assert.equal(response.status, 504);
+    assert.ok(performance.now() - started >= 280);
+    assert.equal(response.json().error.code, "upstream_timeout");
+    assert.match(
+      response.json().error.message,
+      /127\.0\.0\.1:\d+ sent no response within 0\.3 s \(REQUEST_TIMEOUT_SECONDS\)/,
+    );
+    assert.equal(response.headers.get("access-control-allow-origin"), ALLOWED);
+  });
+
+  await t.step("after failures the relay keeps serving", async () => {
+    await using upstream = startUpstream(openAiLikeUpstream);
+    await using relay = startRelay(testConfig(upstream.url));
+    await relay.call("/v1/models", { headers: { authorization: "Bearer nope" } });
+    assert.equal((await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } })).status, 200);
+  });
+});
+
+// ---------------------------------------------------------------------------
+// Logging
+// ---------------------------------------------------------------------------
+
+Deno.test("logging", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+
+  await t.step(
+    "one JSON line per request with id, method, path, status, duration, bytes and upstream status",
+    async () => {
+      await using relay = startRelay(testConfig(upstream.url));
+      const body = chatBody();
+      const response = await relay.call("/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, "content-type": "application/json", cookie: "session=secret-cookie" },
+        body,
+      });
+      await sleep(20);
+      assert.equal(relay.logs.length, 1);
+      const entry = JSON.parse(relay.logs[0]);
+      assert.equal(entry.msg, "request");
+      assert.equal(entry.level, "info");
+      assert.ok(!Number.isNaN(Date.parse(entry.time)));
+      assert.equal(entry.request_id, response.headers.get("x-relay-request-id"));
+      assert.equal(entry.method, "POST");
+      assert.equal(entry.path, "/v1/chat/completions");
+      assert.equal(entry.status, 200);
+      assert.equal(entry.upstream_status, 200);
+      assert.equal(entry.bytes_in, body.length);
+      assert.equal(entry.bytes_out, response.text.length);
+      assert.equal(typeof entry.duration_ms, "number");
+      assert.ok(!relay.logs[0].includes("Hello"), "no body in the log");
+      assert.ok(!relay.logs[0].includes("secret-cookie"), "no header in the log");
+    },
+  );
+
+  await t.step("a secret that a client puts into the path is masked in the log line", async () => {
+    await using relay = startRelay(testConfig(upstream.url));
+    const response = await fetch(`${relay.url}/v1/${CANARY_KEY}`);
+    await response.body?.cancel();
+    assert.equal(response.status, 404);
+    assert.match(relay.logs[0], /"path":"\/v1\/\[REDACTED\]"/);
+  });
+
+  await t.step("LOG_LEVEL=warn leaves out request lines", async () => {
+    await using relay = startRelay(testConfig(upstream.url, { logLevel: "warn" }));
+    await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+    assert.equal(relay.logs.length, 0);
+  });
+});
+
+// ---------------------------------------------------------------------------
+// The real process: start-up, demo, shutdown, secrets
+// ---------------------------------------------------------------------------
+
+/** Starts `deno run -P main.ts` (the start task's flags) and waits for its listening line. */
+async function spawnRelay(env: Record<string, string>, args: string[] = []) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-P", "main.ts", ...args],
+    cwd: new URL(".", import.meta.url).pathname,
+    env: processEnv({ HOST: "127.0.0.1", PORT: "0", ...env }),
+    clearEnv: true,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let stdout = "";
+  let stderr = "";
+  const stdoutDone = child.stdout.pipeThrough(new TextDecoderStream()).pipeTo(
+    new WritableStream({ write: (text) => void (stdout += text) }),
+  );
+  const stderrDone = child.stderr.pipeThrough(new TextDecoderStream()).pipeTo(
+    new WritableStream({ write: (text) => void (stderr += text) }),
+  );
+  const listening = await within(
+    15000,
+    (async () => {
+      while (!/"msg":"mc-relay [^"]+ listening"/.test(stdout)) await sleep(20);
+      return JSON.parse(stdout.split("\n").find((line) => line.includes(" listening"))!);
+    })(),
+    "the relay process did not start",
+  );
+  return {
+    child,
+    url: listening.url as string,
+    listening,
+    output: () => ({ stdout, stderr }),
+    async finished() {
+      const status = await child.status;
+      await stdoutDone;
+      await stderrDone;
+      seenByClientsOrLogs.push(stdout, stderr);
+      return status;
+    },
+  };
+}
+
+Deno.test("process", async (t) => {
+  await t.step("start-up prints the listening URL, the upstream host and the allowed origins", async () => {
+    await using upstream = startUpstream(openAiLikeUpstream);
+    const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: `${upstream.url}/v1`, ALLOWED_ORIGIN: ALLOWED });
+    assert.match(relay.url, /^http:\/\/127\.0\.0\.1:\d+$/);
+    assert.equal(relay.listening.upstream, new URL(upstream.url).host);
+    assert.deepEqual(relay.listening.allowed_origins, [ALLOWED]);
+    relay.child.kill("SIGTERM");
+    assert.equal((await relay.finished()).code, 0);
+  });
+
+  await t.step("SIGTERM stops new connections, lets in-flight streams finish, and exits 0", async () => {
+    const stream = controlledStream();
+    await using upstream = startUpstream(() =>
+      new Response(stream.body, { headers: { "content-type": "text/event-stream" } })
+    );
+    const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: upstream.url, SHUTDOWN_TIMEOUT_SECONDS: "10" });
+    const response = await fetch(`${relay.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER },
+      body: chatBody({ stream: true }),
+    });
+    const reader = response.body!.getReader();
+    stream.send("data: before\n\n");
+    await reader.read();
+    relay.child.kill("SIGTERM");
+    await within(
+      5000,
+      (async () => {
+        while (!relay.output().stdout.includes("shutting down")) await sleep(20);
+      })(),
+      "the relay did not react to SIGTERM",
+    );
+    const refused = await fetch(`${relay.url}/health`).then(
+      (r) => r.body?.cancel().then(() => r.status),
+      () => "refused",
+    );
+    assert.equal(refused, "refused", "no new connections during shutdown");
+    stream.send("data: after\n\n");
+    assert.equal(decoder.decode((await reader.read()).value), "data: after\n\n");
+    stream.close();
+    assert.ok((await reader.read()).done, "the in-flight stream finished cleanly");
+    const status = await within(5000, relay.finished(), "the relay did not exit after draining");
+    assert.equal(status.code, 0);
+  });
+
+  await t.step(
+    "the demo runs with nothing configured, prints URL, credentials and a curl line, and streams",
+    async () => {
+      const relay = await spawnRelay({}, ["demo"]);
+      const { stdout } = relay.output();
+      const apiKey = /API key \(username:password\):\s+(\S+)/.exec(stdout)![1];
+      assert.match(stdout, /Relay URL .*http:\/\/localhost:\d+\/v1/);
+      assert.match(stdout, /curl -N http:\/\/localhost:\d+\/v1\/chat\/completions -H "Authorization: Bearer demo:/);
+      const response = await fetch(`${relay.url}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${apiKey}`, "content-type": "application/json" },
+        body: JSON.stringify({ model: "echo", stream: true, messages: [{ role: "user", content: "ping pong" }] }),
+      });
+      const text = await response.text();
+      const content = text.split("\n").filter((line) => line.startsWith("data: {"))
+        .map((line) => JSON.parse(line.slice(6)).choices[0].delta.content ?? "").join("");
+      assert.equal(content, "Echo: ping pong");
+      assert.ok(text.endsWith("data: [DONE]\n\n"));
+      relay.child.kill("SIGTERM");
+      assert.equal((await relay.finished()).code, 0);
+    },
+  );
+
+  await t.step("the demo refuses to start when UPSTREAM_BASE_URL is set", async () => {
+    const output = await runRelayProcess({ UPSTREAM_BASE_URL: "https://api.openai.com/v1" }, ["demo"]);
+    assert.equal(output.code, 1);
+    assert.match(output.stderr, /UPSTREAM_BASE_URL is set, so the demo will not start/);
+  });
+
+  await t.step("--version and --help answer without configuration", async () => {
+    const version = await runRelayProcess({}, ["--version"]);
+    assert.equal(version.code, 0);
+    const changelog = await Deno.readTextFile(new URL("./CHANGELOG.md", import.meta.url));
+    const newest = /^## \[(\d+\.\d+\.\d+)\]/m.exec(changelog)![1];
+    assert.equal(version.stdout.trim(), `mc-relay ${newest}`);
+    const help = await runRelayProcess({}, ["--help"]);
+    assert.equal(help.code, 0);
+    for (const name of ENV_VARS) assert.ok(help.stdout.includes(name), `--help documents ${name}`);
+  });
+
+  await t.step("a real process with canary secrets prints and returns none of them", async () => {
+    await using upstream = startUpstream(openAiLikeUpstream);
+    const relay = await spawnRelay({
+      ...minimalEnv,
+      UPSTREAM_BASE_URL: upstream.url,
+      ALLOWED_ORIGIN: ALLOWED,
+      LOG_LEVEL: "debug",
+      UPSTREAM_EXTRA_HEADERS_JSON: JSON.stringify({ "X-Extra-Secret": CANARY_EXTRA }),
+    });
+    const requests: [string, RequestInit][] = [
+      ["/v1/models", { headers: { authorization: GOOD_BEARER } }],
+      ["/v1/models", { headers: { authorization: `Bearer ${USERNAME}:${CANARY_PASSWORD}-wrong` } }],
+      ["/v1/models", { headers: { authorization: `Bearer ${CANARY_KEY}` } }],
+      ["/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, origin: ALLOWED },
+        body: chatBody(),
+      }],
+      ["/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, origin: EVIL },
+        body: chatBody(),
+      }],
+    ];
+    for (const [path, init] of requests) {
+      const response = await fetch(`${relay.url}${path}`, init);
+      seenByClientsOrLogs.push(await response.text(), JSON.stringify([...response.headers]));
+    }
+    relay.child.kill("SIGTERM");
+    await relay.finished();
+    const { stdout, stderr } = relay.output();
+    for (const secret of [CANARY_KEY, CANARY_EXTRA]) {
+      assert.ok(!stdout.includes(secret) && !stderr.includes(secret), "a secret was printed");
+    }
+    assert.ok(!stdout.includes(CANARY_PASSWORD) && !stderr.includes(CANARY_PASSWORD), "the password was printed");
+  });
+});
+
+// ---------------------------------------------------------------------------
+// Canary: runs last, over everything every test above saw
+// ---------------------------------------------------------------------------
+
+Deno.test("no secret ever appeared in anything the relay logged or returned, in any test above", () => {
+  assert.ok(seenByClientsOrLogs.length > 100, "the other tests recorded what they saw");
+  const everything = seenByClientsOrLogs.join("\n");
+  assert.ok(!everything.includes(CANARY_KEY), "the provider key leaked");
+  assert.ok(!everything.includes(CANARY_EXTRA), "an extra upstream header value leaked");
+  // Clients send the password themselves; the relay must never send it back or log it.
+  assert.ok(!everything.includes(CANARY_PASSWORD), "the relay password leaked");
+});
