@@ -1197,31 +1197,44 @@ export async function serve(config: RelayConfig, warnings: string[] = []): Promi
   await server.finished;
 }
 
-/** `mc-relay healthcheck`: asks the running relay's /health; 0 when it answers ok. */
+/**
+ * `mc-relay healthcheck`: asks the running relay's /health over loopback; 0 when it answers ok.
+ * It speaks HTTP/1.1 over a plain or TLS socket itself: with TLS the certificate chain is checked
+ * (the relay's own certificate is trusted too, so self-signed ones pass) but not the host name,
+ * since a certificate for relay.example.com is fine even though the check connects to 127.0.0.1.
+ */
 async function healthcheck(env: RelayEnv): Promise<number> {
   const port = Number(env.PORT?.trim() || DEFAULTS.port);
   const host = env.HOST?.trim() || "127.0.0.1";
-  const target = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
-  const scheme = env.TLS_CERT_FILE ? "https" : "http";
-  let client: Deno.HttpClient | undefined;
+  const hostname = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
+  let connection: Deno.Conn | undefined;
+  const deadline = setTimeout(() => connection?.close(), 5000);
   try {
-    if (scheme === "https") {
-      // Trust the relay's own certificate, so self-signed and private-CA certificates pass too.
-      client = Deno.createHttpClient({ caCerts: [await Deno.readTextFile(env.TLS_CERT_FILE!.trim())] });
-    }
-    const shown = target.includes(":") ? `[${target}]` : target;
-    const response = await fetch(`${scheme}://${shown}:${port}/health`, {
-      client,
-      signal: AbortSignal.timeout(5000),
-    });
-    const ok = response.ok && (await response.json()).status === "ok";
-    console.log(ok ? "healthy" : `unhealthy: HTTP ${response.status}`);
-    return ok ? 0 : 1;
+    const certFile = env.TLS_CERT_FILE?.trim();
+    connection = certFile
+      ? await Deno.connectTls({
+        hostname,
+        port,
+        caCerts: [await Deno.readTextFile(certFile)],
+        unsafelyDisableHostnameVerification: true,
+      })
+      : await Deno.connect({ hostname, port });
+    await connection.write(textEncoder.encode("GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"));
+    const response = await new Response(connection.readable).text();
+    connection = undefined; // the readable closed it
+    const healthy = /^HTTP\/1\.[01] 200 /.test(response) && response.includes('{"status":"ok"}');
+    console.log(healthy ? "healthy" : `unhealthy: ${response.split("\r\n")[0] || "no answer"}`);
+    return healthy ? 0 : 1;
   } catch (error) {
-    console.log(`unhealthy: ${error instanceof Error ? error.message : error}`);
+    console.log(`unhealthy: ${errorText(error)}`);
     return 1;
   } finally {
-    client?.close();
+    clearTimeout(deadline);
+    try {
+      connection?.close();
+    } catch {
+      // already closed
+    }
   }
 }
 

@@ -303,6 +303,29 @@ Deno.test("configuration", async (t) => {
     assert.deepEqual([...denoJson.permissions.default.env].sort(), [...ENV_VARS].sort());
   });
 
+  await t.step(
+    "start, dev, demo and every compile task take their permissions from the one set in deno.json",
+    async () => {
+      const { tasks } = JSON.parse(await Deno.readTextFile(new URL("./deno.json", import.meta.url)));
+      const commands = Object.entries(tasks as Record<string, { command?: string }>)
+        .filter(([name]) => ["start", "dev", "demo"].includes(name) || name.startsWith("compile"))
+        .filter(([, task]) => task.command !== undefined);
+      assert.equal(commands.length, 9);
+      for (const [name, task] of commands) {
+        assert.match(task.command!, /^deno (run|compile) -P /, name);
+        assert.doesNotMatch(task.command!, /--allow-|-A\b|--env-file=(?!\.env )/, name);
+      }
+      const dockerfile = await Deno.readTextFile(new URL("./Dockerfile", import.meta.url));
+      assert.match(dockerfile, /deno task "compile:\$target"/);
+      for (const target of ["x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu"]) {
+        assert.ok(tasks[`compile:${target}`], `the Dockerfile's ${target} task exists`);
+        assert.ok(dockerfile.includes(`target=${target}`));
+      }
+      assert.doesNotMatch(dockerfile, /^(ENV|ARG)\b.*(API_KEY|PASSWORD)/m, "no secret baked into the image");
+      assert.doesNotMatch(dockerfile, /^(RUN|COPY)\b.*(\.env\b|--env-file)/m, "no .env baked into the image");
+    },
+  );
+
   await t.step("a start-up with bad configuration exits 1 naming every bad variable", async () => {
     const output = await runRelayProcess({ UPSTREAM_BASE_URL: "localhost:11434", PORT: "99999", ALLOWED_ORIGIN: "*" });
     assert.equal(output.code, 1);
@@ -1337,6 +1360,237 @@ Deno.test("process", async (t) => {
     }
     assert.ok(!stdout.includes(CANARY_PASSWORD) && !stderr.includes(CANARY_PASSWORD), "the password was printed");
   });
+});
+
+/** Makes a self-signed certificate for localhost and 127.0.0.1 with openssl, in a temporary folder. */
+async function selfSignedCertificate() {
+  const folder = await Deno.makeTempDir({ prefix: "mc-relay-tls-" });
+  const certFile = `${folder}/cert.pem`;
+  const keyFile = `${folder}/key.pem`;
+  const made = await new Deno.Command("openssl", {
+    args: [
+      "req",
+      "-x509",
+      "-newkey",
+      "ec",
+      "-pkeyopt",
+      "ec_paramgen_curve:prime256v1",
+      "-nodes",
+      "-days",
+      "2",
+      "-subj",
+      "/CN=localhost",
+      "-addext",
+      "subjectAltName=DNS:localhost,IP:127.0.0.1",
+      "-addext",
+      "basicConstraints=critical,CA:FALSE",
+      "-keyout",
+      keyFile,
+      "-out",
+      certFile,
+    ],
+    stdout: "null",
+    stderr: "piped",
+  }).output().catch((error) => {
+    throw new Error(`openssl is needed for the HTTPS tests (.ci/run installs it): ${error}`);
+  });
+  assert.equal(made.code, 0, decoder.decode(made.stderr));
+  return {
+    certFile,
+    keyFile,
+    cert: await Deno.readTextFile(certFile),
+    [Symbol.asyncDispose]: () => Deno.remove(folder, { recursive: true }),
+  };
+}
+
+Deno.test("https and healthcheck", async (t) => {
+  await using tls = await selfSignedCertificate();
+  await using upstream = startUpstream((request, seen) =>
+    seen.body.includes('"stream":true')
+      ? new Response("data: one\n\ndata: [DONE]\n\n", { headers: { "content-type": "text/event-stream" } })
+      : openAiLikeUpstream(request, seen)
+  );
+  const env = {
+    ...minimalEnv,
+    UPSTREAM_BASE_URL: upstream.url,
+    TLS_CERT_FILE: tls.certFile,
+    TLS_KEY_FILE: tls.keyFile,
+  };
+
+  await t.step("with TLS_CERT_FILE and TLS_KEY_FILE the relay serves HTTPS, streams included", async () => {
+    const relay = await spawnRelay(env);
+    try {
+      assert.match(relay.url, /^https:\/\/127\.0\.0\.1:\d+$/);
+      using client = Deno.createHttpClient({ caCerts: [tls.cert] });
+      const models = await fetch(`${relay.url}/v1/models`, { client, headers: { authorization: GOOD_BEARER } });
+      assert.equal(models.status, 200);
+      assert.equal((await models.json()).data[0].id, "gpt-test");
+      const streamed = await fetch(`${relay.url}/v1/chat/completions`, {
+        client,
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+        body: chatBody({ stream: true }),
+      });
+      assert.equal(streamed.headers.get("content-type"), "text/event-stream");
+      assert.equal(await streamed.text(), "data: one\n\ndata: [DONE]\n\n");
+      const port = new URL(relay.url).port;
+
+      const healthy = await runRelayProcess({ ...env, PORT: port, HOST: "127.0.0.1" }, ["healthcheck"]);
+      assert.equal(healthy.code, 0, healthy.stdout);
+      assert.equal(healthy.stdout.trim(), "healthy");
+    } finally {
+      relay.child.kill("SIGTERM");
+      await relay.finished();
+    }
+  });
+
+  await t.step("healthcheck answers 0 for a running plain-HTTP relay and 1 when none answers", async () => {
+    const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: upstream.url });
+    const port = new URL(relay.url).port;
+    const healthy = await runRelayProcess({ PORT: port, HOST: "0.0.0.0" }, ["healthcheck"]);
+    assert.equal(healthy.code, 0, healthy.stdout);
+    relay.child.kill("SIGTERM");
+    await relay.finished();
+    const unhealthy = await runRelayProcess({ PORT: port }, ["healthcheck"]);
+    assert.equal(unhealthy.code, 1);
+    assert.match(unhealthy.stdout, /^unhealthy: /);
+  });
+
+  await t.step("an unreadable TLS file stops the start with exit code 1, naming the variable", async () => {
+    const output = await runRelayProcess({ ...env, TLS_KEY_FILE: `${tls.keyFile}.missing` });
+    assert.equal(output.code, 1);
+    assert.match(output.stderr, /TLS_KEY_FILE names ".*key\.pem\.missing", which cannot be read \(NotFound\)/);
+  });
+
+  await t.step("a file that is not PEM is refused", async () => {
+    const output = await runRelayProcess({ ...env, TLS_CERT_FILE: new URL("./deno.json", import.meta.url).pathname });
+    assert.equal(output.code, 1);
+    assert.match(output.stderr, /TLS_CERT_FILE must name a PEM file/);
+  });
+});
+
+/** Whether a program is on the PATH. */
+function installed(program: string): boolean {
+  return (Deno.env.get("PATH") ?? "").split(":").some((folder) => {
+    try {
+      return Deno.statSync(`${folder}/${program}`).isFile;
+    } catch {
+      return false;
+    }
+  });
+}
+
+/** A free loopback port (free when this returns; good enough for a test). */
+function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = listener.addr as Deno.NetAddr;
+  listener.close();
+  return port;
+}
+
+const IN_CI = Deno.env.get("CI") === "true";
+
+Deno.test({
+  name: "deploy examples",
+  // .ci/run installs caddy; elsewhere the test runs only where caddy is installed.
+  ignore: !IN_CI && !installed("caddy"),
+}, async (t) => {
+  await t.step(
+    "examples/Caddyfile with an internal certificate streams a chat over HTTPS, chunk by chunk",
+    async () => {
+      const stream = controlledStream();
+      await using upstream = startUpstream((_request, seen) =>
+        seen.path === "/chat/completions"
+          ? new Response(stream.body, { headers: { "content-type": "text/event-stream" } })
+          : openAiLikeUpstream(_request, seen)
+      );
+      const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: upstream.url, ALLOWED_ORIGIN: ALLOWED });
+      const folder = await Deno.makeTempDir({ prefix: "mc-relay-caddy-" });
+      const httpsPort = freePort();
+      const config = `${folder}/Caddyfile`;
+      // The example is imported unchanged; only the test's global options (local CA, free ports) are added.
+      await Deno.writeTextFile(
+        config,
+        `{\n\tadmin off\n\tlocal_certs\n\tskip_install_trust\n\tauto_https disable_redirects\n\thttp_port ${freePort()}\n\thttps_port ${httpsPort}\n\tstorage file_system ${folder}/data\n}\nimport ${
+          new URL("./examples/Caddyfile", import.meta.url).pathname
+        }\n`,
+      );
+      const caddy = new Deno.Command("caddy", {
+        args: ["run", "--config", config, "--adapter", "caddyfile"],
+        env: {
+          MC_RELAY_DOMAIN: `localhost:${httpsPort}`,
+          MC_RELAY_UPSTREAM: new URL(relay.url).host,
+          XDG_DATA_HOME: folder,
+          XDG_CONFIG_HOME: folder,
+          HOME: folder,
+        },
+        stdout: "null",
+        stderr: "piped",
+      }).spawn();
+      const caddyLog = caddy.stderr.pipeThrough(new TextDecoderStream()).pipeTo(new WritableStream());
+      try {
+        const rootFile = `${folder}/data/pki/authorities/local/root.crt`;
+        const root = await within(
+          15000,
+          (async () => {
+            while (true) {
+              try {
+                return await Deno.readTextFile(rootFile);
+              } catch {
+                await sleep(100);
+              }
+            }
+          })(),
+          "caddy did not create its local certificate authority",
+        );
+        using client = Deno.createHttpClient({ caCerts: [root] });
+        const base = `https://localhost:${httpsPort}`;
+        const models = await within(
+          15000,
+          (async () => {
+            while (true) {
+              try {
+                return await fetch(`${base}/v1/models`, {
+                  client,
+                  headers: { authorization: GOOD_BEARER, origin: ALLOWED },
+                });
+              } catch {
+                await sleep(200);
+              }
+            }
+          })(),
+          "caddy did not serve HTTPS",
+        );
+        assert.equal(models.status, 200);
+        assert.equal(models.headers.get("access-control-allow-origin"), ALLOWED);
+        assert.equal((await models.json()).data[0].id, "gpt-test");
+
+        const response = await fetch(`${base}/v1/chat/completions`, {
+          client,
+          method: "POST",
+          headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+          body: chatBody({ stream: true }),
+        });
+        assert.equal(response.status, 200);
+        assert.match(response.headers.get("strict-transport-security") ?? "", /max-age=/);
+        const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+        for (let i = 0; i < 3; i++) {
+          stream.send(`data: chunk ${i}\n\n`);
+          const { value } = await within(5000, reader.read(), `chunk ${i} was held back on the way through Caddy`);
+          assert.equal(value, `data: chunk ${i}\n\n`);
+        }
+        stream.close();
+        assert.ok((await reader.read()).done);
+      } finally {
+        caddy.kill("SIGTERM");
+        await caddy.status;
+        await caddyLog.catch(() => {});
+        relay.child.kill("SIGTERM");
+        await relay.finished();
+        await Deno.remove(folder, { recursive: true });
+      }
+    },
+  );
 });
 
 // ---------------------------------------------------------------------------
