@@ -7,191 +7,40 @@
  * none of them ever appeared in anything the relay logged or returned.
  */
 import assert from "node:assert/strict";
-import { constantTimeEqual, createHandler, ENV_VARS, parseConfig, readCredentials, type RelayConfig } from "./main.ts";
-
-// ---------------------------------------------------------------------------
-// Fixtures
-// ---------------------------------------------------------------------------
-
-const CANARY_KEY = "sk-CANARY-upstream-key-4f1d2c9a";
-const CANARY_PASSWORD = "CANARY-relay-password-77e1";
-const CANARY_EXTRA = "CANARY-extra-header-value-5b0e";
-const USERNAME = "team";
-const GOOD_BEARER = `Bearer ${USERNAME}:${CANARY_PASSWORD}`;
-const ALLOWED = "https://www.metaconfigurator.org";
-const OTHER_ALLOWED = "https://metaconfigurator.github.io";
-const EVIL = "https://evil.example";
-
-/** Everything the relay logged or returned in this file, for the canary test at the end. */
-const seenByClientsOrLogs: string[] = [];
-
-const encoder = new TextEncoder();
-const decoder = new TextDecoder();
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** A request as the fake upstream received it. */
-interface SeenRequest {
-  method: string;
-  path: string;
-  search: string;
-  headers: Headers;
-  body: string;
-}
-
-/** A fake upstream on an ephemeral loopback port that records every request. */
-function startUpstream(handler: (request: Request, seen: SeenRequest) => Response | Promise<Response>) {
-  const requests: SeenRequest[] = [];
-  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (request) => {
-    const url = new URL(request.url);
-    const seen: SeenRequest = {
-      method: request.method,
-      path: url.pathname,
-      search: url.search,
-      headers: request.headers,
-      body: request.method === "POST" ? await request.text() : "",
-    };
-    requests.push(seen);
-    return await handler(request, seen);
-  });
-  return {
-    url: `http://127.0.0.1:${server.addr.port}`,
-    requests,
-    server,
-    [Symbol.asyncDispose]: () => server.shutdown(),
-  };
-}
-
-/** The config every test starts from, with canary secrets. */
-function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConfig> = {}): RelayConfig {
-  return {
-    upstreamBaseUrl,
-    upstreamApiKey: CANARY_KEY,
-    upstreamAuthHeader: "Authorization",
-    upstreamAuthPrefix: "Bearer",
-    upstreamExtraHeaders: { "X-Title": "mc-relay tests", "X-Extra-Secret": CANARY_EXTRA },
-    username: USERNAME,
-    password: CANARY_PASSWORD,
-    allowedOrigins: [ALLOWED, OTHER_ALLOWED],
-    port: 0,
-    host: "127.0.0.1",
-    requestTimeoutMs: 5000,
-    maxRequestBytes: 1024 * 1024,
-    logLevel: "debug",
-    shutdownTimeoutMs: 1000,
-    ...overrides,
-  };
-}
-
-/** The relay handler served on an ephemeral loopback port; its log lines are kept. */
-function startRelay(config: RelayConfig) {
-  const logs: string[] = [];
-  const handler = createHandler(config, {
-    log(line) {
-      logs.push(line);
-      seenByClientsOrLogs.push(line);
-    },
-  });
-  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, handler);
-  const url = `http://127.0.0.1:${server.addr.port}`;
-  return {
-    url,
-    port: server.addr.port,
-    logs,
-    /** Parsed request log lines. */
-    requestLogs: () => logs.map((line) => JSON.parse(line)).filter((entry) => entry.msg === "request"),
-    /** Fetches from the relay, reads the whole body and records what came back. */
-    async call(path: string, init: RequestInit = {}) {
-      const response = await fetch(`${url}${path}`, init);
-      const text = await response.text();
-      seenByClientsOrLogs.push(text, JSON.stringify([...response.headers]));
-      return { status: response.status, headers: response.headers, text, json: () => JSON.parse(text) };
-    },
-    server,
-    [Symbol.asyncDispose]: () => server.shutdown(),
-  };
-}
-
-/** Sends a raw HTTP/1.1 request (so nothing tidies the request target) and returns status and body. */
-async function rawRequest(port: number, head: string, body = ""): Promise<{ status: number; text: string }> {
-  const connection = await Deno.connect({ hostname: "127.0.0.1", port });
-  try {
-    await connection.write(encoder.encode(`${head}\r\n\r\n${body}`));
-    let text = "";
-    const buffer = new Uint8Array(16384);
-    while (true) {
-      const read = await connection.read(buffer);
-      if (read === null) break;
-      text += decoder.decode(buffer.subarray(0, read));
-    }
-    seenByClientsOrLogs.push(text);
-    return { status: Number(text.split(" ")[1]), text };
-  } finally {
-    connection.close();
-  }
-}
-
-/** An upstream that answers like OpenAI: a model list and a non-streamed chat completion. */
-function openAiLikeUpstream(request: Request, seen: SeenRequest): Response {
-  if (seen.path.endsWith("/models")) {
-    return Response.json({ object: "list", data: [{ id: "gpt-test", object: "model", owned_by: "test" }] });
-  }
-  return Response.json({
-    id: "chatcmpl-1",
-    object: "chat.completion",
-    choices: [{ index: 0, message: { role: "assistant", content: "hi" }, finish_reason: "stop" }],
-    echo: { method: request.method, body: seen.body },
-  }, { headers: { "x-request-id": "req_upstream_1", "openai-processing-ms": "12" } });
-}
-
-/** A streamed body whose chunks the test releases one by one. */
-function controlledStream() {
-  const releases: (() => void)[] = [];
-  let cancelled: (reason: unknown) => void = () => {};
-  const cancelledPromise = new Promise<unknown>((resolve) => (cancelled = resolve));
-  let controller!: ReadableStreamDefaultController<Uint8Array>;
-  const body = new ReadableStream<Uint8Array>({
-    start(c) {
-      controller = c;
-    },
-    cancel(reason) {
-      cancelled(reason);
-    },
-  });
-  return {
-    body,
-    send: (text: string) => controller.enqueue(encoder.encode(text)),
-    close: () => controller.close(),
-    cancelled: cancelledPromise,
-    releases,
-  };
-}
-
-/** Resolves with the promise's value, or fails the test with `message` after `ms`. */
-async function within<T>(ms: number, promise: Promise<T>, message: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(message)), ms))),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-const chatBody = (extra: Record<string, unknown> = {}) =>
-  JSON.stringify({ model: "gpt-test", messages: [{ role: "user", content: "Hello" }], ...extra });
+import { constantTimeEqual, ENV_VARS, parseConfig, readCredentials } from "./main.ts";
+import {
+  ALLOWED,
+  CANARY_EXTRA,
+  CANARY_KEY,
+  CANARY_PASSWORD,
+  chatBody,
+  controlledStream,
+  decoder,
+  encoder,
+  EVIL,
+  freePort,
+  GOOD_BEARER,
+  IN_CI,
+  installed,
+  minimalEnv,
+  openAiLikeUpstream,
+  OTHER_ALLOWED,
+  rawRequest,
+  runRelayProcess,
+  seenByClientsOrLogs,
+  selfSignedCertificate,
+  sleep,
+  spawnRelay,
+  startRelay,
+  startUpstream,
+  testConfig,
+  USERNAME,
+  within,
+} from "./testing.ts";
 
 // ---------------------------------------------------------------------------
 // Configuration
 // ---------------------------------------------------------------------------
-
-const minimalEnv = {
-  UPSTREAM_BASE_URL: "https://api.openai.com/v1/",
-  UPSTREAM_API_KEY: CANARY_KEY,
-  MC_RELAY_USERNAME: USERNAME,
-  MC_RELAY_PASSWORD: CANARY_PASSWORD,
-};
 
 Deno.test("configuration", async (t) => {
   await t.step("a minimal environment gets the documented defaults", () => {
@@ -342,31 +191,6 @@ Deno.test("configuration", async (t) => {
     assert.equal(output.stdout, "");
   });
 });
-
-/** Environment for a relay subprocess: nothing inherited but what Deno needs to run. */
-function processEnv(env: Record<string, string>): Record<string, string> {
-  const keep: Record<string, string> = { NO_COLOR: "1" };
-  for (const name of ["PATH", "HOME", "DENO_DIR", "XDG_CACHE_HOME"]) {
-    const value = Deno.env.get(name);
-    if (value !== undefined) keep[name] = value;
-  }
-  return { ...keep, ...env };
-}
-
-/** Runs `deno run -P main.ts` (the start task's flags) to completion. */
-async function runRelayProcess(env: Record<string, string>, args: string[] = []) {
-  const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-P", "main.ts", ...args],
-    cwd: new URL(".", import.meta.url).pathname,
-    env: processEnv(env),
-    clearEnv: true,
-    stdin: "null",
-  }).output();
-  const stdout = decoder.decode(output.stdout);
-  const stderr = decoder.decode(output.stderr);
-  seenByClientsOrLogs.push(stdout, stderr);
-  return { code: output.code, stdout, stderr };
-}
 
 // ---------------------------------------------------------------------------
 // Routes
@@ -1196,48 +1020,6 @@ Deno.test("logging", async (t) => {
 // The real process: start-up, demo, shutdown, secrets
 // ---------------------------------------------------------------------------
 
-/** Starts `deno run -P main.ts` (the start task's flags) and waits for its listening line. */
-async function spawnRelay(env: Record<string, string>, args: string[] = []) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-P", "main.ts", ...args],
-    cwd: new URL(".", import.meta.url).pathname,
-    env: processEnv({ HOST: "127.0.0.1", PORT: "0", ...env }),
-    clearEnv: true,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let stdout = "";
-  let stderr = "";
-  const stdoutDone = child.stdout.pipeThrough(new TextDecoderStream()).pipeTo(
-    new WritableStream({ write: (text) => void (stdout += text) }),
-  );
-  const stderrDone = child.stderr.pipeThrough(new TextDecoderStream()).pipeTo(
-    new WritableStream({ write: (text) => void (stderr += text) }),
-  );
-  const listening = await within(
-    15000,
-    (async () => {
-      while (!/"msg":"mc-relay [^"]+ listening"/.test(stdout)) await sleep(20);
-      return JSON.parse(stdout.split("\n").find((line) => line.includes(" listening"))!);
-    })(),
-    "the relay process did not start",
-  );
-  return {
-    child,
-    url: listening.url as string,
-    listening,
-    output: () => ({ stdout, stderr }),
-    async finished() {
-      const status = await child.status;
-      await stdoutDone;
-      await stderrDone;
-      seenByClientsOrLogs.push(stdout, stderr);
-      return status;
-    },
-  };
-}
-
 Deno.test("process", async (t) => {
   await t.step("start-up prints the listening URL, the upstream host and the allowed origins", async () => {
     await using upstream = startUpstream(openAiLikeUpstream);
@@ -1362,47 +1144,6 @@ Deno.test("process", async (t) => {
   });
 });
 
-/** Makes a self-signed certificate for localhost and 127.0.0.1 with openssl, in a temporary folder. */
-async function selfSignedCertificate() {
-  const folder = await Deno.makeTempDir({ prefix: "mc-relay-tls-" });
-  const certFile = `${folder}/cert.pem`;
-  const keyFile = `${folder}/key.pem`;
-  const made = await new Deno.Command("openssl", {
-    args: [
-      "req",
-      "-x509",
-      "-newkey",
-      "ec",
-      "-pkeyopt",
-      "ec_paramgen_curve:prime256v1",
-      "-nodes",
-      "-days",
-      "2",
-      "-subj",
-      "/CN=localhost",
-      "-addext",
-      "subjectAltName=DNS:localhost,IP:127.0.0.1",
-      "-addext",
-      "basicConstraints=critical,CA:FALSE",
-      "-keyout",
-      keyFile,
-      "-out",
-      certFile,
-    ],
-    stdout: "null",
-    stderr: "piped",
-  }).output().catch((error) => {
-    throw new Error(`openssl is needed for the HTTPS tests (.ci/run installs it): ${error}`);
-  });
-  assert.equal(made.code, 0, decoder.decode(made.stderr));
-  return {
-    certFile,
-    keyFile,
-    cert: await Deno.readTextFile(certFile),
-    [Symbol.asyncDispose]: () => Deno.remove(folder, { recursive: true }),
-  };
-}
-
 Deno.test("https and healthcheck", async (t) => {
   await using tls = await selfSignedCertificate();
   await using upstream = startUpstream((request, seen) =>
@@ -1468,27 +1209,6 @@ Deno.test("https and healthcheck", async (t) => {
     assert.match(output.stderr, /TLS_CERT_FILE must name a PEM file/);
   });
 });
-
-/** Whether a program is on the PATH. */
-function installed(program: string): boolean {
-  return (Deno.env.get("PATH") ?? "").split(":").some((folder) => {
-    try {
-      return Deno.statSync(`${folder}/${program}`).isFile;
-    } catch {
-      return false;
-    }
-  });
-}
-
-/** A free loopback port (free when this returns; good enough for a test). */
-function freePort(): number {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const { port } = listener.addr as Deno.NetAddr;
-  listener.close();
-  return port;
-}
-
-const IN_CI = Deno.env.get("CI") === "true";
 
 Deno.test({
   name: "deploy examples",
