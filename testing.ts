@@ -97,8 +97,8 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
   };
 }
 
-/** The relay handler served on an ephemeral loopback port; its log lines are kept. */
-export function startRelay(config: RelayConfig) {
+/** The relay handler served on an ephemeral loopback port (HTTPS when given a certificate); its log lines are kept. */
+export function startRelay(config: RelayConfig, tls?: { cert: string; key: string }) {
   const logs: string[] = [];
   const handler = createHandler(config, {
     log(line) {
@@ -106,8 +106,11 @@ export function startRelay(config: RelayConfig) {
       seenByClientsOrLogs.push(line);
     },
   });
-  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, handler);
-  const url = `http://127.0.0.1:${server.addr.port}`;
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen() {}, ...(tls && { cert: tls.cert, key: tls.key }) },
+    handler,
+  );
+  const url = `${tls ? "https" : "http"}://127.0.0.1:${server.addr.port}`;
   return {
     url,
     port: server.addr.port,
@@ -310,6 +313,7 @@ export async function selfSignedCertificate() {
     certFile,
     keyFile,
     cert: await Deno.readTextFile(certFile),
+    key: await Deno.readTextFile(keyFile),
     [Symbol.asyncDispose]: () => Deno.remove(folder, { recursive: true }),
   };
 }

@@ -1,0 +1,411 @@
+/**
+ * Proof in the clients people really use: headless Chromium (Debian's, driven by playwright-core)
+ * calling the relay from a page's own JavaScript, MC's request shape, the official `openai` SDK in
+ * the browser and in Deno, and HTTPS in the browser. One browser for the whole file.
+ *
+ * Two loopback servers on different ports are two origins: one is in ALLOWED_ORIGIN, one is not.
+ */
+/// <reference lib="dom" />
+// (the DOM types are for the functions that run inside the page)
+import assert from "node:assert/strict";
+import { type Browser, chromium, type Page } from "npm:playwright-core@1.65.1";
+import OpenAI from "npm:openai@7.57.0";
+import {
+  CANARY_EXTRA,
+  CANARY_KEY,
+  CANARY_PASSWORD,
+  chatBody,
+  controlledStream,
+  GOOD_BEARER,
+  openAiLikeUpstream,
+  seenByClientsOrLogs,
+  type SeenRequest,
+  selfSignedCertificate,
+  sleep,
+  startRelay,
+  startUpstream,
+  testConfig,
+  USERNAME,
+  within,
+} from "./testing.ts";
+
+const OPENAI_VERSION = "7.57.0";
+const API_KEY = `${USERNAME}:${CANARY_PASSWORD}`;
+const CHROMIUM = "/usr/bin/chromium";
+
+/** The folder Deno unpacked an npm package into (the import above guarantees it is there). */
+async function npmPackageFolder(name: string, version: string): Promise<string> {
+  const info = await new Deno.Command(Deno.execPath(), { args: ["info", "--json"], stdout: "piped" }).output();
+  const { npmCache } = JSON.parse(new TextDecoder().decode(info.stdout));
+  return `${npmCache}/registry.npmjs.org/${name}/${version}`;
+}
+
+/** Serves a test page, examples/chat.html and the openai package's ES modules from one origin. */
+function startPageServer(openaiFolder: string) {
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (request) => {
+    const path = new URL(request.url).pathname;
+    if (path === "/") return new Response("<!doctype html><title>mc-relay test page</title>", html);
+    if (path === "/chat.html") {
+      return new Response(await Deno.readTextFile(new URL("./examples/chat.html", import.meta.url)), html);
+    }
+    if (path.startsWith("/openai/") && !path.includes("..")) {
+      try {
+        const file = await Deno.readFile(`${openaiFolder}/${path.slice("/openai/".length)}`);
+        return new Response(file, { headers: { "content-type": "text/javascript" } });
+      } catch {
+        return new Response("not found", { status: 404 });
+      }
+    }
+    return new Response("not found", { status: 404 });
+  });
+  return {
+    origin: `http://127.0.0.1:${server.addr.port}`,
+    [Symbol.asyncDispose]: () => server.shutdown(),
+  };
+}
+const html = { headers: { "content-type": "text/html; charset=utf-8" } };
+
+/** An upstream for the browser: OpenAI-like answers, SSE streams, and one stream the test releases chunk by chunk. */
+function browserUpstream() {
+  let controlled = controlledStream();
+  const upstream = startUpstream((request: Request, seen: SeenRequest) => {
+    if (seen.path === "/chat/completions" && seen.body.includes('"stream":true')) {
+      if (seen.body.includes("release chunk by chunk")) {
+        return new Response(controlled.body, { headers: { "content-type": "text/event-stream" } });
+      }
+      const words = ["Hello", " from", " upstream"];
+      const events = words.map((word) =>
+        `data: ${
+          JSON.stringify({
+            id: "c1",
+            object: "chat.completion.chunk",
+            choices: [{ index: 0, delta: { content: word }, finish_reason: null }],
+          })
+        }\n\n`
+      );
+      return new Response(events.join("") + "data: [DONE]\n\n", { headers: { "content-type": "text/event-stream" } });
+    }
+    return openAiLikeUpstream(request, seen);
+  });
+  return {
+    upstream,
+    /** A fresh stream for the next "release chunk by chunk" request. */
+    nextControlled() {
+      controlled = controlledStream();
+      return controlled;
+    },
+  };
+}
+
+async function launchChromium(extraArgs: string[] = []): Promise<Browser> {
+  try {
+    return await chromium.launch({
+      executablePath: CHROMIUM,
+      args: [
+        "--no-sandbox",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-gpu",
+        "--no-first-run",
+        ...extraArgs,
+      ],
+    });
+  } catch (error) {
+    throw new Error(
+      `Chromium could not start from ${CHROMIUM} (install it with 'apt-get install chromium'; .ci/run does): ${error}`,
+    );
+  }
+}
+
+/** Runs `fetch` in the page and returns what the page's JavaScript could see. */
+function pageFetch(page: Page, url: string, init: RequestInit) {
+  return page.evaluate(async ({ url, init }) => {
+    try {
+      const response = await fetch(url, init);
+      return { status: response.status, text: await response.text(), error: null };
+    } catch (error) {
+      return { status: 0, text: "", error: String(error) };
+    }
+  }, { url, init: init as Record<string, unknown> });
+}
+
+Deno.test({
+  name: "browser",
+  // playwright-core keeps pipes to Chromium open across steps; the browser is closed in `finally`.
+  sanitizeOps: false,
+  sanitizeResources: false,
+}, async (t) => {
+  const openaiFolder = await npmPackageFolder("openai", OPENAI_VERSION);
+  await using allowedPage = startPageServer(openaiFolder);
+  await using otherPage = startPageServer(openaiFolder);
+  const { upstream, nextControlled } = browserUpstream();
+  await using _upstream = upstream;
+  await using relay = startRelay(testConfig(upstream.url, { allowedOrigins: [allowedPage.origin] }));
+  await using tls = await selfSignedCertificate();
+  await using tlsRelay = startRelay(testConfig(upstream.url, { allowedOrigins: [allowedPage.origin] }), tls);
+
+  // Only this test's browser trusts the self-signed certificate.
+  const browser = await launchChromium(["--ignore-certificate-errors"]);
+  try {
+    const page = await browser.newPage();
+    await page.goto(`${allowedPage.origin}/`);
+    const auth = { authorization: `Bearer ${API_KEY}`, "content-type": "application/json" };
+
+    await t.step("an allowed page lists the models", async () => {
+      const result = await pageFetch(page, `${relay.url}/v1/models`, { headers: auth });
+      assert.equal(result.error, null);
+      assert.equal(result.status, 200);
+      assert.equal(JSON.parse(result.text).data[0].id, "gpt-test");
+    });
+
+    await t.step("an allowed page gets a non-streamed chat answer", async () => {
+      const result = await pageFetch(page, `${relay.url}/v1/chat/completions`, {
+        method: "POST",
+        headers: auth,
+        body: chatBody(),
+      });
+      assert.equal(result.status, 200);
+      assert.equal(JSON.parse(result.text).choices[0].message.content, "hi");
+    });
+
+    await t.step("an allowed page reads a streamed chat chunk by chunk with fetch and ReadableStream", async () => {
+      const stream = nextControlled();
+      const status = await page.evaluate(async ({ url, headers, body }) => {
+        const response = await fetch(url, { method: "POST", headers, body });
+        (globalThis as unknown as { reader: ReadableStreamDefaultReader<Uint8Array> }).reader = response.body!
+          .getReader();
+        return response.status;
+      }, {
+        url: `${relay.url}/v1/chat/completions`,
+        headers: auth,
+        body: chatBody({ stream: true, messages: [{ role: "user", content: "release chunk by chunk" }] }),
+      });
+      assert.equal(status, 200);
+      const readInPage = () =>
+        page.evaluate(async () => {
+          const { done, value } = await (globalThis as unknown as { reader: ReadableStreamDefaultReader<Uint8Array> })
+            .reader.read();
+          return done ? null : new TextDecoder().decode(value);
+        });
+      for (let i = 0; i < 3; i++) {
+        const event = `data: {"choices":[{"delta":{"content":"part ${i}"}}]}\n\n`;
+        stream.send(event);
+        // The upstream sends the next chunk only after the page has this one.
+        assert.equal(await within(5000, readInPage(), `chunk ${i} did not reach the page`), event);
+      }
+      stream.close();
+      assert.equal(await readInPage(), null);
+    });
+
+    await t.step("a wrong password gives a 401 whose OpenAI-style message the page can read", async () => {
+      const result = await pageFetch(page, `${relay.url}/v1/chat/completions`, {
+        method: "POST",
+        headers: { ...auth, authorization: `Bearer ${USERNAME}:wrong` },
+        body: chatBody(),
+      });
+      assert.equal(result.error, null, "CORS headers on the 401 let the page read it");
+      assert.equal(result.status, 401);
+      assert.equal(JSON.parse(result.text).error.message, "mc-relay: wrong username or password");
+    });
+
+    await t.step(
+      "MC's request (axios's XHR: Bearer, JSON, X-Relay-Endpoint) passes the preflight and succeeds",
+      async () => {
+        // A fresh browser context has an empty preflight cache, so the preflight is really sent.
+        const context = await browser.newContext();
+        const mcPage = await context.newPage();
+        await mcPage.goto(`${allowedPage.origin}/`);
+        const before = relay.requestLogs().length;
+        const result = await mcPage.evaluate(
+          ({ url, apiKey }) =>
+            new Promise<{ status: number; text: string }>((resolve) => {
+              const request = new XMLHttpRequest();
+              request.open("POST", url);
+              request.setRequestHeader("Authorization", `Bearer ${apiKey}`);
+              request.setRequestHeader("Content-Type", "application/json");
+              request.setRequestHeader("X-Relay-Endpoint", "https://api.openai.com/v1/");
+              request.onloadend = () => resolve({ status: request.status, text: request.responseText });
+              request.send(JSON.stringify({
+                model: "gpt-4o-mini",
+                messages: [{ role: "user", content: "Create a schema" }],
+                max_tokens: 5000,
+                temperature: 0,
+              }));
+            }),
+          { url: `${relay.url}/v1/chat/completions`, apiKey: API_KEY },
+        );
+        assert.equal(result.status, 200);
+        assert.equal(JSON.parse(result.text).choices[0].message.content, "hi");
+        const methods = relay.requestLogs().slice(before).map((entry) => `${entry.method} ${entry.status}`);
+        await context.close();
+        assert.deepEqual(methods, ["OPTIONS 204", "POST 200"], "a preflight, then the request");
+      },
+    );
+
+    await t.step("the official openai SDK's browser build works through the relay, streamed and not", async () => {
+      const result = await page.evaluate(async ({ baseURL, apiKey }) => {
+        const { default: OpenAI } = await import("/openai/index.mjs" as string);
+        const client = new OpenAI({ baseURL, apiKey, dangerouslyAllowBrowser: true, maxRetries: 0 });
+        const models = await client.models.list();
+        const answer = await client.chat.completions.create({
+          model: "gpt-test",
+          messages: [{ role: "user", content: "Hello" }],
+        });
+        const stream = await client.chat.completions.create({
+          model: "gpt-test",
+          stream: true,
+          messages: [{ role: "user", content: "Hello" }],
+        });
+        let streamed = "";
+        for await (const chunk of stream) streamed += chunk.choices[0]?.delta?.content ?? "";
+        return {
+          models: models.data.map((model: { id: string }) => model.id),
+          answer: answer.choices[0].message.content,
+          streamed,
+        };
+      }, { baseURL: `${relay.url}/v1`, apiKey: API_KEY });
+      assert.deepEqual(result, { models: ["gpt-test"], answer: "hi", streamed: "Hello from upstream" });
+    });
+
+    await t.step("examples/chat.html streams an answer through the relay", async () => {
+      const chat = await browser.newPage();
+      await chat.goto(`${allowedPage.origin}/chat.html`);
+      await chat.fill("#relay", relay.url);
+      await chat.fill("#key", API_KEY);
+      await chat.fill("#model", "gpt-test");
+      await chat.click("#send");
+      await chat.waitForFunction(() => document.getElementById("status")?.textContent?.startsWith("done"), null, {
+        timeout: 5000,
+      });
+      assert.equal(await chat.textContent("#output"), "Hello from upstream");
+      assert.equal(await chat.textContent("#status"), "done, 3 chunk(s)");
+      await chat.close();
+    });
+
+    await t.step(
+      "a page from another origin is blocked by the browser itself, and the upstream never hears of it",
+      async () => {
+        const blocked = await browser.newPage();
+        await blocked.goto(`${otherPage.origin}/`);
+        const before = upstream.requests.length;
+        const chat = await pageFetch(blocked, `${relay.url}/v1/chat/completions`, {
+          method: "POST",
+          headers: auth,
+          body: chatBody(),
+        });
+        assert.equal(chat.status, 0);
+        assert.match(chat.error!, /TypeError: Failed to fetch/);
+        const simple = await pageFetch(blocked, `${relay.url}/health`, {});
+        assert.match(simple.error!, /TypeError: Failed to fetch/, "even a simple request's answer is unreadable");
+        assert.equal(upstream.requests.length, before);
+        await blocked.close();
+      },
+    );
+
+    await t.step("the same page calls the relay over HTTPS (self-signed certificate), streamed too", async () => {
+      const models = await pageFetch(page, `${tlsRelay.url}/v1/models`, { headers: auth });
+      assert.equal(models.error, null);
+      assert.equal(models.status, 200);
+      const streamed = await pageFetch(page, `${tlsRelay.url}/v1/chat/completions`, {
+        method: "POST",
+        headers: auth,
+        body: chatBody({ stream: true }),
+      });
+      assert.equal(streamed.status, 200);
+      assert.match(streamed.text, /"content":"Hello"[\s\S]*data: \[DONE\]\n\n$/);
+    });
+  } finally {
+    await browser.close();
+  }
+});
+
+Deno.test("openai sdk", async (t) => {
+  let release: () => void = () => {};
+  await using upstream = startUpstream(async (request, seen) => {
+    if (seen.body.includes("wait for release")) await new Promise<void>((resolve) => (release = resolve));
+    if (seen.body.includes('"stream":true')) {
+      const event = (content: string) =>
+        `data: ${
+          JSON.stringify({
+            id: "c1",
+            object: "chat.completion.chunk",
+            choices: [{ index: 0, delta: { content }, finish_reason: null }],
+          })
+        }\n\n`;
+      return new Response(event("one") + event(" two") + "data: [DONE]\n\n", {
+        headers: { "content-type": "text/event-stream" },
+      });
+    }
+    return openAiLikeUpstream(request, seen);
+  });
+  await using relay = startRelay(testConfig(upstream.url, { maxRequestBytes: 2000, requestTimeoutMs: 300 }));
+  const client = new OpenAI({ baseURL: `${relay.url}/v1`, apiKey: API_KEY, maxRetries: 0 });
+
+  await t.step("models.list() works through the relay", async () => {
+    const models = await client.models.list();
+    assert.deepEqual(models.data.map((model) => model.id), ["gpt-test"]);
+  });
+
+  await t.step("chat.completions.create() works, streamed and not", async () => {
+    const answer = await client.chat.completions.create({
+      model: "gpt-test",
+      messages: [{ role: "user", content: "Hi" }],
+    });
+    assert.equal(answer.choices[0].message.content, "hi");
+    const stream = await client.chat.completions.create({
+      model: "gpt-test",
+      stream: true,
+      messages: [{ role: "user", content: "Hi" }],
+    });
+    let text = "";
+    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? "";
+    assert.equal(text, "one two");
+  });
+
+  await t.step("a wrong password is the SDK's AuthenticationError (401) with the relay's message", async () => {
+    const wrong = new OpenAI({ baseURL: `${relay.url}/v1`, apiKey: `${USERNAME}:wrong`, maxRetries: 0 });
+    const error = await wrong.models.list().then(() => null, (error) => error);
+    assert.ok(error instanceof OpenAI.AuthenticationError, String(error));
+    assert.equal(error.status, 401);
+    assert.match(error.message, /mc-relay: wrong username or password/);
+  });
+
+  await t.step("a body over MAX_REQUEST_BYTES is an APIError with status 413", async () => {
+    const error = await client.chat.completions.create({
+      model: "gpt-test",
+      messages: [{ role: "user", content: "x".repeat(3000) }],
+    }).then(() => null, (error) => error);
+    assert.ok(error instanceof OpenAI.APIError, String(error));
+    assert.equal(error.status, 413);
+    assert.match(error.message, /MAX_REQUEST_BYTES/);
+  });
+
+  await t.step("an unreachable upstream is the SDK's InternalServerError (502)", async () => {
+    await using unreachable = startRelay(testConfig("http://127.0.0.1:9/v1"));
+    const lost = new OpenAI({ baseURL: `${unreachable.url}/v1`, apiKey: API_KEY, maxRetries: 0 });
+    const error = await lost.models.list().then(() => null, (error) => error);
+    assert.ok(error instanceof OpenAI.InternalServerError, String(error));
+    assert.equal(error.status, 502);
+    assert.match(error.message, /mc-relay: could not reach the upstream/);
+  });
+
+  await t.step("a silent upstream is the SDK's InternalServerError (504)", async () => {
+    const error = await client.chat.completions.create({
+      model: "gpt-test",
+      messages: [{ role: "user", content: "wait for release" }],
+    }).then(() => null, (error) => error);
+    release();
+    assert.ok(error instanceof OpenAI.InternalServerError, String(error));
+    assert.equal(error.status, 504);
+    assert.match(error.message, /REQUEST_TIMEOUT_SECONDS/);
+    await sleep(20);
+  });
+});
+
+Deno.test("no secret ever appeared in anything the relay logged or returned to these clients", () => {
+  assert.ok(seenByClientsOrLogs.length > 10, "the tests above recorded what the relay logged");
+  const everything = seenByClientsOrLogs.join("\n");
+  for (const secret of [CANARY_KEY, CANARY_EXTRA, CANARY_PASSWORD]) {
+    assert.ok(!everything.includes(secret), "a secret leaked");
+  }
+});
