@@ -1193,7 +1193,13 @@ export async function serve(config: RelayConfig, warnings: string[] = []): Promi
     });
   };
   const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT", "SIGBREAK"] : ["SIGINT", "SIGTERM"];
-  for (const signal of signals) Deno.addSignalListener(signal, () => stop(signal));
+  for (const signal of signals) {
+    try {
+      Deno.addSignalListener(signal, () => stop(signal));
+    } catch {
+      // Some hosts (Deno Deploy) manage the process themselves and offer no signals.
+    }
+  }
   await server.finished;
 }
 
