@@ -16,7 +16,6 @@ import {
   CANARY_PASSWORD,
   chatBody,
   controlledStream,
-  GOOD_BEARER,
   openAiLikeUpstream,
   seenByClientsOrLogs,
   type SeenRequest,

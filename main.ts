@@ -39,6 +39,9 @@ export const ENV_VARS = [
   "TLS_CERT_FILE",
   "TLS_KEY_FILE",
   "SHUTDOWN_TIMEOUT_SECONDS",
+  "AUTH_FAILURES_PER_MINUTE",
+  "RATE_LIMIT_PER_MINUTE",
+  "TRUST_PROXY",
 ] as const;
 
 /** The name of one environment variable the relay reads. */
@@ -87,6 +90,12 @@ export interface RelayConfig {
   tlsKeyFile?: string;
   /** How long in-flight requests may run on after SIGTERM/SIGINT. */
   shutdownTimeoutMs: number;
+  /** Failed sign-ins allowed per client address per minute before 429; 0 turns the limit off. */
+  authFailuresPerMinute: number;
+  /** Requests allowed per user and per client address per minute; 0 (the default) turns the limit off. */
+  rateLimitPerMinute: number;
+  /** How many reverse proxies in front append to X-Forwarded-For; 0 ignores the header (it could be spoofed). */
+  trustProxyHops: number;
 }
 
 /** Defaults for every optional setting (documented in README.md). */
@@ -99,6 +108,8 @@ export const DEFAULTS = {
   upstreamAuthPrefix: "Bearer",
   logLevel: "info" as LogLevel,
   shutdownTimeoutSeconds: 10,
+  authFailuresPerMinute: 10,
+  rateLimitPerMinute: 0,
 };
 
 /** MetaConfigurator's public origins; the demo allows them so MC can be tried against it. */
@@ -216,6 +227,41 @@ export function parseConfig(env: RelayEnv): ConfigResult {
     { min: 0, max: 3600, example: "seconds, e.g. 10" },
   );
 
+  const authFailuresPerMinute = parseNumber(
+    value("AUTH_FAILURES_PER_MINUTE"),
+    DEFAULTS.authFailuresPerMinute,
+    "AUTH_FAILURES_PER_MINUTE",
+    errors,
+    {
+      integer: true,
+      min: 0,
+      max: 1_000_000,
+      example: "a whole number of failed sign-ins per minute, e.g. 10 (0 = no limit)",
+    },
+  );
+  const rateLimitPerMinute = parseNumber(
+    value("RATE_LIMIT_PER_MINUTE"),
+    DEFAULTS.rateLimitPerMinute,
+    "RATE_LIMIT_PER_MINUTE",
+    errors,
+    { integer: true, min: 0, max: 1_000_000, example: "a whole number of requests per minute, e.g. 60 (0 = no limit)" },
+  );
+  const trustProxy = value("TRUST_PROXY")?.toLowerCase();
+  const trustProxyHops = trustProxy === undefined || trustProxy === "false"
+    ? 0
+    : trustProxy === "true"
+    ? 1
+    : /^[0-9]{1,2}$/.test(trustProxy)
+    ? Number(trustProxy)
+    : NaN;
+  if (Number.isNaN(trustProxyHops)) {
+    errors.push(
+      `TRUST_PROXY must be true (one reverse proxy in front), false, or the number of proxies in front, e.g. 1, got "${
+        value("TRUST_PROXY")
+      }"`,
+    );
+  }
+
   const upstreamAuthHeader = value("UPSTREAM_AUTH_HEADER") ?? DEFAULTS.upstreamAuthHeader;
   if (!HEADER_NAME.test(upstreamAuthHeader) || RESERVED_UPSTREAM_HEADERS.has(upstreamAuthHeader.toLowerCase())) {
     errors.push(
@@ -271,6 +317,9 @@ export function parseConfig(env: RelayEnv): ConfigResult {
       tlsCertFile,
       tlsKeyFile,
       shutdownTimeoutMs: Math.round(shutdownTimeoutSeconds * 1000),
+      authFailuresPerMinute,
+      rateLimitPerMinute,
+      trustProxyHops,
     },
   };
 }
@@ -425,6 +474,74 @@ export function constantTimeEqual(given: string, expected: string): boolean {
   return difference === 0;
 }
 
+/**
+ * A token bucket per key (a client address or a user): `perMinute` events, refilled continuously.
+ * Memory stays bounded: full buckets are forgotten, and past `maxKeys` the oldest go first.
+ */
+export class RateLimiter {
+  #buckets = new Map<string, { tokens: number; updatedAt: number }>();
+  #lastSweep = 0;
+
+  /** `now` returns milliseconds; tests pass a clock they control. */
+  constructor(readonly perMinute: number, readonly now: () => number = Date.now, readonly maxKeys = 100_000) {}
+
+  #bucket(key: string) {
+    const now = this.now();
+    const bucket = this.#buckets.get(key) ?? { tokens: this.perMinute, updatedAt: now };
+    bucket.tokens = Math.min(this.perMinute, bucket.tokens + ((now - bucket.updatedAt) * this.perMinute) / 60_000);
+    bucket.updatedAt = now;
+    return bucket;
+  }
+
+  /** Whole seconds until `key` may act again; 0 when it may act now. */
+  retryAfter(key: string): number {
+    if (this.perMinute === 0 || !this.#buckets.has(key)) return 0;
+    const { tokens } = this.#bucket(key);
+    return tokens >= 1 ? 0 : Math.ceil(((1 - tokens) * 60) / this.perMinute);
+  }
+
+  /** Uses one event of `key`'s allowance; returns 0, or the seconds to wait when none is left. */
+  take(key: string): number {
+    if (this.perMinute === 0) return 0;
+    const bucket = this.#bucket(key);
+    if (bucket.tokens < 1) return Math.ceil(((1 - bucket.tokens) * 60) / this.perMinute);
+    bucket.tokens -= 1;
+    this.#buckets.delete(key); // re-insert: the map stays in least-recently-used order
+    this.#buckets.set(key, bucket);
+    this.#sweep();
+    return 0;
+  }
+
+  #sweep() {
+    const now = this.now();
+    if (now - this.#lastSweep > 60_000) {
+      this.#lastSweep = now;
+      for (const [key, bucket] of this.#buckets) {
+        if (bucket.tokens + ((now - bucket.updatedAt) * this.perMinute) / 60_000 >= this.perMinute) {
+          this.#buckets.delete(key);
+        }
+      }
+    }
+    for (const key of this.#buckets.keys()) {
+      if (this.#buckets.size <= this.maxKeys) break;
+      this.#buckets.delete(key);
+    }
+  }
+}
+
+/**
+ * The client's address: the connection's peer, or with `trustProxyHops` proxies in front, the address
+ * the outermost trusted proxy saw (X-Forwarded-For is only trusted that far: anything left of it can be forged).
+ */
+export function clientAddress(request: Request, info: Deno.ServeHandlerInfo, trustProxyHops: number): string {
+  const peer = "hostname" in info.remoteAddr ? info.remoteAddr.hostname : "unix";
+  if (trustProxyHops === 0) return peer;
+  const forwarded = (request.headers.get("x-forwarded-for") ?? "").split(",").map((entry) => entry.trim())
+    .filter(Boolean);
+  if (forwarded.length === 0) return peer;
+  return forwarded[Math.max(0, forwarded.length - trustProxyHops)].slice(0, 64);
+}
+
 // ---------------------------------------------------------------------------
 // CORS
 // ---------------------------------------------------------------------------
@@ -515,7 +632,7 @@ export function errorResponse(
   code: string,
   headers: Record<string, string> = {},
 ): Response {
-  const type = status >= 500 ? "server_error" : "invalid_request_error";
+  const type = status >= 500 ? "server_error" : status === 429 ? "rate_limit_error" : "invalid_request_error";
   return Response.json({ error: { message: `mc-relay: ${message}`, type, code } }, { status, headers });
 }
 
@@ -537,6 +654,7 @@ interface RequestRecord {
   upstreamStatus?: number;
   bytesIn: number;
   bytesOut: number;
+  user?: string;
   outcome?: string;
   error?: string;
   /** True while an upstream body is relayed: the log line is written when it ends. */
@@ -547,6 +665,8 @@ interface RequestRecord {
 export interface HandlerOptions {
   /** Receives each finished log line (JSON, no trailing newline); defaults to stdout. */
   log?: (line: string) => void;
+  /** The clock for rate limits, in milliseconds; tests pass one they control. */
+  now?: () => number;
 }
 
 /** A `Deno.serve` handler. */
@@ -564,6 +684,14 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
   const upstreamAuthValue = config.upstreamAuthPrefix
     ? `${config.upstreamAuthPrefix} ${config.upstreamApiKey}`
     : config.upstreamApiKey;
+  const secretsInBodies = [config.upstreamApiKey, ...Object.values(config.upstreamExtraHeaders)]
+    .filter((secret) => secret.length >= 8);
+  const maskSecrets = (text: string) =>
+    secretsInBodies.reduce((masked, secret) => masked.replaceAll(secret, "[REDACTED]"), text);
+  const now = options.now ?? Date.now;
+  const authFailures = new RateLimiter(config.authFailuresPerMinute, now);
+  const userRequests = new RateLimiter(config.rateLimitPerMinute, now);
+  const addressRequests = new RateLimiter(config.rateLimitPerMinute, now);
 
   function finish(record: RequestRecord) {
     log.info("request", {
@@ -571,6 +699,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       method: record.method,
       path: record.path,
       client: record.client,
+      user: record.user,
       status: record.status,
       upstream_status: record.upstreamStatus,
       duration_ms: Math.round((performance.now() - record.startedAt) * 10) / 10,
@@ -598,7 +727,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     if (!route) {
       return errorResponse(
         404,
-        `unknown path ${record.path}; the relay serves /health, /v1/models and /v1/chat/completions`,
+        `unknown path ${maskSecrets(record.path)}; the relay serves /health, /v1/models and /v1/chat/completions`,
         "unknown_url",
       );
     }
@@ -614,9 +743,21 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     }
     if (!route.upstreamPath) return Response.json({ status: "ok" });
 
+    // A locked-out address waits even with the right password: otherwise guessing would simply go on.
+    const lockedFor = authFailures.retryAfter(record.client);
+    if (lockedFor > 0) {
+      record.outcome = "auth_locked_out";
+      return errorResponse(
+        429,
+        `too many failed sign-ins from this address; try again in ${lockedFor} s`,
+        "too_many_failed_sign_ins",
+        { "retry-after": String(lockedFor) },
+      );
+    }
     const read = readCredentials(request.headers.get("authorization"));
     const valid = "credentials" in read && constantTimeEqual(read.credentials, expectedCredentials);
     if (!valid) {
+      authFailures.take(record.client);
       // A Basic challenge makes browsers pop up a login dialog: offer it only to non-browser clients.
       const challenge: Record<string, string> = origin === null
         ? { "www-authenticate": 'Basic realm="mc-relay", charset="UTF-8"' }
@@ -624,6 +765,20 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       const message = "problem" in read ? read.problem : "wrong username or password";
       return errorResponse(401, message, "invalid_api_key", challenge);
     }
+    record.user = config.username;
+
+    const waitFor = Math.max(userRequests.retryAfter(record.user), addressRequests.retryAfter(record.client));
+    if (waitFor > 0) {
+      record.outcome = "relay_rate_limited";
+      return errorResponse(
+        429,
+        `the relay's limit of ${config.rateLimitPerMinute} requests per minute (RATE_LIMIT_PER_MINUTE) is reached for this user or address; try again in ${waitFor} s`,
+        "relay_rate_limit_exceeded",
+        { "retry-after": String(waitFor) },
+      );
+    }
+    userRequests.take(record.user);
+    addressRequests.take(record.client);
 
     return await proxy(request, url, route.upstreamPath, record, cors);
   }
@@ -731,13 +886,15 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     for (const [name, value] of response.headers) {
       if (!isDroppedResponseHeader(name, connectionTokens)) responseHeaders.append(name, value);
     }
-    if (response.headers.get("content-type")?.toLowerCase().startsWith("text/event-stream")) {
+    const eventStream = response.headers.get("content-type")?.toLowerCase().startsWith("text/event-stream") ?? false;
+    if (eventStream) {
       // Tell reverse proxies and CDNs not to buffer or compress the stream.
       responseHeaders.set("cache-control", "no-cache, no-transform");
       responseHeaders.set("x-accel-buffering", "no");
     }
 
-    const relayedBody = response.body === null ? null : relayBody(response.body, upstream, config.requestTimeoutMs, {
+    record.status = response.status;
+    let relayedBody = response.body === null ? null : relayBody(response.body, upstream, config.requestTimeoutMs, {
       onChunk(bytes) {
         record.bytesOut += bytes;
       },
@@ -750,6 +907,14 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     });
     if (relayedBody === null) request.signal.removeEventListener("abort", onClientGone);
     record.logWhenBodyEnds = relayedBody !== null;
+    if (relayedBody !== null && response.status >= 400 && !eventStream && !response.headers.has("content-encoding")) {
+      // Error bodies are small: read them to mask a provider key they might echo, and to say whose quota a 429 is.
+      relayedBody = await rewriteErrorBody(relayedBody, (text) => {
+        const masked = maskSecrets(text);
+        return response.status === 429 ? explainProviderRateLimit(masked, upstreamHost) : masked;
+      });
+      responseHeaders.delete("content-length");
+    }
     return new Response(relayedBody, {
       status: response.status,
       statusText: response.statusText,
@@ -763,7 +928,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       id: crypto.randomUUID(),
       method: request.method.slice(0, 16),
       path: path.length > 200 ? `${path.slice(0, 200)}...` : path,
-      client: "hostname" in info.remoteAddr ? info.remoteAddr.hostname : "unix",
+      client: clientAddress(request, info, config.trustProxyHops),
       startedAt: performance.now(),
       bytesIn: 0,
       bytesOut: 0,
@@ -926,6 +1091,61 @@ function relayBody(
       return reader.cancel(reason).catch(() => {});
     },
   });
+}
+
+/** The largest upstream error body the relay reads to rewrite; a larger one passes through untouched. */
+const MAX_ERROR_BODY_BYTES = 1024 * 1024;
+
+/**
+ * Reads an (error) body and returns it rewritten by `rewrite`. A body larger than MAX_ERROR_BODY_BYTES is
+ * passed on unchanged; one that fails while being read ends with the same error for the client.
+ */
+async function rewriteErrorBody(
+  body: ReadableStream<Uint8Array>,
+  rewrite: (text: string) => string,
+): Promise<ReadableStream<Uint8Array>> {
+  const reader = body.getReader();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  try {
+    while (size <= MAX_ERROR_BODY_BYTES) {
+      const { done, value } = await reader.read();
+      if (done) {
+        const text = new TextDecoder().decode(await new Blob(chunks as BlobPart[]).arrayBuffer());
+        return new Blob([rewrite(text)]).stream();
+      }
+      chunks.push(value);
+      size += value.byteLength;
+    }
+  } catch (error) {
+    return new ReadableStream({ start: (controller) => controller.error(error) });
+  }
+  return new ReadableStream<Uint8Array>({
+    start(controller) {
+      for (const chunk of chunks) controller.enqueue(chunk);
+    },
+    async pull(controller) {
+      const { done, value } = await reader.read();
+      if (done) controller.close();
+      else controller.enqueue(value);
+    },
+    cancel: (reason) => reader.cancel(reason),
+  });
+}
+
+/** Prefixes a provider's 429 message so users can tell the provider's quota from the relay's own limit. */
+function explainProviderRateLimit(text: string, upstreamHost: string): string {
+  try {
+    const body = JSON.parse(text);
+    if (typeof body?.error?.message === "string") {
+      body.error.message =
+        `The provider ${upstreamHost} is rate-limiting the relay (the provider's quota or rate, not your relay user's limit): ${body.error.message}`;
+      return JSON.stringify(body);
+    }
+  } catch {
+    // not JSON: pass it on as it is
+  }
+  return text;
 }
 
 /** An error's message followed by those of its causes (fetch puts the useful part in `cause`). */
@@ -1109,6 +1329,9 @@ Optional (default in brackets):
   LOG_LEVEL                    debug, info, warn or error [${DEFAULTS.logLevel}]
   TLS_CERT_FILE, TLS_KEY_FILE  PEM files; both set makes the relay serve HTTPS itself [unset]
   SHUTDOWN_TIMEOUT_SECONDS     how long in-flight requests may finish after SIGTERM [${DEFAULTS.shutdownTimeoutSeconds}]
+  AUTH_FAILURES_PER_MINUTE     failed sign-ins per client address per minute, then 429; 0 = no limit [${DEFAULTS.authFailuresPerMinute}]
+  RATE_LIMIT_PER_MINUTE        requests per user and per client address per minute; 0 = no limit [${DEFAULTS.rateLimitPerMinute}]
+  TRUST_PROXY                  true, or how many reverse proxies in front set X-Forwarded-For [false]
 
 Docs: https://github.com/metaconfigurator/mc-relay#readme
 `;

@@ -622,20 +622,21 @@ Deno.test("upstream request and response", async (t) => {
     },
   );
 
-  await t.step("upstream errors pass through unchanged (status and body)", async () => {
-    const providerError = { error: { message: "Rate limit reached", type: "requests", code: "rate_limit_exceeded" } };
-    await using limited = startUpstream(() =>
-      Response.json(providerError, { status: 429, headers: { "retry-after": "7" } })
+  await t.step("upstream errors pass through unchanged (status, headers and body)", async () => {
+    const providerError = { error: { message: "The server is overloaded", type: "server_error", code: null } };
+    await using failing = startUpstream(() =>
+      Response.json(providerError, { status: 503, headers: { "retry-after": "7", "x-request-id": "req_9" } })
     );
-    await using limitedRelay = startRelay(testConfig(limited.url));
-    const response = await limitedRelay.call("/v1/chat/completions", {
+    await using failingRelay = startRelay(testConfig(failing.url));
+    const response = await failingRelay.call("/v1/chat/completions", {
       method: "POST",
       headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
       body: chatBody(),
     });
-    assert.equal(response.status, 429);
+    assert.equal(response.status, 503);
     assert.deepEqual(response.json(), providerError);
     assert.equal(response.headers.get("retry-after"), "7");
+    assert.equal(response.headers.get("x-request-id"), "req_9");
   });
 
   await t.step("a compressed upstream body passes through byte for byte", async () => {
@@ -966,6 +967,282 @@ Deno.test("upstream failures", async (t) => {
 });
 
 // ---------------------------------------------------------------------------
+// Hardening: brute force, quotas, secrets in error bodies, bad input, faults
+// ---------------------------------------------------------------------------
+
+/** A clock the test moves by hand, for the per-minute limits. */
+function manualClock() {
+  let now = 1_000_000;
+  return { now: () => now, advance: (ms: number) => void (now += ms) };
+}
+
+Deno.test("hardening", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+
+  await t.step(
+    "failed sign-ins are limited per address: then 429 with Retry-After, before the password is checked",
+    async () => {
+      const clock = manualClock();
+      await using relay = startRelay(testConfig(upstream.url, { authFailuresPerMinute: 3 }), undefined, clock.now);
+      const wrong = { authorization: `Bearer ${USERNAME}:guess` };
+      for (let i = 0; i < 3; i++) assert.equal((await relay.call("/v1/models", { headers: wrong })).status, 401);
+      const locked = await relay.call("/v1/models", { headers: wrong });
+      assert.equal(locked.status, 429);
+      assert.equal(locked.headers.get("retry-after"), "20");
+      assert.deepEqual(locked.json().error, {
+        message: "mc-relay: too many failed sign-ins from this address; try again in 20 s",
+        type: "rate_limit_error",
+        code: "too_many_failed_sign_ins",
+      });
+
+      const before = upstream.requests.length;
+      const right = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+      assert.equal(right.status, 429, "a correct password from a locked-out address still waits");
+      assert.equal(upstream.requests.length, before);
+
+      clock.advance(20_000);
+      assert.equal((await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } })).status, 200);
+    },
+  );
+
+  await t.step(
+    "X-Forwarded-For is ignored without TRUST_PROXY, so nobody escapes the lockout by forging it",
+    async () => {
+      await using relay = startRelay(testConfig(upstream.url, { authFailuresPerMinute: 2 }));
+      for (const forged of ["10.0.0.1", "10.0.0.2", "10.0.0.3"]) {
+        await relay.call("/v1/models", { headers: { authorization: "Bearer team:guess", "x-forwarded-for": forged } });
+      }
+      const response = await relay.call("/v1/models", {
+        headers: { authorization: GOOD_BEARER, "x-forwarded-for": "10.9.9.9" },
+      });
+      assert.equal(response.status, 429);
+    },
+  );
+
+  await t.step(
+    "with TRUST_PROXY the address is the proxy's X-Forwarded-For entry; entries left of it are not trusted",
+    async () => {
+      await using relay = startRelay(testConfig(upstream.url, { authFailuresPerMinute: 2, trustProxyHops: 1 }));
+      const attempt = (forwardedFor: string, authorization = "Bearer team:guess") =>
+        relay.call("/v1/models", { headers: { authorization, "x-forwarded-for": forwardedFor } });
+      await attempt("forged-1, 203.0.113.7");
+      await attempt("forged-2, 203.0.113.7");
+      assert.equal((await attempt("forged-3, 203.0.113.7", GOOD_BEARER)).status, 429);
+      assert.equal((await attempt("203.0.113.8", GOOD_BEARER)).status, 200, "another client is not locked out");
+      assert.ok(relay.requestLogs().some((entry) => entry.client === "203.0.113.7"));
+    },
+  );
+
+  await t.step("RATE_LIMIT_PER_MINUTE answers 429 in OpenAI's shape, naming the relay's own limit", async () => {
+    const clock = manualClock();
+    await using relay = startRelay(testConfig(upstream.url, { rateLimitPerMinute: 2 }), undefined, clock.now);
+    const before = upstream.requests.length;
+    const models = () => relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+    assert.equal((await models()).status, 200);
+    assert.equal((await models()).status, 200);
+    const limited = await models();
+    assert.equal(limited.status, 429);
+    assert.equal(limited.headers.get("retry-after"), "30");
+    assert.equal(limited.json().error.code, "relay_rate_limit_exceeded");
+    assert.match(limited.json().error.message, /^mc-relay: the relay's limit of 2 requests per minute/);
+    assert.equal(upstream.requests.length - before, 2);
+    assert.equal((await relay.call("/health")).status, 200, "health checks are not limited");
+    clock.advance(30_000);
+    assert.equal((await models()).status, 200);
+  });
+
+  await t.step("the provider's own 429 passes through, saying that it is the provider's quota", async () => {
+    await using limited = startUpstream(() =>
+      Response.json(
+        { error: { message: "Rate limit reached for gpt-4o", type: "requests", code: "rate_limit_exceeded" } },
+        { status: 429, headers: { "retry-after": "7", "x-ratelimit-remaining-requests": "0" } },
+      )
+    );
+    await using relay = startRelay(testConfig(limited.url));
+    const response = await relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+      body: chatBody(),
+    });
+    assert.equal(response.status, 429);
+    assert.equal(response.headers.get("retry-after"), "7");
+    assert.equal(response.headers.get("x-ratelimit-remaining-requests"), "0");
+    const { error } = response.json();
+    assert.equal(error.code, "rate_limit_exceeded");
+    assert.equal(error.type, "requests");
+    assert.match(error.message, /^The provider 127\.0\.0\.1:\d+ is rate-limiting the relay \(the provider's quota/);
+    assert.match(error.message, /Rate limit reached for gpt-4o$/);
+  });
+
+  await t.step("a provider key that an upstream error echoes is masked before the client sees it", async () => {
+    await using echoing = startUpstream((request) =>
+      Response.json({
+        error: { message: `Incorrect API key provided: ${request.headers.get("authorization")?.slice(7)}.` },
+      }, { status: 401 })
+    );
+    await using relay = startRelay(testConfig(echoing.url));
+    const response = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+    assert.equal(response.status, 401);
+    assert.equal(response.json().error.message, "Incorrect API key provided: [REDACTED].");
+  });
+
+  await t.step("thousands of malformed requests get no 5xx from the relay, and it keeps serving", async () => {
+    await using relay = startRelay(testConfig(upstream.url, { maxRequestBytes: 4096, requestTimeoutMs: 200 }));
+    const random = seededRandom(20261124);
+    const pick = <T>(items: T[]) => items[Math.floor(random() * items.length)];
+    const methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "FOO", "G\u00c9T", "get", ""];
+    const paths = [
+      "/v1/chat/completions",
+      "/v1/models",
+      "/health",
+      "/v1/%zz",
+      "/v1/\u{1F600}",
+      "/%",
+      "*",
+      "/v1/models?" + "q=".repeat(3000),
+      "/" + "a".repeat(9000),
+      "/v1/../../../etc/passwd",
+      "//x",
+      "/v1/chat/completions#frag",
+      "http://[::1]/v1/models",
+      "/\u0000",
+    ];
+    const headerLines = [
+      `Authorization: ${GOOD_BEARER}`,
+      "Authorization: Bearer \u00ff\u00fe",
+      "Authorization: Basic ====",
+      "Authorization: " + "B".repeat(20000),
+      "Origin: null",
+      `Origin: ${ALLOWED}`,
+      "Content-Type: application/json",
+      "Content-Length: -1",
+      "Content-Length: 99999999999999999999",
+      "Content-Length: 5",
+      "Transfer-Encoding: chunked",
+      "Transfer-Encoding: gzip, chunked",
+      "X-Broken",
+      ": no-name",
+      "X-Unicode: \u2603",
+      "Access-Control-Request-Method: POST",
+      "Access-Control-Request-Headers: " + "x-stainless-a,".repeat(500),
+      "X-Forwarded-For: ' OR 1=1",
+    ];
+    const bodies = [
+      "",
+      "{",
+      '{"model":"gpt-test","messages":[]}',
+      "\u0000\u0001\u0002",
+      "x".repeat(5000),
+      "0\r\n\r\n",
+      "zz\r\n",
+    ];
+    const statuses = new Map<number, number>();
+    const requests = 2000;
+    let next = 0;
+    const worker = async () => {
+      while (next < requests) {
+        next++;
+        const lines = Array.from({ length: Math.floor(random() * 5) }, () => pick(headerLines));
+        const head = [`${pick(methods)} ${pick(paths)} HTTP/1.1`, "Host: 127.0.0.1", ...lines, "Connection: close"]
+          .join("\r\n");
+        const response = await rawRequest(relay.port, head, pick(bodies)).catch(() => ({ status: 0, text: "" }));
+        statuses.set(response.status || 0, (statuses.get(response.status || 0) ?? 0) + 1);
+      }
+    };
+    await Promise.all(Array.from({ length: 8 }, worker));
+    const serverErrors = [...statuses].filter(([status]) => status >= 500);
+    assert.deepEqual(serverErrors, [], `5xx answers: ${JSON.stringify([...statuses])}`);
+    assert.ok([...statuses.values()].reduce((a, b) => a + b) === requests);
+    assert.equal((await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } })).status, 200);
+    console.log(`  statuses for ${requests} malformed requests: ${JSON.stringify(Object.fromEntries(statuses))}`);
+  });
+});
+
+Deno.test("faults", async (t) => {
+  // Deno's sanitizers run on this test: a timer, stream or connection the relay left behind fails it.
+  await t.step("an upstream that answers with garbage gives 502", async () => {
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const serving = (async () => {
+      const connection = await listener.accept();
+      await connection.read(new Uint8Array(65536));
+      await connection.write(encoder.encode("SSH-2.0-OpenSSH_9.6\r\n\x00\x01garbage\r\n\r\n"));
+      connection.close();
+    })();
+    await using relay = startRelay(testConfig(`http://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`));
+    const response = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+    assert.equal(response.status, 502);
+    assert.equal(response.json().error.code, "upstream_unreachable");
+    await serving;
+    listener.close();
+  });
+
+  await t.step("an endless upstream body stops as soon as the client leaves", async () => {
+    let cancelled!: () => void;
+    const upstreamCancelled = new Promise<void>((resolve) => (cancelled = resolve));
+    await using upstream = startUpstream(() =>
+      new Response(
+        new ReadableStream<Uint8Array>({
+          pull: (controller) => controller.enqueue(new Uint8Array(65536)),
+          cancel: () => cancelled(),
+        }),
+        { headers: { "content-type": "application/octet-stream" } },
+      )
+    );
+    await using relay = startRelay(testConfig(upstream.url));
+    const response = await fetch(`${relay.url}/v1/models`, { headers: { authorization: GOOD_BEARER } });
+    const reader = response.body!.getReader();
+    let received = 0;
+    while (received < 1024 * 1024) received += (await reader.read()).value!.byteLength;
+    await reader.cancel();
+    await within(3000, upstreamCancelled, "the endless upstream body went on after the client left");
+  });
+
+  await t.step("a client that leaves mid-upload never reaches the upstream", async () => {
+    await using upstream = startUpstream(openAiLikeUpstream);
+    await using relay = startRelay(testConfig(upstream.url));
+    const connection = await Deno.connect({ hostname: "127.0.0.1", port: relay.port });
+    await connection.write(encoder.encode(
+      `POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: ${GOOD_BEARER}\r\nContent-Length: 1000\r\n\r\n{"model":`,
+    ));
+    await sleep(50);
+    connection.close();
+    await within(
+      3000,
+      (async () => {
+        while (relay.requestLogs().length === 0) await sleep(10);
+      })(),
+      "the relay did not notice the client leaving",
+    );
+    assert.equal(relay.requestLogs()[0].outcome, "client_gone");
+    assert.equal(upstream.requests.length, 0);
+    assert.equal((await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } })).status, 200);
+  });
+
+  await t.step("upstream 5xx answers pass through, and the relay keeps serving", async () => {
+    let fail = true;
+    await using upstream = startUpstream((request, seen) =>
+      fail ? new Response("upstream exploded", { status: 500 }) : openAiLikeUpstream(request, seen)
+    );
+    await using relay = startRelay(testConfig(upstream.url));
+    const failed = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+    assert.equal(failed.status, 500);
+    assert.equal(failed.text, "upstream exploded");
+    fail = false;
+    assert.equal((await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } })).status, 200);
+  });
+});
+
+/** A small deterministic pseudo-random generator (mulberry32), so a failing fuzz run can be repeated. */
+function seededRandom(seed: number): () => number {
+  return () => {
+    seed = (seed + 0x6D2B79F5) | 0;
+    let value = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    value = (value + Math.imul(value ^ (value >>> 7), 61 | value)) ^ value;
+    return ((value ^ (value >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+// ---------------------------------------------------------------------------
 // Logging
 // ---------------------------------------------------------------------------
 
@@ -1064,6 +1341,55 @@ Deno.test("process", async (t) => {
     assert.ok((await reader.read()).done, "the in-flight stream finished cleanly");
     const status = await within(5000, relay.finished(), "the relay did not exit after draining");
     assert.equal(status.code, 0);
+  });
+
+  await t.step("SIGTERM with 100 streams running: they all finish, new connections are refused, exit 0", async () => {
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    await using upstream = startUpstream(() => {
+      let step = 0;
+      const body = new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          if (step++ === 0) return controller.enqueue(encoder.encode("data: start\n\n"));
+          await gate;
+          controller.enqueue(encoder.encode("data: end\n\n"));
+          controller.close();
+        },
+      });
+      return new Response(body, { headers: { "content-type": "text/event-stream" } });
+    });
+    const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: upstream.url, SHUTDOWN_TIMEOUT_SECONDS: "20" });
+    const readers = await Promise.all(Array.from({ length: 100 }, async () => {
+      const response = await fetch(`${relay.url}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER },
+        body: chatBody({ stream: true }),
+      });
+      const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+      assert.equal((await reader.read()).value, "data: start\n\n");
+      return reader;
+    }));
+    relay.child.kill("SIGTERM");
+    await within(
+      5000,
+      (async () => {
+        while (!relay.output().stdout.includes("shutting down")) await sleep(20);
+      })(),
+      "the relay did not react to SIGTERM",
+    );
+    const refused = await fetch(`${relay.url}/health`).then(
+      (r) => r.body?.cancel().then(() => r.status),
+      () => "refused",
+    );
+    assert.equal(refused, "refused");
+    open();
+    const endings = await Promise.all(readers.map(async (reader) => {
+      let rest = "";
+      for (let chunk = await reader.read(); !chunk.done; chunk = await reader.read()) rest += chunk.value;
+      return rest;
+    }));
+    assert.deepEqual(new Set(endings), new Set(["data: end\n\n"]), "every stream finished with its last event");
+    assert.equal((await within(10000, relay.finished(), "the relay did not exit after draining")).code, 0);
   });
 
   await t.step(

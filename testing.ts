@@ -93,19 +93,37 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     maxRequestBytes: 1024 * 1024,
     logLevel: "debug",
     shutdownTimeoutMs: 1000,
+    // Off here, so tests that fail sign-ins on purpose do not lock each other out; "hardening" turns them on.
+    authFailuresPerMinute: 0,
+    rateLimitPerMinute: 0,
+    trustProxyHops: 0,
     ...overrides,
   };
 }
 
 /** The relay handler served on an ephemeral loopback port (HTTPS when given a certificate); its log lines are kept. */
-export function startRelay(config: RelayConfig, tls?: { cert: string; key: string }) {
+export function startRelay(config: RelayConfig, tls?: { cert: string; key: string }, now?: () => number) {
   const logs: string[] = [];
-  const handler = createHandler(config, {
+  const relayHandler = createHandler(config, {
     log(line) {
       logs.push(line);
       seenByClientsOrLogs.push(line);
     },
+    now,
   });
+  // Everything the relay returns, headers and body bytes, is recorded for the canary check, whoever reads it.
+  const handler = async (request: Request, info: Deno.ServeHandlerInfo) => {
+    const response = await relayHandler(request, info);
+    seenByClientsOrLogs.push(JSON.stringify([response.status, ...response.headers]));
+    if (response.body === null) return response;
+    const recorder = new TransformStream<Uint8Array, Uint8Array>({
+      transform(chunk, controller) {
+        seenByClientsOrLogs.push(decoder.decode(chunk));
+        controller.enqueue(chunk);
+      },
+    });
+    return new Response(response.body.pipeThrough(recorder), response);
+  };
   const server = Deno.serve(
     { hostname: "127.0.0.1", port: 0, onListen() {}, ...(tls && { cert: tls.cert, key: tls.key }) },
     handler,
@@ -129,23 +147,51 @@ export function startRelay(config: RelayConfig, tls?: { cert: string; key: strin
   };
 }
 
-/** Sends a raw HTTP/1.1 request (so nothing tidies the request target) and returns status and body. */
-export async function rawRequest(port: number, head: string, body = ""): Promise<{ status: number; text: string }> {
+/**
+ * Sends a raw HTTP/1.1 request (so nothing tidies the request target) and reads one response: until it is
+ * complete (by Content-Length or the last chunk), the server closes, or `timeoutMs` passes (status 0 when
+ * nothing came). The server may keep a connection open after answering (Deno does while a declared request
+ * body is still missing), so the end of the response, not the end of the connection, is what counts.
+ */
+export async function rawRequest(
+  port: number,
+  head: string,
+  body = "",
+  timeoutMs = 5000,
+): Promise<{ status: number; text: string }> {
   const connection = await Deno.connect({ hostname: "127.0.0.1", port });
+  const timer = setTimeout(() => connection.close(), timeoutMs);
+  let text = "";
   try {
     await connection.write(encoder.encode(`${head}\r\n\r\n${body}`));
-    let text = "";
     const buffer = new Uint8Array(16384);
-    while (true) {
+    while (!responseComplete(text)) {
       const read = await connection.read(buffer);
       if (read === null) break;
       text += decoder.decode(buffer.subarray(0, read));
     }
-    seenByClientsOrLogs.push(text);
-    return { status: Number(text.split(" ")[1]), text };
+  } catch {
+    // closed by the timer or reset by the server: report what arrived
   } finally {
-    connection.close();
+    clearTimeout(timer);
+    try {
+      connection.close();
+    } catch {
+      // already closed
+    }
   }
+  seenByClientsOrLogs.push(text);
+  return { status: Number(text.split(" ")[1]) || 0, text };
+}
+
+function responseComplete(text: string): boolean {
+  const headerEnd = text.indexOf("\r\n\r\n");
+  if (headerEnd === -1) return false;
+  const head = text.slice(0, headerEnd).toLowerCase();
+  const length = /\r\ncontent-length: *(\d+)/.exec(head);
+  if (length) return encoder.encode(text.slice(headerEnd + 4)).byteLength >= Number(length[1]);
+  if (/\r\ntransfer-encoding: *chunked/.test(head)) return text.endsWith("0\r\n\r\n");
+  return /^http\/1\.1 (1\d\d|204|304)/.test(head);
 }
 
 /** An upstream that answers like OpenAI: a model list and a non-streamed chat completion. */
