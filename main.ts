@@ -580,6 +580,11 @@ export function corsHeaders(origin: string): Record<string, string> {
   };
 }
 
+/** The headers the relay adds to every response: CORS for an allowed origin, `Vary: Origin`, the request id. */
+function relayHeaders(requestId: string, cors: Record<string, string>): [string, string][] {
+  return [...Object.entries(cors), ["vary", "Origin"], ["x-relay-request-id", requestId]];
+}
+
 /** Answers a preflight from an allowed origin, allowing only the request headers the relay accepts. */
 export function preflightHeaders(origin: string, request: Request): Record<string, string> {
   const requested = (request.headers.get("access-control-request-headers") ?? "")
@@ -638,8 +643,16 @@ export function errorResponse(
 
 /** Why an upstream call ended early. */
 class RelayAbort extends Error {
-  constructor(readonly kind: "client_gone" | "upstream_timeout") {
-    super(kind);
+  readonly #kind: "client_gone" | "upstream_timeout";
+  constructor(kind: "client_gone" | "upstream_timeout") {
+    super(`mc-relay: upstream request ended (${kind})`);
+    this.#kind = kind;
+    // Deno prints the reason when it ends a response body with it: one line, no stack, no fields.
+    this.stack = this.message;
+  }
+  /** Which side ended it. */
+  get kind() {
+    return this.#kind;
   }
 }
 
@@ -659,6 +672,8 @@ interface RequestRecord {
   error?: string;
   /** True while an upstream body is relayed: the log line is written when it ends. */
   logWhenBodyEnds?: boolean;
+  /** True when the response already carries the relay's own headers. */
+  headersSet?: boolean;
 }
 
 /** Options for `createHandler` that are not configuration. */
@@ -694,6 +709,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
   const addressRequests = new RateLimiter(config.rateLimitPerMinute, now);
 
   function finish(record: RequestRecord) {
+    if (!log.enabled("info")) return;
     log.info("request", {
       request_id: record.id,
       method: record.method,
@@ -710,7 +726,12 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     });
   }
 
-  async function handle(request: Request, record: RequestRecord, cors: Record<string, string>): Promise<Response> {
+  async function handle(
+    request: Request,
+    record: RequestRecord,
+    cors: Record<string, string>,
+    completed: Promise<void>,
+  ): Promise<Response> {
     const url = new URL(request.url);
     const origin = request.headers.get("origin");
 
@@ -780,7 +801,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     userRequests.take(record.user);
     addressRequests.take(record.client);
 
-    return await proxy(request, url, route.upstreamPath, record, cors);
+    return await proxy(request, url, route.upstreamPath, record, cors, completed);
   }
 
   async function proxy(
@@ -789,6 +810,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     upstreamPath: string,
     record: RequestRecord,
     cors: Record<string, string>,
+    completed: Promise<void>,
   ): Promise<Response> {
     let body: Uint8Array<ArrayBuffer> | undefined;
     if (request.method === "POST") {
@@ -879,13 +901,17 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       );
     }
 
-    const responseHeaders = new Headers(cors);
+    // The response's headers in one list (one validation pass in Deno), the relay's own included.
     const connectionTokens = new Set(
       (response.headers.get("connection") ?? "").split(",").map((token) => token.trim().toLowerCase()),
     );
-    for (const [name, value] of response.headers) {
-      if (!isDroppedResponseHeader(name, connectionTokens)) responseHeaders.append(name, value);
+    const headerList: [string, string][] = [];
+    for (const entry of response.headers) {
+      if (!isDroppedResponseHeader(entry[0], connectionTokens)) headerList.push(entry);
     }
+    headerList.push(...relayHeaders(record.id, cors));
+    const responseHeaders = new Headers(headerList);
+    record.headersSet = true;
     const eventStream = response.headers.get("content-type")?.toLowerCase().startsWith("text/event-stream") ?? false;
     if (eventStream) {
       // Tell reverse proxies and CDNs not to buffer or compress the stream.
@@ -894,6 +920,29 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     }
 
     record.status = response.status;
+    const contentLength = response.headers.get("content-length");
+    if (response.body !== null && response.status < 400 && !eventStream && contentLength !== null) {
+      // A body of known length (a model list, a non-streamed answer) goes to the client inside Deno, without a
+      // JavaScript step per chunk. It must arrive within REQUEST_TIMEOUT_SECONDS of its headers.
+      const bodyTimer = setTimeout(
+        () => upstream.abort(new RelayAbort("upstream_timeout")),
+        config.requestTimeoutMs,
+      );
+      record.logWhenBodyEnds = true;
+      completed.then(() => {
+        clearTimeout(bodyTimer);
+        request.signal.removeEventListener("abort", onClientGone);
+        const reason = upstream.signal.reason;
+        record.outcome = reason instanceof RelayAbort ? reason.kind : "completed";
+        if (record.outcome === "completed") record.bytesOut = Number(contentLength);
+        finish(record);
+      });
+      return new Response(response.body, {
+        status: response.status,
+        statusText: response.statusText,
+        headers: responseHeaders,
+      });
+    }
     let relayedBody = response.body === null ? null : relayBody(response.body, upstream, config.requestTimeoutMs, {
       onChunk(bytes) {
         record.bytesOut += bytes;
@@ -937,16 +986,16 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     const cors = origin !== null && allowedOrigins.has(origin) ? corsHeaders(origin) : {};
     let response: Response;
     try {
-      response = await handle(request, record, cors);
+      response = await handle(request, record, cors, info.completed);
     } catch (error) {
       record.error = errorText(error);
       record.outcome = "relay_error";
       response = errorResponse(500, `internal error (request id ${record.id}); see the relay's log`, "relay_error");
     }
     record.status = response.status;
-    for (const [name, value] of Object.entries(cors)) response.headers.set(name, value);
-    response.headers.set("vary", "Origin");
-    response.headers.set("x-relay-request-id", record.id);
+    if (!record.headersSet) {
+      for (const [name, value] of relayHeaders(record.id, cors)) response.headers.set(name, value);
+    }
     if (!record.logWhenBodyEnds) finish(record);
     return response;
   };
@@ -1035,7 +1084,10 @@ function relayBody(
   idleMs: number,
   events: { onChunk(bytes: number): void; onEnd(outcome: string, error?: string): void },
 ): ReadableStream<Uint8Array> {
-  const reader = source.getReader();
+  // Reading into one small buffer per stream (and passing on a right-sized copy) keeps memory per open stream
+  // low: the default reader hands out a view on a fresh 64 KiB buffer per chunk, kept alive until collected.
+  const reader = source.getReader({ mode: "byob" });
+  let buffer = new Uint8Array(RELAY_BUFFER_BYTES);
   let waitingSince: number | null = null;
   let ended = false;
   let timer: ReturnType<typeof setTimeout> | undefined;
@@ -1064,7 +1116,7 @@ function relayBody(
     async pull(controller) {
       waitingSince = performance.now();
       try {
-        const { done, value } = await reader.read();
+        const { done, value } = await reader.read(buffer);
         waitingSince = null;
         if (done) {
           end("completed");
@@ -1072,7 +1124,8 @@ function relayBody(
           return;
         }
         events.onChunk(value.byteLength);
-        controller.enqueue(value);
+        controller.enqueue(value.slice());
+        buffer = new Uint8Array(value.buffer);
       } catch (error) {
         waitingSince = null;
         const reason = upstream.signal.reason;
@@ -1090,8 +1143,11 @@ function relayBody(
       upstream.abort(new RelayAbort("client_gone"));
       return reader.cancel(reason).catch(() => {});
     },
-  });
+  }, { highWaterMark: 0 });
 }
+
+/** The read buffer of each relayed stream: larger chunks simply take more than one read. */
+const RELAY_BUFFER_BYTES = 16 * 1024;
 
 /** The largest upstream error body the relay reads to rewrite; a larger one passes through untouched. */
 const MAX_ERROR_BODY_BYTES = 1024 * 1024;
@@ -1174,6 +1230,8 @@ function describeNetworkError(message: string): string {
 
 /** A structured logger that writes one JSON object per line. */
 export interface Logger {
+  /** Whether lines of this level are written at all. */
+  enabled(level: LogLevel): boolean;
   /** Logs at debug level. */
   debug(msg: string, fields?: Record<string, unknown>): void;
   /** Logs at info level. */
@@ -1199,7 +1257,13 @@ export function createLogger(config: RelayConfig, sink: (line: string) => void =
     for (const secret of secrets) line = line.replaceAll(secret, "[REDACTED]");
     sink(line);
   };
-  return { debug: write("debug"), info: write("info"), warn: write("warn"), error: write("error") };
+  return {
+    enabled: (level) => LOG_LEVELS.indexOf(level) >= threshold,
+    debug: write("debug"),
+    info: write("info"),
+    warn: write("warn"),
+    error: write("error"),
+  };
 }
 
 // ---------------------------------------------------------------------------

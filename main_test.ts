@@ -888,6 +888,30 @@ Deno.test("streaming", async (t) => {
     },
   );
 
+  await t.step("a body of known length that stalls is cut after the timeout too", async () => {
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    let upstreamConnection: Deno.Conn | undefined;
+    const serving = (async () => {
+      upstreamConnection = await listener.accept();
+      await upstreamConnection.read(new Uint8Array(65536));
+      await upstreamConnection.write(encoder.encode(
+        'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"partial":',
+      ));
+    })();
+    await using relay = startRelay(testConfig(`http://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`, {
+      requestTimeoutMs: 300,
+    }));
+    const response = await fetch(`${relay.url}/v1/models`, { headers: { authorization: GOOD_BEARER } });
+    assert.equal(response.status, 200);
+    const ending = await within(3000, response.text().then(() => "clean end", () => "error"), "the stalled body hung");
+    assert.equal(ending, "error");
+    await serving;
+    await sleep(50);
+    assert.equal(relay.requestLogs().at(-1)?.outcome, "upstream_timeout");
+    upstreamConnection?.close();
+    listener.close();
+  });
+
   await t.step("an upstream that resets mid-stream ends the client's stream with an error", async () => {
     const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
     const serving = (async () => {

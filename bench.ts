@@ -1,0 +1,534 @@
+/**
+ * mc-relay's benchmark: figures printed, nothing asserted. Run with `deno task bench` (add `--quick` for a
+ * smaller run). Everything talks to loopback only, and every loop is bounded in count and time.
+ *
+ * Three paths are measured in the same run, each in its own process:
+ *   direct  client -> fake upstream                          (the floor)
+ *   relay   client -> mc-relay (deno run -P main.ts) -> upstream
+ *   nginx   client -> nginx (same auth check, no buffering, one worker) -> upstream
+ *   bare    client -> the smallest Deno proxy (fetch, pass the body on, nothing else) -> upstream:
+ *           what Deno itself costs, so the difference to the relay is what is the relay's own
+ * Then the relay alone: 1,000 concurrent streamed chats, a soak of requests with 1% injected upstream
+ * faults (RSS and open files before and after), and start-up time.
+ *
+ * `deno run -A bench.ts upstream PORT FAULT_RATE` runs the fake upstream on its own.
+ */
+
+const quick = Deno.args.includes("--quick");
+const USER = "bench";
+const PASSWORD = "bench-password-0123456789";
+const AUTH = `Bearer ${USER}:${PASSWORD}`;
+const here = new URL(".", import.meta.url).pathname;
+const encoder = new TextEncoder();
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+const wallClock = () => performance.timeOrigin + performance.now();
+
+// ---------------------------------------------------------------------------
+// The fake upstream (a process of its own)
+// ---------------------------------------------------------------------------
+
+/** Serves /models and /chat/completions fast; streams `chunks` events `interval` ms apart, each stamped with its send time. */
+function runUpstream(port: number, faultRate: number) {
+  const models = JSON.stringify({ object: "list", data: [{ id: "bench-model", object: "model", owned_by: "bench" }] });
+  const answer = JSON.stringify({
+    id: "chatcmpl-bench",
+    object: "chat.completion",
+    choices: [{ index: 0, message: { role: "assistant", content: "ok" }, finish_reason: "stop" }],
+  });
+  Deno.serve({ hostname: "127.0.0.1", port, onListen() {} }, async (request) => {
+    const path = new URL(request.url).pathname;
+    const body = request.method === "POST" ? await request.json() : {};
+    if (faultRate > 0 && Math.random() < faultRate) {
+      if (Math.random() < 0.5) return new Response("injected upstream failure", { status: 500 });
+      // A body that breaks off after its first bytes: the connection is dropped mid-response.
+      return new Response(
+        new ReadableStream({
+          start(controller) {
+            controller.enqueue(encoder.encode('{"partial":'));
+            const reset = new Error("injected reset");
+            reset.stack = "bench upstream: injected reset"; // one line, not a stack, per injected fault
+            setTimeout(() => controller.error(reset), 5);
+          },
+        }),
+        { headers: { "content-type": "application/json" } },
+      );
+    }
+    if (path.endsWith("/models")) return new Response(models, { headers: { "content-type": "application/json" } });
+    if (!body.stream) return new Response(answer, { headers: { "content-type": "application/json" } });
+    const chunks: number = body.chunks ?? 100;
+    const interval: number = body.interval ?? 20;
+    let sent = 0;
+    const stream = new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        await sleep(interval);
+        if (sent++ === chunks) {
+          controller.enqueue(encoder.encode("data: [DONE]\n\n"));
+          return controller.close();
+        }
+        controller.enqueue(encoder.encode(`data: {"t":${wallClock()},"i":${sent}}\n\n`));
+      },
+    });
+    return new Response(stream, { headers: { "content-type": "text/event-stream" } });
+  });
+}
+
+/** The smallest possible Deno proxy: the platform's own cost, for comparison. */
+function runBareProxy(port: number, upstreamUrl: string) {
+  Deno.serve({ hostname: "127.0.0.1", port, onListen() {} }, async (request) => {
+    const url = new URL(request.url);
+    const response = await fetch(`${upstreamUrl}${url.pathname}`, {
+      method: request.method,
+      headers: { authorization: "Bearer sk-bench", "content-type": "application/json" },
+      body: request.body,
+    });
+    return new Response(response.body, { status: response.status, headers: response.headers });
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = listener.addr as Deno.NetAddr;
+  listener.close();
+  return port;
+}
+
+async function waitForHttp(url: string, init: RequestInit = {}, timeoutMs = 15000): Promise<number> {
+  const started = performance.now();
+  while (performance.now() - started < timeoutMs) {
+    try {
+      const response = await fetch(url, init);
+      await response.body?.cancel();
+      if (response.status < 500) return performance.now() - started;
+    } catch {
+      // not up yet
+    }
+    await sleep(2);
+  }
+  throw new Error(`${url} did not answer within ${timeoutMs} ms`);
+}
+
+function startUpstreamProcess(faultRate = 0) {
+  const port = freePort();
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", `${here}bench.ts`, "upstream", String(port), String(faultRate)],
+    stdout: "null",
+    stderr: "inherit",
+  }).spawn();
+  return { url: `http://127.0.0.1:${port}`, child, pid: child.pid };
+}
+
+function startBareProcess(upstreamUrl: string) {
+  const port = freePort();
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", `${here}bench.ts`, "bare", String(port), upstreamUrl],
+    stdout: "null",
+    stderr: "inherit",
+  }).spawn();
+  return { url: `http://127.0.0.1:${port}`, child, pid: child.pid };
+}
+
+function startRelayProcess(upstreamUrl: string) {
+  const port = freePort();
+  const started = performance.now();
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-P", "main.ts"],
+    cwd: here,
+    env: {
+      UPSTREAM_BASE_URL: `${upstreamUrl}/v1`,
+      UPSTREAM_API_KEY: "sk-bench",
+      MC_RELAY_USERNAME: USER,
+      MC_RELAY_PASSWORD: PASSWORD,
+      ALLOWED_ORIGIN: "https://www.metaconfigurator.org",
+      HOST: "127.0.0.1",
+      PORT: String(port),
+      LOG_LEVEL: Deno.env.get("BENCH_LOG_LEVEL") ?? "warn",
+      AUTH_FAILURES_PER_MINUTE: "0",
+      NO_COLOR: "1",
+    },
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  return { url: `http://127.0.0.1:${port}`, child, pid: child.pid, started };
+}
+
+async function startNginx(upstreamUrl: string) {
+  const prefix = await Deno.makeTempDir({ prefix: "mc-relay-bench-nginx-" });
+  const port = freePort();
+  const upstreamHost = new URL(upstreamUrl).host;
+  await Deno.writeTextFile(
+    `${prefix}/nginx.conf`,
+    `
+user root;
+worker_processes 1;
+daemon off;
+pid ${prefix}/nginx.pid;
+error_log ${prefix}/error.log warn;
+worker_rlimit_nofile 20000;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path ${prefix}/body;
+  proxy_temp_path ${prefix}/proxy;
+  upstream llm { server ${upstreamHost}; keepalive 512; }
+  server {
+    listen 127.0.0.1:${port};
+    client_max_body_size 32m;
+    location /v1/ {
+      if ($http_authorization != "${AUTH}") { return 401; }
+      proxy_pass http://llm;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer sk-bench";
+      proxy_buffering off;
+      proxy_read_timeout 600s;
+    }
+  }
+}
+`,
+  );
+  const child = new Deno.Command("nginx", {
+    args: ["-p", prefix, "-c", `${prefix}/nginx.conf`],
+    stdout: "null",
+    stderr: "inherit",
+  }).spawn();
+  return { url: `http://127.0.0.1:${port}`, child, pid: child.pid, prefix };
+}
+
+function installed(program: string): boolean {
+  return (Deno.env.get("PATH") ?? "").split(":").some((folder) => {
+    try {
+      return Deno.statSync(`${folder}/${program}`).isFile;
+    } catch {
+      return false;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// /proc readings
+// ---------------------------------------------------------------------------
+
+/** The process and its children (nginx's workers). */
+function processTree(pid: number): number[] {
+  const pids = [pid];
+  for (const entry of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${entry.name}/stat`);
+      const parent = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      if (parent === pid) pids.push(Number(entry.name));
+    } catch {
+      // gone
+    }
+  }
+  return pids;
+}
+
+/** CPU seconds (user + system) of a process tree. */
+function cpuSeconds(pid: number): number {
+  let ticks = 0;
+  for (const member of processTree(pid)) {
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${member}/stat`);
+      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      ticks += Number(fields[11]) + Number(fields[12]);
+    } catch {
+      // gone
+    }
+  }
+  return ticks / 100;
+}
+
+/** Resident memory in MB of a process tree (`VmRSS`, or the peak `VmHWM`). */
+function memoryMb(pid: number, field: "VmRSS" | "VmHWM" = "VmRSS"): number {
+  let kb = 0;
+  for (const member of processTree(pid)) {
+    try {
+      const status = Deno.readTextFileSync(`/proc/${member}/status`);
+      kb += Number(new RegExp(`${field}:\\s+(\\d+)`).exec(status)?.[1] ?? 0);
+    } catch {
+      // gone
+    }
+  }
+  return kb / 1024;
+}
+
+function openFiles(pid: number): number {
+  return [...Deno.readDirSync(`/proc/${pid}/fd`)].length;
+}
+
+// ---------------------------------------------------------------------------
+// Measurements
+// ---------------------------------------------------------------------------
+
+function percentile(sorted: number[], p: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+}
+
+/** p50/p99 in µs of sequential GET /v1/models over one kept-alive connection. */
+async function sequentialLatency(base: string, count: number) {
+  const timings: number[] = [];
+  for (let i = 0; i < count + 200; i++) {
+    const started = performance.now();
+    const response = await fetch(`${base}/v1/models`, { headers: { authorization: AUTH } });
+    await response.arrayBuffer();
+    if (i >= 200) timings.push((performance.now() - started) * 1000); // the first 200 warm up
+  }
+  timings.sort((a, b) => a - b);
+  return { p50: percentile(timings, 50), p99: percentile(timings, 99) };
+}
+
+/** Requests per second of GET /v1/models with `connections` open connections (wrk, else a Deno loop). */
+async function throughput(base: string, connections: number, seconds: number): Promise<number> {
+  if (installed("wrk")) {
+    const output = await new Deno.Command("wrk", {
+      args: ["-t2", `-c${connections}`, `-d${seconds}s`, "-H", `Authorization: ${AUTH}`, `${base}/v1/models`],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const text = new TextDecoder().decode(output.stdout);
+    const rate = /Requests\/sec:\s+([\d.]+)/.exec(text);
+    if (/Non-2xx/.test(text)) console.error(`  wrk saw non-2xx answers from ${base}:\n${text}`);
+    if (rate) return Number(rate[1]);
+  }
+  let done = 0;
+  const deadline = performance.now() + seconds * 1000;
+  await Promise.all(Array.from({ length: connections }, async () => {
+    while (performance.now() < deadline) {
+      const response = await fetch(`${base}/v1/models`, { headers: { authorization: AUTH } });
+      await response.arrayBuffer();
+      done++;
+    }
+  }));
+  return done / seconds;
+}
+
+/** Opens `streams` streamed chats at once; returns chunk delays (ms, send stamp to arrival) and failures. */
+async function concurrentStreams(base: string, streams: number, chunks: number, interval: number) {
+  const delays: number[] = [];
+  let failures = 0;
+  let completed = 0;
+  const decoder = new TextDecoder();
+  await Promise.all(Array.from({ length: streams }, async (_, index) => {
+    await sleep((index % 100) * (interval / 100)); // spread the chunks over the interval
+    try {
+      const response = await fetch(`${base}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: AUTH, "content-type": "application/json" },
+        body: JSON.stringify({ model: "bench-model", stream: true, chunks, interval, messages: [] }),
+      });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      let buffered = "";
+      let events = 0;
+      for await (const bytes of response.body!) {
+        const arrived = wallClock();
+        buffered += decoder.decode(bytes, { stream: true });
+        let end;
+        while ((end = buffered.indexOf("\n\n")) !== -1) {
+          const event = buffered.slice(0, end);
+          buffered = buffered.slice(end + 2);
+          const stamp = /"t":([\d.]+)/.exec(event);
+          if (stamp) {
+            delays.push(arrived - Number(stamp[1]));
+            events++;
+          }
+        }
+      }
+      if (events === chunks && buffered === "") completed++;
+      else failures++;
+    } catch {
+      failures++;
+    }
+  }));
+  delays.sort((a, b) => a - b);
+  return { delays, failures, completed, p50: percentile(delays, 50), p99: percentile(delays, 99) };
+}
+
+const format = (value: number, digits = 0) =>
+  Number.isFinite(value)
+    ? value.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits })
+    : "–";
+
+async function main() {
+  const sizes = quick
+    ? { sequential: 500, seconds: 3, streams: 200, chunks: 50, soak: 5000 }
+    : { sequential: 3000, seconds: 8, streams: 1000, chunks: 100, soak: 50000 };
+  const haveNginx = installed("nginx");
+  const deno = Deno.version.deno;
+  const cpu = /model name\s*:\s*(.*)/.exec(Deno.readTextFileSync("/proc/cpuinfo"))?.[1] ?? "unknown CPU";
+  console.log(
+    `mc-relay bench${quick ? " (quick)" : ""}: Deno ${deno}, ${navigator.hardwareConcurrency} cores (${cpu}), ` +
+      `${haveNginx ? "nginx (1 worker)" : "no nginx: its column is left empty"}, load from ${
+        installed("wrk") ? "wrk" : "a Deno loop"
+      }`,
+  );
+
+  const upstream = startUpstreamProcess();
+  await waitForHttp(`${upstream.url}/v1/models`);
+  const relay = startRelayProcess(upstream.url);
+  await waitForHttp(`${relay.url}/health`);
+  const nginx = haveNginx ? await startNginx(upstream.url) : undefined;
+  if (nginx) await waitForHttp(`${nginx.url}/v1/models`, { headers: { authorization: AUTH } });
+  const bare = startBareProcess(upstream.url);
+  await waitForHttp(`${bare.url}/v1/models`);
+  const relayIdleMb = memoryMb(relay.pid);
+
+  const paths = [
+    { name: "direct", url: upstream.url, pid: upstream.pid },
+    { name: "relay", url: relay.url, pid: relay.pid },
+    ...(nginx ? [{ name: "nginx", url: nginx.url, pid: nginx.pid }] : []),
+    { name: "bare", url: bare.url, pid: bare.pid },
+  ];
+  const results: Record<string, Record<string, number>> = {};
+  for (const path of paths) results[path.name] = {};
+
+  console.log(`- sequential latency: ${sizes.sequential} requests per path`);
+  for (const path of paths) {
+    const { p50, p99 } = await sequentialLatency(path.url, sizes.sequential);
+    Object.assign(results[path.name], { p50, p99 });
+  }
+
+  for (const connections of [32, 256]) {
+    console.log(`- throughput with ${connections} connections: ${sizes.seconds} s per path`);
+    for (const path of paths) {
+      results[path.name][`rps${connections}`] = await throughput(path.url, connections, sizes.seconds);
+    }
+  }
+
+  console.log(`- streaming: ${sizes.streams} concurrent streams of ${sizes.chunks} chunks, 20 ms apart, per path`);
+  for (const path of paths) {
+    const proxyPid = path.name === "direct" ? undefined : path.pid;
+    const cpuBefore = proxyPid ? cpuSeconds(proxyPid) : 0;
+    let peakMb = 0;
+    const sampler = proxyPid ? setInterval(() => (peakMb = Math.max(peakMb, memoryMb(proxyPid))), 100) : undefined;
+    const run = await concurrentStreams(path.url, sizes.streams, sizes.chunks, 20);
+    clearInterval(sampler);
+    Object.assign(results[path.name], {
+      chunkP50: run.p50,
+      chunkP99: run.p99,
+      streamFailures: run.failures,
+      streamsCompleted: run.completed,
+      cpuPerChunkUs: proxyPid ? ((cpuSeconds(proxyPid) - cpuBefore) * 1e6) / run.delays.length : NaN,
+      peakMb: proxyPid ? peakMb : NaN,
+    });
+  }
+  const relayPeakMb = results.relay.peakMb;
+
+  console.log(`- soak: ${sizes.soak} requests through the relay with 1% injected upstream faults`);
+  const faulty = startUpstreamProcess(0.01);
+  await waitForHttp(`${faulty.url}/v1/models`);
+  const soakRelay = startRelayProcess(faulty.url);
+  await waitForHttp(`${soakRelay.url}/health`);
+  for (let i = 0; i < 200; i++) {
+    await fetch(`${soakRelay.url}/v1/models`, { headers: { authorization: AUTH } })
+      .then((response) => response.arrayBuffer()).catch(() => {}); // warm-up; injected faults expected
+  }
+  await sleep(500);
+  const soakBefore = { rss: memoryMb(soakRelay.pid), files: openFiles(soakRelay.pid) };
+  const outcomes = new Map<string, number>();
+  let issued = 0;
+  const soakStarted = performance.now();
+  await Promise.all(Array.from({ length: 50 }, async () => {
+    while (issued < sizes.soak) {
+      issued++;
+      const chat = issued % 2 === 0;
+      let outcome: string;
+      try {
+        const response = await fetch(`${soakRelay.url}/v1/${chat ? "chat/completions" : "models"}`, {
+          method: chat ? "POST" : "GET",
+          headers: { authorization: AUTH, "content-type": "application/json" },
+          body: chat ? '{"model":"bench-model","messages":[]}' : undefined,
+        });
+        await response.arrayBuffer();
+        outcome = String(response.status);
+      } catch {
+        outcome = "cut";
+      }
+      outcomes.set(outcome, (outcomes.get(outcome) ?? 0) + 1);
+    }
+  }));
+  const soakSeconds = (performance.now() - soakStarted) / 1000;
+  await sleep(2000);
+  const soakAfter = { rss: memoryMb(soakRelay.pid), files: openFiles(soakRelay.pid) };
+  soakRelay.child.kill("SIGTERM");
+  faulty.child.kill("SIGTERM");
+  await soakRelay.child.status;
+  await faulty.child.status;
+
+  console.log("- start-up: 5 starts of the relay process, time to the first answered /health");
+  const startups: number[] = [];
+  for (let i = 0; i < 5; i++) {
+    const fresh = startRelayProcess(upstream.url);
+    startups.push(await waitForHttp(`${fresh.url}/health`));
+    fresh.child.kill("SIGTERM");
+    await fresh.child.status;
+  }
+  startups.sort((a, b) => a - b);
+
+  for (const process of [relay, bare, upstream, ...(nginx ? [nginx] : [])]) {
+    process.child.kill("SIGTERM");
+    await process.child.status;
+  }
+  if (nginx) await Deno.remove(nginx.prefix, { recursive: true });
+
+  const names = ["direct", "relay", "nginx", "bare"];
+  const row = (label: string, value: (name: string) => string) =>
+    `| ${label} | ${names.map((name) => (results[name] ? value(name) : "–")).join(" | ")} |`;
+  const ratio = (a: number, b: number) => (haveNginx && Number.isFinite(a / b) ? format(a / b, 2) : "–");
+  console.log(
+    `
+| measure | direct | relay | nginx | bare Deno |
+| --- | ---: | ---: | ---: | ---: |
+${row("latency p50, sequential GET /v1/models (µs)", (name) => format(results[name].p50))}
+${row("latency p99 (µs)", (name) => format(results[name].p99))}
+${row("throughput, 32 connections (req/s)", (name) => format(results[name].rps32))}
+${row("throughput, 256 connections (req/s)", (name) => format(results[name].rps256))}
+${row(`chunk delay p50, ${sizes.streams} streams (ms)`, (name) => format(results[name].chunkP50, 2))}
+${row("chunk delay p99 (ms)", (name) => format(results[name].chunkP99, 2))}
+${row("streams completed / failed", (name) => `${results[name].streamsCompleted} / ${results[name].streamFailures}`)}
+${row("proxy CPU per forwarded chunk (µs)", (name) => format(results[name].cpuPerChunkUs, 1))}
+${row(`proxy RSS at peak, ${sizes.streams} streams (MB)`, (name) => format(results[name].peakMb, 1))}
+
+- added latency p50 / p99: relay ${format(results.relay.p50 - results.direct.p50)} / ${
+      format(results.relay.p99 - results.direct.p99)
+    } µs${
+      haveNginx
+        ? `, nginx ${format(results.nginx.p50 - results.direct.p50)} / ${
+          format(results.nginx.p99 - results.direct.p99)
+        } µs`
+        : ""
+    }
+- added chunk delay p50 / p99: relay ${format(results.relay.chunkP50 - results.direct.chunkP50, 2)} / ${
+      format(results.relay.chunkP99 - results.direct.chunkP99, 2)
+    } ms
+- relay / nginx: throughput ${ratio(results.relay.rps32, results.nginx?.rps32)} (32 conn.), ${
+      ratio(results.relay.rps256, results.nginx?.rps256)
+    } (256 conn.); CPU per chunk ${ratio(results.relay.cpuPerChunkUs, results.nginx?.cpuPerChunkUs)}
+- relay / bare Deno proxy: throughput ${
+      format(results.relay.rps32 / results.bare.rps32, 2)
+    } (32 conn.); CPU per chunk ${format(results.relay.cpuPerChunkUs / results.bare.cpuPerChunkUs, 2)}
+- relay RSS: ${format(relayIdleMb, 1)} MB idle, ${format(relayPeakMb, 1)} MB at peak with ${sizes.streams} streams
+- soak: ${sizes.soak} requests in ${format(soakSeconds, 1)} s, outcomes ${
+      JSON.stringify(Object.fromEntries(outcomes))
+    }; ` +
+      `RSS ${format(soakBefore.rss, 1)} -> ${
+        format(soakAfter.rss, 1)
+      } MB, open files ${soakBefore.files} -> ${soakAfter.files}
+- start-up to first /health: median ${format(percentile(startups, 50))} ms (of ${
+        startups.map((ms) => format(ms)).join(", ")
+      })
+`,
+  );
+}
+
+if (Deno.args[0] === "upstream") {
+  runUpstream(Number(Deno.args[1]), Number(Deno.args[2] ?? 0));
+} else if (Deno.args[0] === "bare") {
+  runBareProxy(Number(Deno.args[1]), Deno.args[2]);
+} else if (import.meta.main) {
+  await main();
+}
