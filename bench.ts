@@ -399,13 +399,15 @@ async function main() {
     }
   }
 
-  console.log(`- streaming: ${sizes.streams} concurrent streams of ${sizes.chunks} chunks, 20 ms apart, per path`);
+  // 100 ms apart: 10,000 chunks a second over 1,000 streams, which the one load process can still take in
+  // without its own queueing dominating the delays (at 20 ms even the direct path queues for 100+ ms here).
+  console.log(`- streaming: ${sizes.streams} concurrent streams of ${sizes.chunks} chunks, 100 ms apart, per path`);
   for (const path of paths) {
     const proxyPid = path.name === "direct" ? undefined : path.pid;
     const cpuBefore = proxyPid ? cpuSeconds(proxyPid) : 0;
     let peakMb = 0;
     const sampler = proxyPid ? setInterval(() => (peakMb = Math.max(peakMb, memoryMb(proxyPid))), 100) : undefined;
-    const run = await concurrentStreams(path.url, sizes.streams, sizes.chunks, 20);
+    const run = await concurrentStreams(path.url, sizes.streams, sizes.chunks, 100);
     clearInterval(sampler);
     Object.assign(results[path.name], {
       chunkP50: run.p50,
@@ -423,37 +425,38 @@ async function main() {
   await waitForHttp(`${faulty.url}/v1/models`);
   const soakRelay = startRelayProcess(faulty.url);
   await waitForHttp(`${soakRelay.url}/health`);
-  for (let i = 0; i < 200; i++) {
-    await fetch(`${soakRelay.url}/v1/models`, { headers: { authorization: AUTH } })
-      .then((response) => response.arrayBuffer()).catch(() => {}); // warm-up; injected faults expected
-  }
-  await sleep(500);
-  const soakBefore = { rss: memoryMb(soakRelay.pid), files: openFiles(soakRelay.pid) };
   const outcomes = new Map<string, number>();
-  let issued = 0;
-  const soakStarted = performance.now();
-  await Promise.all(Array.from({ length: 50 }, async () => {
-    while (issued < sizes.soak) {
-      issued++;
-      const chat = issued % 2 === 0;
-      let outcome: string;
-      try {
-        const response = await fetch(`${soakRelay.url}/v1/${chat ? "chat/completions" : "models"}`, {
-          method: chat ? "POST" : "GET",
-          headers: { authorization: AUTH, "content-type": "application/json" },
-          body: chat ? '{"model":"bench-model","messages":[]}' : undefined,
-        });
-        await response.arrayBuffer();
-        outcome = String(response.status);
-      } catch {
-        outcome = "cut";
+  const soakRound = async (requests: number) => {
+    let issued = 0;
+    await Promise.all(Array.from({ length: 50 }, async () => {
+      while (issued < requests) {
+        issued++;
+        const chat = issued % 2 === 0;
+        let outcome: string;
+        try {
+          const response = await fetch(`${soakRelay.url}/v1/${chat ? "chat/completions" : "models"}`, {
+            method: chat ? "POST" : "GET",
+            headers: { authorization: AUTH, "content-type": "application/json" },
+            body: chat ? '{"model":"bench-model","messages":[]}' : undefined,
+          });
+          await response.arrayBuffer();
+          outcome = String(response.status);
+        } catch {
+          outcome = "cut";
+        }
+        outcomes.set(outcome, (outcomes.get(outcome) ?? 0) + 1);
       }
-      outcomes.set(outcome, (outcomes.get(outcome) ?? 0) + 1);
-    }
-  }));
-  const soakSeconds = (performance.now() - soakStarted) / 1000;
-  await sleep(2000);
-  const soakAfter = { rss: memoryMb(soakRelay.pid), files: openFiles(soakRelay.pid) };
+    }));
+    await sleep(1000);
+    return { rss: memoryMb(soakRelay.pid), files: openFiles(soakRelay.pid) };
+  };
+  // A warm-up round at the same concurrency fills the connection pools, so what follows compares like with like.
+  const soakWarm = await soakRound(Math.round(sizes.soak / 10));
+  outcomes.clear();
+  const soakStarted = performance.now();
+  const soakHalf = await soakRound(sizes.soak / 2);
+  const soakAfter = await soakRound(sizes.soak / 2);
+  const soakSeconds = (performance.now() - soakStarted) / 1000 - 2; // less the two 1 s pauses
   soakRelay.child.kill("SIGTERM");
   faulty.child.kill("SIGTERM");
   await soakRelay.child.status;
@@ -515,9 +518,9 @@ ${row(`proxy RSS at peak, ${sizes.streams} streams (MB)`, (name) => format(resul
 - soak: ${sizes.soak} requests in ${format(soakSeconds, 1)} s, outcomes ${
       JSON.stringify(Object.fromEntries(outcomes))
     }; ` +
-      `RSS ${format(soakBefore.rss, 1)} -> ${
+      `RSS after warm-up / half / all: ${format(soakWarm.rss, 1)} / ${format(soakHalf.rss, 1)} / ${
         format(soakAfter.rss, 1)
-      } MB, open files ${soakBefore.files} -> ${soakAfter.files}
+      } MB, open files ${soakWarm.files} / ${soakHalf.files} / ${soakAfter.files}
 - start-up to first /health: median ${format(percentile(startups, 50))} ms (of ${
         startups.map((ms) => format(ms)).join(", ")
       })

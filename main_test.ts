@@ -1321,6 +1321,23 @@ Deno.test("logging", async (t) => {
 // The real process: start-up, demo, shutdown, secrets
 // ---------------------------------------------------------------------------
 
+/** Sends SIGTERM, waits until the relay says it is shutting down, and checks that a new connection is refused. */
+async function sigtermAndAskAgain(relay: Awaited<ReturnType<typeof spawnRelay>>) {
+  relay.child.kill("SIGTERM");
+  await within(
+    5000,
+    (async () => {
+      while (!relay.output().stdout.includes("shutting down")) await sleep(20);
+    })(),
+    "the relay did not react to SIGTERM",
+  );
+  const answer = await fetch(`${relay.url}/health`).then(
+    (response) => response.body?.cancel().then(() => response.status),
+    () => "refused",
+  );
+  assert.equal(answer, "refused", "no new connections during shutdown");
+}
+
 Deno.test("process", async (t) => {
   await t.step("start-up prints the listening URL, the upstream host and the allowed origins", async () => {
     await using upstream = startUpstream(openAiLikeUpstream);
@@ -1346,19 +1363,7 @@ Deno.test("process", async (t) => {
     const reader = response.body!.getReader();
     stream.send("data: before\n\n");
     await reader.read();
-    relay.child.kill("SIGTERM");
-    await within(
-      5000,
-      (async () => {
-        while (!relay.output().stdout.includes("shutting down")) await sleep(20);
-      })(),
-      "the relay did not react to SIGTERM",
-    );
-    const refused = await fetch(`${relay.url}/health`).then(
-      (r) => r.body?.cancel().then(() => r.status),
-      () => "refused",
-    );
-    assert.equal(refused, "refused", "no new connections during shutdown");
+    await sigtermAndAskAgain(relay);
     stream.send("data: after\n\n");
     assert.equal(decoder.decode((await reader.read()).value), "data: after\n\n");
     stream.close();
@@ -1393,19 +1398,7 @@ Deno.test("process", async (t) => {
       assert.equal((await reader.read()).value, "data: start\n\n");
       return reader;
     }));
-    relay.child.kill("SIGTERM");
-    await within(
-      5000,
-      (async () => {
-        while (!relay.output().stdout.includes("shutting down")) await sleep(20);
-      })(),
-      "the relay did not react to SIGTERM",
-    );
-    const refused = await fetch(`${relay.url}/health`).then(
-      (r) => r.body?.cancel().then(() => r.status),
-      () => "refused",
-    );
-    assert.equal(refused, "refused");
+    await sigtermAndAskAgain(relay);
     open();
     const endings = await Promise.all(readers.map(async (reader) => {
       let rest = "";
