@@ -42,6 +42,9 @@ export const ENV_VARS = [
   "AUTH_FAILURES_PER_MINUTE",
   "RATE_LIMIT_PER_MINUTE",
   "TRUST_PROXY",
+  "MC_RELAY_USERS",
+  "ALLOWED_MODELS",
+  "ALLOWED_PATHS",
 ] as const;
 
 /** The name of one environment variable the relay reads. */
@@ -68,10 +71,12 @@ export interface RelayConfig {
   upstreamAuthPrefix: string;
   /** Extra headers sent with every upstream request. */
   upstreamExtraHeaders: Record<string, string>;
-  /** The relay user's name (no colon). */
-  username: string;
-  /** The relay user's password. */
-  password: string;
+  /** Who may use the relay: MC_RELAY_USERNAME/MC_RELAY_PASSWORD and the entries of MC_RELAY_USERS. */
+  users: RelayUser[];
+  /** Models clients may ask for (ALLOWED_MODELS); empty allows any. */
+  allowedModels: string[];
+  /** Optional routes switched on with ALLOWED_PATHS, e.g. `/v1/embeddings`. */
+  extraRoutes: string[];
   /** Exact browser origins allowed to call the relay; empty allows none. */
   allowedOrigins: string[];
   /** TCP port to listen on (0 picks a free one). */
@@ -97,6 +102,29 @@ export interface RelayConfig {
   /** How many reverse proxies in front append to X-Forwarded-For; 0 ignores the header (it could be spoofed). */
   trustProxyHops: number;
 }
+
+/** One relay user: a name and either a plain password or a PBKDF2 hash of it. */
+export interface RelayUser {
+  /** The name clients send before the colon. */
+  name: string;
+  /** The plain password (from MC_RELAY_PASSWORD or a `name:password` entry). */
+  password?: string;
+  /** A PBKDF2-SHA256 hash (from a `name:pbkdf2-sha256:...` entry); the password itself is not kept. */
+  hash?: PasswordHash;
+}
+
+/** A parsed `pbkdf2-sha256:<iterations>:<salt>:<hash>` string (salt and hash in base64url). */
+export interface PasswordHash {
+  /** PBKDF2 iterations. */
+  iterations: number;
+  /** The random salt. */
+  salt: Uint8Array<ArrayBuffer>;
+  /** The derived 32 bytes. */
+  hash: Uint8Array<ArrayBuffer>;
+}
+
+/** Routes that exist only when listed in ALLOWED_PATHS (all POST, all passed to the upstream as they are). */
+export const OPTIONAL_ROUTES = ["/v1/embeddings", "/v1/completions", "/v1/responses"];
 
 /** Defaults for every optional setting (documented in README.md). */
 export const DEFAULTS = {
@@ -171,20 +199,13 @@ export function parseConfig(env: RelayEnv): ConfigResult {
     errors.push("UPSTREAM_API_KEY contains control characters; paste the key alone, without line breaks");
   }
 
-  const username = env.MC_RELAY_USERNAME?.trim() ?? "";
-  if (!username) {
-    errors.push("MC_RELAY_USERNAME is required: the name users type before the colon, e.g. 'team'");
-  } else if (username.includes(":")) {
-    errors.push("MC_RELAY_USERNAME must not contain ':' (users send 'username:password'), e.g. 'team'");
-  }
-
-  const password = env.MC_RELAY_PASSWORD ?? "";
-  if (!password) {
-    errors.push(
-      "MC_RELAY_PASSWORD is required: a long random password, e.g. the output of 'openssl rand -base64 24'",
-    );
-  } else if (password.length < 12) {
-    warnings.push("MC_RELAY_PASSWORD is shorter than 12 characters; anyone who can reach the relay may guess it");
+  const users = parseUsers(env, errors, warnings);
+  const allowedModels = (value("ALLOWED_MODELS") ?? "").split(",").map((model) => model.trim()).filter(Boolean);
+  const extraRoutes = (value("ALLOWED_PATHS") ?? "").split(",").map((path) => path.trim()).filter(Boolean);
+  for (const path of extraRoutes) {
+    if (!OPTIONAL_ROUTES.includes(path)) {
+      errors.push(`ALLOWED_PATHS may list ${OPTIONAL_ROUTES.join(", ")} (comma-separated), got "${path}"`);
+    }
   }
 
   const allowedOrigins = parseAllowedOrigins(env.ALLOWED_ORIGIN, errors);
@@ -306,8 +327,9 @@ export function parseConfig(env: RelayEnv): ConfigResult {
       upstreamAuthHeader,
       upstreamAuthPrefix,
       upstreamExtraHeaders,
-      username,
-      password,
+      users,
+      allowedModels,
+      extraRoutes: [...new Set(extraRoutes)],
       allowedOrigins,
       port,
       host,
@@ -322,6 +344,92 @@ export function parseConfig(env: RelayEnv): ConfigResult {
       trustProxyHops,
     },
   };
+}
+
+/**
+ * The users: MC_RELAY_USERNAME with MC_RELAY_PASSWORD, and the comma-separated `name:password` or
+ * `name:pbkdf2-sha256:...` entries of MC_RELAY_USERS. At least one user is required.
+ */
+function parseUsers(env: RelayEnv, errors: string[], warnings: string[]): RelayUser[] {
+  const users: RelayUser[] = [];
+  const username = env.MC_RELAY_USERNAME?.trim() ?? "";
+  const password = env.MC_RELAY_PASSWORD ?? "";
+  const listed = env.MC_RELAY_USERS?.trim() ?? "";
+  if (username || password || !listed) {
+    if (!username) {
+      errors.push("MC_RELAY_USERNAME is required: the name users type before the colon, e.g. 'team'");
+    } else if (username.includes(":")) {
+      errors.push("MC_RELAY_USERNAME must not contain ':' (users send 'username:password'), e.g. 'team'");
+    }
+    if (!password) {
+      errors.push(
+        "MC_RELAY_PASSWORD is required: a long random password, e.g. the output of 'openssl rand -base64 24'",
+      );
+    } else if (password.length < 12) {
+      warnings.push("MC_RELAY_PASSWORD is shorter than 12 characters; anyone who can reach the relay may guess it");
+    }
+    if (username && !username.includes(":") && password) users.push({ name: username, password });
+  }
+  for (const [index, entry] of listed.split(",").map((part) => part.trim()).filter(Boolean).entries()) {
+    const colon = entry.indexOf(":");
+    const name = entry.slice(0, colon);
+    const secret = entry.slice(colon + 1);
+    // Entries are named by position: their text contains a password or hash, never repeated here.
+    const where = `MC_RELAY_USERS entry ${index + 1}`;
+    if (colon < 1 || !secret) {
+      errors.push(`${where} must be name:password or name:pbkdf2-sha256:... (from 'mc-relay hash-password')`);
+    } else if (secret.startsWith("pbkdf2-sha256:")) {
+      const hash = parsePasswordHash(secret);
+      if (hash) users.push({ name, hash });
+      else errors.push(`${where} has a malformed hash; make it with 'mc-relay hash-password'`);
+    } else {
+      if (secret.length < 12) warnings.push(`${where} (${name}) has a password shorter than 12 characters`);
+      users.push({ name, password: secret });
+    }
+  }
+  const names = users.map((user) => user.name);
+  const repeated = names.filter((name, index) => names.indexOf(name) !== index);
+  if (repeated.length > 0) errors.push(`MC_RELAY_USERS names a user twice: ${[...new Set(repeated)].join(", ")}`);
+  return users;
+}
+
+/** PBKDF2 iterations for new hashes (OWASP's 2023 figure for PBKDF2-HMAC-SHA256). */
+export const PBKDF2_ITERATIONS = 600_000;
+
+const base64url = (bytes: Uint8Array) =>
+  btoa(String.fromCharCode(...bytes)).replaceAll("+", "-").replaceAll("/", "_").replaceAll("=", "");
+const fromBase64url = (text: string) =>
+  Uint8Array.from(atob(text.replaceAll("-", "+").replaceAll("_", "/")), (char) => char.charCodeAt(0));
+
+async function pbkdf2(password: string, salt: Uint8Array<ArrayBuffer>, iterations: number) {
+  const key = await crypto.subtle.importKey("raw", textEncoder.encode(password), "PBKDF2", false, ["deriveBits"]);
+  const bits = await crypto.subtle.deriveBits({ name: "PBKDF2", hash: "SHA-256", salt, iterations }, key, 256);
+  return new Uint8Array(bits);
+}
+
+/** Hashes a password as `pbkdf2-sha256:<iterations>:<salt>:<hash>` (what `mc-relay hash-password` prints). */
+export async function hashPassword(password: string, iterations = PBKDF2_ITERATIONS): Promise<string> {
+  const salt = crypto.getRandomValues(new Uint8Array(16));
+  return `pbkdf2-sha256:${iterations}:${base64url(salt)}:${base64url(await pbkdf2(password, salt, iterations))}`;
+}
+
+/** Parses a `pbkdf2-sha256:...` string; undefined when it is malformed. */
+export function parsePasswordHash(text: string): PasswordHash | undefined {
+  const match = /^pbkdf2-sha256:(\d{1,9}):([A-Za-z0-9_-]{16,}):([A-Za-z0-9_-]{43})$/.exec(text);
+  if (!match || Number(match[1]) < 1000) return undefined;
+  try {
+    return { iterations: Number(match[1]), salt: fromBase64url(match[2]), hash: fromBase64url(match[3]) };
+  } catch {
+    return undefined;
+  }
+}
+
+/** Checks a password against a PBKDF2 hash, comparing in constant time. */
+export async function verifyPasswordHash(password: string, stored: PasswordHash): Promise<boolean> {
+  const derived = await pbkdf2(password, stored.salt, stored.iterations);
+  let difference = derived.length ^ stored.hash.length;
+  for (let i = 0; i < stored.hash.length; i++) difference |= derived[i] ^ stored.hash[i];
+  return difference === 0;
 }
 
 function parseUpstreamBaseUrl(raw: string | undefined, errors: string[]): string | undefined {
@@ -694,7 +802,34 @@ export type RelayHandler = (request: Request, info: Deno.ServeHandlerInfo) => Pr
 export function createHandler(config: RelayConfig, options: HandlerOptions = {}): RelayHandler {
   const log = createLogger(config, options.log);
   const allowedOrigins = new Set(config.allowedOrigins);
-  const expectedCredentials = `${config.username}:${config.password}`;
+  const routes: Record<string, Route> = { ...ROUTES };
+  for (const path of config.extraRoutes) routes[path] = { method: "POST", upstreamPath: path.slice("/v1".length) };
+  const allowedModels = new Set(config.allowedModels);
+
+  const usersByName = new Map(config.users.map((user) => [user.name, user]));
+  const verifiedHashes = new Map<string, true>();
+  const cachePepper = crypto.getRandomValues(new Uint8Array(16)).join(",");
+  /**
+   * The user these `name:password` credentials belong to, if any. A hashed password costs a PBKDF2 run
+   * (about a quarter second): a success is remembered for this process under a salted SHA-256 of the
+   * credentials, so a user pays it once, not per request. Failures are never remembered.
+   */
+  async function authenticate(credentials: string): Promise<string | undefined> {
+    const colon = credentials.indexOf(":");
+    const name = credentials.slice(0, colon);
+    const secret = credentials.slice(colon + 1);
+    const user = usersByName.get(name);
+    if (user === undefined) return undefined;
+    if (user.password !== undefined) return constantTimeEqual(secret, user.password) ? name : undefined;
+    const digest = new Uint8Array(
+      await crypto.subtle.digest("SHA-256", textEncoder.encode(`${cachePepper}:${credentials}`)),
+    ).join(",");
+    if (verifiedHashes.has(digest)) return name;
+    if (!(await verifyPasswordHash(secret, user.hash!))) return undefined;
+    if (verifiedHashes.size >= 10_000) verifiedHashes.delete(verifiedHashes.keys().next().value!);
+    verifiedHashes.set(digest, true);
+    return name;
+  }
   const upstreamHost = new URL(config.upstreamBaseUrl).host;
   const upstreamAuthValue = config.upstreamAuthPrefix
     ? `${config.upstreamAuthPrefix} ${config.upstreamApiKey}`
@@ -744,11 +879,11 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       return new Response(null, { status: 204, headers });
     }
 
-    const route = Object.hasOwn(ROUTES, url.pathname) ? ROUTES[url.pathname] : undefined;
+    const route = Object.hasOwn(routes, url.pathname) ? routes[url.pathname] : undefined;
     if (!route) {
       return errorResponse(
         404,
-        `unknown path ${maskSecrets(record.path)}; the relay serves /health, /v1/models and /v1/chat/completions`,
+        `unknown path ${maskSecrets(record.path)}; the relay serves ${Object.keys(routes).join(", ")}`,
         "unknown_url",
       );
     }
@@ -776,8 +911,8 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       );
     }
     const read = readCredentials(request.headers.get("authorization"));
-    const valid = "credentials" in read && constantTimeEqual(read.credentials, expectedCredentials);
-    if (!valid) {
+    const user = "credentials" in read ? await authenticate(read.credentials) : undefined;
+    if (user === undefined) {
       authFailures.take(record.client);
       // A Basic challenge makes browsers pop up a login dialog: offer it only to non-browser clients.
       const challenge: Record<string, string> = origin === null
@@ -786,7 +921,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       const message = "problem" in read ? read.problem : "wrong username or password";
       return errorResponse(401, message, "invalid_api_key", challenge);
     }
-    record.user = config.username;
+    record.user = user;
 
     const waitFor = Math.max(userRequests.retryAfter(record.user), addressRequests.retryAfter(record.client));
     if (waitFor > 0) {
@@ -821,6 +956,21 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       }
       body = read.body;
       record.bytesIn = body.byteLength;
+      if (allowedModels.size > 0) {
+        const model = modelOf(body);
+        if (model === undefined || !allowedModels.has(model)) {
+          record.outcome = "model_not_allowed";
+          return errorResponse(
+            400,
+            model === undefined
+              ? 'this relay needs a JSON body with a "model" (ALLOWED_MODELS is set)'
+              : `model ${JSON.stringify(model.slice(0, 100))} is not allowed here; allowed: ${
+                config.allowedModels.join(", ")
+              }`,
+            "model_not_allowed",
+          );
+        }
+      }
     }
 
     const headers = new Headers(config.upstreamExtraHeaders);
@@ -921,7 +1071,10 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
 
     record.status = response.status;
     const contentLength = response.headers.get("content-length");
-    if (response.body !== null && response.status < 400 && !eventStream && contentLength !== null) {
+    const filterModels = allowedModels.size > 0 && upstreamPath === "/models" && response.ok;
+    if (
+      response.body !== null && response.status < 400 && !eventStream && contentLength !== null && !filterModels
+    ) {
       // A body of known length (a model list, a non-streamed answer) goes to the client inside Deno, without a
       // JavaScript step per chunk. It must arrive within REQUEST_TIMEOUT_SECONDS of its headers.
       const bodyTimer = setTimeout(
@@ -958,10 +1111,14 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     record.logWhenBodyEnds = relayedBody !== null;
     if (relayedBody !== null && response.status >= 400 && !eventStream && !response.headers.has("content-encoding")) {
       // Error bodies are small: read them to mask a provider key they might echo, and to say whose quota a 429 is.
-      relayedBody = await rewriteErrorBody(relayedBody, (text) => {
+      relayedBody = await rewriteBody(relayedBody, (text) => {
         const masked = maskSecrets(text);
         return response.status === 429 ? explainProviderRateLimit(masked, upstreamHost) : masked;
       });
+      responseHeaders.delete("content-length");
+    } else if (relayedBody !== null && filterModels && !response.headers.has("content-encoding")) {
+      // With ALLOWED_MODELS the model list shows only what may be used.
+      relayedBody = await rewriteBody(relayedBody, (text) => filterModelList(text, allowedModels));
       responseHeaders.delete("content-length");
     }
     return new Response(relayedBody, {
@@ -999,6 +1156,16 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     if (!record.logWhenBodyEnds) finish(record);
     return response;
   };
+}
+
+/** The `model` of a JSON request body, or undefined when the body is not JSON or names none. */
+function modelOf(body: Uint8Array): string | undefined {
+  try {
+    const model = JSON.parse(new TextDecoder().decode(body))?.model;
+    return typeof model === "string" ? model : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 /** What reading a client's request body produced: the bytes, or an error to send. */
@@ -1149,14 +1316,26 @@ function relayBody(
 /** The read buffer of each relayed stream: larger chunks simply take more than one read. */
 const RELAY_BUFFER_BYTES = 16 * 1024;
 
-/** The largest upstream error body the relay reads to rewrite; a larger one passes through untouched. */
-const MAX_ERROR_BODY_BYTES = 1024 * 1024;
+/** The largest upstream body the relay reads to rewrite; a larger one passes through untouched. */
+const MAX_REWRITTEN_BODY_BYTES = 1024 * 1024;
+
+/** Keeps only the allowed models in an OpenAI model list; anything else passes on unchanged. */
+function filterModelList(text: string, allowed: Set<string>): string {
+  try {
+    const list = JSON.parse(text);
+    if (!Array.isArray(list?.data)) return text;
+    list.data = list.data.filter((model: { id?: unknown }) => typeof model?.id === "string" && allowed.has(model.id));
+    return JSON.stringify(list);
+  } catch {
+    return text;
+  }
+}
 
 /**
- * Reads an (error) body and returns it rewritten by `rewrite`. A body larger than MAX_ERROR_BODY_BYTES is
+ * Reads a small body and returns it rewritten by `rewrite`. A body larger than MAX_REWRITTEN_BODY_BYTES is
  * passed on unchanged; one that fails while being read ends with the same error for the client.
  */
-async function rewriteErrorBody(
+async function rewriteBody(
   body: ReadableStream<Uint8Array>,
   rewrite: (text: string) => string,
 ): Promise<ReadableStream<Uint8Array>> {
@@ -1164,7 +1343,7 @@ async function rewriteErrorBody(
   const chunks: Uint8Array[] = [];
   let size = 0;
   try {
-    while (size <= MAX_ERROR_BODY_BYTES) {
+    while (size <= MAX_REWRITTEN_BODY_BYTES) {
       const { done, value } = await reader.read();
       if (done) {
         const text = new TextDecoder().decode(await new Blob(chunks as BlobPart[]).arrayBuffer());
@@ -1248,7 +1427,8 @@ export interface Logger {
  */
 export function createLogger(config: RelayConfig, sink: (line: string) => void = console.log): Logger {
   const threshold = LOG_LEVELS.indexOf(config.logLevel);
-  const secrets = [config.upstreamApiKey, config.password, ...Object.values(config.upstreamExtraHeaders)]
+  const passwords = config.users.flatMap((user) => user.password === undefined ? [] : [user.password]);
+  const secrets = [config.upstreamApiKey, ...passwords, ...Object.values(config.upstreamExtraHeaders)]
     .filter((secret) => secret.length >= 6)
     .flatMap((secret) => [secret, JSON.stringify(secret).slice(1, -1)]);
   const write = (level: LogLevel) => (msg: string, fields: Record<string, unknown> = {}) => {
@@ -1372,6 +1552,7 @@ Usage:
   mc-relay                 run the relay (configured by environment variables)
   mc-relay demo            run the relay in front of a built-in echo model, nothing to configure
   mc-relay healthcheck     request this relay's /health; exit 0 if it answers, 1 if not
+  mc-relay hash-password   read a password on stdin, print its hash for MC_RELAY_USERS
   mc-relay --version       print the version
   mc-relay --help          print this help
 
@@ -1380,6 +1561,8 @@ Required environment variables:
   UPSTREAM_API_KEY             provider API key (never sent to browsers or logged)
   MC_RELAY_USERNAME            user name; clients send "username:password" as their API key
   MC_RELAY_PASSWORD            password
+  (or, instead of or besides those two)
+  MC_RELAY_USERS               more users: name:password or name:pbkdf2-sha256:... entries, comma-separated
 
 Optional (default in brackets):
   ALLOWED_ORIGIN               comma-separated exact browser origins [none allowed]
@@ -1396,6 +1579,8 @@ Optional (default in brackets):
   AUTH_FAILURES_PER_MINUTE     failed sign-ins per client address per minute, then 429; 0 = no limit [${DEFAULTS.authFailuresPerMinute}]
   RATE_LIMIT_PER_MINUTE        requests per user and per client address per minute; 0 = no limit [${DEFAULTS.rateLimitPerMinute}]
   TRUST_PROXY                  true, or how many reverse proxies in front set X-Forwarded-For [false]
+  ALLOWED_MODELS               comma-separated models clients may use; others get 400 [any]
+  ALLOWED_PATHS                extra routes: /v1/embeddings, /v1/completions, /v1/responses [none]
 
 Docs: https://github.com/metaconfigurator/mc-relay#readme
 `;
@@ -1531,6 +1716,23 @@ async function healthcheck(env: RelayEnv): Promise<number> {
   }
 }
 
+/**
+ * `mc-relay hash-password`: reads a password from standard input (one line; no echo to the terminal is
+ * the shell's business, e.g. `read -rs`) and prints its PBKDF2 hash for MC_RELAY_USERS.
+ */
+async function hashPasswordCommand(): Promise<number> {
+  const input = await new Response(Deno.stdin.readable).text();
+  const password = input.replace(/\r?\n$/, "");
+  if (password.length === 0 || password.includes("\n") || password.includes(",")) {
+    console.error("mc-relay: give one password on standard input (no line breaks or commas), e.g.");
+    console.error("  printf '%s' 'the password' | mc-relay hash-password");
+    return 1;
+  }
+  if (password.length < 12) console.error("mc-relay: warning: the password is shorter than 12 characters");
+  console.log(await hashPassword(password));
+  return 0;
+}
+
 /** `mc-relay demo`: the relay in front of the built-in echo model, with generated credentials. */
 async function demo(env: RelayEnv): Promise<void> {
   if (env.UPSTREAM_BASE_URL) {
@@ -1556,7 +1758,7 @@ async function demo(env: RelayEnv): Promise<void> {
   const { config } = result;
   const shownHost = config.host === "0.0.0.0" || config.host === "127.0.0.1" ? "localhost" : config.host;
   const base = `http://${shownHost}:${config.port}`;
-  const apiKeyForClients = `${config.username}:${config.password}`;
+  const apiKeyForClients = `${config.users[0].name}:${config.users[0].password}`;
   console.log(`
 mc-relay demo: the relay runs in front of a built-in echo model; nothing leaves this machine.
 
@@ -1583,6 +1785,7 @@ export async function main(args: string[]): Promise<number> {
     console.log(`mc-relay ${VERSION}`);
     return 0;
   }
+  if (command === "hash-password") return await hashPasswordCommand();
   const env = readEnv();
   if (command === "healthcheck") return await healthcheck(env);
   if (command === "demo") {

@@ -7,7 +7,7 @@
  * none of them ever appeared in anything the relay logged or returned.
  */
 import assert from "node:assert/strict";
-import { constantTimeEqual, ENV_VARS, parseConfig, readCredentials } from "./main.ts";
+import { constantTimeEqual, ENV_VARS, hashPassword, parseConfig, readCredentials, type RelayConfig } from "./main.ts";
 import {
   ALLOWED,
   CANARY_EXTRA,
@@ -379,7 +379,9 @@ Deno.test("auth", async (t) => {
   });
 
   await t.step("a password containing a colon works with Bearer and Basic", async () => {
-    await using colonRelay = startRelay(testConfig(upstream.url, { password: `${CANARY_PASSWORD}:with:colons` }));
+    await using colonRelay = startRelay(
+      testConfig(upstream.url, { users: [{ name: USERNAME, password: `${CANARY_PASSWORD}:with:colons` }] }),
+    );
     const credentials = `${USERNAME}:${CANARY_PASSWORD}:with:colons`;
     assert.equal(
       (await colonRelay.call("/v1/models", { headers: { authorization: `Bearer ${credentials}` } })).status,
@@ -1265,6 +1267,178 @@ function seededRandom(seed: number): () => number {
     return ((value ^ (value >>> 14)) >>> 0) / 4294967296;
   };
 }
+
+// ---------------------------------------------------------------------------
+// Teams: several users, model allow-list, optional routes
+// ---------------------------------------------------------------------------
+
+Deno.test("teams", async (t) => {
+  await using upstream = startUpstream((request, seen) =>
+    seen.path === "/embeddings"
+      ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
+      : openAiLikeUpstream(request, seen)
+  );
+  const bobHash = await hashPassword("bob-password-456", 2000);
+  /** A relay configured through parseConfig, as the real process is. */
+  const relayFromEnv = (env: Record<string, string>, overrides: Partial<RelayConfig> = {}) => {
+    const result = parseConfig({ UPSTREAM_BASE_URL: upstream.url, UPSTREAM_API_KEY: CANARY_KEY, ...env });
+    assert.ok(result.ok, JSON.stringify(!result.ok && result.errors));
+    return startRelay({ ...result.config, authFailuresPerMinute: 0, ...overrides });
+  };
+
+  await t.step(
+    "every user of MC_RELAY_USERS signs in (plain or hashed), and each request is logged with its user",
+    async () => {
+      await using relay = relayFromEnv({ MC_RELAY_USERS: `alice:alice-password-123, bob:${bobHash}` });
+      const as = (credentials: string) =>
+        relay.call("/v1/models", { headers: { authorization: `Bearer ${credentials}` } });
+      assert.equal((await as("alice:alice-password-123")).status, 200);
+      assert.equal((await as("bob:bob-password-456")).status, 200);
+      assert.equal((await as("bob:bob-password-456")).status, 200, "the second time from the remembered check");
+      assert.equal((await as("bob:bob-password-45")).status, 401, "a wrong password after a right one still fails");
+      assert.equal((await as("alice:bob-password-456")).status, 401);
+      assert.equal((await as("carol:alice-password-123")).status, 401);
+      assert.deepEqual(relay.requestLogs().map((entry) => entry.user ?? null), [
+        "alice",
+        "bob",
+        "bob",
+        null,
+        null,
+        null,
+      ]);
+    },
+  );
+
+  await t.step("MC_RELAY_USERNAME/MC_RELAY_PASSWORD and MC_RELAY_USERS work together", async () => {
+    await using relay = relayFromEnv({
+      MC_RELAY_USERNAME: USERNAME,
+      MC_RELAY_PASSWORD: CANARY_PASSWORD,
+      MC_RELAY_USERS: "alice:alice-password-123",
+    });
+    assert.equal((await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } })).status, 200);
+    assert.equal(
+      (await relay.call("/v1/models", { headers: { authorization: "Bearer alice:alice-password-123" } })).status,
+      200,
+    );
+  });
+
+  await t.step("bad MC_RELAY_USERS entries are named by position, never with their secret", () => {
+    const result = parseConfig({
+      UPSTREAM_BASE_URL: upstream.url,
+      UPSTREAM_API_KEY: CANARY_KEY,
+      MC_RELAY_USERS:
+        `alice:${CANARY_PASSWORD},nocolon${CANARY_PASSWORD},bob:pbkdf2-sha256:1:${CANARY_PASSWORD},alice:x2-${CANARY_PASSWORD}`,
+    });
+    assert.ok(!result.ok);
+    assert.deepEqual(result.errors.map((line) => line.split(" has")[0].split(" must")[0]), [
+      "MC_RELAY_USERS entry 2",
+      "MC_RELAY_USERS entry 3",
+      "MC_RELAY_USERS names a user twice: alice",
+    ]);
+    assert.ok(!result.errors.join("\n").includes(CANARY_PASSWORD));
+  });
+
+  await t.step("the limits apply per user: one user's quota does not block another", async () => {
+    await using relay = relayFromEnv(
+      { MC_RELAY_USERS: `alice:alice-password-123,bob:${bobHash}`, TRUST_PROXY: "true" },
+      { rateLimitPerMinute: 1 },
+    );
+    const as = (credentials: string, address: string) =>
+      relay.call("/v1/models", { headers: { authorization: `Bearer ${credentials}`, "x-forwarded-for": address } });
+    assert.equal((await as("alice:alice-password-123", "198.51.100.1")).status, 200);
+    assert.equal((await as("alice:alice-password-123", "198.51.100.2")).status, 429, "alice's own quota is used up");
+    assert.equal((await as("bob:bob-password-456", "198.51.100.3")).status, 200, "bob still has his");
+  });
+
+  await t.step("ALLOWED_MODELS refuses other models with 400 before the upstream is called", async () => {
+    await using relay = relayFromEnv({
+      MC_RELAY_USERNAME: USERNAME,
+      MC_RELAY_PASSWORD: CANARY_PASSWORD,
+      ALLOWED_MODELS: "gpt-test, gpt-other",
+    });
+    const chat = (body: string) =>
+      relay.call("/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+        body,
+      });
+    const before = upstream.requests.length;
+    const refused = await chat(chatBody({ model: "gpt-expensive" }));
+    assert.equal(refused.status, 400);
+    assert.equal(refused.json().error.code, "model_not_allowed");
+    assert.match(refused.json().error.message, /"gpt-expensive" is not allowed here; allowed: gpt-test, gpt-other/);
+    assert.equal((await chat("not json")).status, 400);
+    assert.equal(upstream.requests.length, before);
+    assert.equal((await chat(chatBody({ model: "gpt-test" }))).status, 200);
+  });
+
+  await t.step("with ALLOWED_MODELS, GET /v1/models lists only the allowed models", async () => {
+    await using listing = startUpstream(() =>
+      Response.json({ object: "list", data: ["gpt-test", "gpt-expensive", "gpt-other"].map((id) => ({ id })) })
+    );
+    const result = parseConfig({
+      UPSTREAM_BASE_URL: listing.url,
+      UPSTREAM_API_KEY: CANARY_KEY,
+      MC_RELAY_USERNAME: USERNAME,
+      MC_RELAY_PASSWORD: CANARY_PASSWORD,
+      ALLOWED_MODELS: "gpt-test,gpt-other",
+    });
+    assert.ok(result.ok);
+    await using relay = startRelay(result.config);
+    const models = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+    assert.deepEqual(models.json().data.map((model: { id: string }) => model.id), ["gpt-test", "gpt-other"]);
+  });
+
+  await t.step(
+    "ALLOWED_PATHS switches on /v1/embeddings, /v1/completions and /v1/responses; unlisted they are 404",
+    async () => {
+      await using plain = relayFromEnv({ MC_RELAY_USERNAME: USERNAME, MC_RELAY_PASSWORD: CANARY_PASSWORD });
+      const embed = (relay: typeof plain) =>
+        relay.call("/v1/embeddings", {
+          method: "POST",
+          headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+          body: '{"model":"e","input":"hi"}',
+        });
+      assert.equal((await embed(plain)).status, 404);
+      await using open = relayFromEnv({
+        MC_RELAY_USERNAME: USERNAME,
+        MC_RELAY_PASSWORD: CANARY_PASSWORD,
+        ALLOWED_PATHS: "/v1/embeddings,/v1/responses",
+      });
+      const embedded = await embed(open);
+      assert.equal(embedded.status, 200);
+      assert.equal(upstream.requests.at(-1)!.path, "/embeddings");
+      assert.equal(
+        (await open.call("/v1/completions", { method: "POST", headers: { authorization: GOOD_BEARER } })).status,
+        404,
+      );
+      const refused = parseConfig({ ...minimalEnv, ALLOWED_PATHS: "/v1/files" });
+      assert.ok(!refused.ok);
+      assert.match(refused.errors[0], /^ALLOWED_PATHS may list \/v1\/embeddings, \/v1\/completions, \/v1\/responses/);
+    },
+  );
+
+  await t.step("hash-password reads a password on stdin and prints a hash the relay accepts", async () => {
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-P", "main.ts", "hash-password"],
+      cwd: new URL(".", import.meta.url).pathname,
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const writer = child.stdin.getWriter();
+    await writer.write(encoder.encode("carol-password-789\n"));
+    await writer.close();
+    const output = await child.output();
+    assert.equal(output.code, 0, decoder.decode(output.stderr));
+    const hash = decoder.decode(output.stdout).trim();
+    assert.match(hash, /^pbkdf2-sha256:600000:[A-Za-z0-9_-]{22}:[A-Za-z0-9_-]{43}$/);
+    assert.ok(!hash.includes("carol-password-789"));
+    await using relay = relayFromEnv({ MC_RELAY_USERS: `carol:${hash}` });
+    const response = await relay.call("/v1/models", { headers: { authorization: "Bearer carol:carol-password-789" } });
+    assert.equal(response.status, 200);
+  });
+});
 
 // ---------------------------------------------------------------------------
 // Logging
