@@ -45,6 +45,7 @@ export const ENV_VARS = [
   "MC_RELAY_USERS",
   "ALLOWED_MODELS",
   "ALLOWED_PATHS",
+  "UPSTREAMS_JSON",
 ] as const;
 
 /** The name of one environment variable the relay reads. */
@@ -61,16 +62,8 @@ export type LogLevel = typeof LOG_LEVELS[number];
 
 /** The relay's validated configuration; `createHandler` is built from it. */
 export interface RelayConfig {
-  /** Upstream base URL without a trailing slash, e.g. `https://api.openai.com/v1`. */
-  upstreamBaseUrl: string;
-  /** The provider key; sent upstream only, never to clients or logs. */
-  upstreamApiKey: string;
-  /** Header that carries the provider key (`Authorization`, `api-key`, `x-api-key`). */
-  upstreamAuthHeader: string;
-  /** Prefix before the key in that header (`Bearer`); empty for a raw key. */
-  upstreamAuthPrefix: string;
-  /** Extra headers sent with every upstream request. */
-  upstreamExtraHeaders: Record<string, string>;
+  /** The upstreams: the one of UPSTREAM_BASE_URL (named "default") first, then those of UPSTREAMS_JSON. */
+  upstreams: Upstream[];
   /** Who may use the relay: MC_RELAY_USERNAME/MC_RELAY_PASSWORD and the entries of MC_RELAY_USERS. */
   users: RelayUser[];
   /** Models clients may ask for (ALLOWED_MODELS); empty allows any. */
@@ -101,6 +94,22 @@ export interface RelayConfig {
   rateLimitPerMinute: number;
   /** How many reverse proxies in front append to X-Forwarded-For; 0 ignores the header (it could be spoofed). */
   trustProxyHops: number;
+}
+
+/** One OpenAI-compatible upstream and how to authenticate to it. */
+export interface Upstream {
+  /** Its name: in logs, as a model prefix (`name/model`) and in merged model lists. */
+  name: string;
+  /** Base URL without a trailing slash, e.g. `https://api.openai.com/v1`. */
+  baseUrl: string;
+  /** The provider key; sent to this upstream only, never to clients or logs. */
+  apiKey: string;
+  /** Header that carries the key (`Authorization`, `api-key`, `x-api-key`). */
+  authHeader: string;
+  /** Prefix before the key in that header (`Bearer`); empty for a raw key. */
+  authPrefix: string;
+  /** Extra headers sent with every request to this upstream. */
+  extraHeaders: Record<string, string>;
 }
 
 /** One relay user: a name and either a plain password or a PBKDF2 hash of it. */
@@ -188,16 +197,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
   const warnings: string[] = [];
   const value = (name: EnvVar) => env[name]?.trim() || undefined;
 
-  const upstreamBaseUrl = parseUpstreamBaseUrl(value("UPSTREAM_BASE_URL"), errors);
-
-  const upstreamApiKey = env.UPSTREAM_API_KEY?.trim() ?? "";
-  if (!upstreamApiKey) {
-    errors.push(
-      "UPSTREAM_API_KEY is required: the provider's API key (for a local server that needs none, any placeholder such as 'none')",
-    );
-  } else if (!HEADER_VALUE.test(upstreamApiKey)) {
-    errors.push("UPSTREAM_API_KEY contains control characters; paste the key alone, without line breaks");
-  }
+  const upstreams = parseUpstreams(env, errors);
 
   const users = parseUsers(env, errors, warnings);
   const allowedModels = (value("ALLOWED_MODELS") ?? "").split(",").map((model) => model.trim()).filter(Boolean);
@@ -283,26 +283,6 @@ export function parseConfig(env: RelayEnv): ConfigResult {
     );
   }
 
-  const upstreamAuthHeader = value("UPSTREAM_AUTH_HEADER") ?? DEFAULTS.upstreamAuthHeader;
-  if (!HEADER_NAME.test(upstreamAuthHeader) || RESERVED_UPSTREAM_HEADERS.has(upstreamAuthHeader.toLowerCase())) {
-    errors.push(
-      `UPSTREAM_AUTH_HEADER must be a header name such as Authorization, api-key or x-api-key, got "${upstreamAuthHeader}"`,
-    );
-  }
-  // Unset means "Bearer"; set but empty means "send the raw key".
-  const upstreamAuthPrefix = env.UPSTREAM_AUTH_PREFIX === undefined
-    ? DEFAULTS.upstreamAuthPrefix
-    : env.UPSTREAM_AUTH_PREFIX.trim();
-  if (!HEADER_VALUE.test(upstreamAuthPrefix) || /\s/.test(upstreamAuthPrefix)) {
-    errors.push('UPSTREAM_AUTH_PREFIX must be one word such as "Bearer", or empty for a raw key');
-  }
-
-  const upstreamExtraHeaders = parseExtraHeaders(
-    value("UPSTREAM_EXTRA_HEADERS_JSON"),
-    upstreamAuthHeader,
-    errors,
-  );
-
   const rawLevel = value("LOG_LEVEL")?.toLowerCase() ?? DEFAULTS.logLevel;
   const logLevel = (LOG_LEVELS as readonly string[]).includes(rawLevel) ? rawLevel as LogLevel : DEFAULTS.logLevel;
   if (logLevel !== rawLevel) {
@@ -322,11 +302,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
     ok: true,
     warnings,
     config: {
-      upstreamBaseUrl: upstreamBaseUrl!,
-      upstreamApiKey,
-      upstreamAuthHeader,
-      upstreamAuthPrefix,
-      upstreamExtraHeaders,
+      upstreams,
       users,
       allowedModels,
       extraRoutes: [...new Set(extraRoutes)],
@@ -432,29 +408,161 @@ export async function verifyPasswordHash(password: string, stored: PasswordHash)
   return difference === 0;
 }
 
-function parseUpstreamBaseUrl(raw: string | undefined, errors: string[]): string | undefined {
+/**
+ * The upstreams: UPSTREAM_BASE_URL with UPSTREAM_API_KEY and its UPSTREAM_AUTH_* and extra headers (required
+ * unless UPSTREAMS_JSON is set), then the entries of UPSTREAMS_JSON. Keys are checked, never repeated.
+ */
+function parseUpstreams(env: RelayEnv, errors: string[]): Upstream[] {
+  const value = (name: EnvVar) => env[name]?.trim() || undefined;
+  const upstreams: Upstream[] = [];
+  const listed = value("UPSTREAMS_JSON");
+  if (value("UPSTREAM_BASE_URL") || value("UPSTREAM_API_KEY") || !listed) {
+    const baseUrl = parseBaseUrl(value("UPSTREAM_BASE_URL"), "UPSTREAM_BASE_URL", errors);
+    const apiKey = parseApiKey(env.UPSTREAM_API_KEY, "UPSTREAM_API_KEY", errors);
+    const authHeader = parseAuthHeader(value("UPSTREAM_AUTH_HEADER"), "UPSTREAM_AUTH_HEADER", errors);
+    // Unset means "Bearer"; set but empty means "send the raw key".
+    const authPrefix = parseAuthPrefix(env.UPSTREAM_AUTH_PREFIX, "UPSTREAM_AUTH_PREFIX", errors);
+    let extraHeaders: Record<string, string> = {};
+    const extraJson = value("UPSTREAM_EXTRA_HEADERS_JSON");
+    if (extraJson) {
+      try {
+        extraHeaders = parseHeaders(JSON.parse(extraJson), "UPSTREAM_EXTRA_HEADERS_JSON", authHeader, errors);
+      } catch {
+        errors.push(`UPSTREAM_EXTRA_HEADERS_JSON is not valid JSON; it must be ${HEADERS_EXAMPLE}`);
+      }
+    }
+    if (baseUrl && apiKey) upstreams.push({ name: "default", baseUrl, apiKey, authHeader, authPrefix, extraHeaders });
+  }
+  if (listed) {
+    const example =
+      'a JSON array like [{"name":"openai","baseUrl":"https://api.openai.com/v1","apiKey":"sk-..."}] (optional: authHeader, authPrefix, extraHeaders)';
+    let entries: unknown;
+    try {
+      entries = JSON.parse(listed);
+    } catch {
+      errors.push(`UPSTREAMS_JSON is not valid JSON; it must be ${example}`);
+    }
+    if (entries !== undefined && (!Array.isArray(entries) || entries.length === 0)) {
+      errors.push(`UPSTREAMS_JSON must be ${example}`);
+    }
+    for (const [index, entry] of (Array.isArray(entries) ? entries : []).entries()) {
+      const where = `UPSTREAMS_JSON entry ${index + 1}`;
+      if (typeof entry !== "object" || entry === null) {
+        errors.push(`${where} must be an object with name, baseUrl and apiKey`);
+        continue;
+      }
+      const { name, baseUrl, apiKey, authHeader, authPrefix, extraHeaders } = entry as Record<string, unknown>;
+      const text = (field: unknown) => typeof field === "string" ? field.trim() || undefined : undefined;
+      if (typeof name !== "string" || !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(name)) {
+        errors.push(`${where} needs a "name" of letters, digits, '.', '_' or '-', e.g. "openai"`);
+      }
+      const upstream: Upstream = {
+        name: String(name),
+        baseUrl: parseBaseUrl(text(baseUrl), `${where} baseUrl`, errors) ?? "",
+        apiKey: parseApiKey(typeof apiKey === "string" ? apiKey : undefined, `${where} apiKey`, errors) ?? "",
+        authHeader: parseAuthHeader(text(authHeader), `${where} authHeader`, errors),
+        authPrefix: parseAuthPrefix(
+          typeof authPrefix === "string" ? authPrefix : undefined,
+          `${where} authPrefix`,
+          errors,
+        ),
+        extraHeaders: {},
+      };
+      if (extraHeaders !== undefined) {
+        upstream.extraHeaders = parseHeaders(extraHeaders, `${where} extraHeaders`, upstream.authHeader, errors);
+      }
+      upstreams.push(upstream);
+    }
+  }
+  const names = upstreams.map((upstream) => upstream.name);
+  const repeated = names.filter((name, index) => names.indexOf(name) !== index);
+  if (repeated.length > 0) {
+    errors.push(
+      `UPSTREAMS_JSON names an upstream twice (the first is "default"): ${[...new Set(repeated)].join(", ")}`,
+    );
+  }
+  return upstreams;
+}
+
+function parseBaseUrl(raw: string | undefined, label: string, errors: string[]): string | undefined {
   const example = "e.g. https://api.openai.com/v1 or http://localhost:11434/v1";
   if (!raw) {
-    errors.push(`UPSTREAM_BASE_URL is required: the provider's OpenAI-compatible base URL, ${example}`);
+    errors.push(`${label} is required: the provider's OpenAI-compatible base URL, ${example}`);
     return undefined;
   }
   let url: URL;
   try {
     url = new URL(raw);
   } catch {
-    errors.push(`UPSTREAM_BASE_URL must be an absolute http(s) URL, ${example}`);
+    errors.push(`${label} must be an absolute http(s) URL, ${example}`);
     return undefined;
   }
   if (url.protocol !== "http:" && url.protocol !== "https:") {
-    errors.push(`UPSTREAM_BASE_URL must start with http:// or https://, ${example}`);
+    errors.push(`${label} must start with http:// or https://, ${example}`);
   } else if (url.username || url.password) {
-    errors.push("UPSTREAM_BASE_URL must not contain credentials (user:pass@); put the key in UPSTREAM_API_KEY");
+    errors.push(`${label} must not contain credentials (user:pass@); put the key in the API key setting`);
   } else if (url.search || url.hash) {
-    errors.push(`UPSTREAM_BASE_URL must not have a query or fragment, ${example}`);
+    errors.push(`${label} must not have a query or fragment, ${example}`);
   } else {
     return url.href.replace(/\/+$/, "");
   }
   return undefined;
+}
+
+function parseApiKey(raw: string | undefined, label: string, errors: string[]): string | undefined {
+  const key = raw?.trim() ?? "";
+  if (!key) {
+    errors.push(
+      `${label} is required: the provider's API key (for a local server that needs none, any placeholder such as 'none')`,
+    );
+  } else if (!HEADER_VALUE.test(key)) {
+    errors.push(`${label} contains control characters; paste the key alone, without line breaks`);
+  } else {
+    return key;
+  }
+  return undefined;
+}
+
+function parseAuthHeader(raw: string | undefined, label: string, errors: string[]): string {
+  const header = raw ?? DEFAULTS.upstreamAuthHeader;
+  if (!HEADER_NAME.test(header) || RESERVED_UPSTREAM_HEADERS.has(header.toLowerCase())) {
+    errors.push(`${label} must be a header name such as Authorization, api-key or x-api-key, got "${header}"`);
+  }
+  return header;
+}
+
+function parseAuthPrefix(raw: string | undefined, label: string, errors: string[]): string {
+  const prefix = raw === undefined ? DEFAULTS.upstreamAuthPrefix : raw.trim();
+  if (!HEADER_VALUE.test(prefix) || /\s/.test(prefix)) {
+    errors.push(`${label} must be one word such as "Bearer", or empty for a raw key`);
+  }
+  return prefix;
+}
+
+const HEADERS_EXAMPLE =
+  'a JSON object of header names to string values, e.g. {"HTTP-Referer":"https://example.com","X-Title":"MC"}';
+
+/** Checks extra upstream headers: valid names, not ones the relay sets, single-line string values. */
+function parseHeaders(parsed: unknown, label: string, authHeader: string, errors: string[]): Record<string, string> {
+  if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) {
+    errors.push(`${label} must be ${HEADERS_EXAMPLE}`);
+    return {};
+  }
+  const headers: Record<string, string> = {};
+  for (const [name, headerValue] of Object.entries(parsed)) {
+    const lower = name.toLowerCase();
+    if (!HEADER_NAME.test(name)) {
+      errors.push(`${label} has an invalid header name "${name}"; it must be ${HEADERS_EXAMPLE}`);
+    } else if (RESERVED_UPSTREAM_HEADERS.has(lower) || lower === authHeader.toLowerCase()) {
+      errors.push(`${label} may not set "${name}": the relay sets it (the key goes in the API key setting)`);
+    } else if (typeof headerValue !== "string" || !HEADER_VALUE.test(headerValue)) {
+      // The value may be a secret: name the header, never repeat the value.
+      errors.push(`${label} header "${name}" must have a single-line string value`);
+    } else {
+      headers[name] = headerValue;
+    }
+  }
+  return headers;
 }
 
 function parseAllowedOrigins(raw: string | undefined, errors: string[]): string[] {
@@ -494,40 +602,6 @@ function parseNumber(
     return fallback;
   }
   return number;
-}
-
-function parseExtraHeaders(raw: string | undefined, authHeader: string, errors: string[]): Record<string, string> {
-  if (!raw) return {};
-  const example =
-    'a JSON object of header names to string values, e.g. {"HTTP-Referer":"https://example.com","X-Title":"MC"}';
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(raw);
-  } catch {
-    errors.push(`UPSTREAM_EXTRA_HEADERS_JSON is not valid JSON; it must be ${example}`);
-    return {};
-  }
-  if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) {
-    errors.push(`UPSTREAM_EXTRA_HEADERS_JSON must be ${example}`);
-    return {};
-  }
-  const headers: Record<string, string> = {};
-  for (const [name, headerValue] of Object.entries(parsed)) {
-    const lower = name.toLowerCase();
-    if (!HEADER_NAME.test(name)) {
-      errors.push(`UPSTREAM_EXTRA_HEADERS_JSON has an invalid header name "${name}"; it must be ${example}`);
-    } else if (RESERVED_UPSTREAM_HEADERS.has(lower) || lower === authHeader.toLowerCase()) {
-      errors.push(
-        `UPSTREAM_EXTRA_HEADERS_JSON may not set "${name}": the relay sets it (the key goes in UPSTREAM_API_KEY)`,
-      );
-    } else if (typeof headerValue !== "string" || !HEADER_VALUE.test(headerValue)) {
-      // The value may be a secret: name the header, never repeat the value.
-      errors.push(`UPSTREAM_EXTRA_HEADERS_JSON header "${name}" must have a single-line string value`);
-    } else {
-      headers[name] = headerValue;
-    }
-  }
-  return headers;
 }
 
 // ---------------------------------------------------------------------------
@@ -776,6 +850,8 @@ interface RequestRecord {
   bytesIn: number;
   bytesOut: number;
   user?: string;
+  /** The upstream's name, when there are several. */
+  upstream?: string;
   outcome?: string;
   error?: string;
   /** True while an upstream body is relayed: the log line is written when it ends. */
@@ -830,12 +906,23 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     verifiedHashes.set(digest, true);
     return name;
   }
-  const upstreamHost = new URL(config.upstreamBaseUrl).host;
-  const upstreamAuthValue = config.upstreamAuthPrefix
-    ? `${config.upstreamAuthPrefix} ${config.upstreamApiKey}`
-    : config.upstreamApiKey;
-  const secretsInBodies = [config.upstreamApiKey, ...Object.values(config.upstreamExtraHeaders)]
+  const upstreams = config.upstreams.map((upstream) => ({
+    ...upstream,
+    host: new URL(upstream.baseUrl).host,
+    authValue: upstream.authPrefix ? `${upstream.authPrefix} ${upstream.apiKey}` : upstream.apiKey,
+  }));
+  const upstreamsByName = new Map(upstreams.map((upstream) => [upstream.name, upstream]));
+  const secretsInBodies = upstreams.flatMap((upstream) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)])
     .filter((secret) => secret.length >= 8);
+  /** The headers every request to `target` carries: its extra headers, its key, and the relay's own. */
+  const upstreamHeaders = (target: typeof upstreams[number]) => {
+    const headers = new Headers(target.extraHeaders);
+    // Ask for the body as the upstream has it, so it passes through byte for byte.
+    headers.set("accept-encoding", "identity");
+    headers.set("user-agent", `mc-relay/${VERSION}`);
+    headers.set(target.authHeader, target.authValue);
+    return headers;
+  };
   const maskSecrets = (text: string) =>
     secretsInBodies.reduce((masked, secret) => masked.replaceAll(secret, "[REDACTED]"), text);
   const now = options.now ?? Date.now;
@@ -851,6 +938,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       path: record.path,
       client: record.client,
       user: record.user,
+      upstream: record.upstream,
       status: record.status,
       upstream_status: record.upstreamStatus,
       duration_ms: Math.round((performance.now() - record.startedAt) * 10) / 10,
@@ -939,6 +1027,49 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     return await proxy(request, url, route.upstreamPath, record, cors, completed);
   }
 
+  /** GET /v1/models with several upstreams: every upstream's list, ids prefixed with the upstream's name. */
+  async function mergedModels(record: RequestRecord): Promise<Response> {
+    const lists = await Promise.all(upstreams.map(async (target) => {
+      const abort = new AbortController();
+      const timer = setTimeout(() => abort.abort(), config.requestTimeoutMs);
+      try {
+        const response = await fetch(`${target.baseUrl}/models`, {
+          headers: upstreamHeaders(target),
+          signal: abort.signal,
+          redirect: "manual",
+        });
+        if (!response.ok) {
+          await response.body?.cancel();
+          return { name: target.name, error: `HTTP ${response.status}`, models: [] };
+        }
+        const list = await response.json();
+        return { name: target.name, models: Array.isArray(list?.data) ? list.data as { id?: unknown }[] : [] };
+      } catch (error) {
+        return { name: target.name, error: describeNetworkError(errorText(error)), models: [] };
+      } finally {
+        clearTimeout(timer);
+      }
+    }));
+    const data = lists.flatMap(({ name, models }) =>
+      models.filter((entry) => typeof entry?.id === "string").map((entry) => ({ ...entry, id: `${name}/${entry.id}` }))
+    ).filter(({ id }) =>
+      allowedModels.size === 0 || allowedModels.has(id) || allowedModels.has(id.slice(id.indexOf("/") + 1))
+    );
+    const failed = lists.filter((list) => list.error).map((list) => `${list.name} (${list.error})`);
+    if (failed.length > 0) record.error = `model lists missing: ${failed.join(", ")}`;
+    if (failed.length === lists.length) {
+      record.outcome = "upstream_unreachable";
+      return errorResponse(
+        502,
+        `no upstream answered for its model list: ${failed.join(", ")}`,
+        "upstream_unreachable",
+      );
+    }
+    record.outcome = failed.length > 0 ? "partial" : "completed";
+    record.upstreamStatus = 200;
+    return Response.json({ object: "list", data });
+  }
+
   async function proxy(
     request: Request,
     url: URL,
@@ -956,32 +1087,61 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       }
       body = read.body;
       record.bytesIn = body.byteLength;
-      if (allowedModels.size > 0) {
-        const model = modelOf(body);
-        if (model === undefined || !allowedModels.has(model)) {
-          record.outcome = "model_not_allowed";
-          return errorResponse(
-            400,
-            model === undefined
-              ? 'this relay needs a JSON body with a "model" (ALLOWED_MODELS is set)'
-              : `model ${JSON.stringify(model.slice(0, 100))} is not allowed here; allowed: ${
-                config.allowedModels.join(", ")
-              }`,
-            "model_not_allowed",
-          );
-        }
-      }
     }
 
-    const headers = new Headers(config.upstreamExtraHeaders);
+    // Which upstream: a model prefix naming one ("openai/gpt-4o"), else MC's X-Relay-Endpoint, else the first.
+    // With a single upstream X-Relay-Endpoint is ignored: the operator's configuration decides, not the browser.
+    let target = upstreams[0];
+    let model = body !== undefined && (upstreams.length > 1 || allowedModels.size > 0) ? modelOf(body) : undefined;
+    if (upstreams.length > 1) {
+      const slash = model?.indexOf("/") ?? -1;
+      const byModel = slash > 0 ? upstreamsByName.get(model!.slice(0, slash)) : undefined;
+      const endpoint = request.headers.get("x-relay-endpoint")?.trim().replace(/\/+$/, "");
+      if (byModel) {
+        target = byModel;
+        model = model!.slice(slash + 1);
+        body = withModel(body!, model);
+      } else if (endpoint) {
+        const byEndpoint = upstreams.find((upstream) =>
+          endpoint === upstream.baseUrl || endpoint.startsWith(`${upstream.baseUrl}/`)
+        );
+        if (!byEndpoint) {
+          record.outcome = "unknown_upstream";
+          return errorResponse(
+            400,
+            `X-Relay-Endpoint ${JSON.stringify(endpoint.slice(0, 200))} matches none of this relay's upstreams (${
+              upstreams.map((upstream) => upstream.name).join(", ")
+            }); set MC's endpoint to one of their base URLs`,
+            "unknown_upstream",
+          );
+        }
+        target = byEndpoint;
+      } else if (upstreamPath === "/models") {
+        return await mergedModels(record);
+      }
+      record.upstream = target.name;
+    }
+    if (body !== undefined && allowedModels.size > 0) {
+      if (model === undefined || !(allowedModels.has(model) || allowedModels.has(`${target.name}/${model}`))) {
+        record.outcome = "model_not_allowed";
+        return errorResponse(
+          400,
+          model === undefined
+            ? 'this relay needs a JSON body with a "model" (ALLOWED_MODELS is set)'
+            : `model ${JSON.stringify(model.slice(0, 100))} is not allowed here; allowed: ${
+              config.allowedModels.join(", ")
+            }`,
+          "model_not_allowed",
+        );
+      }
+    }
+    const upstreamHost = target.host;
+
+    const headers = upstreamHeaders(target);
     for (const name of ["content-type", "accept"]) {
       const value = request.headers.get(name);
       if (value !== null) headers.set(name, value);
     }
-    // Ask for the body as the upstream has it, so it passes through byte for byte.
-    headers.set("accept-encoding", "identity");
-    headers.set("user-agent", `mc-relay/${VERSION}`);
-    headers.set(config.upstreamAuthHeader, upstreamAuthValue);
 
     const upstream = new AbortController();
     // Deno fires request.signal when the client goes away, and also once a response is complete;
@@ -995,7 +1155,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
 
     let response: Response;
     try {
-      response = await fetch(`${config.upstreamBaseUrl}${upstreamPath}${url.search}`, {
+      response = await fetch(`${target.baseUrl}${upstreamPath}${url.search}`, {
         method: request.method,
         headers,
         body,
@@ -1038,15 +1198,17 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       await response.body?.cancel();
       request.signal.removeEventListener("abort", onClientGone);
       record.outcome = "upstream_redirect";
-      let target = "another location";
+      let redirectTarget = "another location";
       try {
-        target = new URL(response.headers.get("location")!, config.upstreamBaseUrl).host;
+        redirectTarget = new URL(response.headers.get("location")!, target.baseUrl).host;
       } catch {
         // keep the generic wording
       }
       return errorResponse(
         502,
-        `the upstream ${upstreamHost} redirected to ${target}; set UPSTREAM_BASE_URL to the final URL`,
+        `the upstream ${upstreamHost} redirected to ${redirectTarget}; set ${
+          target.name === "default" ? "UPSTREAM_BASE_URL" : `the baseUrl of upstream "${target.name}"`
+        } to the final URL`,
         "upstream_redirect",
       );
     }
@@ -1166,6 +1328,13 @@ function modelOf(body: Uint8Array): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** The JSON body with another `model` (the upstream prefix taken off). */
+function withModel(body: Uint8Array<ArrayBuffer>, model: string): Uint8Array<ArrayBuffer> {
+  const payload = JSON.parse(new TextDecoder().decode(body));
+  payload.model = model;
+  return textEncoder.encode(JSON.stringify(payload)) as Uint8Array<ArrayBuffer>;
 }
 
 /** What reading a client's request body produced: the bytes, or an error to send. */
@@ -1428,7 +1597,10 @@ export interface Logger {
 export function createLogger(config: RelayConfig, sink: (line: string) => void = console.log): Logger {
   const threshold = LOG_LEVELS.indexOf(config.logLevel);
   const passwords = config.users.flatMap((user) => user.password === undefined ? [] : [user.password]);
-  const secrets = [config.upstreamApiKey, ...passwords, ...Object.values(config.upstreamExtraHeaders)]
+  const upstreamSecrets = config.upstreams.flatMap((
+    upstream,
+  ) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)]);
+  const secrets = [...upstreamSecrets, ...passwords]
     .filter((secret) => secret.length >= 6)
     .flatMap((secret) => [secret, JSON.stringify(secret).slice(1, -1)]);
   const write = (level: LogLevel) => (msg: string, fields: Record<string, unknown> = {}) => {
@@ -1559,6 +1731,8 @@ Usage:
 Required environment variables:
   UPSTREAM_BASE_URL            provider base URL, e.g. https://api.openai.com/v1
   UPSTREAM_API_KEY             provider API key (never sent to browsers or logged)
+  (or, instead of or besides those two)
+  UPSTREAMS_JSON               several upstreams: [{"name","baseUrl","apiKey","authHeader","authPrefix","extraHeaders"}]
   MC_RELAY_USERNAME            user name; clients send "username:password" as their API key
   MC_RELAY_PASSWORD            password
   (or, instead of or besides those two)
@@ -1635,7 +1809,9 @@ export async function serve(config: RelayConfig, warnings: string[] = []): Promi
       const shown = hostname.includes(":") ? `[${hostname}]` : hostname;
       log.info(`mc-relay ${VERSION} listening`, {
         url: `${tls ? "https" : "http"}://${shown}:${port}`,
-        upstream: new URL(config.upstreamBaseUrl).host,
+        upstream: new URL(config.upstreams[0].baseUrl).host,
+        ...(config.upstreams.length > 1 &&
+          { upstreams: config.upstreams.map((upstream) => `${upstream.name}=${new URL(upstream.baseUrl).host}`) }),
         allowed_origins: config.allowedOrigins,
       });
     },

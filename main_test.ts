@@ -34,6 +34,7 @@ import {
   startRelay,
   startUpstream,
   testConfig,
+  testUpstream,
   USERNAME,
   within,
 } from "./testing.ts";
@@ -47,13 +48,15 @@ Deno.test("configuration", async (t) => {
     const result = parseConfig(minimalEnv);
     assert.ok(result.ok);
     const { config } = result;
-    assert.equal(config.upstreamBaseUrl, "https://api.openai.com/v1");
+    assert.equal(config.upstreams.length, 1);
+    assert.equal(config.upstreams[0].name, "default");
+    assert.equal(config.upstreams[0].baseUrl, "https://api.openai.com/v1");
     assert.equal(config.port, 8080);
     assert.equal(config.host, "0.0.0.0");
     assert.equal(config.requestTimeoutMs, 180_000);
     assert.equal(config.maxRequestBytes, 32 * 1024 * 1024);
-    assert.equal(config.upstreamAuthHeader, "Authorization");
-    assert.equal(config.upstreamAuthPrefix, "Bearer");
+    assert.equal(config.upstreams[0].authHeader, "Authorization");
+    assert.equal(config.upstreams[0].authPrefix, "Bearer");
     assert.equal(config.logLevel, "info");
     assert.deepEqual(config.allowedOrigins, []);
     assert.match(result.warnings.join("\n"), /ALLOWED_ORIGIN is not set: no browser origin/);
@@ -101,13 +104,13 @@ Deno.test("configuration", async (t) => {
     assert.deepEqual(named, [
       "UPSTREAM_BASE_URL",
       "UPSTREAM_API_KEY",
+      "UPSTREAM_AUTH_HEADER",
+      "UPSTREAM_EXTRA_HEADERS_JSON",
       "MC_RELAY_USERNAME",
       "MC_RELAY_PASSWORD",
       "PORT",
       "REQUEST_TIMEOUT_SECONDS",
       "MAX_REQUEST_BYTES",
-      "UPSTREAM_AUTH_HEADER",
-      "UPSTREAM_EXTRA_HEADERS_JSON",
       "LOG_LEVEL",
       "TLS_CERT_FILE",
     ]);
@@ -118,8 +121,8 @@ Deno.test("configuration", async (t) => {
   await t.step("an empty UPSTREAM_AUTH_PREFIX means the raw key", () => {
     const result = parseConfig({ ...minimalEnv, UPSTREAM_AUTH_HEADER: "api-key", UPSTREAM_AUTH_PREFIX: "" });
     assert.ok(result.ok);
-    assert.equal(result.config.upstreamAuthHeader, "api-key");
-    assert.equal(result.config.upstreamAuthPrefix, "");
+    assert.equal(result.config.upstreams[0].authHeader, "api-key");
+    assert.equal(result.config.upstreams[0].authPrefix, "");
   });
 
   await t.step("secret values are never repeated in an error", () => {
@@ -586,7 +589,9 @@ Deno.test("upstream request and response", async (t) => {
     "UPSTREAM_AUTH_HEADER and an empty UPSTREAM_AUTH_PREFIX send the raw key (Azure's api-key)",
     async () => {
       await using azure = startRelay(
-        testConfig(upstream.url, { upstreamAuthHeader: "api-key", upstreamAuthPrefix: "" }),
+        testConfig(upstream.url, {
+          upstreams: [testUpstream("default", upstream.url, { authHeader: "api-key", authPrefix: "" })],
+        }),
       );
       await azure.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
       const seen = upstream.requests.at(-1)!.headers;
@@ -1417,6 +1422,123 @@ Deno.test("teams", async (t) => {
       assert.match(refused.errors[0], /^ALLOWED_PATHS may list \/v1\/embeddings, \/v1\/completions, \/v1\/responses/);
     },
   );
+
+  await t.step(
+    "UPSTREAMS_JSON: MC's X-Relay-Endpoint picks the upstream by URL prefix, each gets its own key",
+    async () => {
+      await using second = startUpstream(openAiLikeUpstream);
+      const result = parseConfig({
+        ...minimalEnv,
+        UPSTREAM_BASE_URL: `${upstream.url}/v1`,
+        UPSTREAMS_JSON: JSON.stringify([
+          {
+            name: "azure",
+            baseUrl: `${second.url}/openai/v1`,
+            apiKey: `${CANARY_KEY}-azure`,
+            authHeader: "api-key",
+            authPrefix: "",
+          },
+        ]),
+      });
+      assert.ok(result.ok, JSON.stringify(!result.ok && result.errors));
+      await using relay = startRelay(result.config);
+      const chat = (endpoint?: string, model = "gpt-test") =>
+        relay.call("/v1/chat/completions", {
+          method: "POST",
+          headers: {
+            authorization: GOOD_BEARER,
+            "content-type": "application/json",
+            ...(endpoint && { "x-relay-endpoint": endpoint }),
+          },
+          body: chatBody({ model }),
+        });
+
+      assert.equal((await chat(`${second.url}/openai/v1/`)).status, 200);
+      assert.equal(second.requests.at(-1)!.path, "/openai/v1/chat/completions");
+      assert.equal(second.requests.at(-1)!.headers.get("api-key"), `${CANARY_KEY}-azure`);
+      assert.equal(second.requests.at(-1)!.headers.get("authorization"), null);
+
+      const before = second.requests.length;
+      assert.equal((await chat(`${upstream.url}/v1/chat/completions`)).status, 200);
+      assert.equal(upstream.requests.at(-1)!.headers.get("authorization"), `Bearer ${CANARY_KEY}`);
+      assert.equal((await chat()).status, 200, "without the header the first upstream serves");
+      assert.equal(upstream.requests.at(-1)!.path, "/v1/chat/completions");
+      assert.equal(second.requests.length, before);
+
+      const unknown = await chat("https://api.elsewhere.example/v1/");
+      assert.equal(unknown.status, 400);
+      assert.equal(unknown.json().error.code, "unknown_upstream");
+      assert.match(unknown.json().error.message, /matches none of this relay's upstreams \(default, azure\)/);
+
+      assert.equal((await chat(undefined, "azure/gpt-4o")).status, 200, "a model prefix picks the upstream too");
+      assert.equal(JSON.parse(second.requests.at(-1)!.body).model, "gpt-4o", "and is taken off");
+      assert.deepEqual(relay.requestLogs().map((entry) => entry.upstream), [
+        "azure",
+        "default",
+        "default",
+        undefined,
+        "azure",
+      ]);
+    },
+  );
+
+  await t.step("GET /v1/models merges the upstreams' lists, ids prefixed with their names", async () => {
+    await using second = startUpstream(() => Response.json({ object: "list", data: [{ id: "gpt-4o" }, { id: "o3" }] }));
+    const closed = freePort();
+    const config = testConfig(upstream.url, {
+      upstreams: [
+        testUpstream("default", upstream.url),
+        testUpstream("azure", second.url),
+        testUpstream("offline", `http://127.0.0.1:${closed}`),
+      ],
+    });
+    await using relay = startRelay(config);
+    const models = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+    assert.equal(models.status, 200);
+    assert.deepEqual(models.json().data.map((model: { id: string }) => model.id), [
+      "default/gpt-test",
+      "azure/gpt-4o",
+      "azure/o3",
+    ]);
+    assert.match(relay.requestLogs().at(-1)!.error, /offline \(connection refused\)/);
+    await using limited = startRelay({ ...config, allowedModels: ["azure/o3", "gpt-test"] });
+    const allowed = await limited.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+    assert.deepEqual(allowed.json().data.map((model: { id: string }) => model.id), ["default/gpt-test", "azure/o3"]);
+    const one = await relay.call("/v1/models", {
+      headers: { authorization: GOOD_BEARER, "x-relay-endpoint": second.url },
+    });
+    assert.deepEqual(
+      one.json().data.map((model: { id: string }) => model.id),
+      ["gpt-4o", "o3"],
+      "X-Relay-Endpoint: that list only",
+    );
+  });
+
+  await t.step("bad UPSTREAMS_JSON entries are named by position, never with their key", () => {
+    const result = parseConfig({
+      MC_RELAY_USERNAME: USERNAME,
+      MC_RELAY_PASSWORD: CANARY_PASSWORD,
+      UPSTREAMS_JSON: JSON.stringify([
+        { name: "ok", baseUrl: "https://a.example/v1", apiKey: CANARY_KEY },
+        { name: "bad name!", baseUrl: "ftp://b.example", apiKey: `${CANARY_KEY}\u0007` },
+        {
+          name: "ok",
+          baseUrl: "https://c.example/v1",
+          apiKey: CANARY_KEY,
+          extraHeaders: { Authorization: CANARY_KEY },
+        },
+      ]),
+    });
+    assert.ok(!result.ok);
+    assert.deepEqual(result.errors.map((line) => line.split(" ").slice(0, 4).join(" ")), [
+      "UPSTREAMS_JSON entry 2 needs",
+      "UPSTREAMS_JSON entry 2 baseUrl",
+      "UPSTREAMS_JSON entry 2 apiKey",
+      "UPSTREAMS_JSON entry 3 extraHeaders",
+      "UPSTREAMS_JSON names an upstream",
+    ]);
+    assert.ok(!result.errors.join("\n").includes(CANARY_KEY));
+  });
 
   await t.step("hash-password reads a password on stdin and prints a hash the relay accepts", async () => {
     const child = new Deno.Command(Deno.execPath(), {

@@ -6,7 +6,7 @@
  * @module
  */
 import assert from "node:assert/strict";
-import { createHandler, type RelayConfig } from "./main.ts";
+import { createHandler, type RelayConfig, type Upstream } from "./main.ts";
 
 /** A recognisable fake provider key: it must never show up in anything the relay prints or returns. */
 export const CANARY_KEY = "sk-CANARY-upstream-key-4f1d2c9a";
@@ -76,14 +76,23 @@ export function startUpstream(handler: (request: Request, seen: SeenRequest) => 
   };
 }
 
+/** An upstream entry with the canary key and extra headers. */
+export function testUpstream(name: string, baseUrl: string, overrides: Partial<Upstream> = {}): Upstream {
+  return {
+    name,
+    baseUrl,
+    apiKey: CANARY_KEY,
+    authHeader: "Authorization",
+    authPrefix: "Bearer",
+    extraHeaders: { "X-Title": "mc-relay tests", "X-Extra-Secret": CANARY_EXTRA },
+    ...overrides,
+  };
+}
+
 /** The config every test starts from, with canary secrets. */
 export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConfig> = {}): RelayConfig {
   return {
-    upstreamBaseUrl,
-    upstreamApiKey: CANARY_KEY,
-    upstreamAuthHeader: "Authorization",
-    upstreamAuthPrefix: "Bearer",
-    upstreamExtraHeaders: { "X-Title": "mc-relay tests", "X-Extra-Secret": CANARY_EXTRA },
+    upstreams: [testUpstream("default", upstreamBaseUrl)],
     users: [{ name: USERNAME, password: CANARY_PASSWORD }],
     allowedModels: [],
     extraRoutes: [],
