@@ -46,6 +46,8 @@ export const ENV_VARS = [
   "ALLOWED_MODELS",
   "ALLOWED_PATHS",
   "UPSTREAMS_JSON",
+  "METRICS",
+  "METRICS_PORT",
 ] as const;
 
 /** The name of one environment variable the relay reads. */
@@ -70,6 +72,10 @@ export interface RelayConfig {
   allowedModels: string[];
   /** Optional routes switched on with ALLOWED_PATHS, e.g. `/v1/embeddings`. */
   extraRoutes: string[];
+  /** Serve Prometheus metrics at /metrics on the main port, behind the relay's auth (METRICS=true). */
+  metrics: boolean;
+  /** A separate port that serves /metrics without auth (METRICS_PORT); undefined for none. */
+  metricsPort?: number;
   /** Exact browser origins allowed to call the relay; empty allows none. */
   allowedOrigins: string[];
   /** TCP port to listen on (0 picks a free one). */
@@ -283,6 +289,18 @@ export function parseConfig(env: RelayEnv): ConfigResult {
     );
   }
 
+  const metricsFlag = value("METRICS")?.toLowerCase() ?? "false";
+  if (metricsFlag !== "true" && metricsFlag !== "false") {
+    errors.push(`METRICS must be true (serve /metrics behind the relay's auth) or false, got "${value("METRICS")}"`);
+  }
+  const metricsPort = value("METRICS_PORT") === undefined ? undefined : parseNumber(
+    value("METRICS_PORT"),
+    0,
+    "METRICS_PORT",
+    errors,
+    { integer: true, min: 0, max: 65535, example: "a port for /metrics without auth, e.g. 9464" },
+  );
+
   const rawLevel = value("LOG_LEVEL")?.toLowerCase() ?? DEFAULTS.logLevel;
   const logLevel = (LOG_LEVELS as readonly string[]).includes(rawLevel) ? rawLevel as LogLevel : DEFAULTS.logLevel;
   if (logLevel !== rawLevel) {
@@ -306,6 +324,8 @@ export function parseConfig(env: RelayEnv): ConfigResult {
       users,
       allowedModels,
       extraRoutes: [...new Set(extraRoutes)],
+      metrics: metricsFlag === "true",
+      metricsPort,
       allowedOrigins,
       port,
       host,
@@ -852,6 +872,10 @@ interface RequestRecord {
   user?: string;
   /** The upstream's name, when there are several. */
   upstream?: string;
+  /** The model the client asked for (chat and completions). */
+  model?: string;
+  /** Token usage the upstream reported. */
+  usage?: TokenUsage;
   outcome?: string;
   error?: string;
   /** True while an upstream body is relayed: the log line is written when it ends. */
@@ -866,6 +890,8 @@ export interface HandlerOptions {
   log?: (line: string) => void;
   /** The clock for rate limits, in milliseconds; tests pass one they control. */
   now?: () => number;
+  /** Where the handler counts; pass one to serve it elsewhere too (METRICS_PORT). */
+  metrics?: RelayMetrics;
 }
 
 /** A `Deno.serve` handler. */
@@ -878,7 +904,9 @@ export type RelayHandler = (request: Request, info: Deno.ServeHandlerInfo) => Pr
 export function createHandler(config: RelayConfig, options: HandlerOptions = {}): RelayHandler {
   const log = createLogger(config, options.log);
   const allowedOrigins = new Set(config.allowedOrigins);
+  const metrics = options.metrics ?? new RelayMetrics();
   const routes: Record<string, Route> = { ...ROUTES };
+  if (config.metrics) routes["/metrics"] = { method: "GET" };
   for (const path of config.extraRoutes) routes[path] = { method: "POST", upstreamPath: path.slice("/v1".length) };
   const allowedModels = new Set(config.allowedModels);
 
@@ -931,6 +959,9 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
   const addressRequests = new RateLimiter(config.rateLimitPerMinute, now);
 
   function finish(record: RequestRecord) {
+    const route = Object.hasOwn(routes, record.path) ? record.path : "other";
+    metrics.countRequest(route, record.status ?? 0, record.user ?? "");
+    if (record.usage && record.user) metrics.countTokens(record.user, record.model ?? "", record.usage);
     if (!log.enabled("info")) return;
     log.info("request", {
       request_id: record.id,
@@ -939,6 +970,8 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       client: record.client,
       user: record.user,
       upstream: record.upstream,
+      model: record.model,
+      usage: record.usage,
       status: record.status,
       upstream_status: record.upstreamStatus,
       duration_ms: Math.round((performance.now() - record.startedAt) * 10) / 10,
@@ -985,7 +1018,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
         },
       );
     }
-    if (!route.upstreamPath) return Response.json({ status: "ok" });
+    if (url.pathname === "/health") return Response.json({ status: "ok" });
 
     // A locked-out address waits even with the right password: otherwise guessing would simply go on.
     const lockedFor = authFailures.retryAfter(record.client);
@@ -1024,6 +1057,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     userRequests.take(record.user);
     addressRequests.take(record.client);
 
+    if (!route.upstreamPath) return metricsResponse(metrics); // /metrics (METRICS=true), after the sign-in
     return await proxy(request, url, route.upstreamPath, record, cors, completed);
   }
 
@@ -1137,6 +1171,24 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     }
     const upstreamHost = target.host;
 
+    // Token usage for the log: a streamed chat only reports it when asked, so the relay asks, and takes the
+    // extra usage event back out of the stream when the client had not asked for it itself.
+    const countsUsage = upstreamPath === "/chat/completions" || upstreamPath === "/completions";
+    let usageWatch: UsageWatch | undefined;
+    if (countsUsage && body !== undefined) {
+      const payload = parseJson(body);
+      if (payload !== undefined) {
+        record.model = typeof payload.model === "string" ? payload.model.slice(0, 100) : undefined;
+        usageWatch = { streamed: payload.stream === true, stripUsageEvent: false };
+        const options = payload.stream_options;
+        if (payload.stream === true && !(typeof options === "object" && options?.include_usage === true)) {
+          payload.stream_options = { ...(typeof options === "object" ? options : {}), include_usage: true };
+          body = textEncoder.encode(JSON.stringify(payload)) as Uint8Array<ArrayBuffer>;
+          usageWatch.stripUsageEvent = true;
+        }
+      }
+    }
+
     const headers = upstreamHeaders(target);
     for (const name of ["content-type", "accept"]) {
       const value = request.headers.get(name);
@@ -1154,6 +1206,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     );
 
     let response: Response;
+    const fetchStarted = performance.now();
     try {
       response = await fetch(`${target.baseUrl}${upstreamPath}${url.search}`, {
         method: request.method,
@@ -1192,6 +1245,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       clearTimeout(headersTimer);
     }
     record.upstreamStatus = response.status;
+    metrics.observeUpstreamLatency((performance.now() - fetchStarted) / 1000);
 
     if (response.status >= 300 && response.status < 400 && response.headers.has("location")) {
       // Following a redirect could carry the provider key to another host; report it instead.
@@ -1235,7 +1289,8 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     const contentLength = response.headers.get("content-length");
     const filterModels = allowedModels.size > 0 && upstreamPath === "/models" && response.ok;
     if (
-      response.body !== null && response.status < 400 && !eventStream && contentLength !== null && !filterModels
+      response.body !== null && response.status < 400 && !eventStream && contentLength !== null && !filterModels &&
+      !(usageWatch && response.ok)
     ) {
       // A body of known length (a model list, a non-streamed answer) goes to the client inside Deno, without a
       // JavaScript step per chunk. It must arrive within REQUEST_TIMEOUT_SECONDS of its headers.
@@ -1258,14 +1313,20 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
         headers: responseHeaders,
       });
     }
+    const usage = usageWatch && response.ok ? usageReader(usageWatch, eventStream) : undefined;
+    if (eventStream && response.body !== null) metrics.openStreams++;
     let relayedBody = response.body === null ? null : relayBody(response.body, upstream, config.requestTimeoutMs, {
+      transform: usage?.transform,
+      flush: usage?.flush,
       onChunk(bytes) {
         record.bytesOut += bytes;
       },
       onEnd(outcome, error) {
         request.signal.removeEventListener("abort", onClientGone);
+        if (eventStream) metrics.openStreams--;
         record.outcome = outcome;
         if (error) record.error = error;
+        record.usage = usage?.result();
         finish(record);
       },
     });
@@ -1318,6 +1379,120 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     if (!record.logWhenBodyEnds) finish(record);
     return response;
   };
+}
+
+/** A JSON object body, or undefined when the body is not a JSON object. */
+function parseJson(
+  body: Uint8Array,
+): Record<string, unknown> & { stream_options?: { include_usage?: unknown } } | undefined {
+  try {
+    const value = JSON.parse(new TextDecoder().decode(body));
+    return typeof value === "object" && value !== null && !Array.isArray(value) ? value : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** What the relay watches for in a chat or completion answer to log its token usage. */
+interface UsageWatch {
+  /** The client asked for a stream. */
+  streamed: boolean;
+  /** The relay asked for the usage event, so the client does not get it. */
+  stripUsageEvent: boolean;
+}
+
+/** Tokens one answer used, as the upstream reported them. */
+export interface TokenUsage {
+  /** Tokens of the prompt. */
+  prompt_tokens?: number;
+  /** Tokens of the answer. */
+  completion_tokens?: number;
+  /** Both. */
+  total_tokens?: number;
+}
+
+/** Largest non-streamed answer whose usage the relay reads (larger ones pass on, uncounted). */
+const MAX_USAGE_BODY_BYTES = 4 * 1024 * 1024;
+
+function pickUsage(value: unknown): TokenUsage | undefined {
+  const usage = (value as { usage?: Record<string, unknown> } | undefined)?.usage;
+  if (typeof usage !== "object" || usage === null) return undefined;
+  const count = (name: string) => typeof usage[name] === "number" ? usage[name] as number : undefined;
+  return {
+    prompt_tokens: count("prompt_tokens"),
+    completion_tokens: count("completion_tokens"),
+    total_tokens: count("total_tokens"),
+  };
+}
+
+/**
+ * Reads token usage from an answer while it passes. A streamed answer is split into whole server-sent events
+ * (an incomplete event waits for its end, as any SSE client does), and the usage event the relay asked for is
+ * dropped; a JSON answer is copied aside (up to MAX_USAGE_BODY_BYTES) and read when it ends. Bytes pass on as
+ * they came, apart from a dropped event.
+ */
+function usageReader(watch: UsageWatch, eventStream: boolean) {
+  let usage: TokenUsage | undefined;
+  if (!eventStream) {
+    const copies: Uint8Array[] = [];
+    let size = 0;
+    return {
+      transform(chunk: Uint8Array) {
+        const copy = chunk.slice();
+        size += copy.byteLength;
+        if (size <= MAX_USAGE_BODY_BYTES) copies.push(copy);
+        return copy;
+      },
+      flush() {
+        if (size <= MAX_USAGE_BODY_BYTES) {
+          const text = copies.map((copy) => new TextDecoder().decode(copy, { stream: true })).join("");
+          usage = pickUsage(parseJsonText(text));
+        }
+        return new Uint8Array(0);
+      },
+      result: () => usage,
+    };
+  }
+  const decoder = new TextDecoder();
+  let pending = "";
+  const passEvents = (text: string) => {
+    pending += text;
+    let out = "";
+    let end: number;
+    while ((end = pending.search(/\r?\n\r?\n/)) !== -1) {
+      const separator = pending.slice(end).match(/^\r?\n\r?\n/)![0];
+      const event = pending.slice(0, end);
+      pending = pending.slice(end + separator.length);
+      if (event.includes('"usage"')) {
+        const data = parseJsonText(
+          event.split(/\r?\n/).filter((line) => line.startsWith("data:")).map((line) => line.slice(5)).join("\n"),
+        );
+        const found = pickUsage(data);
+        if (found) usage = found;
+        const choices = (data as { choices?: unknown[] } | undefined)?.choices;
+        if (found && watch.stripUsageEvent && Array.isArray(choices) && choices.length === 0) continue;
+      }
+      out += event + separator;
+    }
+    return textEncoder.encode(out);
+  };
+  return {
+    transform: (chunk: Uint8Array) => passEvents(decoder.decode(chunk, { stream: true })),
+    flush() {
+      const rest = pending + decoder.decode();
+      pending = "";
+      return textEncoder.encode(rest);
+    },
+    result: () => usage,
+  };
+}
+
+function parseJsonText(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
 }
 
 /** The `model` of a JSON request body, or undefined when the body is not JSON or names none. */
@@ -1418,7 +1593,14 @@ function relayBody(
   source: ReadableStream<Uint8Array>,
   upstream: AbortController,
   idleMs: number,
-  events: { onChunk(bytes: number): void; onEnd(outcome: string, error?: string): void },
+  events: {
+    onChunk(bytes: number): void;
+    onEnd(outcome: string, error?: string): void;
+    /** Rewrites each chunk before it is passed on (may hold back an incomplete part). */
+    transform?: (chunk: Uint8Array) => Uint8Array;
+    /** What is left when the upstream body ends. */
+    flush?: () => Uint8Array;
+  },
 ): ReadableStream<Uint8Array> {
   // Reading into one small buffer per stream (and passing on a right-sized copy) keeps memory per open stream
   // low: the default reader hands out a view on a fresh 64 KiB buffer per chunk, kept alive until collected.
@@ -1452,16 +1634,27 @@ function relayBody(
     async pull(controller) {
       waitingSince = performance.now();
       try {
-        const { done, value } = await reader.read(buffer);
-        waitingSince = null;
-        if (done) {
-          end("completed");
-          controller.close();
-          return;
+        let chunk: Uint8Array | undefined;
+        while (chunk === undefined || chunk.byteLength === 0) {
+          const { done, value } = await reader.read(buffer);
+          if (done) {
+            waitingSince = null;
+            const rest = events.flush?.();
+            if (rest && rest.byteLength > 0) {
+              events.onChunk(rest.byteLength);
+              controller.enqueue(rest);
+            }
+            end("completed");
+            controller.close();
+            return;
+          }
+          chunk = events.transform ? events.transform(value) : value.slice();
+          buffer = new Uint8Array(value.buffer);
+          waitingSince = performance.now(); // the upstream spoke, even if only part of an event
         }
-        events.onChunk(value.byteLength);
-        controller.enqueue(value.slice());
-        buffer = new Uint8Array(value.buffer);
+        waitingSince = null;
+        events.onChunk(chunk.byteLength);
+        controller.enqueue(chunk);
       } catch (error) {
         waitingSince = null;
         const reason = upstream.signal.reason;
@@ -1570,6 +1763,87 @@ function describeNetworkError(message: string): string {
   if (/reset/i.test(message)) return "connection reset";
   if (/timed out|timeout/i.test(message)) return "connection timed out";
   return "network error";
+}
+
+// ---------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------
+
+/** Upper bounds (seconds) of the upstream latency histogram's buckets. */
+const LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
+/** At most this many label combinations per counter: past it, new ones are counted as "other". */
+const MAX_LABEL_SETS = 2000;
+
+/** Prometheus metrics: requests by route, status and user, upstream latency, open streams, tokens. */
+export class RelayMetrics {
+  #requests = new Map<string, number>();
+  #tokens = new Map<string, number>();
+  #latency = { buckets: LATENCY_BUCKETS.map(() => 0), sum: 0, count: 0 };
+  /** Event streams being relayed right now. */
+  openStreams = 0;
+
+  static #label(value: string) {
+    return value.replaceAll("\\", "\\\\").replaceAll('"', '\\"').replaceAll("\n", "\\n");
+  }
+
+  static #add(counter: Map<string, number>, labels: Record<string, string>, amount: number) {
+    let key = Object.entries(labels).map(([name, value]) => `${name}="${RelayMetrics.#label(value)}"`).join(",");
+    if (!counter.has(key) && counter.size >= MAX_LABEL_SETS) {
+      key = Object.keys(labels).map((name) => `${name}="other"`).join(",");
+    }
+    counter.set(key, (counter.get(key) ?? 0) + amount);
+  }
+
+  /** Counts one answered request. */
+  countRequest(route: string, status: number, user: string) {
+    RelayMetrics.#add(this.#requests, { route, status: String(status), user }, 1);
+  }
+
+  /** Records how long the upstream took to send its response headers. */
+  observeUpstreamLatency(seconds: number) {
+    LATENCY_BUCKETS.forEach((bound, index) => {
+      if (seconds <= bound) this.#latency.buckets[index]++;
+    });
+    this.#latency.sum += seconds;
+    this.#latency.count++;
+  }
+
+  /** Adds the tokens of one answer. */
+  countTokens(user: string, model: string, usage: TokenUsage) {
+    for (const kind of ["prompt", "completion"] as const) {
+      const tokens = usage[`${kind}_tokens`];
+      if (tokens !== undefined) RelayMetrics.#add(this.#tokens, { user, model, kind }, tokens);
+    }
+  }
+
+  /** The metrics in Prometheus' text format. */
+  render(): string {
+    const lines = [
+      "# HELP mc_relay_requests_total Requests answered, by route, status and user.",
+      "# TYPE mc_relay_requests_total counter",
+      ...[...this.#requests].map(([labels, value]) => `mc_relay_requests_total{${labels}} ${value}`),
+      "# HELP mc_relay_upstream_latency_seconds Time until the upstream's response headers.",
+      "# TYPE mc_relay_upstream_latency_seconds histogram",
+      ...LATENCY_BUCKETS.map((bound, index) =>
+        `mc_relay_upstream_latency_seconds_bucket{le="${bound}"} ${this.#latency.buckets[index]}`
+      ),
+      `mc_relay_upstream_latency_seconds_bucket{le="+Inf"} ${this.#latency.count}`,
+      `mc_relay_upstream_latency_seconds_sum ${this.#latency.sum}`,
+      `mc_relay_upstream_latency_seconds_count ${this.#latency.count}`,
+      "# HELP mc_relay_open_streams Event streams being relayed now.",
+      "# TYPE mc_relay_open_streams gauge",
+      `mc_relay_open_streams ${this.openStreams}`,
+      "# HELP mc_relay_tokens_total Tokens the upstreams reported, by user, model and kind (prompt, completion).",
+      "# TYPE mc_relay_tokens_total counter",
+      ...[...this.#tokens].map(([labels, value]) => `mc_relay_tokens_total{${labels}} ${value}`),
+    ];
+    return `${lines.join("\n")}\n`;
+  }
+}
+
+/** A response with the metrics, for GET /metrics. */
+export function metricsResponse(metrics: RelayMetrics): Response {
+  return new Response(metrics.render(), { headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" } });
 }
 
 // ---------------------------------------------------------------------------
@@ -1755,6 +2029,8 @@ Optional (default in brackets):
   TRUST_PROXY                  true, or how many reverse proxies in front set X-Forwarded-For [false]
   ALLOWED_MODELS               comma-separated models clients may use; others get 400 [any]
   ALLOWED_PATHS                extra routes: /v1/embeddings, /v1/completions, /v1/responses [none]
+  METRICS                      true: Prometheus metrics at /metrics, behind the relay's auth [false]
+  METRICS_PORT                 a separate port serving /metrics without auth [none]
 
 Docs: https://github.com/metaconfigurator/mc-relay#readme
 `;
@@ -1800,7 +2076,24 @@ export async function serve(config: RelayConfig, warnings: string[] = []): Promi
   const log = createLogger(config);
   const tls = await loadTls(config);
   for (const warning of warnings) log.warn(warning);
-  const handler = createHandler(config);
+  const metrics = new RelayMetrics();
+  const handler = createHandler(config, { metrics });
+  // METRICS_PORT: /metrics without auth on its own port, for a scraper on a private network.
+  const metricsServer = config.metricsPort === undefined ? undefined : Deno.serve(
+    {
+      port: config.metricsPort,
+      hostname: config.host,
+      onListen({ hostname, port }) {
+        log.info("metrics served", {
+          url: `http://${hostname.includes(":") ? `[${hostname}]` : hostname}:${port}/metrics`,
+        });
+      },
+    },
+    (request) =>
+      new URL(request.url).pathname === "/metrics" && request.method === "GET"
+        ? metricsResponse(metrics)
+        : new Response("not found", { status: 404 }),
+  );
   const server = Deno.serve({
     port: config.port,
     hostname: config.host,
@@ -1834,6 +2127,7 @@ export async function serve(config: RelayConfig, warnings: string[] = []): Promi
       log.warn("shutdown timeout reached; closing remaining requests");
       Deno.exit(0);
     }, config.shutdownTimeoutMs);
+    metricsServer?.shutdown();
     server.shutdown().then(() => {
       clearTimeout(deadline);
       log.info("stopped");

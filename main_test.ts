@@ -1263,6 +1263,27 @@ Deno.test("faults", async (t) => {
   });
 });
 
+/** Re-chunks a byte stream into exactly the given text parts (the bytes are the same). */
+function chunkEach(parts: string[]): TransformStream<Uint8Array, Uint8Array> {
+  let index = 0;
+  let buffered = new Uint8Array(0);
+  return new TransformStream({
+    transform(chunk, controller) {
+      const joined = new Uint8Array(buffered.byteLength + chunk.byteLength);
+      joined.set(buffered);
+      joined.set(chunk, buffered.byteLength);
+      buffered = joined;
+      while (index < parts.length) {
+        const size = encoder.encode(parts[index]).byteLength;
+        if (buffered.byteLength < size) break;
+        controller.enqueue(buffered.slice(0, size));
+        buffered = buffered.slice(size);
+        index++;
+      }
+    },
+  });
+}
+
 /** A small deterministic pseudo-random generator (mulberry32), so a failing fuzz run can be repeated. */
 function seededRandom(seed: number): () => number {
   return () => {
@@ -1538,6 +1559,106 @@ Deno.test("teams", async (t) => {
       "UPSTREAMS_JSON names an upstream",
     ]);
     assert.ok(!result.errors.join("\n").includes(CANARY_KEY));
+  });
+
+  await t.step("a non-streamed chat's token usage goes into the log line, with user and model", async () => {
+    await using relay = relayFromEnv({ MC_RELAY_USERS: "alice:alice-password-123" });
+    await relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: "Bearer alice:alice-password-123", "content-type": "application/json" },
+      body: chatBody({ model: "gpt-test" }),
+    });
+    const entry = relay.requestLogs().at(-1)!;
+    assert.equal(entry.user, "alice");
+    assert.equal(entry.model, "gpt-test");
+    assert.deepEqual(entry.usage, { prompt_tokens: 9, completion_tokens: 1, total_tokens: 10 });
+  });
+
+  await t.step("a streamed chat: the relay asks for usage, logs it, and takes the extra event out again", async () => {
+    const events = [
+      'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}],"usage":null}\n\n',
+      'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}\n\n',
+      "data: [DONE]\n\n",
+    ];
+    await using streaming = startUpstream((_request, seen) => {
+      // The usage event arrives split across two chunks, as it can on a real network.
+      const parts = [events[0], events[1].slice(0, 30), events[1].slice(30), events[2]];
+      const body = seen.body.includes('"include_usage":true') ? parts : [events[0], events[2]];
+      return new Response(new Blob(body).stream().pipeThrough(chunkEach(body)), {
+        headers: { "content-type": "text/event-stream" },
+      });
+    });
+    const result = parseConfig({ ...minimalEnv, UPSTREAM_BASE_URL: streaming.url });
+    assert.ok(result.ok);
+    await using relay = startRelay(result.config);
+    const ask = (extra: Record<string, unknown>) =>
+      relay.call("/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+        body: chatBody({ stream: true, ...extra }),
+      });
+
+    const plain = await ask({});
+    assert.deepEqual(JSON.parse(streaming.requests.at(-1)!.body).stream_options, { include_usage: true });
+    assert.equal(plain.text, events[0] + events[2], "the client gets the stream it asked for, without the usage event");
+    assert.deepEqual(relay.requestLogs().at(-1)!.usage, { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7 });
+
+    const asked = await ask({ stream_options: { include_usage: true } });
+    assert.equal(asked.text, events.join(""), "a client that asked for usage keeps its event");
+    assert.deepEqual(relay.requestLogs().at(-1)!.usage, { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7 });
+  });
+
+  await t.step(
+    "METRICS=true: /metrics, behind the relay's auth, counts requests, latency, tokens and streams",
+    async () => {
+      await using relay = relayFromEnv({ MC_RELAY_USERS: "alice:alice-password-123", METRICS: "true" });
+      const alice = { authorization: "Bearer alice:alice-password-123", "content-type": "application/json" };
+      await relay.call("/v1/chat/completions", { method: "POST", headers: alice, body: chatBody() });
+      await relay.call("/v1/models", { headers: alice });
+      await relay.call("/v1/models", { headers: { authorization: "Bearer alice:wrong" } });
+      assert.equal((await relay.call("/metrics")).status, 401);
+      const metrics = await relay.call("/metrics", { headers: alice });
+      assert.equal(metrics.status, 200);
+      assert.match(metrics.headers.get("content-type")!, /^text\/plain; version=0\.0\.4/);
+      assert.match(
+        metrics.text,
+        /^mc_relay_requests_total\{route="\/v1\/chat\/completions",status="200",user="alice"\} 1$/m,
+      );
+      assert.match(metrics.text, /^mc_relay_requests_total\{route="\/v1\/models",status="401",user=""\} 1$/m);
+      assert.match(metrics.text, /^mc_relay_upstream_latency_seconds_count 2$/m);
+      assert.match(metrics.text, /^mc_relay_tokens_total\{user="alice",model="gpt-test",kind="prompt"\} 9$/m);
+      assert.match(metrics.text, /^mc_relay_open_streams 0$/m);
+    },
+  );
+
+  await t.step("METRICS_PORT serves /metrics on its own port without auth", async () => {
+    const metricsPort = freePort();
+    const relay = await spawnRelay({
+      ...minimalEnv,
+      UPSTREAM_BASE_URL: upstream.url,
+      METRICS_PORT: String(metricsPort),
+    });
+    try {
+      await fetch(`${relay.url}/v1/models`, { headers: { authorization: GOOD_BEARER } }).then((r) => r.arrayBuffer());
+      // The count is taken when the response has been delivered, a moment after the client has it.
+      const line = /^mc_relay_requests_total\{route="\/v1\/models",status="200",user="team"\} 1$/m;
+      let metrics = "";
+      for (let tries = 0; tries < 50 && !line.test(metrics); tries++) {
+        metrics = await fetch(`http://127.0.0.1:${metricsPort}/metrics`).then((r) => r.text());
+        await sleep(20);
+      }
+      assert.match(metrics, line);
+      assert.equal(
+        await fetch(`${relay.url}/metrics`, { headers: { authorization: GOOD_BEARER } }).then((r) =>
+          r.body?.cancel().then(() => r.status)
+        ),
+        404,
+        "not on the main port unless METRICS=true",
+      );
+    } finally {
+      relay.child.kill("SIGTERM");
+      await relay.finished();
+    }
   });
 
   await t.step("hash-password reads a password on stdin and prints a hash the relay accepts", async () => {

@@ -96,6 +96,7 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     users: [{ name: USERNAME, password: CANARY_PASSWORD }],
     allowedModels: [],
     extraRoutes: [],
+    metrics: false,
     allowedOrigins: [ALLOWED, OTHER_ALLOWED],
     port: 0,
     host: "127.0.0.1",
@@ -213,6 +214,7 @@ export function openAiLikeUpstream(request: Request, seen: SeenRequest): Respons
     id: "chatcmpl-1",
     object: "chat.completion",
     choices: [{ index: 0, message: { role: "assistant", content: "hi" }, finish_reason: "stop" }],
+    usage: { prompt_tokens: 9, completion_tokens: 1, total_tokens: 10 },
     echo: { method: request.method, body: seen.body },
   }, { headers: { "x-request-id": "req_upstream_1", "openai-processing-ms": "12" } });
 }
@@ -313,7 +315,7 @@ export async function spawnRelay(env: Record<string, string>, args: string[] = [
     15000,
     (async () => {
       while (!/"msg":"mc-relay [^"]+ listening"/.test(stdout)) await sleep(20);
-      return JSON.parse(stdout.split("\n").find((line) => line.includes(" listening"))!);
+      return JSON.parse(stdout.split("\n").find((line) => /"msg":"mc-relay [^"]+ listening"/.test(line))!);
     })(),
     "the relay process did not start",
   );
