@@ -1126,7 +1126,13 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     // Which upstream: a model prefix naming one ("openai/gpt-4o"), else MC's X-Relay-Endpoint, else the first.
     // With a single upstream X-Relay-Endpoint is ignored: the operator's configuration decides, not the browser.
     let target = upstreams[0];
-    let model = body !== undefined && (upstreams.length > 1 || allowedModels.size > 0) ? modelOf(body) : undefined;
+    const countsUsage = upstreamPath === "/chat/completions" || upstreamPath === "/completions";
+    // The JSON body, parsed once when something needs it: the model (upstream choice, allow-list) or usage.
+    const payload = body !== undefined && (upstreams.length > 1 || allowedModels.size > 0 || countsUsage)
+      ? parseJson(body)
+      : undefined;
+    let bodyChanged = false;
+    let model = typeof payload?.model === "string" ? payload.model : undefined;
     if (upstreams.length > 1) {
       const slash = model?.indexOf("/") ?? -1;
       const byModel = slash > 0 ? upstreamsByName.get(model!.slice(0, slash)) : undefined;
@@ -1134,7 +1140,8 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       if (byModel) {
         target = byModel;
         model = model!.slice(slash + 1);
-        body = withModel(body!, model);
+        payload!.model = model;
+        bodyChanged = true;
       } else if (endpoint) {
         const byEndpoint = upstreams.find((upstream) =>
           endpoint === upstream.baseUrl || endpoint.startsWith(`${upstream.baseUrl}/`)
@@ -1173,21 +1180,18 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
 
     // Token usage for the log: a streamed chat only reports it when asked, so the relay asks, and takes the
     // extra usage event back out of the stream when the client had not asked for it itself.
-    const countsUsage = upstreamPath === "/chat/completions" || upstreamPath === "/completions";
     let usageWatch: UsageWatch | undefined;
-    if (countsUsage && body !== undefined) {
-      const payload = parseJson(body);
-      if (payload !== undefined) {
-        record.model = typeof payload.model === "string" ? payload.model.slice(0, 100) : undefined;
-        usageWatch = { streamed: payload.stream === true, stripUsageEvent: false };
-        const options = payload.stream_options;
-        if (payload.stream === true && !(typeof options === "object" && options?.include_usage === true)) {
-          payload.stream_options = { ...(typeof options === "object" ? options : {}), include_usage: true };
-          body = textEncoder.encode(JSON.stringify(payload)) as Uint8Array<ArrayBuffer>;
-          usageWatch.stripUsageEvent = true;
-        }
+    if (countsUsage && payload !== undefined) {
+      record.model = model?.slice(0, 100);
+      usageWatch = { streamed: payload.stream === true, stripUsageEvent: false };
+      const options = payload.stream_options;
+      if (payload.stream === true && !(typeof options === "object" && options?.include_usage === true)) {
+        payload.stream_options = { ...(typeof options === "object" ? options : {}), include_usage: true };
+        bodyChanged = true;
+        usageWatch.stripUsageEvent = true;
       }
     }
+    if (bodyChanged) body = textEncoder.encode(JSON.stringify(payload)) as Uint8Array<ArrayBuffer>;
 
     const headers = upstreamHeaders(target);
     for (const name of ["content-type", "accept"]) {
@@ -1196,8 +1200,8 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     }
 
     const upstream = new AbortController();
-    // Deno fires request.signal when the client goes away, and also once a response is complete;
-    // by then the upstream body is fully read, so aborting is a no-op.
+    // request.signal fires when the client goes away (deno.json opts out of Deno's legacy behaviour, which also
+    // fired it after every complete response; even then the upstream body was fully read, so aborting did nothing).
     const onClientGone = () => upstream.abort(new RelayAbort("client_gone"));
     request.signal.addEventListener("abort", onClientGone, { once: true });
     const headersTimer = setTimeout(
@@ -1493,23 +1497,6 @@ function parseJsonText(text: string): unknown {
   } catch {
     return undefined;
   }
-}
-
-/** The `model` of a JSON request body, or undefined when the body is not JSON or names none. */
-function modelOf(body: Uint8Array): string | undefined {
-  try {
-    const model = JSON.parse(new TextDecoder().decode(body))?.model;
-    return typeof model === "string" ? model : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
-/** The JSON body with another `model` (the upstream prefix taken off). */
-function withModel(body: Uint8Array<ArrayBuffer>, model: string): Uint8Array<ArrayBuffer> {
-  const payload = JSON.parse(new TextDecoder().decode(body));
-  payload.model = model;
-  return textEncoder.encode(JSON.stringify(payload)) as Uint8Array<ArrayBuffer>;
 }
 
 /** What reading a client's request body produced: the bytes, or an error to send. */
