@@ -21,7 +21,8 @@ RUN case "$TARGETARCH" in \
 # Runtime stage: glibc and libgcc only (what a Deno binary needs), no shell, no package manager.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /mc-relay /usr/local/bin/mc-relay
-USER nonroot
+# Numeric, so Kubernetes can verify runAsNonRoot (65532 is distroless's nonroot user).
+USER 65532:65532
 ENV PORT=8080 HOST=0.0.0.0
 EXPOSE 8080
 # The image has no shell or curl: the binary checks its own /health.

@@ -1910,7 +1910,11 @@ export function createDemoUpstream(apiKey: string): (request: Request) => Promis
         error: { message: "demo upstream: not found", type: "invalid_request_error", code: "unknown_url" },
       }, { status: 404 });
     }
-    let payload: { stream?: boolean; messages?: { role?: string; content?: unknown }[] };
+    let payload: {
+      stream?: boolean;
+      stream_options?: { include_usage?: boolean };
+      messages?: { role?: string; content?: unknown }[];
+    };
     try {
       payload = await request.json();
     } catch {
@@ -1925,6 +1929,13 @@ export function createDemoUpstream(apiKey: string): (request: Request) => Promis
       ? lastUser.content.map((part: { text?: string }) => part?.text ?? "").join(" ")
       : "";
     const reply = `Echo: ${content || "(no user message)"}`;
+    const promptTokens = content.split(/\s+/).filter(Boolean).length;
+    const completionTokens = reply.split(/\s+/).length;
+    const usage = {
+      prompt_tokens: promptTokens,
+      completion_tokens: completionTokens,
+      total_tokens: promptTokens + completionTokens,
+    };
     const id = `chatcmpl-demo-${crypto.randomUUID()}`;
     const created = Math.floor(Date.now() / 1000);
     if (!payload.stream) {
@@ -1934,11 +1945,7 @@ export function createDemoUpstream(apiKey: string): (request: Request) => Promis
         created,
         model,
         choices: [{ index: 0, message: { role: "assistant", content: reply }, finish_reason: "stop" }],
-        usage: {
-          prompt_tokens: content.split(/\s+/).length,
-          completion_tokens: reply.split(/\s+/).length,
-          total_tokens: 0,
-        },
+        usage,
       });
     }
     const words = reply.split(/(?<= )/);
@@ -1964,6 +1971,10 @@ export function createDemoUpstream(apiKey: string): (request: Request) => Promis
           return;
         }
         controller.enqueue(chunk({}, "stop"));
+        if (payload.stream_options?.include_usage === true) {
+          const event = { id, object: "chat.completion.chunk", created, model, choices: [], usage };
+          controller.enqueue(encoder.encode(`data: ${JSON.stringify(event)}\n\n`));
+        }
         controller.enqueue(encoder.encode("data: [DONE]\n\n"));
         controller.close();
       },

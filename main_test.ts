@@ -1844,8 +1844,14 @@ Deno.test("process", async (t) => {
         .map((line) => JSON.parse(line.slice(6)).choices[0].delta.content ?? "").join("");
       assert.equal(content, "Echo: ping pong");
       assert.ok(text.endsWith("data: [DONE]\n\n"));
+      assert.ok(!text.includes('"usage"'), "the usage event the relay asked for is not passed on");
       relay.child.kill("SIGTERM");
       assert.equal((await relay.finished()).code, 0);
+      assert.match(
+        relay.output().stdout,
+        /"model":"echo","usage":\{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5\}/,
+        "the demo's log line shows the stream's token usage",
+      );
     },
   );
 
