@@ -1303,14 +1303,16 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
         config.requestTimeoutMs,
       );
       record.logWhenBodyEnds = true;
-      completed.then(() => {
+      const delivered = () => {
         clearTimeout(bodyTimer);
         request.signal.removeEventListener("abort", onClientGone);
         const reason = upstream.signal.reason;
         record.outcome = reason instanceof RelayAbort ? reason.kind : "completed";
         if (record.outcome === "completed") record.bytesOut = Number(contentLength);
         finish(record);
-      });
+      };
+      // Deno resolves `completed` however the response ended; should it ever reject, the line is still written.
+      completed.then(delivered, delivered);
       return new Response(response.body, {
         status: response.status,
         statusText: response.statusText,
