@@ -1320,6 +1320,8 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       });
     }
     const usage = usageWatch && response.ok ? usageReader(usageWatch, eventStream) : undefined;
+    // Taking the usage event out shortens a stream: its length, if the upstream gave one, no longer holds.
+    if (usage && eventStream && usageWatch?.stripUsageEvent) responseHeaders.delete("content-length");
     if (eventStream && response.body !== null) metrics.openStreams++;
     let relayedBody = response.body === null ? null : relayBody(response.body, upstream, config.requestTimeoutMs, {
       transform: usage?.transform,
@@ -1417,6 +1419,9 @@ export interface TokenUsage {
   total_tokens?: number;
 }
 
+/** A `"usage": {` in an event's text. */
+const USAGE_OBJECT = /"usage"\s*:\s*\{/;
+
 /** Largest non-streamed answer whose usage the relay reads (larger ones pass on, uncounted). */
 const MAX_USAGE_BODY_BYTES = 4 * 1024 * 1024;
 
@@ -1451,7 +1456,8 @@ function usageReader(watch: UsageWatch, eventStream: boolean) {
       },
       flush() {
         if (size <= MAX_USAGE_BODY_BYTES) {
-          const text = copies.map((copy) => new TextDecoder().decode(copy, { stream: true })).join("");
+          const decoder = new TextDecoder();
+          const text = copies.map((copy) => decoder.decode(copy, { stream: true })).join("") + decoder.decode();
           usage = pickUsage(parseJsonText(text));
         }
         return new Uint8Array(0);
@@ -1469,7 +1475,8 @@ function usageReader(watch: UsageWatch, eventStream: boolean) {
       const separator = pending.slice(end).match(/^\r?\n\r?\n/)![0];
       const event = pending.slice(0, end);
       pending = pending.slice(end + separator.length);
-      if (event.includes('"usage"')) {
+      // Only the event with a usage object is parsed (OpenAI also sends "usage":null on every other chunk).
+      if (USAGE_OBJECT.test(event)) {
         const data = parseJsonText(
           event.split(/\r?\n/).filter((line) => line.startsWith("data:")).map((line) => line.slice(5)).join("\n"),
         );

@@ -1609,6 +1609,28 @@ Deno.test("teams", async (t) => {
   });
 
   await t.step(
+    "usage is read from CRLF-separated events too, and a usage:null on every chunk changes nothing",
+    async () => {
+      const events = [
+        'data: {"choices":[{"delta":{"content":"\u00e9t\u00e9"}}],"usage":null}\r\n\r\n',
+        'data: {"choices":[],"usage": {"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\r\n\r\n',
+        "data: [DONE]\r\n\r\n",
+      ];
+      await using crlf = startUpstream(() =>
+        new Response(events.join(""), { headers: { "content-type": "text/event-stream" } })
+      );
+      await using relay = startRelay(testConfig(crlf.url));
+      const response = await relay.call("/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+        body: chatBody({ stream: true }),
+      });
+      assert.equal(response.text, events[0] + events[2]);
+      assert.deepEqual(relay.requestLogs().at(-1)!.usage, { prompt_tokens: 3, completion_tokens: 4, total_tokens: 7 });
+    },
+  );
+
+  await t.step(
     "METRICS=true: /metrics, behind the relay's auth, counts requests, latency, tokens and streams",
     async () => {
       await using relay = relayFromEnv({ MC_RELAY_USERS: "alice:alice-password-123", METRICS: "true" });
