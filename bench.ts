@@ -146,7 +146,6 @@ function startRelayProcess(upstreamUrl: string) {
       HOST: "127.0.0.1",
       PORT: String(port),
       LOG_LEVEL: Deno.env.get("BENCH_LOG_LEVEL") ?? "warn",
-      AUTH_FAILURES_PER_MINUTE: "0",
       NO_COLOR: "1",
     },
     stdout: "null",
