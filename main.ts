@@ -7,7 +7,7 @@
  * configured origins only, and streams the upstream's answer straight back.
  *
  * This file is the whole relay, top to bottom: configuration, auth, CORS,
- * proxy, logging, the demo upstream and start-up. It has no third-party
+ * proxy, metrics and logging, the demo upstream and start-up. It has no third-party
  * imports on purpose: a process that holds an API key should be small enough
  * to read in one sitting.
  *
@@ -899,7 +899,8 @@ export type RelayHandler = (request: Request, info: Deno.ServeHandlerInfo) => Pr
 
 /**
  * Builds the relay's request handler from a validated config.
- * Order of checks: origin, preflight, route, method, auth, body size, upstream.
+ * Order of checks: origin, preflight, route, method, sign-in lockout, auth, rate limit, body size,
+ * upstream choice, model allow-list, upstream call.
  */
 export function createHandler(config: RelayConfig, options: HandlerOptions = {}): RelayHandler {
   const log = createLogger(config, options.log);
