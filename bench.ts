@@ -111,25 +111,19 @@ async function waitForHttp(url: string, init: RequestInit = {}, timeoutMs = 1500
   throw new Error(`${url} did not answer within ${timeoutMs} ms`);
 }
 
-function startUpstreamProcess(faultRate = 0) {
+/** Runs this file in another mode ("upstream" or "bare") on a free port, as a process of its own. */
+function startBenchProcess(mode: "upstream" | "bare", argument: string) {
   const port = freePort();
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", `${here}bench.ts`, "upstream", String(port), String(faultRate)],
+    args: ["run", "-A", `${here}bench.ts`, mode, String(port), argument],
     stdout: "null",
     stderr: "inherit",
   }).spawn();
   return { url: `http://127.0.0.1:${port}`, child, pid: child.pid };
 }
 
-function startBareProcess(upstreamUrl: string) {
-  const port = freePort();
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", `${here}bench.ts`, "bare", String(port), upstreamUrl],
-    stdout: "null",
-    stderr: "inherit",
-  }).spawn();
-  return { url: `http://127.0.0.1:${port}`, child, pid: child.pid };
-}
+const startUpstreamProcess = (faultRate = 0) => startBenchProcess("upstream", String(faultRate));
+const startBareProcess = (upstreamUrl: string) => startBenchProcess("bare", upstreamUrl);
 
 function startRelayProcess(upstreamUrl: string) {
   const port = freePort();

@@ -1184,7 +1184,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     let usageWatch: UsageWatch | undefined;
     if (countsUsage && payload !== undefined) {
       record.model = model?.slice(0, 100);
-      usageWatch = { streamed: payload.stream === true, stripUsageEvent: false };
+      usageWatch = { stripUsageEvent: false };
       const options = payload.stream_options;
       if (payload.stream === true && !(typeof options === "object" && options?.include_usage === true)) {
         payload.stream_options = { ...(typeof options === "object" ? options : {}), include_usage: true };
@@ -1404,8 +1404,6 @@ function parseJson(
 
 /** What the relay watches for in a chat or completion answer to log its token usage. */
 interface UsageWatch {
-  /** The client asked for a stream. */
-  streamed: boolean;
   /** The relay asked for the usage event, so the client does not get it. */
   stripUsageEvent: boolean;
 }
