@@ -422,10 +422,7 @@ export function parsePasswordHash(text: string): PasswordHash | undefined {
 
 /** Checks a password against a PBKDF2 hash, comparing in constant time. */
 export async function verifyPasswordHash(password: string, stored: PasswordHash): Promise<boolean> {
-  const derived = await pbkdf2(password, stored.salt, stored.iterations);
-  let difference = derived.length ^ stored.hash.length;
-  for (let i = 0; i < stored.hash.length; i++) difference |= derived[i] ^ stored.hash[i];
-  return difference === 0;
+  return constantTimeBytesEqual(await pbkdf2(password, stored.salt, stored.iterations), stored.hash);
 }
 
 /**
@@ -669,10 +666,13 @@ const textEncoder = new TextEncoder();
  * depends only on the expected value's length, never on where they differ.
  */
 export function constantTimeEqual(given: string, expected: string): boolean {
-  const a = textEncoder.encode(given);
-  const b = textEncoder.encode(expected);
-  let difference = a.length ^ b.length;
-  for (let i = 0; i < b.length; i++) difference |= (a[i] ?? 0) ^ b[i];
+  return constantTimeBytesEqual(textEncoder.encode(given), textEncoder.encode(expected));
+}
+
+/** The byte-level comparison behind `constantTimeEqual` and `verifyPasswordHash`. */
+function constantTimeBytesEqual(given: Uint8Array, expected: Uint8Array): boolean {
+  let difference = given.length ^ expected.length;
+  for (let i = 0; i < expected.length; i++) difference |= (given[i] ?? 0) ^ expected[i];
   return difference === 0;
 }
 
@@ -698,7 +698,11 @@ export class RateLimiter {
   /** Whole seconds until `key` may act again; 0 when it may act now. */
   retryAfter(key: string): number {
     if (this.perMinute === 0 || !this.#buckets.has(key)) return 0;
-    const { tokens } = this.#bucket(key);
+    return this.#secondsToWait(this.#bucket(key).tokens);
+  }
+
+  /** Whole seconds until a bucket holding `tokens` has one whole token again; 0 when it has. */
+  #secondsToWait(tokens: number): number {
     return tokens >= 1 ? 0 : Math.ceil(((1 - tokens) * 60) / this.perMinute);
   }
 
@@ -706,7 +710,7 @@ export class RateLimiter {
   take(key: string): number {
     if (this.perMinute === 0) return 0;
     const bucket = this.#bucket(key);
-    if (bucket.tokens < 1) return Math.ceil(((1 - bucket.tokens) * 60) / this.perMinute);
+    if (bucket.tokens < 1) return this.#secondsToWait(bucket.tokens);
     bucket.tokens -= 1;
     this.#buckets.delete(key); // re-insert: the map stays in least-recently-used order
     this.#buckets.set(key, bucket);
@@ -910,6 +914,9 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
   if (config.metrics) routes["/metrics"] = { method: "GET" };
   for (const path of config.extraRoutes) routes[path] = { method: "POST", upstreamPath: path.slice("/v1".length) };
   const allowedModels = new Set(config.allowedModels);
+  /** ALLOWED_MODELS: an entry names a model on any upstream (`gpt-4o`) or on one (`azure/gpt-4o`). */
+  const modelAllowed = (upstreamName: string, model: string) =>
+    allowedModels.size === 0 || allowedModels.has(model) || allowedModels.has(`${upstreamName}/${model}`);
 
   const usersByName = new Map(config.users.map((user) => [user.name, user]));
   const verifiedHashes = new Map<string, true>();
@@ -985,11 +992,11 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
 
   async function handle(
     request: Request,
+    url: URL,
     record: RequestRecord,
     cors: Record<string, string>,
     completed: Promise<void>,
   ): Promise<Response> {
-    const url = new URL(request.url);
     const origin = request.headers.get("origin");
 
     if (origin !== null && !allowedOrigins.has(origin)) {
@@ -1086,9 +1093,8 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       }
     }));
     const data = lists.flatMap(({ name, models }) =>
-      models.filter((entry) => typeof entry?.id === "string").map((entry) => ({ ...entry, id: `${name}/${entry.id}` }))
-    ).filter(({ id }) =>
-      allowedModels.size === 0 || allowedModels.has(id) || allowedModels.has(id.slice(id.indexOf("/") + 1))
+      models.filter((entry) => typeof entry?.id === "string" && modelAllowed(name, entry.id))
+        .map((entry) => ({ ...entry, id: `${name}/${entry.id}` }))
     );
     const failed = lists.filter((list) => list.error).map((list) => `${list.name} (${list.error})`);
     if (failed.length > 0) record.error = `model lists missing: ${failed.join(", ")}`;
@@ -1164,7 +1170,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       record.upstream = target.name;
     }
     if (body !== undefined && allowedModels.size > 0) {
-      if (model === undefined || !(allowedModels.has(model) || allowedModels.has(`${target.name}/${model}`))) {
+      if (model === undefined || !modelAllowed(target.name, model)) {
         record.outcome = "model_not_allowed";
         return errorResponse(
           400,
@@ -1341,16 +1347,18 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     });
     if (relayedBody === null) request.signal.removeEventListener("abort", onClientGone);
     record.logWhenBodyEnds = relayedBody !== null;
-    if (relayedBody !== null && response.status >= 400 && !eventStream && !response.headers.has("content-encoding")) {
-      // Error bodies are small: read them to mask a provider key they might echo, and to say whose quota a 429 is.
-      relayedBody = await rewriteBody(relayedBody, (text) => {
+    // Small bodies the relay reads and rewrites: an error body (mask a provider key it might echo, say whose
+    // quota a 429 is) and, with ALLOWED_MODELS, the model list (only what may be used).
+    const rewrite = response.status >= 400 && !eventStream
+      ? (text: string) => {
         const masked = maskSecrets(text);
         return response.status === 429 ? explainProviderRateLimit(masked, upstreamHost) : masked;
-      });
-      responseHeaders.delete("content-length");
-    } else if (relayedBody !== null && filterModels && !response.headers.has("content-encoding")) {
-      // With ALLOWED_MODELS the model list shows only what may be used.
-      relayedBody = await rewriteBody(relayedBody, (text) => filterModelList(text, allowedModels));
+      }
+      : filterModels
+      ? (text: string) => filterModelList(text, (model) => modelAllowed(target.name, model))
+      : undefined;
+    if (relayedBody !== null && rewrite && !response.headers.has("content-encoding")) {
+      relayedBody = await rewriteBody(relayedBody, rewrite);
       responseHeaders.delete("content-length");
     }
     return new Response(relayedBody, {
@@ -1361,7 +1369,8 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
   }
 
   return async (request, info) => {
-    const path = new URL(request.url).pathname;
+    const url = new URL(request.url);
+    const path = url.pathname;
     const record: RequestRecord = {
       id: crypto.randomUUID(),
       method: request.method.slice(0, 16),
@@ -1375,7 +1384,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     const cors = origin !== null && allowedOrigins.has(origin) ? corsHeaders(origin) : {};
     let response: Response;
     try {
-      response = await handle(request, record, cors, info.completed);
+      response = await handle(request, url, record, cors, info.completed);
     } catch (error) {
       record.error = errorText(error);
       record.outcome = "relay_error";
@@ -1394,12 +1403,10 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
 function parseJson(
   body: Uint8Array,
 ): Record<string, unknown> & { stream_options?: { include_usage?: unknown } } | undefined {
-  try {
-    const value = JSON.parse(new TextDecoder().decode(body));
-    return typeof value === "object" && value !== null && !Array.isArray(value) ? value : undefined;
-  } catch {
-    return undefined;
-  }
+  const value = parseJsonText(new TextDecoder().decode(body));
+  return typeof value === "object" && value !== null && !Array.isArray(value)
+    ? value as Record<string, unknown>
+    : undefined;
 }
 
 /** What the relay watches for in a chat or completion answer to log its token usage. */
@@ -1677,15 +1684,11 @@ const RELAY_BUFFER_BYTES = 16 * 1024;
 const MAX_REWRITTEN_BODY_BYTES = 1024 * 1024;
 
 /** Keeps only the allowed models in an OpenAI model list; anything else passes on unchanged. */
-function filterModelList(text: string, allowed: Set<string>): string {
-  try {
-    const list = JSON.parse(text);
-    if (!Array.isArray(list?.data)) return text;
-    list.data = list.data.filter((model: { id?: unknown }) => typeof model?.id === "string" && allowed.has(model.id));
-    return JSON.stringify(list);
-  } catch {
-    return text;
-  }
+function filterModelList(text: string, allowed: (model: string) => boolean): string {
+  const list = parseJsonText(text) as { data?: { id?: unknown }[] } | undefined;
+  if (!Array.isArray(list?.data)) return text;
+  list.data = list.data.filter((model) => typeof model?.id === "string" && allowed(model.id));
+  return JSON.stringify(list);
 }
 
 /**
@@ -1727,17 +1730,11 @@ async function rewriteBody(
 
 /** Prefixes a provider's 429 message so users can tell the provider's quota from the relay's own limit. */
 function explainProviderRateLimit(text: string, upstreamHost: string): string {
-  try {
-    const body = JSON.parse(text);
-    if (typeof body?.error?.message === "string") {
-      body.error.message =
-        `The provider ${upstreamHost} is rate-limiting the relay (the provider's quota or rate, not your relay user's limit): ${body.error.message}`;
-      return JSON.stringify(body);
-    }
-  } catch {
-    // not JSON: pass it on as it is
-  }
-  return text;
+  const body = parseJsonText(text) as { error?: { message?: unknown } } | undefined;
+  if (typeof body?.error?.message !== "string") return text; // not OpenAI's error shape: pass it on as it is
+  body.error.message =
+    `The provider ${upstreamHost} is rate-limiting the relay (the provider's quota or rate, not your relay user's limit): ${body.error.message}`;
+  return JSON.stringify(body);
 }
 
 /** An error's message followed by those of its causes (fetch puts the useful part in `cause`). */

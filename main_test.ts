@@ -1413,6 +1413,16 @@ Deno.test("teams", async (t) => {
     await using relay = startRelay(result.config);
     const models = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
     assert.deepEqual(models.json().data.map((model: { id: string }) => model.id), ["gpt-test", "gpt-other"]);
+    // An entry naming the upstream ("default/gpt-test") allows the same model in the list as in a chat.
+    await using named = startRelay({ ...result.config, allowedModels: ["default/gpt-test"] });
+    const namedModels = await named.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+    assert.deepEqual(namedModels.json().data.map((model: { id: string }) => model.id), ["gpt-test"]);
+    const chat = await named.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+      body: chatBody({ model: "gpt-test" }),
+    });
+    assert.equal(chat.status, 200, "the chat passes the same allow-list");
   });
 
   await t.step(
