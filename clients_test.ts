@@ -64,6 +64,20 @@ function startPageServer(openaiFolder: string) {
 }
 const html = { headers: { "content-type": "text/html; charset=utf-8" } };
 
+/** A streamed chat answer as OpenAI sends it: one chunk event per piece of content, then [DONE]. */
+function streamedAnswer(pieces: string[]): Response {
+  const events = pieces.map((content) =>
+    `data: ${
+      JSON.stringify({
+        id: "c1",
+        object: "chat.completion.chunk",
+        choices: [{ index: 0, delta: { content }, finish_reason: null }],
+      })
+    }\n\n`
+  );
+  return new Response(events.join("") + "data: [DONE]\n\n", { headers: { "content-type": "text/event-stream" } });
+}
+
 /** An upstream for the browser: OpenAI-like answers, SSE streams, and one stream the test releases chunk by chunk. */
 function browserUpstream() {
   let controlled = controlledStream();
@@ -72,17 +86,7 @@ function browserUpstream() {
       if (seen.body.includes("release chunk by chunk")) {
         return new Response(controlled.body, { headers: { "content-type": "text/event-stream" } });
       }
-      const words = ["Hello", " from", " upstream"];
-      const events = words.map((word) =>
-        `data: ${
-          JSON.stringify({
-            id: "c1",
-            object: "chat.completion.chunk",
-            choices: [{ index: 0, delta: { content: word }, finish_reason: null }],
-          })
-        }\n\n`
-      );
-      return new Response(events.join("") + "data: [DONE]\n\n", { headers: { "content-type": "text/event-stream" } });
+      return streamedAnswer(["Hello", " from", " upstream"]);
     }
     return openAiLikeUpstream(request, seen);
   });
@@ -323,17 +327,7 @@ Deno.test("openai sdk", async (t) => {
   await using upstream = startUpstream(async (request, seen) => {
     if (seen.body.includes("wait for release")) await new Promise<void>((resolve) => (release = resolve));
     if (seen.body.includes('"stream":true')) {
-      const event = (content: string) =>
-        `data: ${
-          JSON.stringify({
-            id: "c1",
-            object: "chat.completion.chunk",
-            choices: [{ index: 0, delta: { content }, finish_reason: null }],
-          })
-        }\n\n`;
-      return new Response(event("one") + event(" two") + "data: [DONE]\n\n", {
-        headers: { "content-type": "text/event-stream" },
-      });
+      return streamedAnswer(["one", " two"]);
     }
     return openAiLikeUpstream(request, seen);
   });
