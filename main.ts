@@ -11,6 +11,18 @@
  * imports on purpose: a process that holds an API key should be small enough
  * to read in one sitting.
  *
+ * Sections, in file order (search for the banner text):
+ * - Configuration: every environment variable, validated at once (`parseConfig`)
+ * - Auth: credentials, password hashes, client addresses
+ * - CORS: allowed origins, preflights
+ * - Counters: the store behind every limit and lockout (`CounterStore`)
+ * - Routes and error responses: the route table, OpenAI-shaped errors
+ * - Handler: one context per request, passed through the stages (`createHandler`, `STAGES`)
+ * - Stages: origin, preflight, route, health, identity, limits, metrics, body, upstream choice, model,
+ *   usage request, forward, relay, account
+ * - Bodies: reading requests, relaying answers, reading usage
+ * - Metrics, Logging, Demo upstream, Start-up (the command line)
+ *
  * @module
  */
 
@@ -677,65 +689,6 @@ function constantTimeBytesEqual(given: Uint8Array, expected: Uint8Array): boolea
 }
 
 /**
- * A token bucket per key (a client address or a user): `perMinute` events, refilled continuously.
- * Memory stays bounded: full buckets are forgotten, and past `maxKeys` the oldest go first.
- */
-export class RateLimiter {
-  #buckets = new Map<string, { tokens: number; updatedAt: number }>();
-  #lastSweep = 0;
-
-  /** `now` returns milliseconds; tests pass a clock they control. */
-  constructor(readonly perMinute: number, readonly now: () => number = Date.now, readonly maxKeys = 100_000) {}
-
-  #bucket(key: string) {
-    const now = this.now();
-    const bucket = this.#buckets.get(key) ?? { tokens: this.perMinute, updatedAt: now };
-    bucket.tokens = Math.min(this.perMinute, bucket.tokens + ((now - bucket.updatedAt) * this.perMinute) / 60_000);
-    bucket.updatedAt = now;
-    return bucket;
-  }
-
-  /** Whole seconds until `key` may act again; 0 when it may act now. */
-  retryAfter(key: string): number {
-    if (this.perMinute === 0 || !this.#buckets.has(key)) return 0;
-    return this.#secondsToWait(this.#bucket(key).tokens);
-  }
-
-  /** Whole seconds until a bucket holding `tokens` has one whole token again; 0 when it has. */
-  #secondsToWait(tokens: number): number {
-    return tokens >= 1 ? 0 : Math.ceil(((1 - tokens) * 60) / this.perMinute);
-  }
-
-  /** Uses one event of `key`'s allowance; returns 0, or the seconds to wait when none is left. */
-  take(key: string): number {
-    if (this.perMinute === 0) return 0;
-    const bucket = this.#bucket(key);
-    if (bucket.tokens < 1) return this.#secondsToWait(bucket.tokens);
-    bucket.tokens -= 1;
-    this.#buckets.delete(key); // re-insert: the map stays in least-recently-used order
-    this.#buckets.set(key, bucket);
-    this.#sweep();
-    return 0;
-  }
-
-  #sweep() {
-    const now = this.now();
-    if (now - this.#lastSweep > 60_000) {
-      this.#lastSweep = now;
-      for (const [key, bucket] of this.#buckets) {
-        if (bucket.tokens + ((now - bucket.updatedAt) * this.perMinute) / 60_000 >= this.perMinute) {
-          this.#buckets.delete(key);
-        }
-      }
-    }
-    for (const key of this.#buckets.keys()) {
-      if (this.#buckets.size <= this.maxKeys) break;
-      this.#buckets.delete(key);
-    }
-  }
-}
-
-/**
  * The client's address: the connection's peer, or with `trustProxyHops` proxies in front, the address
  * the outermost trusted proxy saw (X-Forwarded-For is only trusted that far: anything left of it can be forged).
  */
@@ -813,7 +766,90 @@ export function preflightHeaders(origin: string, request: Request): Record<strin
 }
 
 // ---------------------------------------------------------------------------
-// Proxy
+// Counters: one store for sign-in lockouts and rate limits
+// ---------------------------------------------------------------------------
+
+/** A token bucket: `capacity` events, refilled evenly over `periodMs`; a capacity of 0 means no limit. */
+export interface BucketRule {
+  /** Events allowed at once (and per period). */
+  capacity: number;
+  /** Milliseconds to refill an empty bucket. */
+  periodMs: number;
+}
+
+/**
+ * Where the relay counts: every limit and lockout goes through this interface, so a durable or shared store
+ * is a new implementation of it, not a change to the handler. Keys name what is counted and for whom, e.g.
+ * `sign-in:203.0.113.7`.
+ */
+export interface CounterStore {
+  /** Whole seconds until `key` may act again under `rule` (0: now), without using anything. */
+  wait(key: string, rule: BucketRule): number | Promise<number>;
+  /** Uses one event of `key`'s allowance: 0, or the whole seconds to wait when none is left. */
+  take(key: string, rule: BucketRule): number | Promise<number>;
+}
+
+/**
+ * Counters in this process's memory: lost on restart, one count per process. Memory stays bounded: full
+ * buckets are forgotten, and past `maxKeys` the least recently used go first.
+ */
+export class MemoryCounterStore implements CounterStore {
+  #buckets = new Map<string, { tokens: number; updatedAt: number }>();
+  #lastSweep = 0;
+
+  /** `now` returns milliseconds; tests pass a clock they control. */
+  constructor(readonly now: () => number = Date.now, readonly maxKeys = 100_000) {}
+
+  /** The bucket of `key`, refilled up to now (a new one is full). */
+  #bucket(key: string, rule: BucketRule) {
+    const now = this.now();
+    const bucket = this.#buckets.get(key) ?? { tokens: rule.capacity, updatedAt: now };
+    bucket.tokens = Math.min(rule.capacity, bucket.tokens + ((now - bucket.updatedAt) * rule.capacity) / rule.periodMs);
+    bucket.updatedAt = now;
+    return bucket;
+  }
+
+  /** Whole seconds until a bucket holding `tokens` has one whole token again; 0 when it has. */
+  static #secondsToWait(tokens: number, rule: BucketRule): number {
+    return tokens >= 1 ? 0 : Math.ceil(((1 - tokens) * rule.periodMs) / 1000 / rule.capacity);
+  }
+
+  wait(key: string, rule: BucketRule): number {
+    if (rule.capacity === 0 || !this.#buckets.has(key)) return 0;
+    return MemoryCounterStore.#secondsToWait(this.#bucket(key, rule).tokens, rule);
+  }
+
+  take(key: string, rule: BucketRule): number {
+    if (rule.capacity === 0) return 0;
+    const bucket = this.#bucket(key, rule);
+    if (bucket.tokens < 1) return MemoryCounterStore.#secondsToWait(bucket.tokens, rule);
+    bucket.tokens -= 1;
+    this.#buckets.delete(key); // re-insert: the map stays in least-recently-used order
+    this.#buckets.set(key, bucket);
+    this.#sweep(rule);
+    return 0;
+  }
+
+  /** Once a minute forgets the buckets that have refilled; always keeps the map within `maxKeys`. */
+  #sweep(rule: BucketRule) {
+    const now = this.now();
+    if (now - this.#lastSweep > 60_000) {
+      this.#lastSweep = now;
+      for (const [key, bucket] of this.#buckets) {
+        if (bucket.tokens + ((now - bucket.updatedAt) * rule.capacity) / rule.periodMs >= rule.capacity) {
+          this.#buckets.delete(key);
+        }
+      }
+    }
+    for (const key of this.#buckets.keys()) {
+      if (this.#buckets.size <= this.maxKeys) break;
+      this.#buckets.delete(key);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Routes and error responses
 // ---------------------------------------------------------------------------
 
 /** One route the relay serves: the only paths that ever reach the upstream are these. */
@@ -862,19 +898,53 @@ class RelayAbort extends Error {
   }
 }
 
-/** What the handler records about one request for its log line. */
-interface RequestRecord {
-  id: string;
-  method: string;
-  path: string;
-  client: string;
-  startedAt: number;
+// ---------------------------------------------------------------------------
+// Handler: one context per request, passed through the stages
+// ---------------------------------------------------------------------------
+
+/** What one request carries through the stages: the request, what the stages decided, and its log record. */
+interface RequestContext {
+  readonly request: Request;
+  readonly url: URL;
+  /** The request's Origin header; null for non-browser clients. */
+  readonly origin: string | null;
+  /** The CORS headers every response carries: empty unless the origin is allowed. */
+  readonly cors: Record<string, string>;
+  /** Resolves when Deno has sent the response, or the connection ended. */
+  readonly completed: Promise<void>;
+  /** The relay's request id, in the log line and the `X-Relay-Request-Id` response header. */
+  readonly id: string;
+  readonly method: string;
+  /** The path as logged: cut at 200 characters. */
+  readonly path: string;
+  /** The client's address (TRUST_PROXY decides which). */
+  readonly client: string;
+  readonly startedAt: number;
+  /** The route matched by `matchRoute`. */
+  route?: Route;
+  /** The signed-in user, set by `identifyCaller`. */
+  user?: string;
+  /** The request body as read by `readRequestBody`. */
+  body?: Uint8Array<ArrayBuffer>;
+  /** The body parsed as a JSON object, when a stage needs to look inside it. */
+  payload?: JsonObject;
+  /** True when a stage changed `payload`: the body is serialised again before it is forwarded. */
+  bodyChanged: boolean;
+  /** The upstream chosen by `chooseUpstream`. */
+  target: UpstreamTarget;
+  /** How token usage is read from the answer; set for chat and completions. */
+  usageWatch?: UsageWatch;
+  /** Aborts the upstream call: the client left, or the upstream was too slow. */
+  upstreamCall?: AbortController;
+  /** Removes the listener that aborts the upstream call when the client leaves. */
+  stopWatchingClient?: () => void;
+  /** The upstream's response, once `forwardRequest` has it. */
+  upstreamResponse?: Response;
   status?: number;
   upstreamStatus?: number;
   bytesIn: number;
   bytesOut: number;
-  user?: string;
-  /** The upstream's name, when there are several. */
+  /** The upstream's name in the log, when there are several. */
   upstream?: string;
   /** The model the client asked for (chat and completions). */
   model?: string;
@@ -882,11 +952,17 @@ interface RequestRecord {
   usage?: TokenUsage;
   outcome?: string;
   error?: string;
-  /** True while an upstream body is relayed: the log line is written when it ends. */
+  /** True while an upstream body is relayed: `account` runs when it ends. */
   logWhenBodyEnds?: boolean;
   /** True when the response already carries the relay's own headers. */
   headersSet?: boolean;
 }
+
+/** A parsed JSON object body. */
+type JsonObject = Record<string, unknown> & { stream_options?: { include_usage?: unknown } };
+
+/** An upstream with what is derived from it once: its host for messages and its ready auth header value. */
+type UpstreamTarget = Upstream & { host: string; authValue: string };
 
 /** Options for `createHandler` that are not configuration. */
 export interface HandlerOptions {
@@ -896,37 +972,156 @@ export interface HandlerOptions {
   now?: () => number;
   /** Where the handler counts; pass one to serve it elsewhere too (METRICS_PORT). */
   metrics?: RelayMetrics;
+  /** Where limits and lockouts are counted; in process memory unless given. */
+  counters?: CounterStore;
 }
 
 /** A `Deno.serve` handler. */
 export type RelayHandler = (request: Request, info: Deno.ServeHandlerInfo) => Promise<Response>;
 
+/** What the stages share across requests: the config and everything built from it once. */
+interface Relay {
+  readonly config: RelayConfig;
+  readonly log: Logger;
+  readonly metrics: RelayMetrics;
+  readonly counters: CounterStore;
+  readonly routes: Record<string, Route>;
+  readonly allowedOrigins: Set<string>;
+  readonly upstreams: UpstreamTarget[];
+  readonly upstreamsByName: Map<string, UpstreamTarget>;
+  /** ALLOWED_MODELS as a set; empty allows any model. */
+  readonly allowedModels: Set<string>;
+  /** The token bucket of failed sign-ins (AUTH_FAILURES_PER_MINUTE). */
+  readonly signInRule: BucketRule;
+  /** The token bucket of requests (RATE_LIMIT_PER_MINUTE). */
+  readonly requestRule: BucketRule;
+  /** The user these `name:password` credentials belong to, if any. */
+  authenticate(credentials: string): Promise<string | undefined>;
+  /** The text with every configured secret replaced by `[REDACTED]`. */
+  maskSecrets(text: string): string;
+}
+
+/** One stage of the handler: a `Response` ends the request, undefined passes it to the next stage. */
+type Stage = (relay: Relay, context: RequestContext) => Response | undefined | Promise<Response | undefined>;
+
 /**
- * Builds the relay's request handler from a validated config.
- * Order of checks: origin, preflight, route, method, sign-in lockout, auth, rate limit, body size,
- * upstream choice, model allow-list, upstream call.
+ * The stages every request passes, in this order. The first one that returns a `Response` ends the
+ * request; `relayResponse` always does. `account` runs after the last, or when a relayed body ends.
+ */
+const STAGES: Stage[] = [
+  checkOrigin,
+  answerPreflight,
+  matchRoute,
+  answerHealth,
+  identifyCaller,
+  applyRateLimits,
+  answerMetrics,
+  readRequestBody,
+  chooseUpstream,
+  checkModel,
+  requestUsage,
+  forwardRequest,
+  relayResponse,
+];
+
+/**
+ * Builds the relay's request handler from a validated config: the stages in `STAGES` over one
+ * `RequestContext` per request, then `account` for the log line and metrics. An exception in a stage is
+ * answered with a 500 naming the request id (the details go to the log, never to the client).
  */
 export function createHandler(config: RelayConfig, options: HandlerOptions = {}): RelayHandler {
-  const log = createLogger(config, options.log);
-  const allowedOrigins = new Set(config.allowedOrigins);
-  const metrics = options.metrics ?? new RelayMetrics();
+  const relay = createRelay(config, options);
+  return async (request, info) => {
+    const context = newContext(relay, request, info);
+    let response: Response | undefined;
+    try {
+      for (const stage of STAGES) {
+        response = await stage(relay, context);
+        if (response !== undefined) break;
+      }
+    } catch (error) {
+      context.error = errorText(error);
+      context.outcome = "relay_error";
+      response = undefined;
+    }
+    response ??= errorResponse(500, `internal error (request id ${context.id}); see the relay's log`, "relay_error");
+    context.status = response.status;
+    if (!context.headersSet) {
+      for (const [name, value] of relayHeaders(context.id, context.cors)) response.headers.set(name, value);
+    }
+    if (!context.logWhenBodyEnds) account(relay, context);
+    return response;
+  };
+}
+
+/** Builds what the stages share from the config: routes, upstream targets, sign-in checks, counters. */
+function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
   const routes: Record<string, Route> = { ...ROUTES };
   if (config.metrics) routes["/metrics"] = { method: "GET" };
   for (const path of config.extraRoutes) routes[path] = { method: "POST", upstreamPath: path.slice("/v1".length) };
-  const allowedModels = new Set(config.allowedModels);
-  /** ALLOWED_MODELS: an entry names a model on any upstream (`gpt-4o`) or on one (`azure/gpt-4o`). */
-  const modelAllowed = (upstreamName: string, model: string) =>
-    allowedModels.size === 0 || allowedModels.has(model) || allowedModels.has(`${upstreamName}/${model}`);
+  const upstreams = config.upstreams.map((upstream) => ({
+    ...upstream,
+    host: new URL(upstream.baseUrl).host,
+    authValue: upstream.authPrefix ? `${upstream.authPrefix} ${upstream.apiKey}` : upstream.apiKey,
+  }));
+  const secretsInBodies = upstreams.flatMap((upstream) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)])
+    .filter((secret) => secret.length >= 8);
+  return {
+    config,
+    log: createLogger(config, options.log),
+    metrics: options.metrics ?? new RelayMetrics(),
+    counters: options.counters ?? new MemoryCounterStore(options.now),
+    routes,
+    allowedOrigins: new Set(config.allowedOrigins),
+    upstreams,
+    upstreamsByName: new Map(upstreams.map((upstream) => [upstream.name, upstream])),
+    allowedModels: new Set(config.allowedModels),
+    signInRule: { capacity: config.authFailuresPerMinute, periodMs: 60_000 },
+    requestRule: { capacity: config.rateLimitPerMinute, periodMs: 60_000 },
+    authenticate: createAuthenticator(config.users),
+    maskSecrets: (text) => secretsInBodies.reduce((masked, secret) => masked.replaceAll(secret, "[REDACTED]"), text),
+  };
+}
 
-  const usersByName = new Map(config.users.map((user) => [user.name, user]));
+/** A fresh context for one request: its id, its client's address, and the CORS headers its origin gets. */
+function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo): RequestContext {
+  const url = new URL(request.url);
+  const path = url.pathname;
+  const origin = request.headers.get("origin");
+  return {
+    request,
+    url,
+    origin,
+    cors: origin !== null && relay.allowedOrigins.has(origin) ? corsHeaders(origin) : {},
+    completed: info.completed,
+    id: crypto.randomUUID(),
+    method: request.method.slice(0, 16),
+    path: path.length > 200 ? `${path.slice(0, 200)}...` : path,
+    client: clientAddress(request, info, relay.config.trustProxyHops),
+    startedAt: performance.now(),
+    bodyChanged: false,
+    target: relay.upstreams[0],
+    bytesIn: 0,
+    bytesOut: 0,
+  };
+}
+
+/** ALLOWED_MODELS: whether `model` may be used on `upstreamName` (an entry names any upstream's or one's). */
+function modelAllowed(relay: Relay, upstreamName: string, model: string): boolean {
+  return relay.allowedModels.size === 0 || relay.allowedModels.has(model) ||
+    relay.allowedModels.has(`${upstreamName}/${model}`);
+}
+
+/**
+ * Checks `name:password` credentials against the users. A hashed password costs a PBKDF2 run (about 80 ms of
+ * CPU): a success is remembered for this process under a salted SHA-256 of the credentials, so a user pays it
+ * once, not per request. Failures are never remembered.
+ */
+function createAuthenticator(users: RelayUser[]): (credentials: string) => Promise<string | undefined> {
+  const usersByName = new Map(users.map((user) => [user.name, user]));
   const verifiedHashes = new Map<string, true>();
   const cachePepper = crypto.getRandomValues(new Uint8Array(16)).join(",");
-  /**
-   * The user these `name:password` credentials belong to, if any. A hashed password costs a PBKDF2 run
-   * (about 80 ms of CPU): a success is remembered for this process under a salted SHA-256 of the
-   * credentials, so a user pays it once, not per request. Failures are never remembered.
-   */
-  async function authenticate(credentials: string): Promise<string | undefined> {
+  return async (credentials) => {
     const colon = credentials.indexOf(":");
     const name = credentials.slice(0, colon);
     const secret = credentials.slice(colon + 1);
@@ -941,468 +1136,518 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     if (verifiedHashes.size >= 10_000) verifiedHashes.delete(verifiedHashes.keys().next().value!);
     verifiedHashes.set(digest, true);
     return name;
-  }
-  const upstreams = config.upstreams.map((upstream) => ({
-    ...upstream,
-    host: new URL(upstream.baseUrl).host,
-    authValue: upstream.authPrefix ? `${upstream.authPrefix} ${upstream.apiKey}` : upstream.apiKey,
-  }));
-  const upstreamsByName = new Map(upstreams.map((upstream) => [upstream.name, upstream]));
-  const secretsInBodies = upstreams.flatMap((upstream) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)])
-    .filter((secret) => secret.length >= 8);
-  /** The headers every request to `target` carries: its extra headers, its key, and the relay's own. */
-  const upstreamHeaders = (target: typeof upstreams[number]) => {
-    const headers = new Headers(target.extraHeaders);
-    // Ask for the body as the upstream has it, so it passes through byte for byte.
-    headers.set("accept-encoding", "identity");
-    headers.set("user-agent", `mc-relay/${VERSION}`);
-    headers.set(target.authHeader, target.authValue);
-    return headers;
-  };
-  const maskSecrets = (text: string) =>
-    secretsInBodies.reduce((masked, secret) => masked.replaceAll(secret, "[REDACTED]"), text);
-  const now = options.now ?? Date.now;
-  const authFailures = new RateLimiter(config.authFailuresPerMinute, now);
-  const userRequests = new RateLimiter(config.rateLimitPerMinute, now);
-  const addressRequests = new RateLimiter(config.rateLimitPerMinute, now);
-
-  function finish(record: RequestRecord) {
-    const route = Object.hasOwn(routes, record.path) ? record.path : "other";
-    metrics.countRequest(route, record.status ?? 0, record.user ?? "");
-    if (record.usage && record.user) metrics.countTokens(record.user, record.model ?? "", record.usage);
-    if (!log.enabled("info")) return;
-    log.info("request", {
-      request_id: record.id,
-      method: record.method,
-      path: record.path,
-      client: record.client,
-      user: record.user,
-      upstream: record.upstream,
-      model: record.model,
-      usage: record.usage,
-      status: record.status,
-      upstream_status: record.upstreamStatus,
-      duration_ms: Math.round((performance.now() - record.startedAt) * 10) / 10,
-      bytes_in: record.bytesIn,
-      bytes_out: record.bytesOut,
-      outcome: record.outcome,
-      error: record.error,
-    });
-  }
-
-  async function handle(
-    request: Request,
-    url: URL,
-    record: RequestRecord,
-    cors: Record<string, string>,
-    completed: Promise<void>,
-  ): Promise<Response> {
-    const origin = request.headers.get("origin");
-
-    if (origin !== null && !allowedOrigins.has(origin)) {
-      // No CORS headers: the browser blocks the page from reading this, and nothing reaches the upstream.
-      return errorResponse(403, `origin ${origin} is not allowed; add it to ALLOWED_ORIGIN`, "origin_not_allowed");
-    }
-    if (request.method === "OPTIONS") {
-      const headers = origin ? preflightHeaders(origin, request) : { allow: "GET, POST, OPTIONS" };
-      return new Response(null, { status: 204, headers });
-    }
-
-    const route = Object.hasOwn(routes, url.pathname) ? routes[url.pathname] : undefined;
-    if (!route) {
-      return errorResponse(
-        404,
-        `unknown path ${maskSecrets(record.path)}; the relay serves ${Object.keys(routes).join(", ")}`,
-        "unknown_url",
-      );
-    }
-    if (request.method !== route.method) {
-      return errorResponse(
-        405,
-        `${request.method} is not allowed on ${url.pathname}; use ${route.method}`,
-        "method_not_allowed",
-        {
-          allow: `${route.method}, OPTIONS`,
-        },
-      );
-    }
-    if (url.pathname === "/health") return Response.json({ status: "ok" });
-
-    // A locked-out address waits even with the right password: otherwise guessing would simply go on.
-    const lockedFor = authFailures.retryAfter(record.client);
-    if (lockedFor > 0) {
-      record.outcome = "auth_locked_out";
-      return errorResponse(
-        429,
-        `too many failed sign-ins from this address; try again in ${lockedFor} s`,
-        "too_many_failed_sign_ins",
-        { "retry-after": String(lockedFor) },
-      );
-    }
-    const read = readCredentials(request.headers.get("authorization"));
-    const user = "credentials" in read ? await authenticate(read.credentials) : undefined;
-    if (user === undefined) {
-      authFailures.take(record.client);
-      // A Basic challenge makes browsers pop up a login dialog: offer it only to non-browser clients.
-      const challenge: Record<string, string> = origin === null
-        ? { "www-authenticate": 'Basic realm="mc-relay", charset="UTF-8"' }
-        : {};
-      const message = "problem" in read ? read.problem : "wrong username or password";
-      return errorResponse(401, message, "invalid_api_key", challenge);
-    }
-    record.user = user;
-
-    const waitFor = Math.max(userRequests.retryAfter(record.user), addressRequests.retryAfter(record.client));
-    if (waitFor > 0) {
-      record.outcome = "relay_rate_limited";
-      return errorResponse(
-        429,
-        `the relay's limit of ${config.rateLimitPerMinute} requests per minute (RATE_LIMIT_PER_MINUTE) is reached for this user or address; try again in ${waitFor} s`,
-        "relay_rate_limit_exceeded",
-        { "retry-after": String(waitFor) },
-      );
-    }
-    userRequests.take(record.user);
-    addressRequests.take(record.client);
-
-    if (!route.upstreamPath) return metricsResponse(metrics); // /metrics (METRICS=true), after the sign-in
-    return await proxy(request, url, route.upstreamPath, record, cors, completed);
-  }
-
-  /** GET /v1/models with several upstreams: every upstream's list, ids prefixed with the upstream's name. */
-  async function mergedModels(record: RequestRecord): Promise<Response> {
-    const lists = await Promise.all(upstreams.map(async (target) => {
-      const abort = new AbortController();
-      const timer = setTimeout(() => abort.abort(), config.requestTimeoutMs);
-      try {
-        const response = await fetch(`${target.baseUrl}/models`, {
-          headers: upstreamHeaders(target),
-          signal: abort.signal,
-          redirect: "manual",
-        });
-        if (!response.ok) {
-          await response.body?.cancel();
-          return { name: target.name, error: `HTTP ${response.status}`, models: [] };
-        }
-        const list = await response.json();
-        return { name: target.name, models: Array.isArray(list?.data) ? list.data as { id?: unknown }[] : [] };
-      } catch (error) {
-        return { name: target.name, error: describeNetworkError(errorText(error)), models: [] };
-      } finally {
-        clearTimeout(timer);
-      }
-    }));
-    const data = lists.flatMap(({ name, models }) =>
-      models.filter((entry) => typeof entry?.id === "string" && modelAllowed(name, entry.id))
-        .map((entry) => ({ ...entry, id: `${name}/${entry.id}` }))
-    );
-    const failed = lists.filter((list) => list.error).map((list) => `${list.name} (${list.error})`);
-    if (failed.length > 0) record.error = `model lists missing: ${failed.join(", ")}`;
-    if (failed.length === lists.length) {
-      record.outcome = "upstream_unreachable";
-      return errorResponse(
-        502,
-        `no upstream answered for its model list: ${failed.join(", ")}`,
-        "upstream_unreachable",
-      );
-    }
-    record.outcome = failed.length > 0 ? "partial" : "completed";
-    record.upstreamStatus = 200;
-    return Response.json({ object: "list", data });
-  }
-
-  async function proxy(
-    request: Request,
-    url: URL,
-    upstreamPath: string,
-    record: RequestRecord,
-    cors: Record<string, string>,
-    completed: Promise<void>,
-  ): Promise<Response> {
-    let body: Uint8Array<ArrayBuffer> | undefined;
-    if (request.method === "POST") {
-      const read = await readBody(request, config.maxRequestBytes, config.requestTimeoutMs);
-      if ("status" in read) {
-        record.outcome = read.outcome;
-        return errorResponse(read.status, read.message, read.code);
-      }
-      body = read.body;
-      record.bytesIn = body.byteLength;
-    }
-
-    // Which upstream: a model prefix naming one ("openai/gpt-4o"), else MC's X-Relay-Endpoint, else the first.
-    // With a single upstream X-Relay-Endpoint is ignored: the operator's configuration decides, not the browser.
-    let target = upstreams[0];
-    const countsUsage = upstreamPath === "/chat/completions" || upstreamPath === "/completions";
-    // The JSON body, parsed once when something needs it: the model (upstream choice, allow-list) or usage.
-    const payload = body !== undefined && (upstreams.length > 1 || allowedModels.size > 0 || countsUsage)
-      ? parseJson(body)
-      : undefined;
-    let bodyChanged = false;
-    let model = typeof payload?.model === "string" ? payload.model : undefined;
-    if (upstreams.length > 1) {
-      const slash = model?.indexOf("/") ?? -1;
-      const byModel = slash > 0 ? upstreamsByName.get(model!.slice(0, slash)) : undefined;
-      const endpoint = request.headers.get("x-relay-endpoint")?.trim().replace(/\/+$/, "");
-      if (byModel) {
-        target = byModel;
-        model = model!.slice(slash + 1);
-        payload!.model = model;
-        bodyChanged = true;
-      } else if (endpoint) {
-        const byEndpoint = upstreams.find((upstream) =>
-          endpoint === upstream.baseUrl || endpoint.startsWith(`${upstream.baseUrl}/`)
-        );
-        if (!byEndpoint) {
-          record.outcome = "unknown_upstream";
-          return errorResponse(
-            400,
-            `X-Relay-Endpoint ${JSON.stringify(endpoint.slice(0, 200))} matches none of this relay's upstreams (${
-              upstreams.map((upstream) => upstream.name).join(", ")
-            }); set MC's endpoint to one of their base URLs`,
-            "unknown_upstream",
-          );
-        }
-        target = byEndpoint;
-      } else if (upstreamPath === "/models") {
-        return await mergedModels(record);
-      }
-      record.upstream = target.name;
-    }
-    if (body !== undefined && allowedModels.size > 0) {
-      if (model === undefined || !modelAllowed(target.name, model)) {
-        record.outcome = "model_not_allowed";
-        return errorResponse(
-          400,
-          model === undefined
-            ? 'this relay needs a JSON body with a "model" (ALLOWED_MODELS is set)'
-            : `model ${JSON.stringify(model.slice(0, 100))} is not allowed here; allowed: ${
-              config.allowedModels.join(", ")
-            }`,
-          "model_not_allowed",
-        );
-      }
-    }
-    const upstreamHost = target.host;
-
-    // Token usage for the log: a streamed chat only reports it when asked, so the relay asks, and takes the
-    // extra usage event back out of the stream when the client had not asked for it itself.
-    let usageWatch: UsageWatch | undefined;
-    if (countsUsage && payload !== undefined) {
-      record.model = model?.slice(0, 100);
-      usageWatch = { stripUsageEvent: false };
-      const options = payload.stream_options;
-      if (payload.stream === true && !(typeof options === "object" && options?.include_usage === true)) {
-        payload.stream_options = { ...(typeof options === "object" ? options : {}), include_usage: true };
-        bodyChanged = true;
-        usageWatch.stripUsageEvent = true;
-      }
-    }
-    if (bodyChanged) body = textEncoder.encode(JSON.stringify(payload)) as Uint8Array<ArrayBuffer>;
-
-    const headers = upstreamHeaders(target);
-    for (const name of ["content-type", "accept"]) {
-      const value = request.headers.get(name);
-      if (value !== null) headers.set(name, value);
-    }
-
-    const upstream = new AbortController();
-    // request.signal fires when the client goes away (deno.json opts out of Deno's legacy behaviour, which also
-    // fired it after every complete response; even then the upstream body was fully read, so aborting did nothing).
-    const onClientGone = () => upstream.abort(new RelayAbort("client_gone"));
-    request.signal.addEventListener("abort", onClientGone, { once: true });
-    const headersTimer = setTimeout(
-      () => upstream.abort(new RelayAbort("upstream_timeout")),
-      config.requestTimeoutMs,
-    );
-
-    let response: Response;
-    const fetchStarted = performance.now();
-    try {
-      response = await fetch(`${target.baseUrl}${upstreamPath}${url.search}`, {
-        method: request.method,
-        headers,
-        body,
-        signal: upstream.signal,
-        redirect: "manual",
-      });
-    } catch (error) {
-      request.signal.removeEventListener("abort", onClientGone);
-      const reason = upstream.signal.reason;
-      if (reason instanceof RelayAbort && reason.kind === "client_gone") {
-        record.outcome = "client_gone";
-        return errorResponse(499, "the client closed the request", "client_closed_request");
-      }
-      if (reason instanceof RelayAbort && reason.kind === "upstream_timeout") {
-        record.outcome = "upstream_timeout";
-        return errorResponse(
-          504,
-          `the upstream ${upstreamHost} sent no response within ${
-            config.requestTimeoutMs / 1000
-          } s (REQUEST_TIMEOUT_SECONDS)`,
-          "upstream_timeout",
-        );
-      }
-      record.outcome = "upstream_unreachable";
-      record.error = errorText(error);
-      return errorResponse(
-        502,
-        `could not reach the upstream ${upstreamHost}: ${
-          describeNetworkError(record.error)
-        }; check UPSTREAM_BASE_URL and that the provider is reachable from the relay`,
-        "upstream_unreachable",
-      );
-    } finally {
-      clearTimeout(headersTimer);
-    }
-    record.upstreamStatus = response.status;
-    metrics.observeUpstreamLatency((performance.now() - fetchStarted) / 1000);
-
-    if (response.status >= 300 && response.status < 400 && response.headers.has("location")) {
-      // Following a redirect could carry the provider key to another host; report it instead.
-      await response.body?.cancel();
-      request.signal.removeEventListener("abort", onClientGone);
-      record.outcome = "upstream_redirect";
-      let redirectTarget = "another location";
-      try {
-        redirectTarget = new URL(response.headers.get("location")!, target.baseUrl).host;
-      } catch {
-        // keep the generic wording
-      }
-      return errorResponse(
-        502,
-        `the upstream ${upstreamHost} redirected to ${redirectTarget}; set ${
-          target.name === "default" ? "UPSTREAM_BASE_URL" : `the baseUrl of upstream "${target.name}"`
-        } to the final URL`,
-        "upstream_redirect",
-      );
-    }
-
-    // The response's headers in one list (one validation pass in Deno), the relay's own included.
-    const connectionTokens = new Set(
-      (response.headers.get("connection") ?? "").split(",").map((token) => token.trim().toLowerCase()),
-    );
-    const headerList: [string, string][] = [];
-    for (const entry of response.headers) {
-      if (!isDroppedResponseHeader(entry[0], connectionTokens)) headerList.push(entry);
-    }
-    headerList.push(...relayHeaders(record.id, cors));
-    const responseHeaders = new Headers(headerList);
-    record.headersSet = true;
-    const eventStream = response.headers.get("content-type")?.toLowerCase().startsWith("text/event-stream") ?? false;
-    if (eventStream) {
-      // Tell reverse proxies and CDNs not to buffer or compress the stream.
-      responseHeaders.set("cache-control", "no-cache, no-transform");
-      responseHeaders.set("x-accel-buffering", "no");
-    }
-
-    record.status = response.status;
-    const contentLength = response.headers.get("content-length");
-    const filterModels = allowedModels.size > 0 && upstreamPath === "/models" && response.ok;
-    if (
-      response.body !== null && response.status < 400 && !eventStream && contentLength !== null && !filterModels &&
-      !(usageWatch && response.ok)
-    ) {
-      // A body of known length (a model list, a non-streamed answer) goes to the client inside Deno, without a
-      // JavaScript step per chunk. It must arrive within REQUEST_TIMEOUT_SECONDS of its headers.
-      const bodyTimer = setTimeout(
-        () => upstream.abort(new RelayAbort("upstream_timeout")),
-        config.requestTimeoutMs,
-      );
-      record.logWhenBodyEnds = true;
-      const delivered = () => {
-        clearTimeout(bodyTimer);
-        request.signal.removeEventListener("abort", onClientGone);
-        const reason = upstream.signal.reason;
-        record.outcome = reason instanceof RelayAbort ? reason.kind : "completed";
-        if (record.outcome === "completed") record.bytesOut = Number(contentLength);
-        finish(record);
-      };
-      // Deno resolves `completed` however the response ended; should it ever reject, the line is still written.
-      completed.then(delivered, delivered);
-      return new Response(response.body, {
-        status: response.status,
-        statusText: response.statusText,
-        headers: responseHeaders,
-      });
-    }
-    const usage = usageWatch && response.ok ? usageReader(usageWatch, eventStream) : undefined;
-    // Taking the usage event out shortens a stream: its length, if the upstream gave one, no longer holds.
-    if (usage && eventStream && usageWatch?.stripUsageEvent) responseHeaders.delete("content-length");
-    if (eventStream && response.body !== null) metrics.openStreams++;
-    let relayedBody = response.body === null ? null : relayBody(response.body, upstream, config.requestTimeoutMs, {
-      transform: usage?.transform,
-      flush: usage?.flush,
-      onChunk(bytes) {
-        record.bytesOut += bytes;
-      },
-      onEnd(outcome, error) {
-        request.signal.removeEventListener("abort", onClientGone);
-        if (eventStream) metrics.openStreams--;
-        record.outcome = outcome;
-        if (error) record.error = error;
-        record.usage = usage?.result();
-        finish(record);
-      },
-    });
-    if (relayedBody === null) request.signal.removeEventListener("abort", onClientGone);
-    record.logWhenBodyEnds = relayedBody !== null;
-    // Small bodies the relay reads and rewrites: an error body (mask a provider key it might echo, say whose
-    // quota a 429 is) and, with ALLOWED_MODELS, the model list (only what may be used).
-    const rewrite = response.status >= 400 && !eventStream
-      ? (text: string) => {
-        const masked = maskSecrets(text);
-        return response.status === 429 ? explainProviderRateLimit(masked, upstreamHost) : masked;
-      }
-      : filterModels
-      ? (text: string) => filterModelList(text, (model) => modelAllowed(target.name, model))
-      : undefined;
-    if (relayedBody !== null && rewrite && !response.headers.has("content-encoding")) {
-      relayedBody = await rewriteBody(relayedBody, rewrite);
-      responseHeaders.delete("content-length");
-    }
-    return new Response(relayedBody, {
-      status: response.status,
-      statusText: response.statusText,
-      headers: responseHeaders,
-    });
-  }
-
-  return async (request, info) => {
-    const url = new URL(request.url);
-    const path = url.pathname;
-    const record: RequestRecord = {
-      id: crypto.randomUUID(),
-      method: request.method.slice(0, 16),
-      path: path.length > 200 ? `${path.slice(0, 200)}...` : path,
-      client: clientAddress(request, info, config.trustProxyHops),
-      startedAt: performance.now(),
-      bytesIn: 0,
-      bytesOut: 0,
-    };
-    const origin = request.headers.get("origin");
-    const cors = origin !== null && allowedOrigins.has(origin) ? corsHeaders(origin) : {};
-    let response: Response;
-    try {
-      response = await handle(request, url, record, cors, info.completed);
-    } catch (error) {
-      record.error = errorText(error);
-      record.outcome = "relay_error";
-      response = errorResponse(500, `internal error (request id ${record.id}); see the relay's log`, "relay_error");
-    }
-    record.status = response.status;
-    if (!record.headersSet) {
-      for (const [name, value] of relayHeaders(record.id, cors)) response.headers.set(name, value);
-    }
-    if (!record.logWhenBodyEnds) finish(record);
-    return response;
   };
 }
 
+// ---------------------------------------------------------------------------
+// Stages: from the origin check to the relayed response
+// ---------------------------------------------------------------------------
+
+/**
+ * Stage: origin. A browser origin that is not in ALLOWED_ORIGIN gets 403 without CORS headers, so the page
+ * cannot read it, and nothing reaches the upstream. Requests without Origin (servers, curl) pass on.
+ */
+function checkOrigin(relay: Relay, context: RequestContext): Response | undefined {
+  if (context.origin === null || relay.allowedOrigins.has(context.origin)) return undefined;
+  return errorResponse(
+    403,
+    `origin ${context.origin} is not allowed; add it to ALLOWED_ORIGIN`,
+    "origin_not_allowed",
+  );
+}
+
+/** Stage: preflight. An OPTIONS request on any path is answered here, before credentials are asked for. */
+function answerPreflight(_relay: Relay, context: RequestContext): Response | undefined {
+  if (context.request.method !== "OPTIONS") return undefined;
+  const headers = context.origin ? preflightHeaders(context.origin, context.request) : { allow: "GET, POST, OPTIONS" };
+  return new Response(null, { status: 204, headers });
+}
+
+/** Stage: route. Only the paths in the route table exist (404 otherwise), each with one method (405 otherwise). */
+function matchRoute(relay: Relay, context: RequestContext): Response | undefined {
+  const pathname = context.url.pathname;
+  const route = Object.hasOwn(relay.routes, pathname) ? relay.routes[pathname] : undefined;
+  if (!route) {
+    return errorResponse(
+      404,
+      `unknown path ${relay.maskSecrets(context.path)}; the relay serves ${Object.keys(relay.routes).join(", ")}`,
+      "unknown_url",
+    );
+  }
+  if (context.request.method !== route.method) {
+    return errorResponse(
+      405,
+      `${context.request.method} is not allowed on ${pathname}; use ${route.method}`,
+      "method_not_allowed",
+      { allow: `${route.method}, OPTIONS` },
+    );
+  }
+  context.route = route;
+  return undefined;
+}
+
+/** Stage: GET /health answers without credentials. */
+function answerHealth(_relay: Relay, context: RequestContext): Response | undefined {
+  return context.url.pathname === "/health" ? Response.json({ status: "ok" }) : undefined;
+}
+
+/**
+ * Stage: identity. A client address with too many failed sign-ins waits (429), even with the right password:
+ * otherwise guessing would simply go on. Then `username:password` is checked: 401 when it is missing or wrong.
+ */
+async function identifyCaller(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  const lockoutKey = `sign-in:${context.client}`;
+  const lockedFor = await relay.counters.wait(lockoutKey, relay.signInRule);
+  if (lockedFor > 0) {
+    context.outcome = "auth_locked_out";
+    return errorResponse(
+      429,
+      `too many failed sign-ins from this address; try again in ${lockedFor} s`,
+      "too_many_failed_sign_ins",
+      { "retry-after": String(lockedFor) },
+    );
+  }
+  const read = readCredentials(context.request.headers.get("authorization"));
+  const user = "credentials" in read ? await relay.authenticate(read.credentials) : undefined;
+  if (user === undefined) {
+    await relay.counters.take(lockoutKey, relay.signInRule);
+    // A Basic challenge makes browsers pop up a login dialog: offer it only to non-browser clients.
+    const challenge: Record<string, string> = context.origin === null
+      ? { "www-authenticate": 'Basic realm="mc-relay", charset="UTF-8"' }
+      : {};
+    const message = "problem" in read ? read.problem : "wrong username or password";
+    return errorResponse(401, message, "invalid_api_key", challenge);
+  }
+  context.user = user;
+  return undefined;
+}
+
+/** Stage: limits. RATE_LIMIT_PER_MINUTE per user and per client address: 429 with Retry-After when used up. */
+async function applyRateLimits(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  const keys = [`requests-by-user:${context.user}`, `requests-by-address:${context.client}`];
+  const waits = await Promise.all(keys.map((key) => relay.counters.wait(key, relay.requestRule)));
+  const waitFor = Math.max(...waits);
+  if (waitFor > 0) {
+    context.outcome = "relay_rate_limited";
+    return errorResponse(
+      429,
+      `the relay's limit of ${relay.config.rateLimitPerMinute} requests per minute (RATE_LIMIT_PER_MINUTE) is reached for this user or address; try again in ${waitFor} s`,
+      "relay_rate_limit_exceeded",
+      { "retry-after": String(waitFor) },
+    );
+  }
+  await Promise.all(keys.map((key) => relay.counters.take(key, relay.requestRule)));
+  return undefined;
+}
+
+/** Stage: GET /metrics on the main port (METRICS=true), after the sign-in. */
+function answerMetrics(relay: Relay, context: RequestContext): Response | undefined {
+  return context.url.pathname === "/metrics" ? metricsResponse(relay.metrics) : undefined;
+}
+
+/**
+ * Stage: body checks. A POST body is read whole (413 past MAX_REQUEST_BYTES, 408 when it does not arrive in
+ * time) and parsed once when a later stage needs to look inside it: the model (upstream choice, allow-list)
+ * or token usage.
+ */
+async function readRequestBody(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  if (context.request.method !== "POST") return undefined;
+  const read = await readBody(context.request, relay.config.maxRequestBytes, relay.config.requestTimeoutMs);
+  if ("status" in read) {
+    context.outcome = read.outcome;
+    return errorResponse(read.status, read.message, read.code);
+  }
+  context.body = read.body;
+  context.bytesIn = read.body.byteLength;
+  const countsUsage = context.route!.upstreamPath === "/chat/completions" ||
+    context.route!.upstreamPath === "/completions";
+  if (relay.upstreams.length > 1 || relay.allowedModels.size > 0 || countsUsage) {
+    context.payload = parseJson(read.body);
+    if (typeof context.payload?.model === "string") context.model = context.payload.model;
+  }
+  if (countsUsage && context.payload !== undefined) context.usageWatch = { stripUsageEvent: false };
+  return undefined;
+}
+
+/**
+ * Stage: upstream choice. A model prefix naming an upstream ("openai/gpt-4o") picks it and is stripped; else
+ * MC's X-Relay-Endpoint picks the upstream whose base URL it starts with (400 when none does); else the first.
+ * A model list with several upstreams and no choice merges every upstream's list. With a single upstream the
+ * operator's configuration decides: X-Relay-Endpoint is ignored.
+ */
+async function chooseUpstream(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  const { upstreams } = relay;
+  if (upstreams.length === 1) return undefined;
+  const model = context.model;
+  const slash = model?.indexOf("/") ?? -1;
+  const byModel = slash > 0 ? relay.upstreamsByName.get(model!.slice(0, slash)) : undefined;
+  const endpoint = context.request.headers.get("x-relay-endpoint")?.trim().replace(/\/+$/, "");
+  if (byModel) {
+    context.target = byModel;
+    context.model = model!.slice(slash + 1);
+    context.payload!.model = context.model;
+    context.bodyChanged = true;
+  } else if (endpoint) {
+    const byEndpoint = upstreams.find((upstream) =>
+      endpoint === upstream.baseUrl || endpoint.startsWith(`${upstream.baseUrl}/`)
+    );
+    if (!byEndpoint) {
+      context.outcome = "unknown_upstream";
+      return errorResponse(
+        400,
+        `X-Relay-Endpoint ${JSON.stringify(endpoint.slice(0, 200))} matches none of this relay's upstreams (${
+          upstreams.map((upstream) => upstream.name).join(", ")
+        }); set MC's endpoint to one of their base URLs`,
+        "unknown_upstream",
+      );
+    }
+    context.target = byEndpoint;
+  } else if (context.route!.upstreamPath === "/models") {
+    return await mergedModels(relay, context);
+  }
+  context.upstream = context.target.name;
+  return undefined;
+}
+
+/** Stage: model allow-list. With ALLOWED_MODELS, a body without an allowed model gets 400 before the upstream. */
+function checkModel(relay: Relay, context: RequestContext): Response | undefined {
+  if (context.body === undefined || relay.allowedModels.size === 0) return undefined;
+  const model = context.model;
+  if (model !== undefined && modelAllowed(relay, context.target.name, model)) return undefined;
+  context.outcome = "model_not_allowed";
+  return errorResponse(
+    400,
+    model === undefined
+      ? 'this relay needs a JSON body with a "model" (ALLOWED_MODELS is set)'
+      : `model ${JSON.stringify(model.slice(0, 100))} is not allowed here; allowed: ${
+        relay.config.allowedModels.join(", ")
+      }`,
+    "model_not_allowed",
+  );
+}
+
+/**
+ * Stage: usage request. A streamed chat only reports token usage when asked, so the relay asks, and takes the
+ * extra usage event back out of the stream when the client had not asked for it itself. A changed body is
+ * serialised again here, once.
+ */
+function requestUsage(_relay: Relay, context: RequestContext): undefined {
+  const { payload, usageWatch } = context;
+  if (usageWatch !== undefined && payload !== undefined) {
+    const options = payload.stream_options;
+    if (payload.stream === true && !(typeof options === "object" && options?.include_usage === true)) {
+      payload.stream_options = { ...(typeof options === "object" ? options : {}), include_usage: true };
+      context.bodyChanged = true;
+      usageWatch.stripUsageEvent = true;
+    }
+  }
+  if (context.bodyChanged) context.body = textEncoder.encode(JSON.stringify(payload)) as Uint8Array<ArrayBuffer>;
+  return undefined;
+}
+
+/** The headers every request to `target` carries: its extra headers, its key, and the relay's own. */
+function upstreamHeaders(target: UpstreamTarget): Headers {
+  const headers = new Headers(target.extraHeaders);
+  // Ask for the body as the upstream has it, so it passes through byte for byte.
+  headers.set("accept-encoding", "identity");
+  headers.set("user-agent", `mc-relay/${VERSION}`);
+  headers.set(target.authHeader, target.authValue);
+  return headers;
+}
+
+/**
+ * Stage: forward. Calls the upstream with the client's body, Content-Type and Accept, and the upstream's key.
+ * A client that leaves aborts the call (499); no response headers within REQUEST_TIMEOUT_SECONDS is 504; an
+ * unreachable upstream is 502; a redirect is 502 too, since following it could carry the key elsewhere.
+ */
+async function forwardRequest(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  const { request, target } = context;
+  const headers = upstreamHeaders(target);
+  for (const name of ["content-type", "accept"]) {
+    const value = request.headers.get(name);
+    if (value !== null) headers.set(name, value);
+  }
+  const upstreamCall = new AbortController();
+  context.upstreamCall = upstreamCall;
+  // request.signal fires when the client goes away (deno.json opts out of Deno's legacy behaviour, which also
+  // fired it after every complete response; even then the upstream body was fully read, so aborting did nothing).
+  const onClientGone = () => upstreamCall.abort(new RelayAbort("client_gone"));
+  request.signal.addEventListener("abort", onClientGone, { once: true });
+  context.stopWatchingClient = () => request.signal.removeEventListener("abort", onClientGone);
+  const timeoutMs = relay.config.requestTimeoutMs;
+  const headersTimer = setTimeout(() => upstreamCall.abort(new RelayAbort("upstream_timeout")), timeoutMs);
+  const fetchStarted = performance.now();
+  try {
+    context.upstreamResponse = await fetch(`${target.baseUrl}${context.route!.upstreamPath}${context.url.search}`, {
+      method: request.method,
+      headers,
+      body: context.body,
+      signal: upstreamCall.signal,
+      redirect: "manual",
+    });
+  } catch (error) {
+    context.stopWatchingClient();
+    return upstreamFailure(relay, context, error);
+  } finally {
+    clearTimeout(headersTimer);
+  }
+  const response = context.upstreamResponse;
+  context.upstreamStatus = response.status;
+  relay.metrics.observeUpstreamLatency((performance.now() - fetchStarted) / 1000);
+  if (response.status >= 300 && response.status < 400 && response.headers.has("location")) {
+    await response.body?.cancel();
+    context.stopWatchingClient();
+    return upstreamRedirect(context, response.headers.get("location")!);
+  }
+  return undefined;
+}
+
+/** The answer when the upstream call failed before any response: 499, 504 or 502. */
+function upstreamFailure(relay: Relay, context: RequestContext, error: unknown): Response {
+  const reason = context.upstreamCall!.signal.reason;
+  const host = context.target.host;
+  if (reason instanceof RelayAbort && reason.kind === "client_gone") {
+    context.outcome = "client_gone";
+    return errorResponse(499, "the client closed the request", "client_closed_request");
+  }
+  if (reason instanceof RelayAbort && reason.kind === "upstream_timeout") {
+    context.outcome = "upstream_timeout";
+    return errorResponse(
+      504,
+      `the upstream ${host} sent no response within ${
+        relay.config.requestTimeoutMs / 1000
+      } s (REQUEST_TIMEOUT_SECONDS)`,
+      "upstream_timeout",
+    );
+  }
+  context.outcome = "upstream_unreachable";
+  context.error = errorText(error);
+  return errorResponse(
+    502,
+    `could not reach the upstream ${host}: ${
+      describeNetworkError(context.error)
+    }; check UPSTREAM_BASE_URL and that the provider is reachable from the relay`,
+    "upstream_unreachable",
+  );
+}
+
+/** The answer to an upstream redirect: 502 naming the target's host, never following it. */
+function upstreamRedirect(context: RequestContext, location: string): Response {
+  context.outcome = "upstream_redirect";
+  let redirectTarget = "another location";
+  try {
+    redirectTarget = new URL(location, context.target.baseUrl).host;
+  } catch {
+    // keep the generic wording
+  }
+  return errorResponse(
+    502,
+    `the upstream ${context.target.host} redirected to ${redirectTarget}; set ${
+      context.target.name === "default" ? "UPSTREAM_BASE_URL" : `the baseUrl of upstream "${context.target.name}"`
+    } to the final URL`,
+    "upstream_redirect",
+  );
+}
+
+/**
+ * Stage: relay. Passes the upstream's status, headers and body back with the relay's own headers. A body of
+ * known length that needs no inspection goes to the client inside Deno; any other body passes chunk by chunk
+ * through `relayBody` (idle timeout, usage reading), and a small error body or filtered model list is rewritten.
+ */
+async function relayResponse(relay: Relay, context: RequestContext): Promise<Response> {
+  const response = context.upstreamResponse!;
+  const headers = responseHeaders(context, response);
+  context.headersSet = true;
+  context.status = response.status;
+  const eventStream = headers.get("content-type")?.toLowerCase().startsWith("text/event-stream") ?? false;
+  if (eventStream) {
+    // Tell reverse proxies and CDNs not to buffer or compress the stream.
+    headers.set("cache-control", "no-cache, no-transform");
+    headers.set("x-accel-buffering", "no");
+  }
+  const filterModels = relay.allowedModels.size > 0 && context.route!.upstreamPath === "/models" && response.ok;
+  const inspectUsage = context.usageWatch !== undefined && response.ok;
+  const contentLength = response.headers.get("content-length");
+  const init = { status: response.status, statusText: response.statusText, headers };
+  if (
+    response.body !== null && response.status < 400 && !eventStream && contentLength !== null && !filterModels &&
+    !inspectUsage
+  ) {
+    return new Response(passWithinDeno(relay, context, response.body, Number(contentLength)), init);
+  }
+  const usage = inspectUsage ? usageReader(context.usageWatch!, eventStream) : undefined;
+  // Taking the usage event out shortens a stream: its length, if the upstream gave one, no longer holds.
+  if (usage && eventStream && context.usageWatch!.stripUsageEvent) headers.delete("content-length");
+  if (response.body === null) {
+    context.stopWatchingClient!();
+    return new Response(null, init);
+  }
+  if (eventStream) relay.metrics.openStreams++;
+  context.logWhenBodyEnds = true;
+  let body = relayBody(response.body, context.upstreamCall!, relay.config.requestTimeoutMs, {
+    transform: usage?.transform,
+    flush: usage?.flush,
+    onChunk(bytes) {
+      context.bytesOut += bytes;
+    },
+    onEnd(outcome, error) {
+      context.stopWatchingClient!();
+      if (eventStream) relay.metrics.openStreams--;
+      context.outcome = outcome;
+      if (error) context.error = error;
+      context.usage = usage?.result();
+      account(relay, context);
+    },
+  });
+  const rewrite = bodyRewrite(relay, context, response, eventStream, filterModels);
+  if (rewrite && !response.headers.has("content-encoding")) {
+    body = await rewriteBody(body, rewrite);
+    headers.delete("content-length");
+  }
+  return new Response(body, init);
+}
+
+/** The upstream's response headers without hop-by-hop, cookie and CORS headers, plus the relay's own. */
+function responseHeaders(context: RequestContext, response: Response): Headers {
+  const connectionTokens = new Set(
+    (response.headers.get("connection") ?? "").split(",").map((token) => token.trim().toLowerCase()),
+  );
+  // One list, so Deno validates the headers in one pass.
+  const list: [string, string][] = [];
+  for (const entry of response.headers) {
+    if (!isDroppedResponseHeader(entry[0], connectionTokens)) list.push(entry);
+  }
+  list.push(...relayHeaders(context.id, context.cors));
+  return new Headers(list);
+}
+
+/**
+ * A body of known length (a model list, a non-streamed answer) goes to the client inside Deno, without a
+ * JavaScript step per chunk. It must arrive within REQUEST_TIMEOUT_SECONDS of its headers; the log line is
+ * written when Deno has sent it.
+ */
+function passWithinDeno(
+  relay: Relay,
+  context: RequestContext,
+  body: ReadableStream<Uint8Array>,
+  length: number,
+): ReadableStream<Uint8Array> {
+  const upstreamCall = context.upstreamCall!;
+  const bodyTimer = setTimeout(
+    () => upstreamCall.abort(new RelayAbort("upstream_timeout")),
+    relay.config.requestTimeoutMs,
+  );
+  context.logWhenBodyEnds = true;
+  const delivered = () => {
+    clearTimeout(bodyTimer);
+    context.stopWatchingClient!();
+    const reason = upstreamCall.signal.reason;
+    context.outcome = reason instanceof RelayAbort ? reason.kind : "completed";
+    if (context.outcome === "completed") context.bytesOut = length;
+    account(relay, context);
+  };
+  // Deno resolves `completed` however the response ended; should it ever reject, the line is still written.
+  context.completed.then(delivered, delivered);
+  return body;
+}
+
+/**
+ * How a small body is rewritten before the client gets it, if at all: an error body has any provider key it
+ * echoes masked (and a 429 says whose quota it is); with ALLOWED_MODELS the model list keeps only what may be used.
+ */
+function bodyRewrite(
+  relay: Relay,
+  context: RequestContext,
+  response: Response,
+  eventStream: boolean,
+  filterModels: boolean,
+): ((text: string) => string) | undefined {
+  if (response.status >= 400 && !eventStream) {
+    return (text) => {
+      const masked = relay.maskSecrets(text);
+      return response.status === 429 ? explainProviderRateLimit(masked, context.target.host) : masked;
+    };
+  }
+  if (filterModels) return (text) => filterModelList(text, (model) => modelAllowed(relay, context.target.name, model));
+  return undefined;
+}
+
+/** GET /v1/models with several upstreams: every upstream's list, ids prefixed with the upstream's name. */
+async function mergedModels(relay: Relay, context: RequestContext): Promise<Response> {
+  const lists = await Promise.all(relay.upstreams.map((target) => fetchModelList(relay, target)));
+  const data = lists.flatMap(({ name, models }) =>
+    models.filter((entry) => typeof entry?.id === "string" && modelAllowed(relay, name, entry.id as string))
+      .map((entry) => ({ ...entry, id: `${name}/${entry.id}` }))
+  );
+  const failed = lists.filter((list) => list.error).map((list) => `${list.name} (${list.error})`);
+  if (failed.length > 0) context.error = `model lists missing: ${failed.join(", ")}`;
+  if (failed.length === lists.length) {
+    context.outcome = "upstream_unreachable";
+    return errorResponse(502, `no upstream answered for its model list: ${failed.join(", ")}`, "upstream_unreachable");
+  }
+  context.outcome = failed.length > 0 ? "partial" : "completed";
+  context.upstreamStatus = 200;
+  return Response.json({ object: "list", data });
+}
+
+/** One upstream's model list for `mergedModels`, or the reason it has none. */
+async function fetchModelList(
+  relay: Relay,
+  target: UpstreamTarget,
+): Promise<{ name: string; models: { id?: unknown }[]; error?: string }> {
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), relay.config.requestTimeoutMs);
+  try {
+    const response = await fetch(`${target.baseUrl}/models`, {
+      headers: upstreamHeaders(target),
+      signal: abort.signal,
+      redirect: "manual",
+    });
+    if (!response.ok) {
+      await response.body?.cancel();
+      return { name: target.name, error: `HTTP ${response.status}`, models: [] };
+    }
+    const list = await response.json();
+    return { name: target.name, models: Array.isArray(list?.data) ? list.data : [] };
+  } catch (error) {
+    return { name: target.name, error: describeNetworkError(errorText(error)), models: [] };
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Stage: account. Counts the request in the metrics and writes its log line (when info is logged). */
+function account(relay: Relay, context: RequestContext): void {
+  const route = Object.hasOwn(relay.routes, context.path) ? context.path : "other";
+  const model = context.model?.slice(0, 100);
+  relay.metrics.countRequest(route, context.status ?? 0, context.user ?? "");
+  if (context.usage && context.user) relay.metrics.countTokens(context.user, model ?? "", context.usage);
+  if (!relay.log.enabled("info")) return;
+  relay.log.info("request", {
+    request_id: context.id,
+    method: context.method,
+    path: context.path,
+    client: context.client,
+    user: context.user,
+    upstream: context.upstream,
+    model,
+    usage: context.usage,
+    status: context.status,
+    upstream_status: context.upstreamStatus,
+    duration_ms: Math.round((performance.now() - context.startedAt) * 10) / 10,
+    bytes_in: context.bytesIn,
+    bytes_out: context.bytesOut,
+    outcome: context.outcome,
+    error: context.error,
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Bodies: reading requests, relaying answers, reading usage
+// ---------------------------------------------------------------------------
+
 /** A JSON object body, or undefined when the body is not a JSON object. */
-function parseJson(
-  body: Uint8Array,
-): Record<string, unknown> & { stream_options?: { include_usage?: unknown } } | undefined {
+function parseJson(body: Uint8Array): JsonObject | undefined {
   const value = parseJsonText(new TextDecoder().decode(body));
   return typeof value === "object" && value !== null && !Array.isArray(value)
     ? value as Record<string, unknown>
