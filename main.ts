@@ -60,6 +60,8 @@ export const ENV_VARS = [
   "UPSTREAMS_JSON",
   "METRICS",
   "METRICS_PORT",
+  "METRICS_HOST",
+  "MAX_BUFFERED_BYTES",
 ] as const;
 
 /** The name of one environment variable the relay reads. */
@@ -84,10 +86,14 @@ export interface RelayConfig {
   allowedModels: string[];
   /** Optional routes switched on with ALLOWED_PATHS, e.g. `/v1/embeddings`. */
   extraRoutes: string[];
-  /** Serve Prometheus metrics at /metrics on the main port, behind the relay's auth (METRICS=true). */
-  metrics: boolean;
+  /** Users who may read Prometheus metrics at /metrics on the main port (METRICS); empty serves none there. */
+  metricsUsers: string[];
   /** A separate port that serves /metrics without auth (METRICS_PORT); undefined for none. */
   metricsPort?: number;
+  /** The interface METRICS_PORT listens on (METRICS_HOST, default loopback). */
+  metricsHost: string;
+  /** Request bodies held in memory at once, all requests together (MAX_BUFFERED_BYTES); past it, 503. */
+  maxBufferedBytes: number;
   /** Exact browser origins allowed to call the relay; empty allows none. */
   allowedOrigins: string[];
   /** TCP port to listen on (0 picks a free one). */
@@ -110,8 +116,8 @@ export interface RelayConfig {
   authFailuresPerMinute: number;
   /** Requests allowed per user and per client address per minute; 0 (the default) turns the limit off. */
   rateLimitPerMinute: number;
-  /** How many reverse proxies in front append to X-Forwarded-For; 0 ignores the header (it could be spoofed). */
-  trustProxyHops: number;
+  /** Which reverse proxies may set X-Forwarded-For (TRUST_PROXY); none by default (it could be spoofed). */
+  trustProxy: TrustedProxies;
 }
 
 /** One OpenAI-compatible upstream and how to authenticate to it. */
@@ -159,6 +165,7 @@ export const DEFAULTS = {
   host: "0.0.0.0",
   requestTimeoutSeconds: 180,
   maxRequestBytes: 32 * 1024 * 1024,
+  maxBufferedBytes: 64 * 1024 * 1024,
   upstreamAuthHeader: "Authorization",
   upstreamAuthPrefix: "Bearer",
   logLevel: "info" as LogLevel,
@@ -285,26 +292,21 @@ export function parseConfig(env: RelayEnv): ConfigResult {
     errors,
     { integer: true, min: 0, max: 1_000_000, example: "a whole number of requests per minute, e.g. 60 (0 = no limit)" },
   );
-  const trustProxy = value("TRUST_PROXY")?.toLowerCase();
-  const trustProxyHops = trustProxy === undefined || trustProxy === "false"
-    ? 0
-    : trustProxy === "true"
-    ? 1
-    : /^[0-9]{1,2}$/.test(trustProxy)
-    ? Number(trustProxy)
-    : NaN;
-  if (Number.isNaN(trustProxyHops)) {
+  const trustProxy = parseTrustProxy(value("TRUST_PROXY"), errors);
+  const maxBufferedBytes = parseNumber(
+    value("MAX_BUFFERED_BYTES"),
+    Math.max(DEFAULTS.maxBufferedBytes, maxRequestBytes),
+    "MAX_BUFFERED_BYTES",
+    errors,
+    { integer: true, min: 1, max: 2 ** 40, example: "a whole number of bytes, e.g. 67108864 (64 MiB)" },
+  );
+  if (maxBufferedBytes < maxRequestBytes) {
     errors.push(
-      `TRUST_PROXY must be true (one reverse proxy in front), false, or the number of proxies in front, e.g. 1, got "${
-        value("TRUST_PROXY")
-      }"`,
+      `MAX_BUFFERED_BYTES must be at least MAX_REQUEST_BYTES (${maxRequestBytes}), e.g. ${maxRequestBytes * 2}`,
     );
   }
 
-  const metricsFlag = value("METRICS")?.toLowerCase() ?? "false";
-  if (metricsFlag !== "true" && metricsFlag !== "false") {
-    errors.push(`METRICS must be true (serve /metrics behind the relay's auth) or false, got "${value("METRICS")}"`);
-  }
+  const metricsUsers = parseMetricsUsers(value("METRICS"), users, errors);
   const metricsPort = value("METRICS_PORT") === undefined ? undefined : parseNumber(
     value("METRICS_PORT"),
     0,
@@ -312,6 +314,10 @@ export function parseConfig(env: RelayEnv): ConfigResult {
     errors,
     { integer: true, min: 0, max: 65535, example: "a port for /metrics without auth, e.g. 9464" },
   );
+  const metricsHost = value("METRICS_HOST") ?? "127.0.0.1";
+  if (/\s|\//.test(metricsHost)) {
+    errors.push(`METRICS_HOST must be an interface address, e.g. 127.0.0.1 or 0.0.0.0, got "${metricsHost}"`);
+  }
 
   const rawLevel = value("LOG_LEVEL")?.toLowerCase() ?? DEFAULTS.logLevel;
   const logLevel = (LOG_LEVELS as readonly string[]).includes(rawLevel) ? rawLevel as LogLevel : DEFAULTS.logLevel;
@@ -328,30 +334,116 @@ export function parseConfig(env: RelayEnv): ConfigResult {
   }
 
   if (errors.length > 0) return { ok: false, errors };
-  return {
-    ok: true,
-    warnings,
-    config: {
-      upstreams,
-      users,
-      allowedModels,
-      extraRoutes: [...new Set(extraRoutes)],
-      metrics: metricsFlag === "true",
-      metricsPort,
-      allowedOrigins,
-      port,
-      host,
-      requestTimeoutMs: Math.round(requestTimeoutSeconds * 1000),
-      maxRequestBytes,
-      logLevel,
-      tlsCertFile,
-      tlsKeyFile,
-      shutdownTimeoutMs: Math.round(shutdownTimeoutSeconds * 1000),
-      authFailuresPerMinute,
-      rateLimitPerMinute,
-      trustProxyHops,
-    },
+  const config: RelayConfig = {
+    upstreams,
+    users,
+    allowedModels,
+    extraRoutes: [...new Set(extraRoutes)],
+    metricsUsers,
+    metricsPort,
+    metricsHost,
+    maxBufferedBytes,
+    allowedOrigins,
+    port,
+    host,
+    requestTimeoutMs: Math.round(requestTimeoutSeconds * 1000),
+    maxRequestBytes,
+    logLevel,
+    tlsCertFile,
+    tlsKeyFile,
+    shutdownTimeoutMs: Math.round(shutdownTimeoutSeconds * 1000),
+    authFailuresPerMinute,
+    rateLimitPerMinute,
+    trustProxy,
   };
+  return { ok: true, config, warnings: [...warnings, ...riskWarnings(config)] };
+}
+
+/**
+ * TRUST_PROXY: `false` (the default: X-Forwarded-For is ignored), `true` or a number of proxies in front (trusted
+ * from loopback and private addresses only), or the proxies' addresses and CIDR ranges (trusted from those only,
+ * every trusted entry of X-Forwarded-For walked past).
+ */
+function parseTrustProxy(raw: string | undefined, errors: string[]): TrustedProxies {
+  const text = raw?.toLowerCase();
+  if (text === undefined || text === "false") return { ranges: [], hops: 0 };
+  const privateRanges = () => PRIVATE_RANGES.map((range) => parseAddressRange(range)!);
+  if (text === "true") return { ranges: privateRanges(), hops: 1 };
+  if (/^[0-9]{1,2}$/.test(text) && Number(text) > 0) return { ranges: privateRanges(), hops: Number(text) };
+  const ranges = text.split(",").map((entry) => entry.trim()).filter(Boolean).map(parseAddressRange);
+  if (ranges.length > 0 && ranges.every((range) => range !== undefined)) {
+    return { ranges: ranges as AddressRange[], hops: 0 };
+  }
+  errors.push(
+    `TRUST_PROXY must be false, true (one proxy on a loopback or private address), the number of such proxies, or the proxies' addresses or CIDR ranges, e.g. 127.0.0.1,10.0.0.0/8, got "${raw}"`,
+  );
+  return { ranges: [], hops: 0 };
+}
+
+/** METRICS: `false`, or the users who may read /metrics on the main port (it shows every user's traffic). */
+function parseMetricsUsers(raw: string | undefined, users: RelayUser[], errors: string[]): string[] {
+  if (raw === undefined || raw.toLowerCase() === "false") return [];
+  const names = raw.split(",").map((name) => name.trim()).filter(Boolean);
+  const known = new Set(users.map((user) => user.name));
+  if (raw.toLowerCase() === "true") {
+    errors.push(
+      "METRICS names the users who may read /metrics (it shows every user's traffic), e.g. METRICS=admin; true is no longer accepted",
+    );
+  } else if (names.length === 0 || names.some((name) => !known.has(name))) {
+    errors.push(`METRICS must be false or names of configured users, e.g. METRICS=admin, got "${raw}"`);
+  }
+  return names;
+}
+
+/**
+ * Start-up warnings for configurations that work but are risky, each naming the variable: keys in clear text,
+ * open lockouts, trusted headers from anywhere, exposed metrics, weak hashes and passwords, plain HTTP.
+ */
+function riskWarnings(config: RelayConfig): string[] {
+  const warnings: string[] = [];
+  const loopbackHost = (host: string) => /^(localhost|127\.[0-9.]+|::1|\[::1\])$/.test(host);
+  for (const upstream of config.upstreams) {
+    const url = new URL(upstream.baseUrl);
+    if (url.protocol === "http:" && !loopbackHost(url.hostname)) {
+      const name = upstream.name === "default" ? "UPSTREAM_BASE_URL" : `UPSTREAMS_JSON entry "${upstream.name}"`;
+      warnings.push(`${name} uses http:// to ${url.host}: the provider key travels in clear text; use https://`);
+    }
+  }
+  for (const origin of config.allowedOrigins) {
+    const url = new URL(origin);
+    if (url.protocol === "http:" && !loopbackHost(url.hostname)) {
+      warnings.push(`ALLOWED_ORIGIN allows ${origin} over http://: anyone on its network can change that page`);
+    }
+  }
+  if (config.authFailuresPerMinute === 0) {
+    warnings.push("AUTH_FAILURES_PER_MINUTE=0 turns the sign-in lockout off: passwords can be guessed at full speed");
+  }
+  if (config.trustProxy.ranges.length > 0 && !loopbackHost(config.host)) {
+    warnings.push(
+      `TRUST_PROXY is set while HOST=${config.host} is reachable from other machines: name the proxies' addresses in TRUST_PROXY so that nobody else can set X-Forwarded-For`,
+    );
+  }
+  if (config.metricsPort !== undefined && !loopbackHost(config.metricsHost)) {
+    warnings.push(
+      `METRICS_HOST=${config.metricsHost}: /metrics on METRICS_PORT has no auth and shows user names; keep it on a private network`,
+    );
+  }
+  for (const user of config.users) {
+    if (user.hash && user.hash.iterations < 100_000) {
+      warnings.push(
+        `MC_RELAY_USERS user ${user.name} has a PBKDF2 hash of ${user.hash.iterations} iterations; make a new one with 'mc-relay hash-password' (600,000)`,
+      );
+    }
+    if (user.password !== undefined && user.password === user.name) {
+      warnings.push(`the password of user ${user.name} equals the user name (MC_RELAY_USERS or MC_RELAY_PASSWORD)`);
+    }
+  }
+  if (config.host === "0.0.0.0" && !config.tlsCertFile) {
+    warnings.push(
+      "HOST=0.0.0.0 without TLS_CERT_FILE: serve the relay behind HTTPS (see README, 'Deploy': Caddy, nginx) so passwords never cross a network in clear text",
+    );
+  }
+  return warnings;
 }
 
 /**
@@ -688,17 +780,126 @@ function constantTimeBytesEqual(given: Uint8Array, expected: Uint8Array): boolea
   return difference === 0;
 }
 
+/** Which reverse proxies may set X-Forwarded-For (TRUST_PROXY). */
+export interface TrustedProxies {
+  /** Addresses and CIDR ranges of the proxies; a peer outside them is the client, whatever it forwards. */
+  ranges: AddressRange[];
+  /** With a number (TRUST_PROXY=2): how many proxies append to X-Forwarded-For; 0 walks past every trusted entry. */
+  hops: number;
+}
+
+/** An address range: an address as 16 bytes (IPv4 as IPv4-mapped IPv6) and a prefix length over those bytes. */
+export interface AddressRange {
+  /** The first address's bytes. */
+  bytes: Uint8Array;
+  /** The prefix length in bits, 0 to 128. */
+  bits: number;
+}
+
+/** Loopback and private ranges: what TRUST_PROXY=true (or a number) trusts, a proxy on this host or network. */
+export const PRIVATE_RANGES = [
+  "127.0.0.0/8",
+  "10.0.0.0/8",
+  "172.16.0.0/12",
+  "192.168.0.0/16",
+  "169.254.0.0/16",
+  "::1/128",
+  "fc00::/7",
+  "fe80::/10",
+];
+
+/** An IPv4 or IPv6 address as 16 bytes (IPv4 as ::ffff:a.b.c.d); undefined when it is not an address. */
+export function addressBytes(text: string): Uint8Array | undefined {
+  const address = text.replace(/^\[|\]$/g, "").replace(/%.*$/, "");
+  const v4 = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(address);
+  if (v4) {
+    const parts = v4.slice(1).map(Number);
+    if (parts.some((part) => part > 255)) return undefined;
+    return Uint8Array.from([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, ...parts]);
+  }
+  if (!/^[0-9a-fA-F:.]+$/.test(address) || !address.includes(":")) return undefined;
+  let text6 = address;
+  const tail: number[] = [];
+  const embedded = /:(\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3})$/.exec(text6);
+  if (embedded) {
+    const four = addressBytes(embedded[1]);
+    if (!four) return undefined;
+    tail.push(...four.subarray(12));
+    text6 = `${text6.slice(0, embedded.index)}:0:0`;
+  }
+  const halves = text6.split("::");
+  if (halves.length > 2) return undefined;
+  const groups = (half: string) => half === "" ? [] : half.split(":");
+  const head = groups(halves[0]);
+  const rest = halves.length === 2 ? groups(halves[1]) : [];
+  const missing = 8 - head.length - rest.length;
+  if (halves.length === 1 ? missing !== 0 : missing < 1) return undefined;
+  const all = [...head, ...Array(halves.length === 2 ? missing : 0).fill("0"), ...rest];
+  if (all.some((group) => !/^[0-9a-fA-F]{1,4}$/.test(group))) return undefined;
+  const bytes = new Uint8Array(16);
+  all.forEach((group, index) => {
+    const value = parseInt(group, 16);
+    bytes[index * 2] = value >> 8;
+    bytes[index * 2 + 1] = value & 255;
+  });
+  if (tail.length === 4) bytes.set(tail, 12);
+  return bytes;
+}
+
+/** Parses `address` or `address/bits` (IPv4 bits count from the IPv4 part); undefined when malformed. */
+export function parseAddressRange(text: string): AddressRange | undefined {
+  const [address, bitsText, extra] = text.trim().split("/");
+  const bytes = addressBytes(address);
+  if (!bytes || extra !== undefined) return undefined;
+  const isV4 = address.includes(".") && !address.includes(":");
+  const max = isV4 ? 32 : 128;
+  const bits = bitsText === undefined ? max : /^\d{1,3}$/.test(bitsText) ? Number(bitsText) : NaN;
+  if (!(bits >= 0 && bits <= max)) return undefined;
+  return { bytes, bits: isV4 ? bits + 96 : bits };
+}
+
+/** Whether `address` lies in one of `ranges`. */
+export function inRanges(address: string, ranges: AddressRange[]): boolean {
+  const bytes = addressBytes(address);
+  if (!bytes) return false;
+  return ranges.some((range) => {
+    for (let bit = 0; bit < range.bits; bit += 8) {
+      const mask = range.bits - bit >= 8 ? 0xff : (0xff << (8 - (range.bits - bit))) & 0xff;
+      if ((bytes[bit / 8] & mask) !== (range.bytes[bit / 8] & mask)) return false;
+    }
+    return true;
+  });
+}
+
 /**
- * The client's address: the connection's peer, or with `trustProxyHops` proxies in front, the address
- * the outermost trusted proxy saw (X-Forwarded-For is only trusted that far: anything left of it can be forged).
+ * The client's address: the connection's peer, unless the peer is a trusted proxy (TRUST_PROXY). Then
+ * X-Forwarded-For is read from the right: with a hop count, the entry that many proxies back; otherwise the
+ * first entry that is not itself a trusted proxy. Entries further left can be forged and are never used.
  */
-export function clientAddress(request: Request, info: Deno.ServeHandlerInfo, trustProxyHops: number): string {
+export function clientAddress(request: Request, info: Deno.ServeHandlerInfo, trust: TrustedProxies): string {
   const peer = "hostname" in info.remoteAddr ? info.remoteAddr.hostname : "unix";
-  if (trustProxyHops === 0) return peer;
+  if (trust.ranges.length === 0 || !inRanges(peer, trust.ranges)) return peer;
   const forwarded = (request.headers.get("x-forwarded-for") ?? "").split(",").map((entry) => entry.trim())
     .filter(Boolean);
   if (forwarded.length === 0) return peer;
-  return forwarded[Math.max(0, forwarded.length - trustProxyHops)].slice(0, 64);
+  if (trust.hops > 0) return forwarded[Math.max(0, forwarded.length - trust.hops)].slice(0, 64);
+  let index = forwarded.length - 1;
+  while (index > 0 && inRanges(forwarded[index], trust.ranges)) index--;
+  return forwarded[index].slice(0, 64);
+}
+
+/**
+ * The key a client address is counted under: an IPv6 address by its /64 (one customer's network hands out
+ * any number of addresses in it), an IPv4 address (or IPv4-mapped IPv6) as it is.
+ */
+export function addressKey(address: string): string {
+  const bytes = addressBytes(address);
+  if (!bytes) return address;
+  if (bytes.subarray(0, 12).every((byte, index) => byte === (index < 10 ? 0 : 255))) {
+    return bytes.subarray(12).join(".");
+  }
+  const groups = [0, 2, 4, 6].map((index) => ((bytes[index] << 8) | bytes[index + 1]).toString(16));
+  return `${groups.join(":")}::/64`;
 }
 
 // ---------------------------------------------------------------------------
@@ -780,30 +981,38 @@ export interface BucketRule {
 /**
  * Where the relay counts: every limit and lockout goes through this interface, so a durable or shared store
  * is a new implementation of it, not a change to the handler. Keys name what is counted and for whom, e.g.
- * `sign-in:203.0.113.7`.
+ * `sign-in:203.0.113.7:team`.
  */
 export interface CounterStore {
   /** Whole seconds until `key` may act again under `rule` (0: now), without using anything. */
   wait(key: string, rule: BucketRule): number | Promise<number>;
   /** Uses one event of `key`'s allowance: 0, or the whole seconds to wait when none is left. */
   take(key: string, rule: BucketRule): number | Promise<number>;
+  /** Gives one event back to `key`'s allowance (a sign-in guess that was right, a request never sent). */
+  give(key: string, rule: BucketRule): void | Promise<void>;
 }
 
 /**
- * Counters in this process's memory: lost on restart, one count per process. Memory stays bounded: full
- * buckets are forgotten, and past `maxKeys` the least recently used go first.
+ * Counters in this process's memory: lost on restart, one count per process. Memory stays bounded without
+ * releasing anybody early: only buckets that have refilled (and so hold nothing worth keeping) are forgotten,
+ * and when `maxKeys` buckets are all in use a new key is refused as if its bucket were empty.
  */
 export class MemoryCounterStore implements CounterStore {
-  #buckets = new Map<string, { tokens: number; updatedAt: number }>();
+  #buckets = new Map<string, { tokens: number; updatedAt: number; rule: BucketRule }>();
   #lastSweep = 0;
 
   /** `now` returns milliseconds; tests pass a clock they control. */
   constructor(readonly now: () => number = Date.now, readonly maxKeys = 100_000) {}
 
-  /** The bucket of `key`, refilled up to now (a new one is full). */
+  /** The bucket of `key`, refilled up to now; undefined for a new key when the store is full. */
   #bucket(key: string, rule: BucketRule) {
     const now = this.now();
-    const bucket = this.#buckets.get(key) ?? { tokens: rule.capacity, updatedAt: now };
+    let bucket = this.#buckets.get(key);
+    if (bucket === undefined) {
+      if (this.#buckets.size >= this.maxKeys && !this.#sweep(now)) return undefined;
+      bucket = { tokens: rule.capacity, updatedAt: now, rule };
+      this.#buckets.set(key, bucket);
+    }
     bucket.tokens = Math.min(rule.capacity, bucket.tokens + ((now - bucket.updatedAt) * rule.capacity) / rule.periodMs);
     bucket.updatedAt = now;
     return bucket;
@@ -816,35 +1025,32 @@ export class MemoryCounterStore implements CounterStore {
 
   wait(key: string, rule: BucketRule): number {
     if (rule.capacity === 0 || !this.#buckets.has(key)) return 0;
-    return MemoryCounterStore.#secondsToWait(this.#bucket(key, rule).tokens, rule);
+    return MemoryCounterStore.#secondsToWait(this.#bucket(key, rule)!.tokens, rule);
   }
 
   take(key: string, rule: BucketRule): number {
     if (rule.capacity === 0) return 0;
     const bucket = this.#bucket(key, rule);
+    if (bucket === undefined) return MemoryCounterStore.#secondsToWait(0, rule);
     if (bucket.tokens < 1) return MemoryCounterStore.#secondsToWait(bucket.tokens, rule);
     bucket.tokens -= 1;
-    this.#buckets.delete(key); // re-insert: the map stays in least-recently-used order
-    this.#buckets.set(key, bucket);
-    this.#sweep(rule);
     return 0;
   }
 
-  /** Once a minute forgets the buckets that have refilled; always keeps the map within `maxKeys`. */
-  #sweep(rule: BucketRule) {
-    const now = this.now();
-    if (now - this.#lastSweep > 60_000) {
+  give(key: string, rule: BucketRule): void {
+    const bucket = rule.capacity === 0 ? undefined : this.#buckets.get(key);
+    if (bucket) bucket.tokens = Math.min(rule.capacity, bucket.tokens + 1);
+  }
+
+  /** Forgets every bucket that has refilled; at most once a second. True when there is room for a new key. */
+  #sweep(now: number): boolean {
+    if (now - this.#lastSweep >= 1000) {
       this.#lastSweep = now;
-      for (const [key, bucket] of this.#buckets) {
-        if (bucket.tokens + ((now - bucket.updatedAt) * rule.capacity) / rule.periodMs >= rule.capacity) {
-          this.#buckets.delete(key);
-        }
+      for (const [key, { tokens, updatedAt, rule }] of this.#buckets) {
+        if (tokens + ((now - updatedAt) * rule.capacity) / rule.periodMs >= rule.capacity) this.#buckets.delete(key);
       }
     }
-    for (const key of this.#buckets.keys()) {
-      if (this.#buckets.size <= this.maxKeys) break;
-      this.#buckets.delete(key);
-    }
+    return this.#buckets.size < this.maxKeys;
   }
 }
 
@@ -920,6 +1126,10 @@ interface RequestContext {
   /** The client's address (TRUST_PROXY decides which). */
   readonly client: string;
   readonly startedAt: number;
+  /** False when the Host header could change the path; `checkHost` answers 400. */
+  readonly validHost: boolean;
+  /** Bytes of the request body counted against MAX_BUFFERED_BYTES until it has been sent upstream. */
+  heldBytes: number;
   /** The route matched by `matchRoute`. */
   route?: Route;
   /** The signed-in user, set by `identifyCaller`. */
@@ -938,6 +1148,10 @@ interface RequestContext {
   upstreamCall?: AbortController;
   /** Removes the listener that aborts the upstream call when the client leaves. */
   stopWatchingClient?: () => void;
+  /** True once the request was sent upstream: from then on it is charged, with usage or an estimate. */
+  forwarded?: boolean;
+  /** Server-sent events relayed, for a usage estimate when the upstream reports none. */
+  events?: () => number;
   /** The upstream's response, once `forwardRequest` has it. */
   upstreamResponse?: Response;
   status?: number;
@@ -995,10 +1209,12 @@ interface Relay {
   readonly signInRule: BucketRule;
   /** The token bucket of requests (RATE_LIMIT_PER_MINUTE). */
   readonly requestRule: BucketRule;
-  /** The user these `name:password` credentials belong to, if any. */
-  authenticate(credentials: string): Promise<string | undefined>;
+  /** The user these `name:password` credentials belong to, if any; HASHING_BUSY when checks are saturated. */
+  authenticate(credentials: string): Promise<string | undefined | typeof HASHING_BUSY>;
   /** The text with every configured secret replaced by `[REDACTED]`. */
   maskSecrets(text: string): string;
+  /** Request bodies held at once (MAX_BUFFERED_BYTES). */
+  readonly bodyBudget: ByteBudget;
 }
 
 /** One stage of the handler: a `Response` ends the request, undefined passes it to the next stage. */
@@ -1009,6 +1225,7 @@ type Stage = (relay: Relay, context: RequestContext) => Response | undefined | P
  * request; `relayResponse` always does. `account` runs after the last, or when a relayed body ends.
  */
 const STAGES: Stage[] = [
+  checkHost,
   checkOrigin,
   answerPreflight,
   matchRoute,
@@ -1057,7 +1274,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
 /** Builds what the stages share from the config: routes, upstream targets, sign-in checks, counters. */
 function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
   const routes: Record<string, Route> = { ...ROUTES };
-  if (config.metrics) routes["/metrics"] = { method: "GET" };
+  if (config.metricsUsers.length > 0) routes["/metrics"] = { method: "GET" };
   for (const path of config.extraRoutes) routes[path] = { method: "POST", upstreamPath: path.slice("/v1".length) };
   const upstreams = config.upstreams.map((upstream) => ({
     ...upstream,
@@ -1079,13 +1296,17 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     signInRule: { capacity: config.authFailuresPerMinute, periodMs: 60_000 },
     requestRule: { capacity: config.rateLimitPerMinute, periodMs: 60_000 },
     authenticate: createAuthenticator(config.users),
+    bodyBudget: new ByteBudget(config.maxBufferedBytes),
     maskSecrets: (text) => secretsInBodies.reduce((masked, secret) => masked.replaceAll(secret, "[REDACTED]"), text),
   };
 }
 
 /** A fresh context for one request: its id, its client's address, and the CORS headers its origin gets. */
 function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo): RequestContext {
-  const url = new URL(request.url);
+  const host = request.headers.get("host");
+  const validHost = host === null || VALID_HOST.test(host);
+  // Deno builds request.url from Host and the request target: only a valid Host keeps the path the target's.
+  const url = new URL(validHost ? request.url : "http://invalid-host/");
   const path = url.pathname;
   const origin = request.headers.get("origin");
   return {
@@ -1097,51 +1318,138 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
     id: crypto.randomUUID(),
     method: request.method.slice(0, 16),
     path: path.length > 200 ? `${path.slice(0, 200)}...` : path,
-    client: clientAddress(request, info, relay.config.trustProxyHops),
+    client: clientAddress(request, info, relay.config.trustProxy),
     startedAt: performance.now(),
     bodyChanged: false,
     target: relay.upstreams[0],
     bytesIn: 0,
     bytesOut: 0,
+    heldBytes: 0,
+    validHost,
   };
 }
 
-/** ALLOWED_MODELS: whether `model` may be used on `upstreamName` (an entry names any upstream's or one's). */
+/** A Host header: a name, an IPv4 address or a bracketed IPv6 address, with an optional port. */
+const VALID_HOST = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?$/;
+
+/**
+ * ALLOWED_MODELS: whether `model` may be used on `upstreamName`. An entry whose part before the first `/` names
+ * an upstream (`openai/gpt-4o`) allows that model on that upstream only; any other entry (`gpt-4o`,
+ * `meta-llama/Llama-3`) allows that model on every upstream.
+ */
 function modelAllowed(relay: Relay, upstreamName: string, model: string): boolean {
-  return relay.allowedModels.size === 0 || relay.allowedModels.has(model) ||
-    relay.allowedModels.has(`${upstreamName}/${model}`);
+  if (relay.allowedModels.size === 0) return true;
+  if (relay.allowedModels.has(`${upstreamName}/${model}`)) return true;
+  const slash = model.indexOf("/");
+  const namesUpstream = slash > 0 && relay.upstreamsByName.has(model.slice(0, slash));
+  return !namesUpstream && relay.allowedModels.has(model);
 }
+
+/** What `authenticate` answers when the password hashing queue is full. */
+const HASHING_BUSY = Symbol("hashing busy");
+
+/** PBKDF2 checks that run at once (one per core here) and that may wait for a turn; past that, 503. */
+const HASH_CHECKS_AT_ONCE = 2;
+const HASH_CHECKS_WAITING = 32;
 
 /**
  * Checks `name:password` credentials against the users. A hashed password costs a PBKDF2 run (about 80 ms of
- * CPU): a success is remembered for this process under a salted SHA-256 of the credentials, so a user pays it
- * once, not per request. Failures are never remembered.
+ * CPU): a success is remembered for this process under a salted SHA-256 of the credentials, so a signed-in user
+ * pays it once and never queues behind a flood of guesses. Failures are never remembered. At most
+ * HASH_CHECKS_AT_ONCE checks run at once. When hashed users exist, an unknown name costs one PBKDF2 run too, so
+ * the time of an answer does not tell which names exist.
  */
-function createAuthenticator(users: RelayUser[]): (credentials: string) => Promise<string | undefined> {
+function createAuthenticator(
+  users: RelayUser[],
+): (credentials: string) => Promise<string | undefined | typeof HASHING_BUSY> {
   const usersByName = new Map(users.map((user) => [user.name, user]));
   const verifiedHashes = new Map<string, true>();
   const cachePepper = crypto.getRandomValues(new Uint8Array(16)).join(",");
+  const hashed = users.flatMap((user) => user.hash ? [user.hash] : []);
+  const decoy: PasswordHash | undefined = hashed.length === 0 ? undefined : {
+    iterations: Math.max(...hashed.map((hash) => hash.iterations)),
+    salt: crypto.getRandomValues(new Uint8Array(16)),
+    hash: crypto.getRandomValues(new Uint8Array(32)),
+  };
+  const hashChecks = new Semaphore(HASH_CHECKS_AT_ONCE, HASH_CHECKS_WAITING);
+  const checkHash = async (secret: string, hash: PasswordHash) => {
+    if (!hashChecks.tryAcquire()) return HASHING_BUSY;
+    await hashChecks.turn();
+    try {
+      return await verifyPasswordHash(secret, hash);
+    } finally {
+      hashChecks.release();
+    }
+  };
   return async (credentials) => {
     const colon = credentials.indexOf(":");
     const name = credentials.slice(0, colon);
     const secret = credentials.slice(colon + 1);
     const user = usersByName.get(name);
-    if (user === undefined) return undefined;
+    if (user === undefined) {
+      if (decoy === undefined) {
+        void constantTimeEqual(secret, cachePepper); // the cost of comparing a plain password
+        return undefined;
+      }
+      const checked = await checkHash(secret, decoy);
+      return checked === HASHING_BUSY ? HASHING_BUSY : undefined;
+    }
     if (user.password !== undefined) return constantTimeEqual(secret, user.password) ? name : undefined;
     const digest = new Uint8Array(
       await crypto.subtle.digest("SHA-256", textEncoder.encode(`${cachePepper}:${credentials}`)),
     ).join(",");
     if (verifiedHashes.has(digest)) return name;
-    if (!(await verifyPasswordHash(secret, user.hash!))) return undefined;
+    const checked = await checkHash(secret, user.hash!);
+    if (checked !== true) return checked === HASHING_BUSY ? HASHING_BUSY : undefined;
     if (verifiedHashes.size >= 10_000) verifiedHashes.delete(verifiedHashes.keys().next().value!);
     verifiedHashes.set(digest, true);
     return name;
   };
 }
 
+/** A counting semaphore with a bounded queue: `tryAcquire` reserves a place, `turn` waits for it, `release` ends it. */
+class Semaphore {
+  #running = 0;
+  #waiting: (() => void)[] = [];
+  #reserved = 0;
+
+  constructor(readonly atOnce: number, readonly maxWaiting: number) {}
+
+  /** Reserves a place; false when as many are running and waiting as allowed. */
+  tryAcquire(): boolean {
+    if (this.#reserved >= this.atOnce + this.maxWaiting) return false;
+    this.#reserved++;
+    return true;
+  }
+
+  /** Resolves when the reserved place may run. */
+  turn(): Promise<void> {
+    if (this.#running < this.atOnce) {
+      this.#running++;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => this.#waiting.push(resolve));
+  }
+
+  /** Ends a running place and lets the next waiting one run. */
+  release(): void {
+    this.#reserved--;
+    const next = this.#waiting.shift();
+    if (next) next();
+    else this.#running--;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Stages: from the origin check to the relayed response
 // ---------------------------------------------------------------------------
+
+/** Stage: request target. A Host header that is not a host name (it could move the path or query) gets 400. */
+function checkHost(_relay: Relay, context: RequestContext): Response | undefined {
+  if (context.validHost) return undefined;
+  context.outcome = "invalid_host";
+  return errorResponse(400, "the Host header must be a host name or address with an optional port", "invalid_host");
+}
 
 /**
  * Stage: origin. A browser origin that is not in ALLOWED_ORIGIN gets 403 without CORS headers, so the page
@@ -1168,11 +1476,8 @@ function matchRoute(relay: Relay, context: RequestContext): Response | undefined
   const pathname = context.url.pathname;
   const route = Object.hasOwn(relay.routes, pathname) ? relay.routes[pathname] : undefined;
   if (!route) {
-    return errorResponse(
-      404,
-      `unknown path ${relay.maskSecrets(context.path)}; the relay serves ${Object.keys(relay.routes).join(", ")}`,
-      "unknown_url",
-    );
+    // The path is not repeated: an answer must not tell whether a guessed path matched a secret.
+    return errorResponse(404, `unknown path; the relay serves ${Object.keys(relay.routes).join(", ")}`, "unknown_url");
   }
   if (context.request.method !== route.method) {
     return errorResponse(
@@ -1192,25 +1497,34 @@ function answerHealth(_relay: Relay, context: RequestContext): Response | undefi
 }
 
 /**
- * Stage: identity. A client address with too many failed sign-ins waits (429), even with the right password:
- * otherwise guessing would simply go on. Then `username:password` is checked: 401 when it is missing or wrong.
+ * Stage: identity. Checks `username:password`: 401 when it is missing or wrong. Each check first uses one
+ * guess of AUTH_FAILURES_PER_MINUTE for this user name from this address, and a right password gives it
+ * back: so at most that many wrong guesses are ever checked, however many arrive at once, and one client
+ * cannot lock out other users behind the same address. 503 when password hashing is saturated.
  */
 async function identifyCaller(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  const lockoutKey = `sign-in:${context.client}`;
-  const lockedFor = await relay.counters.wait(lockoutKey, relay.signInRule);
+  const read = readCredentials(context.request.headers.get("authorization"));
+  const name = "credentials" in read ? read.credentials.slice(0, read.credentials.indexOf(":")) : "";
+  const guessKey = `sign-in:${addressKey(context.client)}:${name.slice(0, 64)}`;
+  const lockedFor = await relay.counters.take(guessKey, relay.signInRule);
   if (lockedFor > 0) {
     context.outcome = "auth_locked_out";
     return errorResponse(
       429,
-      `too many failed sign-ins from this address; try again in ${lockedFor} s`,
+      `too many failed sign-ins for this user from this address; try again in ${lockedFor} s`,
       "too_many_failed_sign_ins",
       { "retry-after": String(lockedFor) },
     );
   }
-  const read = readCredentials(context.request.headers.get("authorization"));
   const user = "credentials" in read ? await relay.authenticate(read.credentials) : undefined;
+  if (user === HASHING_BUSY) {
+    await relay.counters.give(guessKey, relay.signInRule);
+    context.outcome = "sign_in_busy";
+    return errorResponse(503, "too many sign-ins are being checked; try again in a second", "relay_busy", {
+      "retry-after": "1",
+    });
+  }
   if (user === undefined) {
-    await relay.counters.take(lockoutKey, relay.signInRule);
     // A Basic challenge makes browsers pop up a login dialog: offer it only to non-browser clients.
     const challenge: Record<string, string> = context.origin === null
       ? { "www-authenticate": 'Basic realm="mc-relay", charset="UTF-8"' }
@@ -1218,6 +1532,7 @@ async function identifyCaller(relay: Relay, context: RequestContext): Promise<Re
     const message = "problem" in read ? read.problem : "wrong username or password";
     return errorResponse(401, message, "invalid_api_key", challenge);
   }
+  await relay.counters.give(guessKey, relay.signInRule);
   context.user = user;
   return undefined;
 }
@@ -1240,32 +1555,65 @@ async function applyRateLimits(relay: Relay, context: RequestContext): Promise<R
   return undefined;
 }
 
-/** Stage: GET /metrics on the main port (METRICS=true), after the sign-in. */
+/** Stage: GET /metrics on the main port, for the users METRICS names only (it shows every user's traffic). */
 function answerMetrics(relay: Relay, context: RequestContext): Response | undefined {
-  return context.url.pathname === "/metrics" ? metricsResponse(relay.metrics) : undefined;
+  if (context.url.pathname !== "/metrics") return undefined;
+  if (!relay.config.metricsUsers.includes(context.user!)) {
+    return errorResponse(403, "this user may not read /metrics; METRICS names who may", "metrics_not_allowed");
+  }
+  return metricsResponse(relay.metrics);
 }
 
 /**
  * Stage: body checks. A POST body is read whole (413 past MAX_REQUEST_BYTES, 408 when it does not arrive in
- * time) and parsed once when a later stage needs to look inside it: the model (upstream choice, allow-list)
- * or token usage.
+ * time, 503 when MAX_BUFFERED_BYTES are held already) and must be one JSON object (400 otherwise): every POST
+ * route of the OpenAI API takes one. It is parsed once, and forwarded as the relay serialises it again, so
+ * the upstream receives exactly what the relay checked and logs.
  */
 async function readRequestBody(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   if (context.request.method !== "POST") return undefined;
-  const read = await readBody(context.request, relay.config.maxRequestBytes, relay.config.requestTimeoutMs);
+  const read = await readBody(context.request, relay.config, (bytes) => {
+    if (!relay.bodyBudget.reserve(bytes)) return false;
+    context.heldBytes += bytes;
+    return true;
+  });
   if ("status" in read) {
     context.outcome = read.outcome;
-    return errorResponse(read.status, read.message, read.code);
+    return errorResponse(read.status, read.message, read.code, read.headers);
   }
-  context.body = read.body;
   context.bytesIn = read.body.byteLength;
-  const countsUsage = context.route!.upstreamPath === "/chat/completions" ||
-    context.route!.upstreamPath === "/completions";
-  if (relay.upstreams.length > 1 || relay.allowedModels.size > 0 || countsUsage) {
-    context.payload = parseJson(read.body);
-    if (typeof context.payload?.model === "string") context.model = context.payload.model;
+  const payload = parseJson(read.body);
+  const problem = payload === undefined ? "the body must be one JSON object" : jsonBodyProblem(payload);
+  if (problem !== undefined) {
+    context.outcome = "invalid_body";
+    return errorResponse(400, problem, "invalid_request_body");
   }
-  if (countsUsage && context.payload !== undefined) context.usageWatch = { stripUsageEvent: false };
+  context.payload = payload;
+  context.bodyChanged = true;
+  if (typeof payload!.model === "string") context.model = payload!.model;
+  context.usageWatch = { stripUsageEvent: false };
+  return undefined;
+}
+
+/**
+ * What is wrong with a parsed JSON body, if anything: two top-level keys that differ only in case (Go's JSON
+ * decoder, behind many upstreams, would read one where the relay read the other), a non-string `model`, or a
+ * `stream` that is not true or false.
+ */
+function jsonBodyProblem(payload: JsonObject): string | undefined {
+  const seen = new Set<string>();
+  for (const key of Object.keys(payload)) {
+    // Go folds case the Unicode way: besides ASCII, "ſ" matches "s" and the Kelvin sign "K" matches "k".
+    const folded = key.toLowerCase().replaceAll("ſ", "s");
+    if (seen.has(folded)) {
+      return `the body has two keys that differ only in case (${
+        JSON.stringify(folded.slice(0, 40))
+      }); send each key once`;
+    }
+    seen.add(folded);
+  }
+  if (payload.model !== undefined && typeof payload.model !== "string") return '"model" must be a string';
+  if (payload.stream !== undefined && typeof payload.stream !== "boolean") return '"stream" must be true or false';
   return undefined;
 }
 
@@ -1311,7 +1659,7 @@ async function chooseUpstream(relay: Relay, context: RequestContext): Promise<Re
 
 /** Stage: model allow-list. With ALLOWED_MODELS, a body without an allowed model gets 400 before the upstream. */
 function checkModel(relay: Relay, context: RequestContext): Response | undefined {
-  if (context.body === undefined || relay.allowedModels.size === 0) return undefined;
+  if (context.payload === undefined || relay.allowedModels.size === 0) return undefined;
   const model = context.model;
   if (model !== undefined && modelAllowed(relay, context.target.name, model)) return undefined;
   context.outcome = "model_not_allowed";
@@ -1333,7 +1681,9 @@ function checkModel(relay: Relay, context: RequestContext): Response | undefined
  */
 function requestUsage(_relay: Relay, context: RequestContext): undefined {
   const { payload, usageWatch } = context;
-  if (usageWatch !== undefined && payload !== undefined) {
+  const asksForUsage = context.route!.upstreamPath === "/chat/completions" ||
+    context.route!.upstreamPath === "/completions";
+  if (usageWatch !== undefined && payload !== undefined && asksForUsage) {
     const options = payload.stream_options;
     if (payload.stream === true && !(typeof options === "object" && options?.include_usage === true)) {
       payload.stream_options = { ...(typeof options === "object" ? options : {}), include_usage: true };
@@ -1377,6 +1727,7 @@ async function forwardRequest(relay: Relay, context: RequestContext): Promise<Re
   const timeoutMs = relay.config.requestTimeoutMs;
   const headersTimer = setTimeout(() => upstreamCall.abort(new RelayAbort("upstream_timeout")), timeoutMs);
   const fetchStarted = performance.now();
+  context.forwarded = true;
   try {
     context.upstreamResponse = await fetch(`${target.baseUrl}${context.route!.upstreamPath}${context.url.search}`, {
       method: request.method,
@@ -1390,6 +1741,7 @@ async function forwardRequest(relay: Relay, context: RequestContext): Promise<Re
     return upstreamFailure(relay, context, error);
   } finally {
     clearTimeout(headersTimer);
+    releaseBody(relay, context);
   }
   const response = context.upstreamResponse;
   context.upstreamStatus = response.status;
@@ -1400,6 +1752,14 @@ async function forwardRequest(relay: Relay, context: RequestContext): Promise<Re
     return upstreamRedirect(context, response.headers.get("location")!);
   }
   return undefined;
+}
+
+/** Drops the request body once it has been sent: its bytes no longer count against MAX_BUFFERED_BYTES. */
+function releaseBody(relay: Relay, context: RequestContext): void {
+  relay.bodyBudget.release(context.heldBytes);
+  context.heldBytes = 0;
+  context.body = undefined;
+  context.payload = undefined;
 }
 
 /** The answer when the upstream call failed before any response: 499, 504 or 502. */
@@ -1476,6 +1836,7 @@ async function relayResponse(relay: Relay, context: RequestContext): Promise<Res
     return new Response(passWithinDeno(relay, context, response.body, Number(contentLength)), init);
   }
   const usage = inspectUsage ? usageReader(context.usageWatch!, eventStream) : undefined;
+  context.events = usage?.events;
   // Taking the usage event out shortens a stream: its length, if the upstream gave one, no longer holds.
   if (usage && eventStream && context.usageWatch!.stripUsageEvent) headers.delete("content-length");
   if (response.body === null) {
@@ -1616,8 +1977,24 @@ async function fetchModelList(
   }
 }
 
+/**
+ * A usage estimate for an answer whose usage never arrived (the client left first, the upstream reports none),
+ * so that no request is free: about four bytes a token for the prompt and a JSON answer, one token per
+ * server-sent event of a stream. Marked `estimated`.
+ */
+function estimateUsage(context: RequestContext): TokenUsage {
+  const prompt = Math.ceil(context.bytesIn / 4);
+  const completion = context.events ? context.events() : Math.ceil(context.bytesOut / 4);
+  return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion, estimated: true };
+}
+
 /** Stage: account. Counts the request in the metrics and writes its log line (when info is logged). */
 function account(relay: Relay, context: RequestContext): void {
+  releaseBody(relay, context);
+  const charged = context.usageWatch !== undefined && context.forwarded && !((context.upstreamStatus ?? 0) >= 300);
+  if (context.usage === undefined && charged) {
+    context.usage = estimateUsage(context);
+  }
   const route = Object.hasOwn(relay.routes, context.path) ? context.path : "other";
   const model = context.model?.slice(0, 100);
   relay.metrics.countRequest(route, context.status ?? 0, context.user ?? "");
@@ -1668,6 +2045,8 @@ export interface TokenUsage {
   completion_tokens?: number;
   /** Both. */
   total_tokens?: number;
+  /** True when the relay estimated these figures because the upstream reported none. */
+  estimated?: boolean;
 }
 
 /** A `"usage": {` in an event's text. */
@@ -1676,14 +2055,24 @@ const USAGE_OBJECT = /"usage"\s*:\s*\{/;
 /** Largest non-streamed answer whose usage the relay reads (larger ones pass on, uncounted). */
 const MAX_USAGE_BODY_BYTES = 4 * 1024 * 1024;
 
+/**
+ * The token usage in an answer or event: `usage` at the top (chat, completions, embeddings) or in `response`
+ * (the Responses API's final event), with the Responses API's `input_tokens`/`output_tokens` names too.
+ */
 function pickUsage(value: unknown): TokenUsage | undefined {
-  const usage = (value as { usage?: Record<string, unknown> } | undefined)?.usage;
+  const container = value as { usage?: unknown; response?: { usage?: unknown } } | undefined;
+  const usage = (container?.usage ?? container?.response?.usage) as Record<string, unknown> | undefined | null;
   if (typeof usage !== "object" || usage === null) return undefined;
-  const count = (name: string) => typeof usage[name] === "number" ? usage[name] as number : undefined;
+  const count = (...names: string[]) => {
+    for (const name of names) if (typeof usage[name] === "number") return usage[name] as number;
+    return undefined;
+  };
+  const prompt = count("prompt_tokens", "input_tokens");
+  const completion = count("completion_tokens", "output_tokens");
   return {
-    prompt_tokens: count("prompt_tokens"),
-    completion_tokens: count("completion_tokens"),
-    total_tokens: count("total_tokens"),
+    prompt_tokens: prompt,
+    completion_tokens: completion,
+    total_tokens: count("total_tokens") ?? (prompt ?? 0) + (completion ?? 0),
   };
 }
 
@@ -1714,42 +2103,64 @@ function usageReader(watch: UsageWatch, eventStream: boolean) {
         return new Uint8Array(0);
       },
       result: () => usage,
+      events: undefined,
     };
   }
+  // Linear in the stream's length: each chunk is scanned once (with the last three characters before it, where
+  // a boundary may start), and an event's text is joined only when it is complete.
   const decoder = new TextDecoder();
-  let pending = "";
-  const passEvents = (text: string) => {
-    pending += text;
+  let parts: string[] = [];
+  let carry = "";
+  let events = 0;
+  const passEvents = (text: string, final: boolean) => {
+    const scan = carry + text;
+    carry = "";
     let out = "";
-    let end: number;
-    while ((end = pending.search(/\r?\n\r?\n/)) !== -1) {
-      const separator = pending.slice(end).match(/^\r?\n\r?\n/)![0];
-      const event = pending.slice(0, end);
-      pending = pending.slice(end + separator.length);
-      // Only the event with a usage object is parsed (OpenAI also sends "usage":null on every other chunk).
-      if (USAGE_OBJECT.test(event)) {
-        const data = parseJsonText(
-          event.split(/\r?\n/).filter((line) => line.startsWith("data:")).map((line) => line.slice(5)).join("\n"),
-        );
-        const found = pickUsage(data);
-        if (found) usage = found;
-        const choices = (data as { choices?: unknown[] } | undefined)?.choices;
-        if (found && watch.stripUsageEvent && Array.isArray(choices) && choices.length === 0) continue;
-      }
-      out += event + separator;
+    let start = 0;
+    EVENT_BOUNDARY.lastIndex = 0;
+    for (let match; (match = EVENT_BOUNDARY.exec(scan)) !== null;) {
+      const end = match.index + match[0].length;
+      // A "\r" at the very end may be the first half of a "\r\n" still on its way.
+      if (!final && end === scan.length && match[0].endsWith("\r")) break;
+      const event = parts.join("") + scan.slice(start, match.index);
+      parts = [];
+      start = end;
+      if (event.includes("data:")) events++;
+      if (!isDroppedUsageEvent(event)) out += event + match[0];
+    }
+    const rest = scan.slice(start);
+    if (final) {
+      out += parts.join("") + rest;
+      parts = [];
+    } else {
+      const keep = Math.min(3, rest.length);
+      parts.push(rest.slice(0, rest.length - keep));
+      carry = rest.slice(rest.length - keep);
     }
     return textEncoder.encode(out);
   };
+  /** Reads usage from an event; true when it is the usage event the relay asked for, to be taken out. */
+  const isDroppedUsageEvent = (event: string) => {
+    // Only an event with a usage object is parsed (OpenAI also sends "usage":null on every other chunk).
+    if (!USAGE_OBJECT.test(event)) return false;
+    const data = parseJsonText(
+      event.split(/\r\n|\r|\n/).filter((line) => line.startsWith("data:")).map((line) => line.slice(5)).join("\n"),
+    );
+    const found = pickUsage(data);
+    if (found) usage = found;
+    const choices = (data as { choices?: unknown[] } | undefined)?.choices;
+    return found !== undefined && watch.stripUsageEvent && Array.isArray(choices) && choices.length === 0;
+  };
   return {
-    transform: (chunk: Uint8Array) => passEvents(decoder.decode(chunk, { stream: true })),
-    flush() {
-      const rest = pending + decoder.decode();
-      pending = "";
-      return textEncoder.encode(rest);
-    },
+    transform: (chunk: Uint8Array) => passEvents(decoder.decode(chunk, { stream: true }), false),
+    flush: () => passEvents(decoder.decode(), true),
     result: () => usage,
+    events: () => events,
   };
 }
+
+/** The end of a server-sent event: two line endings, each CRLF, LF or a lone CR. */
+const EVENT_BOUNDARY = /(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))/g;
 
 function parseJsonText(text: string): unknown {
   try {
@@ -1762,23 +2173,39 @@ function parseJsonText(text: string): unknown {
 /** What reading a client's request body produced: the bytes, or an error to send. */
 type BodyRead =
   | { body: Uint8Array<ArrayBuffer> }
-  | { status: number; message: string; code: string; outcome: string };
+  | { status: number; message: string; code: string; outcome: string; headers?: Record<string, string> };
 
 /**
- * Reads a request body into memory, refusing it as soon as it grows past
- * `maxBytes` (whatever Content-Length claims) or takes longer than `timeoutMs`
- * to arrive, so a slow or oversized upload never reaches the upstream.
+ * Reads a request body into memory, refusing it as soon as it grows past MAX_REQUEST_BYTES (whatever
+ * Content-Length claims), when `reserve` refuses the bytes (MAX_BUFFERED_BYTES, all requests together: 503),
+ * or when it takes longer than REQUEST_TIMEOUT_SECONDS to arrive, so a slow or oversized upload never reaches
+ * the upstream and the bodies held at once stay bounded.
  */
-async function readBody(request: Request, maxBytes: number, timeoutMs: number): Promise<BodyRead> {
+async function readBody(
+  request: Request,
+  limits: { maxRequestBytes: number; requestTimeoutMs: number },
+  reserve: (bytes: number) => boolean,
+): Promise<BodyRead> {
+  const { maxRequestBytes: maxBytes, requestTimeoutMs: timeoutMs } = limits;
   const tooLarge: BodyRead = {
     status: 413,
     message: `request body is larger than ${maxBytes} bytes (MAX_REQUEST_BYTES)`,
     code: "request_too_large",
     outcome: "body_too_large",
   };
+  const busy: BodyRead = {
+    status: 503,
+    message: "the relay holds as many request bodies as it may (MAX_BUFFERED_BYTES); try again in a second",
+    code: "relay_busy",
+    outcome: "body_memory_full",
+    headers: { "retry-after": "1" },
+  };
   const declared = Number(request.headers.get("content-length") ?? "0");
   if (declared > maxBytes) return tooLarge;
   if (request.body === null) return { body: new Uint8Array(0) };
+  // A declared length is reserved at once, so two large uploads cannot both start when only one fits.
+  let reserved = Number.isSafeInteger(declared) && declared > 0 ? declared : 0;
+  if (reserved > 0 && !reserve(reserved)) return busy;
 
   const reader = request.body.getReader();
   let timedOut = false;
@@ -1796,6 +2223,13 @@ async function readBody(request: Request, maxBytes: number, timeoutMs: number): 
       if (size > maxBytes) {
         await reader.cancel().catch(() => {});
         return tooLarge;
+      }
+      if (size > reserved) {
+        if (!reserve(size - reserved)) {
+          await reader.cancel().catch(() => {});
+          return busy;
+        }
+        reserved = size;
       }
       chunks.push(value);
     }
@@ -1817,6 +2251,7 @@ async function readBody(request: Request, maxBytes: number, timeoutMs: number): 
       message: `the request body did not arrive within ${timeoutMs / 1000} s (REQUEST_TIMEOUT_SECONDS)`,
       code: "request_timeout",
       outcome: "body_timeout",
+      headers: { connection: "close" },
     };
   }
   if (chunks.length === 1) return { body: chunks[0] };
@@ -1827,6 +2262,24 @@ async function readBody(request: Request, maxBytes: number, timeoutMs: number): 
     offset += chunk.byteLength;
   }
   return { body };
+}
+
+/** Bytes of request bodies held in memory by all requests together, bounded by MAX_BUFFERED_BYTES. */
+class ByteBudget {
+  #held = 0;
+  constructor(readonly limit: number) {}
+
+  /** Counts `bytes` as held; false (and nothing counted) when that would pass the limit. */
+  reserve(bytes: number): boolean {
+    if (this.#held + bytes > this.limit) return false;
+    this.#held += bytes;
+    return true;
+  }
+
+  /** Counts `bytes` as no longer held. */
+  release(bytes: number): void {
+    this.#held = Math.max(0, this.#held - bytes);
+  }
 }
 
 /**
@@ -2266,6 +2719,7 @@ Optional (default in brackets):
   HOST                         interface to listen on [${DEFAULTS.host}]
   REQUEST_TIMEOUT_SECONDS      wait for upstream headers / longest silence in a stream [${DEFAULTS.requestTimeoutSeconds}]
   MAX_REQUEST_BYTES            largest request body [${DEFAULTS.maxRequestBytes}]
+  MAX_BUFFERED_BYTES           request bodies held in memory at once, all requests; then 503 [${DEFAULTS.maxBufferedBytes}]
   UPSTREAM_AUTH_HEADER         header carrying the provider key [${DEFAULTS.upstreamAuthHeader}]
   UPSTREAM_AUTH_PREFIX         prefix before the key; set it empty for a raw key [${DEFAULTS.upstreamAuthPrefix}]
   UPSTREAM_EXTRA_HEADERS_JSON  JSON object of extra upstream headers [none]
@@ -2274,11 +2728,13 @@ Optional (default in brackets):
   SHUTDOWN_TIMEOUT_SECONDS     how long in-flight requests may finish after SIGTERM [${DEFAULTS.shutdownTimeoutSeconds}]
   AUTH_FAILURES_PER_MINUTE     failed sign-ins per client address per minute, then 429; 0 = no limit [${DEFAULTS.authFailuresPerMinute}]
   RATE_LIMIT_PER_MINUTE        requests per user and per client address per minute; 0 = no limit [${DEFAULTS.rateLimitPerMinute}]
-  TRUST_PROXY                  true, or how many reverse proxies in front set X-Forwarded-For [false]
+  TRUST_PROXY                  proxies whose X-Forwarded-For counts: their addresses/CIDRs, or true / a
+                               number of proxies on loopback or private addresses [false]
   ALLOWED_MODELS               comma-separated models clients may use; others get 400 [any]
   ALLOWED_PATHS                extra routes: /v1/embeddings, /v1/completions, /v1/responses [none]
-  METRICS                      true: Prometheus metrics at /metrics, behind the relay's auth [false]
+  METRICS                      users who may read Prometheus metrics at /metrics, e.g. admin [false]
   METRICS_PORT                 a separate port serving /metrics without auth [none]
+  METRICS_HOST                 the interface METRICS_PORT listens on [127.0.0.1]
 
 Docs: https://github.com/metaconfigurator/mc-relay#readme
 `;
@@ -2330,7 +2786,7 @@ export async function serve(config: RelayConfig, warnings: string[] = []): Promi
   const metricsServer = config.metricsPort === undefined ? undefined : Deno.serve(
     {
       port: config.metricsPort,
-      hostname: config.host,
+      hostname: config.metricsHost,
       onListen({ hostname, port }) {
         log.info("metrics served", {
           url: `http://${hostname.includes(":") ? `[${hostname}]` : hostname}:${port}/metrics`,

@@ -7,7 +7,15 @@
  * none of them ever appeared in anything the relay logged or returned.
  */
 import assert from "node:assert/strict";
-import { constantTimeEqual, ENV_VARS, hashPassword, parseConfig, readCredentials, type RelayConfig } from "./main.ts";
+import {
+  constantTimeEqual,
+  ENV_VARS,
+  hashPassword,
+  parseConfig,
+  readCredentials,
+  type RelayConfig,
+  type TrustedProxies,
+} from "./main.ts";
 import {
   ALLOWED,
   CANARY_EXTRA,
@@ -42,6 +50,13 @@ import {
 // ---------------------------------------------------------------------------
 // Configuration
 // ---------------------------------------------------------------------------
+
+/** TRUST_PROXY as parseConfig reads it. */
+function parseTrustProxyForTest(value: string): TrustedProxies {
+  const result = parseConfig({ ...minimalEnv, TRUST_PROXY: value });
+  assert.ok(result.ok);
+  return result.config.trustProxy;
+}
 
 Deno.test("configuration", async (t) => {
   await t.step("a minimal environment gets the documented defaults", () => {
@@ -1011,25 +1026,37 @@ Deno.test("hardening", async (t) => {
   await using upstream = startUpstream(openAiLikeUpstream);
 
   await t.step(
-    "failed sign-ins are limited per address: then 429 with Retry-After, before the password is checked",
+    "failed sign-ins are limited per user name and address: then 429 with Retry-After, before the password is checked",
     async () => {
       const clock = manualClock();
-      await using relay = startRelay(testConfig(upstream.url, { authFailuresPerMinute: 3 }), undefined, clock.now);
+      const users = [{ name: USERNAME, password: CANARY_PASSWORD }, {
+        name: "neighbour",
+        password: "neighbour-pass-123",
+      }];
+      await using relay = startRelay(
+        testConfig(upstream.url, { authFailuresPerMinute: 3, users }),
+        undefined,
+        clock.now,
+      );
       const wrong = { authorization: `Bearer ${USERNAME}:guess` };
       for (let i = 0; i < 3; i++) assert.equal((await relay.call("/v1/models", { headers: wrong })).status, 401);
       const locked = await relay.call("/v1/models", { headers: wrong });
       assert.equal(locked.status, 429);
       assert.equal(locked.headers.get("retry-after"), "20");
       assert.deepEqual(locked.json().error, {
-        message: "mc-relay: too many failed sign-ins from this address; try again in 20 s",
+        message: "mc-relay: too many failed sign-ins for this user from this address; try again in 20 s",
         type: "rate_limit_error",
         code: "too_many_failed_sign_ins",
       });
 
       const before = upstream.requests.length;
       const right = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
-      assert.equal(right.status, 429, "a correct password from a locked-out address still waits");
+      assert.equal(right.status, 429, "a correct password for a locked-out name from that address still waits");
       assert.equal(upstream.requests.length, before);
+      const neighbour = await relay.call("/v1/models", {
+        headers: { authorization: "Bearer neighbour:neighbour-pass-123" },
+      });
+      assert.equal(neighbour.status, 200, "another user behind the same address is not locked out");
 
       clock.advance(20_000);
       assert.equal((await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } })).status, 200);
@@ -1053,7 +1080,9 @@ Deno.test("hardening", async (t) => {
   await t.step(
     "with TRUST_PROXY the address is the proxy's X-Forwarded-For entry; entries left of it are not trusted",
     async () => {
-      await using relay = startRelay(testConfig(upstream.url, { authFailuresPerMinute: 2, trustProxyHops: 1 }));
+      await using relay = startRelay(
+        testConfig(upstream.url, { authFailuresPerMinute: 2, trustProxy: parseTrustProxyForTest("true") }),
+      );
       const attempt = (forwardedFor: string, authorization = "Bearer team:guess") =>
         relay.call("/v1/models", { headers: { authorization, "x-forwarded-for": forwardedFor } });
       await attempt("forged-1, 203.0.113.7");
@@ -1641,14 +1670,20 @@ Deno.test("teams", async (t) => {
   );
 
   await t.step(
-    "METRICS=true: /metrics, behind the relay's auth, counts requests, latency, tokens and streams",
+    "METRICS=alice: /metrics, for the users it names only, counts requests, latency, tokens and streams",
     async () => {
-      await using relay = relayFromEnv({ MC_RELAY_USERS: "alice:alice-password-123", METRICS: "true" });
+      await using relay = relayFromEnv({
+        MC_RELAY_USERS: "alice:alice-password-123,bob:bob-password-1234",
+        METRICS: "alice",
+      });
       const alice = { authorization: "Bearer alice:alice-password-123", "content-type": "application/json" };
       await relay.call("/v1/chat/completions", { method: "POST", headers: alice, body: chatBody() });
       await relay.call("/v1/models", { headers: alice });
       await relay.call("/v1/models", { headers: { authorization: "Bearer alice:wrong" } });
       assert.equal((await relay.call("/metrics")).status, 401);
+      const bob = await relay.call("/metrics", { headers: { authorization: "Bearer bob:bob-password-1234" } });
+      assert.equal(bob.status, 403, "a user METRICS does not name reads no metrics");
+      assert.doesNotMatch(bob.text, /mc_relay_/);
       const metrics = await relay.call("/metrics", { headers: alice });
       assert.equal(metrics.status, 200);
       assert.match(metrics.headers.get("content-type")!, /^text\/plain; version=0\.0\.4/);
@@ -1685,7 +1720,7 @@ Deno.test("teams", async (t) => {
           r.body?.cancel().then(() => r.status)
         ),
         404,
-        "not on the main port unless METRICS=true",
+        "not on the main port unless METRICS names users",
       );
     } finally {
       relay.child.kill("SIGTERM");

@@ -96,7 +96,9 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     users: [{ name: USERNAME, password: CANARY_PASSWORD }],
     allowedModels: [],
     extraRoutes: [],
-    metrics: false,
+    metricsUsers: [],
+    metricsHost: "127.0.0.1",
+    maxBufferedBytes: 64 * 1024 * 1024,
     allowedOrigins: [ALLOWED, OTHER_ALLOWED],
     port: 0,
     host: "127.0.0.1",
@@ -107,7 +109,7 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     // Off here, so tests that fail sign-ins on purpose do not lock each other out; "hardening" turns them on.
     authFailuresPerMinute: 0,
     rateLimitPerMinute: 0,
-    trustProxyHops: 0,
+    trustProxy: { ranges: [], hops: 0 },
     ...overrides,
   };
 }
