@@ -1211,8 +1211,10 @@ interface Relay {
   readonly requestRule: BucketRule;
   /** The user these `name:password` credentials belong to, if any; HASHING_BUSY when checks are saturated. */
   authenticate(credentials: string): Promise<string | undefined | typeof HASHING_BUSY>;
-  /** The text with every configured secret replaced by `[REDACTED]`. */
-  maskSecrets(text: string): string;
+  /** The text with every configured secret masked; undefined when a secret shows in a form it cannot mask. */
+  maskSecrets(text: string): string | undefined;
+  /** A response header's value, or `[REDACTED]` when it holds a configured secret in any form. */
+  maskHeaderValue(value: string): string;
   /** Request bodies held at once (MAX_BUFFERED_BYTES). */
   readonly bodyBudget: ByteBudget;
 }
@@ -1281,8 +1283,9 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     host: new URL(upstream.baseUrl).host,
     authValue: upstream.authPrefix ? `${upstream.authPrefix} ${upstream.apiKey}` : upstream.apiKey,
   }));
-  const secretsInBodies = upstreams.flatMap((upstream) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)])
-    .filter((secret) => secret.length >= 8);
+  const masker = createSecretMasker(
+    upstreams.flatMap((upstream) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)]),
+  );
   return {
     config,
     log: createLogger(config, options.log),
@@ -1297,7 +1300,8 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     requestRule: { capacity: config.rateLimitPerMinute, periodMs: 60_000 },
     authenticate: createAuthenticator(config.users),
     bodyBudget: new ByteBudget(config.maxBufferedBytes),
-    maskSecrets: (text) => secretsInBodies.reduce((masked, secret) => masked.replaceAll(secret, "[REDACTED]"), text),
+    maskSecrets: masker.mask,
+    maskHeaderValue: masker.maskHeaderValue,
   };
 }
 
@@ -1343,6 +1347,71 @@ function modelAllowed(relay: Relay, upstreamName: string, model: string): boolea
   const slash = model.indexOf("/");
   const namesUpstream = slash > 0 && relay.upstreamsByName.has(model.slice(0, slash));
   return !namesUpstream && relay.allowedModels.has(model);
+}
+
+/**
+ * Masks configured secrets (provider keys, extra header values of 8 characters or more) in what an upstream
+ * sends back. It knows the forms a server may echo a key in: as it is, JSON-escaped (`\\/`, `\\u002d`: a JSON
+ * body is parsed and every string masked), URL-encoded, and in base64 at any alignment. Text that still
+ * reveals a secret once unescaped gets `undefined`: the caller replaces it rather than pass it on.
+ */
+function createSecretMasker(rawSecrets: string[]) {
+  const secrets = [...new Set(rawSecrets.filter((secret) => secret.length >= 8))];
+  const forms = [...new Set(secrets.flatMap(secretForms))].sort((a, b) => b.length - a.length);
+  const replaceForms = (text: string) => forms.reduce((masked, form) => masked.replaceAll(form, "[REDACTED]"), text);
+  const maskValue = (value: unknown): unknown => {
+    if (typeof value === "string") return replaceForms(value);
+    if (Array.isArray(value)) return value.map(maskValue);
+    if (typeof value === "object" && value !== null) {
+      return Object.fromEntries(Object.entries(value).map(([key, inner]) => [replaceForms(key), maskValue(inner)]));
+    }
+    return value;
+  };
+  const reveals = (text: string) => {
+    const unescaped = text.replace(/\\u([0-9a-fA-F]{4})/g, (_, hex) => String.fromCharCode(parseInt(hex, 16)))
+      .replaceAll("\\/", "/");
+    let decoded = text;
+    try {
+      decoded = decodeURIComponent(text.replaceAll("+", " "));
+    } catch {
+      // not URL-encoded text
+    }
+    return secrets.some((secret) => unescaped.includes(secret) || decoded.includes(secret));
+  };
+  return {
+    mask(text: string): string | undefined {
+      if (secrets.length === 0) return text;
+      let masked = text;
+      const parsed = parseJsonText(text);
+      if (typeof parsed === "object" && parsed !== null) {
+        const deep = JSON.stringify(maskValue(parsed));
+        if (deep !== JSON.stringify(parsed)) masked = deep;
+      }
+      masked = replaceForms(masked);
+      return reveals(masked) ? undefined : masked;
+    },
+    maskHeaderValue(value: string): string {
+      if (secrets.length === 0) return value;
+      return forms.some((form) => value.includes(form)) || reveals(value) ? "[REDACTED]" : value;
+    },
+  };
+}
+
+/** The forms a secret may take in text: as it is, JSON- and URL-escaped, and base64 (standard and URL-safe). */
+function secretForms(secret: string): string[] {
+  const forms = [secret, JSON.stringify(secret).slice(1, -1), secret.replaceAll("/", "\\/")];
+  const encoded = encodeURIComponent(secret);
+  forms.push(encoded, encoded.replace(/%[0-9A-F]{2}/g, (escape) => escape.toLowerCase()));
+  const bytes = textEncoder.encode(secret);
+  for (let shift = 0; shift < 3; shift++) {
+    // Base64 of the secret after `shift` other bytes: drop the groups that the bytes around it change.
+    const padded = new Uint8Array(shift + bytes.length);
+    padded.set(bytes, shift);
+    const base64 = btoa(String.fromCharCode(...padded)).replace(/=+$/, "");
+    const core = base64.slice(shift === 0 ? 0 : 4, base64.length - 4);
+    if (core.length >= 8) forms.push(core, core.replaceAll("+", "-").replaceAll("/", "_"));
+  }
+  return forms;
 }
 
 /** What `authenticate` answers when the password hashing queue is full. */
@@ -1816,7 +1885,7 @@ function upstreamRedirect(context: RequestContext, location: string): Response {
  */
 async function relayResponse(relay: Relay, context: RequestContext): Promise<Response> {
   const response = context.upstreamResponse!;
-  const headers = responseHeaders(context, response);
+  const headers = responseHeaders(relay, context, response);
   context.headersSet = true;
   context.status = response.status;
   const eventStream = headers.get("content-type")?.toLowerCase().startsWith("text/event-stream") ?? false;
@@ -1825,14 +1894,12 @@ async function relayResponse(relay: Relay, context: RequestContext): Promise<Res
     headers.set("cache-control", "no-cache, no-transform");
     headers.set("x-accel-buffering", "no");
   }
+  if (response.status >= 300) return await relayErrorResponse(relay, context, response, headers);
   const filterModels = relay.allowedModels.size > 0 && context.route!.upstreamPath === "/models" && response.ok;
   const inspectUsage = context.usageWatch !== undefined && response.ok;
   const contentLength = response.headers.get("content-length");
   const init = { status: response.status, statusText: response.statusText, headers };
-  if (
-    response.body !== null && response.status < 400 && !eventStream && contentLength !== null && !filterModels &&
-    !inspectUsage
-  ) {
+  if (response.body !== null && !eventStream && contentLength !== null && !filterModels && !inspectUsage) {
     return new Response(passWithinDeno(relay, context, response.body, Number(contentLength)), init);
   }
   const usage = inspectUsage ? usageReader(context.usageWatch!, eventStream) : undefined;
@@ -1843,9 +1910,26 @@ async function relayResponse(relay: Relay, context: RequestContext): Promise<Res
     context.stopWatchingClient!();
     return new Response(null, init);
   }
+  let body = relayedBody(relay, context, response.body, eventStream, usage);
+  if (filterModels && !response.headers.has("content-encoding")) {
+    const allowed = (model: string) => modelAllowed(relay, context.target.name, model);
+    body = (await rewriteBody(body, (text) => filterModelList(text, allowed))).body;
+    headers.delete("content-length");
+  }
+  return new Response(body, init);
+}
+
+/** The upstream body passed on through `relayBody`, with `account` called when it ends. */
+function relayedBody(
+  relay: Relay,
+  context: RequestContext,
+  source: ReadableStream<Uint8Array>,
+  eventStream: boolean,
+  usage?: ReturnType<typeof usageReader>,
+): ReadableStream<Uint8Array> {
   if (eventStream) relay.metrics.openStreams++;
   context.logWhenBodyEnds = true;
-  let body = relayBody(response.body, context.upstreamCall!, relay.config.requestTimeoutMs, {
+  return relayBody(source, context.upstreamCall!, relay.config.requestTimeoutMs, {
     transform: usage?.transform,
     flush: usage?.flush,
     onChunk(bytes) {
@@ -1854,29 +1938,70 @@ async function relayResponse(relay: Relay, context: RequestContext): Promise<Res
     onEnd(outcome, error) {
       context.stopWatchingClient!();
       if (eventStream) relay.metrics.openStreams--;
-      context.outcome = outcome;
+      context.outcome ??= outcome;
       if (error) context.error = error;
       context.usage = usage?.result();
       account(relay, context);
     },
   });
-  const rewrite = bodyRewrite(relay, context, response, eventStream, filterModels);
-  if (rewrite && !response.headers.has("content-encoding")) {
-    body = await rewriteBody(body, rewrite);
-    headers.delete("content-length");
+}
+
+/**
+ * An upstream's error answer (status 300 and up; a redirect with Location never gets here). Its body is read
+ * (up to MAX_REWRITTEN_BODY_BYTES) and every configured secret in it is masked; a provider's 429 says whose
+ * quota it is. A body the relay cannot inspect (compressed, too large, or showing a secret in a form that
+ * cannot be masked) is replaced by the relay's own error with the same status, never passed on.
+ */
+async function relayErrorResponse(
+  relay: Relay,
+  context: RequestContext,
+  response: Response,
+  headers: Headers,
+): Promise<Response> {
+  const init = { status: response.status, statusText: response.statusText, headers };
+  if (response.body === null) {
+    context.stopWatchingClient!();
+    return new Response(null, init);
   }
-  return new Response(body, init);
+  headers.delete("content-length");
+  const encoding = response.headers.get("content-encoding");
+  const replace = (reason: string) => {
+    context.outcome = "upstream_error_body_replaced";
+    context.error = `error body replaced: ${reason}`;
+    for (const name of ["content-encoding", "content-type", "cache-control", "x-accel-buffering"]) headers.delete(name);
+    headers.set("content-type", "application/json");
+    return JSON.stringify({
+      error: {
+        message:
+          `mc-relay: the upstream ${context.target.host} answered ${response.status} with a body the relay does not pass on (${reason}); see the relay's log (request id ${context.id})`,
+        type: response.status >= 500 ? "server_error" : "invalid_request_error",
+        code: "upstream_error",
+      },
+    });
+  };
+  const body = relayedBody(relay, context, response.body, false);
+  if (encoding !== null && encoding.toLowerCase() !== "identity") {
+    const replaced = replace(`${encoding.slice(0, 20)}-encoded`);
+    await body.cancel();
+    return new Response(replaced, init);
+  }
+  const rewritten = await rewriteBody(body, (text) => {
+    const masked = relay.maskSecrets(text);
+    if (masked === undefined) return undefined;
+    return response.status === 429 ? explainProviderRateLimit(masked, context.target.host) : masked;
+  }, replace);
+  return new Response(rewritten.body, init);
 }
 
 /** The upstream's response headers without hop-by-hop, cookie and CORS headers, plus the relay's own. */
-function responseHeaders(context: RequestContext, response: Response): Headers {
+function responseHeaders(relay: Relay, context: RequestContext, response: Response): Headers {
   const connectionTokens = new Set(
     (response.headers.get("connection") ?? "").split(",").map((token) => token.trim().toLowerCase()),
   );
   // One list, so Deno validates the headers in one pass.
   const list: [string, string][] = [];
   for (const entry of response.headers) {
-    if (!isDroppedResponseHeader(entry[0], connectionTokens)) list.push(entry);
+    if (!isDroppedResponseHeader(entry[0], connectionTokens)) list.push([entry[0], relay.maskHeaderValue(entry[1])]);
   }
   list.push(...relayHeaders(context.id, context.cors));
   return new Headers(list);
@@ -1910,27 +2035,6 @@ function passWithinDeno(
   // Deno resolves `completed` however the response ended; should it ever reject, the line is still written.
   context.completed.then(delivered, delivered);
   return body;
-}
-
-/**
- * How a small body is rewritten before the client gets it, if at all: an error body has any provider key it
- * echoes masked (and a 429 says whose quota it is); with ALLOWED_MODELS the model list keeps only what may be used.
- */
-function bodyRewrite(
-  relay: Relay,
-  context: RequestContext,
-  response: Response,
-  eventStream: boolean,
-  filterModels: boolean,
-): ((text: string) => string) | undefined {
-  if (response.status >= 400 && !eventStream) {
-    return (text) => {
-      const masked = relay.maskSecrets(text);
-      return response.status === 429 ? explainProviderRateLimit(masked, context.target.host) : masked;
-    };
-  }
-  if (filterModels) return (text) => filterModelList(text, (model) => modelAllowed(relay, context.target.name, model));
-  return undefined;
 }
 
 /** GET /v1/models with several upstreams: every upstream's list, ids prefixed with the upstream's name. */
@@ -2390,13 +2494,16 @@ function filterModelList(text: string, allowed: (model: string) => boolean): str
 }
 
 /**
- * Reads a small body and returns it rewritten by `rewrite`. A body larger than MAX_REWRITTEN_BODY_BYTES is
- * passed on unchanged; one that fails while being read ends with the same error for the client.
+ * Reads a small body and returns it rewritten by `rewrite`. When the body is larger than
+ * MAX_REWRITTEN_BODY_BYTES, or `rewrite` returns undefined (it cannot make the text safe), `replace` gives the
+ * body instead; without `replace` a large body passes on unchanged. A body that fails while being read ends
+ * with the same error for the client.
  */
 async function rewriteBody(
   body: ReadableStream<Uint8Array>,
-  rewrite: (text: string) => string,
-): Promise<ReadableStream<Uint8Array>> {
+  rewrite: (text: string) => string | undefined,
+  replace?: (reason: string) => string,
+): Promise<{ body: ReadableStream<Uint8Array> }> {
   const reader = body.getReader();
   const chunks: Uint8Array[] = [];
   let size = 0;
@@ -2405,25 +2512,33 @@ async function rewriteBody(
       const { done, value } = await reader.read();
       if (done) {
         const text = new TextDecoder().decode(await new Blob(chunks as BlobPart[]).arrayBuffer());
-        return new Blob([rewrite(text)]).stream();
+        const rewritten = rewrite(text) ?? replace?.("it shows a secret in a form the relay cannot mask") ?? "";
+        return { body: new Blob([rewritten]).stream() };
       }
       chunks.push(value);
       size += value.byteLength;
     }
   } catch (error) {
-    return new ReadableStream({ start: (controller) => controller.error(error) });
+    return { body: new ReadableStream({ start: (controller) => controller.error(error) }) };
   }
-  return new ReadableStream<Uint8Array>({
-    start(controller) {
-      for (const chunk of chunks) controller.enqueue(chunk);
-    },
-    async pull(controller) {
-      const { done, value } = await reader.read();
-      if (done) controller.close();
-      else controller.enqueue(value);
-    },
-    cancel: (reason) => reader.cancel(reason),
-  });
+  if (replace) {
+    const replaced = replace(`larger than ${MAX_REWRITTEN_BODY_BYTES} bytes`);
+    await reader.cancel().catch(() => {});
+    return { body: new Blob([replaced]).stream() };
+  }
+  return {
+    body: new ReadableStream<Uint8Array>({
+      start(controller) {
+        for (const chunk of chunks) controller.enqueue(chunk);
+      },
+      async pull(controller) {
+        const { done, value } = await reader.read();
+        if (done) controller.close();
+        else controller.enqueue(value);
+      },
+      cancel: (reason) => reader.cancel(reason),
+    }),
+  };
 }
 
 /** Prefixes a provider's 429 message so users can tell the provider's quota from the relay's own limit. */
@@ -2461,8 +2576,10 @@ function describeNetworkError(message: string): string {
 
 /** Upper bounds (seconds) of the upstream latency histogram's buckets. */
 const LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
-/** At most this many label combinations per counter: past it, new ones are counted as "other". */
+/** At most this many label combinations per counter: past it, new ones are counted under "other" (kinds kept apart). */
 const MAX_LABEL_SETS = 2000;
+/** At most this many model labels per user: past it, that user's further models are counted as "other". */
+const MAX_MODELS_PER_USER = 20;
 
 /** Prometheus metrics: requests by route, status and user, upstream latency, open streams, tokens. */
 export class RelayMetrics {
@@ -2476,12 +2593,24 @@ export class RelayMetrics {
     return value.replaceAll("\\", "\\\\").replaceAll('"', '\\"').replaceAll("\n", "\\n");
   }
 
+  #modelsByUser = new Map<string, Set<string>>();
+
   static #add(counter: Map<string, number>, labels: Record<string, string>, amount: number) {
     let key = Object.entries(labels).map(([name, value]) => `${name}="${RelayMetrics.#label(value)}"`).join(",");
     if (!counter.has(key) && counter.size >= MAX_LABEL_SETS) {
-      key = Object.keys(labels).map((name) => `${name}="other"`).join(",");
+      key = Object.keys(labels).map((name) => `${name}="${name === "kind" ? labels.kind : "other"}"`).join(",");
     }
     counter.set(key, (counter.get(key) ?? 0) + amount);
+  }
+
+  /** The model's label for this user: itself among the user's first MAX_MODELS_PER_USER models, else "other". */
+  #modelLabel(user: string, model: string): string {
+    let models = this.#modelsByUser.get(user);
+    if (models === undefined) this.#modelsByUser.set(user, models = new Set());
+    if (models.has(model)) return model;
+    if (models.size >= MAX_MODELS_PER_USER) return "other";
+    models.add(model);
+    return model;
   }
 
   /** Counts one answered request. */
@@ -2499,7 +2628,8 @@ export class RelayMetrics {
   }
 
   /** Adds the tokens of one answer. */
-  countTokens(user: string, model: string, usage: TokenUsage) {
+  countTokens(user: string, requestedModel: string, usage: TokenUsage) {
+    const model = this.#modelLabel(user, requestedModel);
     for (const kind of ["prompt", "completion"] as const) {
       const tokens = usage[`${kind}_tokens`];
       if (tokens !== undefined) RelayMetrics.#add(this.#tokens, { user, model, kind }, tokens);

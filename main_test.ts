@@ -2061,12 +2061,15 @@ Deno.test({
       const folder = await Deno.makeTempDir({ prefix: "mc-relay-caddy-" });
       const httpsPort = freePort();
       const config = `${folder}/Caddyfile`;
-      // The example is imported unchanged; only the test's global options (local CA, free ports) are added.
+      // The example is used unchanged; only the test's global options (local CA, free ports) join its global block.
+      const example = await Deno.readTextFile(new URL("./examples/Caddyfile", import.meta.url));
+      const globalBlock = example.indexOf("\n{\n");
+      assert.ok(globalBlock > 0, "the example opens with a global options block");
       await Deno.writeTextFile(
         config,
-        `{\n\tadmin off\n\tlocal_certs\n\tskip_install_trust\n\tauto_https disable_redirects\n\thttp_port ${freePort()}\n\thttps_port ${httpsPort}\n\tstorage file_system ${folder}/data\n}\nimport ${
-          new URL("./examples/Caddyfile", import.meta.url).pathname
-        }\n`,
+        `${example.slice(0, globalBlock)}\n{\n\tadmin off\n\tlocal_certs\n\tskip_install_trust\n\tauto_https disable_redirects\n\thttp_port ${freePort()}\n\thttps_port ${httpsPort}\n\tstorage file_system ${folder}/data\n${
+          example.slice(globalBlock + 3)
+        }`,
       );
       const caddy = new Deno.Command("caddy", {
         args: ["run", "--config", config, "--adapter", "caddyfile"],
@@ -2134,6 +2137,13 @@ Deno.test({
         }
         stream.close();
         assert.ok((await reader.read()).done);
+
+        // A client that stalls in its headers is closed by Caddy (read_header 10s), never reaching the relay.
+        const stalled = await Deno.connectTls({ hostname: "localhost", port: httpsPort, caCerts: [root] });
+        await stalled.write(encoder.encode("GET /v1/models HTTP/1.1\r\nHost: localhost\r\n"));
+        const closed = await within(20_000, stalled.read(new Uint8Array(1024)), "Caddy kept a stalled client open");
+        assert.ok(closed === null || closed > 0, "closed, or answered with an error and then closed");
+        stalled.close();
       } finally {
         caddy.kill("SIGTERM");
         await caddy.status;
