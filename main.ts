@@ -1286,10 +1286,11 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
   const masker = createSecretMasker(
     upstreams.flatMap((upstream) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)]),
   );
+  const metrics = options.metrics ?? new RelayMetrics();
   return {
     config,
     log: createLogger(config, options.log),
-    metrics: options.metrics ?? new RelayMetrics(),
+    metrics,
     counters: options.counters ?? new MemoryCounterStore(options.now),
     routes,
     allowedOrigins: new Set(config.allowedOrigins),
@@ -1298,7 +1299,7 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     allowedModels: new Set(config.allowedModels),
     signInRule: { capacity: config.authFailuresPerMinute, periodMs: 60_000 },
     requestRule: { capacity: config.rateLimitPerMinute, periodMs: 60_000 },
-    authenticate: createAuthenticator(config.users),
+    authenticate: createAuthenticator(config.users, metrics),
     bodyBudget: new ByteBudget(config.maxBufferedBytes),
     maskSecrets: masker.mask,
     maskHeaderValue: masker.maskHeaderValue,
@@ -1430,6 +1431,7 @@ const HASH_CHECKS_WAITING = 32;
  */
 function createAuthenticator(
   users: RelayUser[],
+  metrics: RelayMetrics,
 ): (credentials: string) => Promise<string | undefined | typeof HASHING_BUSY> {
   const usersByName = new Map(users.map((user) => [user.name, user]));
   const verifiedHashes = new Map<string, true>();
@@ -1444,6 +1446,7 @@ function createAuthenticator(
   const checkHash = async (secret: string, hash: PasswordHash) => {
     if (!hashChecks.tryAcquire()) return HASHING_BUSY;
     await hashChecks.turn();
+    metrics.hashChecks++;
     try {
       return await verifyPasswordHash(secret, hash);
     } finally {
@@ -2588,6 +2591,8 @@ export class RelayMetrics {
   #latency = { buckets: LATENCY_BUCKETS.map(() => 0), sum: 0, count: 0 };
   /** Event streams being relayed right now. */
   openStreams = 0;
+  /** PBKDF2 password checks run (decoys for unknown names included). */
+  hashChecks = 0;
 
   static #label(value: string) {
     return value.replaceAll("\\", "\\\\").replaceAll('"', '\\"').replaceAll("\n", "\\n");
@@ -2650,6 +2655,9 @@ export class RelayMetrics {
       `mc_relay_upstream_latency_seconds_bucket{le="+Inf"} ${this.#latency.count}`,
       `mc_relay_upstream_latency_seconds_sum ${this.#latency.sum}`,
       `mc_relay_upstream_latency_seconds_count ${this.#latency.count}`,
+      "# HELP mc_relay_password_hash_checks_total PBKDF2 password checks run, for known and unknown user names.",
+      "# TYPE mc_relay_password_hash_checks_total counter",
+      `mc_relay_password_hash_checks_total ${this.hashChecks}`,
       "# HELP mc_relay_open_streams Event streams being relayed now.",
       "# TYPE mc_relay_open_streams gauge",
       `mc_relay_open_streams ${this.openStreams}`,

@@ -11,7 +11,9 @@ import {
   constantTimeEqual,
   ENV_VARS,
   hashPassword,
+  MemoryCounterStore,
   parseConfig,
+  parsePasswordHash,
   readCredentials,
   type RelayConfig,
   type TrustedProxies,
@@ -2067,7 +2069,9 @@ Deno.test({
       assert.ok(globalBlock > 0, "the example opens with a global options block");
       await Deno.writeTextFile(
         config,
-        `${example.slice(0, globalBlock)}\n{\n\tadmin off\n\tlocal_certs\n\tskip_install_trust\n\tauto_https disable_redirects\n\thttp_port ${freePort()}\n\thttps_port ${httpsPort}\n\tstorage file_system ${folder}/data\n${
+        `${
+          example.slice(0, globalBlock)
+        }\n{\n\tadmin off\n\tlocal_certs\n\tskip_install_trust\n\tauto_https disable_redirects\n\thttp_port ${freePort()}\n\thttps_port ${httpsPort}\n\tstorage file_system ${folder}/data\n${
           example.slice(globalBlock + 3)
         }`,
       );
@@ -2159,6 +2163,510 @@ Deno.test({
 // ---------------------------------------------------------------------------
 // Canary: runs last, over everything every test above saw
 // ---------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------
+// Security review findings (each step failed before its fix)
+// ---------------------------------------------------------------------------
+
+Deno.test("security review", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  const hashedUser = async (name: string, password: string) => ({
+    name,
+    hash: parsePasswordHash(await hashPassword(password, 20_000))!,
+  });
+  const metricValue = (text: string, name: string) => Number(new RegExp(`^${name} (\\d+)$`, "m").exec(text)?.[1]);
+
+  await t.step(
+    "60 wrong passwords at once for a hashed user: only the allowance is checked, and the right one still waits",
+    async () => {
+      const users = [await hashedUser("hashed", "the-right-password-1"), { name: "admin", password: CANARY_PASSWORD }];
+      await using relay = startRelay(
+        testConfig(upstream.url, { users, authFailuresPerMinute: 10, metricsUsers: ["admin"] }),
+      );
+      const attempt = (password: string) =>
+        relay.call("/v1/models", { headers: { authorization: `Bearer hashed:${password}` } });
+      const statuses = (await Promise.all(Array.from({ length: 60 }, (_, i) => attempt(`guess-${i}`))))
+        .map((response) => response.status);
+      assert.equal(statuses.filter((status) => status === 401).length, 10, `statuses: ${statuses}`);
+      assert.equal(statuses.filter((status) => status === 429).length, 50);
+      assert.equal((await attempt("the-right-password-1")).status, 429);
+      const metrics = await relay.call("/metrics", { headers: { authorization: `Bearer admin:${CANARY_PASSWORD}` } });
+      assert.equal(metricValue(metrics.text, "mc_relay_password_hash_checks_total"), 10, "ten checks, not sixty");
+    },
+  );
+
+  await t.step("an unknown user name costs one password hash check, like a known one", async () => {
+    const users = [await hashedUser("hashed", "the-right-password-1"), { name: "admin", password: CANARY_PASSWORD }];
+    await using relay = startRelay(testConfig(upstream.url, { users, metricsUsers: ["admin"] }));
+    const checks = async () =>
+      metricValue(
+        (await relay.call("/metrics", { headers: { authorization: `Bearer admin:${CANARY_PASSWORD}` } })).text,
+        "mc_relay_password_hash_checks_total",
+      );
+    assert.equal((await relay.call("/v1/models", { headers: { authorization: "Bearer hashed:wrong" } })).status, 401);
+    assert.equal(await checks(), 1);
+    assert.equal((await relay.call("/v1/models", { headers: { authorization: "Bearer nobody:wrong" } })).status, 401);
+    assert.equal(await checks(), 2, "the unknown name ran a decoy check");
+  });
+
+  await t.step(
+    "a flood of sign-ins from many addresses is bounded (503) and never holds up a signed-in user",
+    async () => {
+      const users = [await hashedUser("hashed", "the-right-password-1")];
+      const trustProxy = parseTrustProxyForTest("127.0.0.1");
+      await using relay = startRelay(testConfig(upstream.url, { users, authFailuresPerMinute: 10, trustProxy }));
+      const signedIn = { authorization: "Bearer hashed:the-right-password-1" };
+      assert.equal((await relay.call("/v1/models", { headers: signedIn })).status, 200, "signed in once: remembered");
+      let floodDone = false;
+      const flood = Promise.all(
+        Array.from({ length: 150 }, (_, i) =>
+          relay.call("/v1/models", {
+            headers: { authorization: `Bearer hashed:guess-${i}`, "x-forwarded-for": `198.51.100.${i}` },
+          }).then((response) => response.status)),
+      ).then((statuses) => {
+        floodDone = true;
+        return statuses;
+      });
+      await sleep(5);
+      assert.equal((await relay.call("/v1/models", { headers: signedIn })).status, 200);
+      assert.equal(floodDone, false, "the signed-in user was answered while the flood was still being checked");
+      const statuses = await flood;
+      assert.ok(statuses.includes(503), "checks past the queue are refused at once");
+      assert.deepEqual([...new Set(statuses)].sort(), [401, 503]);
+    },
+  );
+
+  await t.step(
+    "a key that differs only in case is refused, and the upstream gets exactly the body that was checked",
+    async () => {
+      await using relay = startRelay(testConfig(upstream.url, { allowedModels: ["allowed"] }));
+      const chat = (body: string) =>
+        relay.call("/v1/chat/completions", {
+          method: "POST",
+          headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+          body,
+        });
+      const before = upstream.requests.length;
+      for (
+        const body of [
+          '{"model":"allowed","MODEL":"forbidden","messages":[]}',
+          '{"model":"allowed","stream":false,"Stream":true,"messages":[]}',
+          '{"model":"allowed","stream":false,"\u017ftream":true,"messages":[]}',
+          '{"model":"allowed","stream":1,"messages":[]}',
+          '{"model":"allowed","messages":[],"temperature":NaN}',
+          '["not", "an", "object"]',
+        ]
+      ) {
+        const refused = await chat(body);
+        assert.equal(refused.status, 400, body);
+        assert.equal(refused.json().error.code, "invalid_request_body");
+      }
+      assert.equal(upstream.requests.length, before, "nothing ambiguous reached the upstream");
+      assert.equal((await chat('{"model":"forbidden","model":"allowed","messages":[]}')).status, 200);
+      const forwarded = upstream.requests.at(-1)!.body;
+      assert.equal(JSON.parse(forwarded).model, "allowed");
+      assert.ok(!forwarded.includes("forbidden"), "the duplicate key the relay did not check is not forwarded");
+    },
+  );
+
+  await t.step("an ALLOWED_MODELS entry upstream/model allows that model on that upstream only", async () => {
+    await using second = startUpstream(openAiLikeUpstream);
+    await using relay = startRelay(testConfig(upstream.url, {
+      upstreams: [testUpstream("openai", upstream.url), testUpstream("router", second.url)],
+      allowedModels: ["openai/gpt-4o", "router/cheap", "meta-llama/llama-3"],
+    }));
+    const chat = (model: string) =>
+      relay.call("/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+        body: chatBody({ model }),
+      });
+    const before = second.requests.length;
+    assert.equal((await chat("router/openai/gpt-4o")).status, 400, "openai's model is not allowed on router");
+    assert.equal(second.requests.length, before);
+    assert.equal((await chat("openai/gpt-4o")).status, 200);
+    assert.equal((await chat("router/cheap")).status, 200);
+    assert.equal((await chat("router/meta-llama/llama-3")).status, 200, "an entry without an upstream prefix");
+  });
+
+  await t.step("request bodies held at once are bounded by MAX_BUFFERED_BYTES: 503 with Retry-After", async () => {
+    await using relay = startRelay(testConfig(upstream.url, { maxRequestBytes: 100_000, maxBufferedBytes: 150_000 }));
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    const prefix = '{"model":"gpt-test","messages":[],"pad":"';
+    const slowBody = new ReadableStream<Uint8Array>({
+      async start(controller) {
+        controller.enqueue(encoder.encode(prefix + "x".repeat(90_000)));
+        await released;
+        controller.enqueue(encoder.encode('"}'));
+        controller.close();
+      },
+    });
+    const slow = fetch(`${relay.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+      body: slowBody,
+      duplex: "half",
+    } as RequestInit);
+    await sleep(100);
+    const second = await relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+      body: chatBody({ pad: "y".repeat(90_000) }),
+    });
+    assert.equal(second.status, 503);
+    assert.equal(second.headers.get("retry-after"), "1");
+    assert.equal(second.json().error.code, "relay_busy");
+    release();
+    const first = await slow;
+    assert.equal(first.status, 200);
+    await first.body?.cancel();
+    const again = await relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+      body: chatBody({ pad: "y".repeat(90_000) }),
+    });
+    assert.equal(again.status, 200, "the bytes are released once a body has been forwarded");
+  });
+
+  await t.step(
+    "a provider key echoed in any form, or in a body the relay cannot inspect, never reaches the client",
+    async () => {
+      const key = CANARY_KEY;
+      const base64 = btoa(key);
+      const cases: [string, () => Response][] = [
+        ["JSON \\u escapes", () =>
+          new Response(`{"error":{"message":"bad key ${key.replaceAll("-", "\\u002d")}"}}`, {
+            status: 401,
+            headers: { "content-type": "application/json" },
+          })],
+        [
+          "JSON \\/ escapes",
+          () =>
+            new Response(JSON.stringify({ error: { message: `bad key ${key}` } }).replaceAll("-", "-"), {
+              status: 401,
+            }),
+        ],
+        ["URL-encoded", () => new Response(`key=${encodeURIComponent(key)}`, { status: 400 })],
+        ["base64", () => new Response(`auth was ${base64}`, { status: 403 })],
+        ["base64 after one byte", () => new Response(`auth ${btoa(`:${key}`)}`, { status: 403 })],
+        ["a 401 sent as an event stream", () =>
+          new Response(`data: {"error":"${key}"}\n\n`, {
+            status: 401,
+            headers: { "content-type": "text/event-stream" },
+          })],
+        ["a 300 without Location", () => new Response(`see ${key}`, { status: 300 })],
+        ["response headers", () =>
+          new Response("{}", {
+            status: 401,
+            headers: { "www-authenticate": `Bearer realm="${key}"`, "x-debug-auth": `Bearer ${key}` },
+          })],
+      ];
+      for (const [label, answer] of cases) {
+        await using echoing = startUpstream(() => answer());
+        await using relay = startRelay(testConfig(echoing.url));
+        const response = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+        const everything = `${response.text} ${JSON.stringify([...response.headers])}`;
+        const unescaped = everything.replace(/\\u([0-9a-fA-F]{4})/g, (_, hex) => String.fromCharCode(parseInt(hex, 16)))
+          .replaceAll("\\/", "/");
+        for (const form of [key, base64.slice(0, -4), encodeURIComponent(key), btoa(`:${key}`).slice(4, -4)]) {
+          assert.ok(
+            !unescaped.includes(form) && !decodeURIComponent(everything).includes(key),
+            `${label}: ${everything}`,
+          );
+        }
+      }
+      const replaced: [string, () => Response][] = [
+        [
+          "a gzip error body",
+          () =>
+            new Response(new Blob([`{"error":"${key}"}`]).stream().pipeThrough(new CompressionStream("gzip")), {
+              status: 401,
+              headers: { "content-encoding": "gzip", "content-type": "application/json" },
+            }),
+        ],
+        ["an error body over 1 MiB", () => new Response(`${"x".repeat(1_100_000)} ${key}`, { status: 500 })],
+      ];
+      for (const [label, answer] of replaced) {
+        await using echoing = startUpstream(() => answer());
+        await using relay = startRelay(testConfig(echoing.url));
+        const response = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+        assert.ok(response.status >= 400, label);
+        assert.equal(response.json().error.code, "upstream_error", label);
+        assert.match(response.json().error.message, /does not pass on/, label);
+        assert.equal(response.headers.get("content-encoding"), null, label);
+        assert.ok(!response.text.includes(key), label);
+      }
+    },
+  );
+
+  await t.step("routing and forwarding use only the request target: a Host with a path or query gets 400", async () => {
+    await using relay = startRelay(testConfig(upstream.url));
+    const before = upstream.requests.length;
+    for (const host of ["x/v1/models?", "x/v1/models?a=1&", "x?y", "a b", "x#frag", "user@x"]) {
+      const response = await rawRequest(
+        relay.port,
+        `GET /nope HTTP/1.1\r\nHost: ${host}\r\nAuthorization: ${GOOD_BEARER}\r\nConnection: close`,
+      );
+      assert.equal(response.status, 400, host);
+      assert.match(response.text, /invalid_host/);
+    }
+    assert.equal(upstream.requests.length, before);
+    for (const host of ["relay.example.com", "127.0.0.1:8080", "[::1]:8080"]) {
+      const response = await rawRequest(
+        relay.port,
+        `GET /v1/models?limit=2 HTTP/1.1\r\nHost: ${host}\r\nAuthorization: ${GOOD_BEARER}\r\nConnection: close`,
+      );
+      assert.equal(response.status, 200, host);
+      assert.equal(upstream.requests.at(-1)!.search, "?limit=2");
+    }
+  });
+
+  await t.step(
+    "every answered request is charged: usage of embeddings and responses, an estimate when none came",
+    async () => {
+      const stream = controlledStream();
+      await using usageUpstream = startUpstream((_request, seen) => {
+        if (seen.path === "/embeddings") {
+          return Response.json({ object: "list", data: [], usage: { prompt_tokens: 7, total_tokens: 7 } });
+        }
+        if (seen.path === "/responses") {
+          const events = [
+            'event: response.output_text.delta\rdata: {"type":"response.output_text.delta","delta":"hi"}\r\r',
+            'event: response.completed\rdata: {"type":"response.completed","response":{"usage":{"input_tokens":5,"output_tokens":3,"total_tokens":8}}}\r\r',
+          ];
+          return new Response(events.join(""), { headers: { "content-type": "text/event-stream" } });
+        }
+        return new Response(stream.body, { headers: { "content-type": "text/event-stream" } });
+      });
+      await using relay = startRelay(
+        testConfig(usageUpstream.url, { extraRoutes: ["/v1/embeddings", "/v1/responses"] }),
+      );
+      const post = (path: string, body: string) =>
+        relay.call(path, {
+          method: "POST",
+          headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+          body,
+        });
+      assert.equal((await post("/v1/embeddings", '{"model":"e","input":"x"}')).status, 200);
+      const responses = await post("/v1/responses", '{"model":"r","input":"x","stream":true}');
+      assert.equal(responses.status, 200);
+      assert.match(responses.text, /response\.completed/, "the Responses API keeps its own usage event");
+
+      const response = await fetch(`${relay.url}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+        body: chatBody({ stream: true }),
+      });
+      const reader = response.body!.getReader();
+      stream.send('data: {"choices":[{"delta":{"content":"a"}}]}\n\n');
+      stream.send('data: {"choices":[{"delta":{"content":"b"}}]}\n\n');
+      await reader.read();
+      await reader.cancel(); // the client leaves before the usage event
+      await stream.cancelled;
+      await sleep(20);
+      const [embeddings, responsesLog, chat] = relay.requestLogs().slice(-3);
+      assert.deepEqual(embeddings.usage, { prompt_tokens: 7, total_tokens: 7 });
+      assert.deepEqual(responsesLog.usage, { prompt_tokens: 5, completion_tokens: 3, total_tokens: 8 });
+      assert.equal(chat.outcome, "client_gone");
+      assert.equal(chat.usage.estimated, true);
+      assert.ok(chat.usage.prompt_tokens > 0 && chat.usage.completion_tokens >= 1, JSON.stringify(chat.usage));
+    },
+  );
+
+  await t.step(
+    "events separated by bare CRs are split, their usage read and the asked-for usage event removed",
+    async () => {
+      await using crUpstream = startUpstream(() =>
+        new Response(
+          'data: {"choices":[{"delta":{"content":"a"}}]}\r\rdata: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1,"total_tokens":3}}\r\rdata: [DONE]\r\r',
+          { headers: { "content-type": "text/event-stream" } },
+        )
+      );
+      await using relay = startRelay(testConfig(crUpstream.url));
+      const response = await relay.call("/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+        body: chatBody({ stream: true }),
+      });
+      assert.equal(response.text, 'data: {"choices":[{"delta":{"content":"a"}}]}\r\rdata: [DONE]\r\r');
+      assert.deepEqual(relay.requestLogs().at(-1).usage, { prompt_tokens: 2, completion_tokens: 1, total_tokens: 3 });
+    },
+  );
+
+  await t.step("a 404 never tells whether the path matched a secret", async () => {
+    await using relay = startRelay(testConfig(upstream.url));
+    const secret = await relay.call(`/${CANARY_EXTRA}`);
+    const other = await relay.call("/not-a-secret-at-all");
+    assert.equal(secret.status, 404);
+    assert.equal(secret.json().error.message, other.json().error.message);
+    assert.ok(!secret.text.includes("REDACTED"));
+  });
+
+  await t.step("metric label sets: one user's junk models cannot push other users' tokens into 'other'", async () => {
+    await using relay = startRelay(testConfig(upstream.url, {
+      users: [{ name: USERNAME, password: CANARY_PASSWORD }, { name: "quiet", password: "quiet-password-123" }],
+      metricsUsers: [USERNAME],
+    }));
+    const chat = (authorization: string, model: string) =>
+      relay.call("/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization, "content-type": "application/json" },
+        body: chatBody({ model }),
+      });
+    for (let i = 0; i < 30; i++) await chat(GOOD_BEARER, `junk-${i}`);
+    await chat("Bearer quiet:quiet-password-123", "real-model");
+    const metrics = (await relay.call("/metrics", { headers: { authorization: GOOD_BEARER } })).text;
+    assert.match(metrics, /^mc_relay_tokens_total\{user="quiet",model="real-model",kind="prompt"\} 9$/m);
+    assert.match(metrics, /^mc_relay_tokens_total\{user="team",model="other",kind="prompt"\} 90$/m);
+    assert.match(metrics, /^mc_relay_tokens_total\{user="team",model="other",kind="completion"\} 10$/m);
+    assert.equal(
+      (metrics.match(/^mc_relay_tokens_total\{user="team"/gm) ?? []).length,
+      21 * 2,
+      "20 models and other, two kinds each",
+    );
+  });
+
+  await t.step("the metrics port listens on loopback unless METRICS_HOST names an address", async () => {
+    const relay = await spawnRelay({
+      ...minimalEnv,
+      UPSTREAM_BASE_URL: upstream.url,
+      HOST: "0.0.0.0",
+      METRICS_PORT: String(freePort()),
+    });
+    try {
+      const served = relay.output().stdout.split("\n").find((line) => line.includes('"metrics served"'));
+      assert.match(served ?? "", /"url":"http:\/\/127\.0\.0\.1:\d+\/metrics"/);
+    } finally {
+      relay.child.kill("SIGTERM");
+      await relay.finished();
+    }
+  });
+
+  await t.step(
+    "IPv6 clients are counted by /64, and X-Forwarded-For counts only from TRUST_PROXY's addresses",
+    async () => {
+      const viaProxy = parseTrustProxyForTest("127.0.0.1");
+      await using relay = startRelay(testConfig(upstream.url, { authFailuresPerMinute: 2, trustProxy: viaProxy }));
+      const attempt = (address: string, authorization = "Bearer team:guess") =>
+        relay.call("/v1/models", { headers: { authorization, "x-forwarded-for": address } });
+      await attempt("2001:db8:1:2::1");
+      await attempt("2001:db8:1:2::2");
+      assert.equal((await attempt("2001:db8:1:2:ffff::99", GOOD_BEARER)).status, 429, "same /64");
+      assert.equal((await attempt("2001:db8:1:3::1", GOOD_BEARER)).status, 200, "another /64");
+
+      const otherProxy = parseTrustProxyForTest("10.0.0.0/8");
+      await using direct = startRelay(testConfig(upstream.url, { authFailuresPerMinute: 2, trustProxy: otherProxy }));
+      for (const forged of ["203.0.113.1", "203.0.113.2"]) {
+        await direct.call("/v1/models", { headers: { authorization: "Bearer team:guess", "x-forwarded-for": forged } });
+      }
+      const locked = await direct.call("/v1/models", {
+        headers: { authorization: GOOD_BEARER, "x-forwarded-for": "203.0.113.3" },
+      });
+      assert.equal(locked.status, 429, "a peer that is not a named proxy is counted as itself");
+    },
+  );
+
+  await t.step("a full counter store never releases a locked-out client early", async () => {
+    const clock = manualClock();
+    const counters = new MemoryCounterStore(clock.now, 50);
+    const trustProxy = parseTrustProxyForTest("127.0.0.1");
+    await using relay = startRelay(
+      testConfig(upstream.url, { authFailuresPerMinute: 2, trustProxy }),
+      undefined,
+      clock.now,
+      { counters },
+    );
+    const attempt = (address: string, authorization = "Bearer team:guess") =>
+      relay.call("/v1/models", { headers: { authorization, "x-forwarded-for": address } });
+    await attempt("192.0.2.1");
+    await attempt("192.0.2.1");
+    for (let i = 0; i < 120; i++) await attempt(`198.51.100.${i}`);
+    assert.equal((await attempt("192.0.2.1", GOOD_BEARER)).status, 429, "the victim's lockout outlived the flood");
+    clock.advance(60_000);
+    assert.equal((await attempt("192.0.2.1", GOOD_BEARER)).status, 200);
+  });
+
+  await t.step("risky configurations start with a warning naming the variable", async () => {
+    const result = parseConfig({
+      ...minimalEnv,
+      UPSTREAM_BASE_URL: "http://llm.internal.example/v1",
+      ALLOWED_ORIGIN: "http://mc.example.org",
+      AUTH_FAILURES_PER_MINUTE: "0",
+      TRUST_PROXY: "true",
+      HOST: "0.0.0.0",
+      METRICS_PORT: "9464",
+      METRICS_HOST: "0.0.0.0",
+      MC_RELAY_USERS: `weak:${await hashPassword("weak-hash-password", 1000)},same:same`,
+    });
+    assert.ok(result.ok);
+    const warnings = result.warnings.join("\n");
+    for (
+      const expected of [
+        /UPSTREAM_BASE_URL uses http:\/\/ to llm\.internal\.example/,
+        /ALLOWED_ORIGIN allows http:\/\/mc\.example\.org/,
+        /AUTH_FAILURES_PER_MINUTE=0/,
+        /TRUST_PROXY is set while HOST=0\.0\.0\.0/,
+        /METRICS_HOST=0\.0\.0\.0/,
+        /user weak has a PBKDF2 hash of 1000 iterations/,
+        /password of user same equals the user name/,
+        /HOST=0\.0\.0\.0 without TLS_CERT_FILE/,
+      ]
+    ) assert.match(warnings, expected);
+    assert.ok(!warnings.includes(CANARY_KEY) && !warnings.includes(CANARY_PASSWORD));
+    const quiet = parseConfig({ ...minimalEnv, HOST: "127.0.0.1", ALLOWED_ORIGIN: "http://localhost:5173" });
+    assert.ok(quiet.ok);
+    assert.deepEqual(quiet.warnings, [], "a local setup starts without warnings");
+    const process = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: upstream.url, AUTH_FAILURES_PER_MINUTE: "0" });
+    process.child.kill("SIGTERM");
+    await process.finished();
+    assert.match(process.output().stdout, /"level":"warn","msg":"AUTH_FAILURES_PER_MINUTE=0/);
+  });
+
+  await t.step(
+    "attacks that held stay held: smuggling, duplicate lengths, header floods, lookalike origins",
+    async () => {
+      await using relay = startRelay(testConfig(upstream.url));
+      const before = upstream.requests.length;
+      const smuggled = await rawRequest(
+        relay.port,
+        `POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: ${GOOD_BEARER}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\nConnection: close`,
+        "0\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+      );
+      assert.ok(smuggled.status === 400 || smuggled.status === 0, `CL+TE: ${smuggled.status}`);
+      const twoLengths = await rawRequest(
+        relay.port,
+        `POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: ${GOOD_BEARER}\r\nContent-Length: 2\r\nContent-Length: 40\r\nConnection: close`,
+        "{}",
+      );
+      assert.ok(twoLengths.status === 400 || twoLengths.status === 0, `duplicate Content-Length: ${twoLengths.status}`);
+      const manyHeaders = Array.from({ length: 1000 }, (_, i) => `X-Filler-${i}: ${i}`).join("\r\n");
+      const flood = await rawRequest(
+        relay.port,
+        `GET /v1/models HTTP/1.1\r\nHost: x\r\n${manyHeaders}\r\nConnection: close`,
+      );
+      assert.ok(
+        flood.status === 431 || flood.status === 400 || flood.status === 0 || flood.status === 401,
+        `${flood.status}`,
+      );
+      assert.equal(upstream.requests.length, before, "none of them reached the upstream");
+      for (
+        const origin of [
+          "https://www.metaconfigurator.org.evil.example",
+          "https://evil-www.metaconfigurator.org",
+          "http://www.metaconfigurator.org",
+          "https://www.metaconfigurator.org:8443",
+          "https://WWW.METACONFIGURATOR.ORG",
+          "null",
+        ]
+      ) {
+        const response = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER, origin } });
+        assert.equal(response.status, 403, origin);
+        assert.equal(response.headers.get("access-control-allow-origin"), null, origin);
+      }
+    },
+  );
+});
 
 Deno.test("no secret ever appeared in anything the relay logged or returned, in any test above", () => {
   assert.ok(seenByClientsOrLogs.length > 100, "the other tests recorded what they saw");

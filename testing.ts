@@ -6,7 +6,7 @@
  * @module
  */
 import assert from "node:assert/strict";
-import { createHandler, type RelayConfig, type Upstream } from "./main.ts";
+import { createHandler, type HandlerOptions, type RelayConfig, type Upstream } from "./main.ts";
 
 /** A recognisable fake provider key: it must never show up in anything the relay prints or returns. */
 export const CANARY_KEY = "sk-CANARY-upstream-key-4f1d2c9a";
@@ -115,7 +115,12 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
 }
 
 /** The relay handler served on an ephemeral loopback port (HTTPS when given a certificate); its log lines are kept. */
-export function startRelay(config: RelayConfig, tls?: { cert: string; key: string }, now?: () => number) {
+export function startRelay(
+  config: RelayConfig,
+  tls?: { cert: string; key: string },
+  now?: () => number,
+  options: Omit<HandlerOptions, "log" | "now"> = {},
+) {
   const logs: string[] = [];
   const relayHandler = createHandler(config, {
     log(line) {
@@ -123,6 +128,7 @@ export function startRelay(config: RelayConfig, tls?: { cert: string; key: strin
       seenByClientsOrLogs.push(line);
     },
     now,
+    ...options,
   });
   // Everything the relay returns, headers and body bytes, is recorded for the canary check, whoever reads it.
   const handler = async (request: Request, info: Deno.ServeHandlerInfo) => {
