@@ -220,13 +220,14 @@ Deno.test({
         await mcPage.goto(`${allowedPage.origin}/`);
         const before = relay.requestLogs().length;
         const result = await mcPage.evaluate(
-          ({ url, apiKey }) =>
+          ({ url, apiKey, endpoint }) =>
             new Promise<{ status: number; text: string }>((resolve) => {
               const request = new XMLHttpRequest();
               request.open("POST", url);
               request.setRequestHeader("Authorization", `Bearer ${apiKey}`);
               request.setRequestHeader("Content-Type", "application/json");
-              request.setRequestHeader("X-Relay-Endpoint", "https://api.openai.com/v1/");
+              // MC's endpoint setting: the provider this relay serves, with MC's trailing slash.
+              request.setRequestHeader("X-Relay-Endpoint", `${endpoint}/`);
               request.onloadend = () => resolve({ status: request.status, text: request.responseText });
               request.send(JSON.stringify({
                 model: "gpt-4o-mini",
@@ -235,7 +236,7 @@ Deno.test({
                 temperature: 0,
               }));
             }),
-          { url: `${relay.url}/v1/chat/completions`, apiKey: API_KEY },
+          { url: `${relay.url}/v1/chat/completions`, apiKey: API_KEY, endpoint: upstream.url },
         );
         assert.equal(result.status, 200);
         assert.equal(JSON.parse(result.text).choices[0].message.content, "hi");

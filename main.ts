@@ -62,6 +62,15 @@ export const ENV_VARS = [
   "METRICS_PORT",
   "METRICS_HOST",
   "MAX_BUFFERED_BYTES",
+  "PUBLIC_ACCESS",
+  "RATE_LIMIT_PER_HOUR",
+  "RATE_LIMIT_PER_DAY",
+  "CONCURRENT_REQUESTS",
+  "TOKEN_BUDGET_PER_DAY",
+  "TOKEN_BUDGET_PER_MONTH",
+  "MAX_TOKENS_PER_REQUEST",
+  "BASE_PATH",
+  "DISABLED_PATHS",
 ] as const;
 
 /** The name of one environment variable the relay reads. */
@@ -114,8 +123,26 @@ export interface RelayConfig {
   shutdownTimeoutMs: number;
   /** Failed sign-ins allowed per client address per minute before 429; 0 turns the limit off. */
   authFailuresPerMinute: number;
-  /** Requests allowed per user and per client address per minute; 0 (the default) turns the limit off. */
+  /** Requests allowed per user (or, anonymous, per client address) per minute; 0 (the default) turns it off. */
   rateLimitPerMinute: number;
+  /** The same per hour (RATE_LIMIT_PER_HOUR). */
+  rateLimitPerHour: number;
+  /** The same per day (RATE_LIMIT_PER_DAY). */
+  rateLimitPerDay: number;
+  /** Requests in flight at once per user or address, open streams included (CONCURRENT_REQUESTS); 0: no limit. */
+  concurrentRequests: number;
+  /** Tokens per user or address per UTC day (TOKEN_BUDGET_PER_DAY); 0: no budget. */
+  tokenBudgetPerDay: number;
+  /** Tokens per user or address per UTC calendar month (TOKEN_BUDGET_PER_MONTH); 0: no budget. */
+  tokenBudgetPerMonth: number;
+  /** The largest answer a request may ask for, in tokens (MAX_TOKENS_PER_REQUEST); 0: no cap. */
+  maxTokensPerRequest: number;
+  /** Requests without credentials pass as anonymous, limited and budgeted per address (PUBLIC_ACCESS). */
+  publicAccess: boolean;
+  /** The path prefix every route is served under (BASE_PATH), e.g. `/relay`; empty for none. */
+  basePath: string;
+  /** Routes switched off (DISABLED_PATHS), e.g. `/v1/models`. */
+  disabledPaths: string[];
   /** Which reverse proxies may set X-Forwarded-For (TRUST_PROXY); none by default (it could be spoofed). */
   trustProxy: TrustedProxies;
 }
@@ -144,6 +171,8 @@ export interface RelayUser {
   password?: string;
   /** A PBKDF2-SHA256 hash (from a `name:pbkdf2-sha256:...` entry); the password itself is not kept. */
   hash?: PasswordHash;
+  /** This user's own token budgets per UTC day and month (`alice;day=N;month=N:...`); 0 means none. */
+  tokenBudgets?: { day?: number; month?: number };
 }
 
 /** A parsed `pbkdf2-sha256:<iterations>:<salt>:<hash>` string (salt and hash in base64url). */
@@ -171,7 +200,6 @@ export const DEFAULTS = {
   logLevel: "info" as LogLevel,
   shutdownTimeoutSeconds: 10,
   authFailuresPerMinute: 10,
-  rateLimitPerMinute: 0,
 };
 
 /** MetaConfigurator's public origins; the demo allows them so MC can be tried against it. */
@@ -220,143 +248,225 @@ const RESERVED_UPSTREAM_HEADERS = new Set([
 export function parseConfig(env: RelayEnv): ConfigResult {
   const errors: string[] = [];
   const warnings: string[] = [];
-  const value = (name: EnvVar) => env[name]?.trim() || undefined;
-
+  const read = envReader(env, errors);
+  const publicAccess = read.flag("PUBLIC_ACCESS", "true (anyone may use the relay within its limits) or false");
   const upstreams = parseUpstreams(env, errors);
-
-  const users = parseUsers(env, errors, warnings);
-  const allowedModels = (value("ALLOWED_MODELS") ?? "").split(",").map((model) => model.trim()).filter(Boolean);
-  const extraRoutes = (value("ALLOWED_PATHS") ?? "").split(",").map((path) => path.trim()).filter(Boolean);
-  for (const path of extraRoutes) {
-    if (!OPTIONAL_ROUTES.includes(path)) {
-      errors.push(`ALLOWED_PATHS may list ${OPTIONAL_ROUTES.join(", ")} (comma-separated), got "${path}"`);
-    }
-  }
-
+  const users = parseUsers(env, errors, warnings, publicAccess);
   const allowedOrigins = parseAllowedOrigins(env.ALLOWED_ORIGIN, errors);
   if (allowedOrigins.length === 0) {
     warnings.push(
       "ALLOWED_ORIGIN is not set: no browser origin may call the relay (server-side clients still can); set e.g. ALLOWED_ORIGIN=https://www.metaconfigurator.org",
     );
   }
+  const listener = parseListener(read, errors);
+  const limits = parseLimits(read, errors);
+  const server = parseServer(read, errors);
+  const routing = parseRouting(read, errors);
+  const metricsUsers = parseMetricsUsers(read.text("METRICS"), users, errors);
+  if (errors.length > 0) return { ok: false, errors };
+  const config: RelayConfig = {
+    upstreams,
+    users,
+    publicAccess,
+    allowedOrigins,
+    metricsUsers,
+    ...listener,
+    ...server,
+    ...limits,
+    ...routing,
+  };
+  const refusals = publicAccessProblems(config);
+  if (refusals.length > 0) return { ok: false, errors: refusals };
+  return { ok: true, config, warnings: [...warnings, ...riskWarnings(config)] };
+}
 
-  const port = parseNumber(value("PORT"), DEFAULTS.port, "PORT", errors, {
+/** Reads the relay's variables, each problem added to `errors` naming the variable and a valid example. */
+function envReader(env: RelayEnv, errors: string[]) {
+  const text = (name: EnvVar) => env[name]?.trim() || undefined;
+  const number = (name: EnvVar, fallback: number, rule: NumberRule) =>
+    parseNumber(text(name), fallback, name, errors, rule);
+  return {
+    text,
+    number,
+    /** A whole number from 0 (0 usually meaning "off"). */
+    count: (name: EnvVar, fallback: number, example: string) =>
+      number(name, fallback, { integer: true, min: 0, max: 1e15, example }),
+    /** `true` or `false` (any case); unset is false. */
+    flag(name: EnvVar, example: string): boolean {
+      const raw = text(name)?.toLowerCase() ?? "false";
+      if (raw !== "true" && raw !== "false") errors.push(`${name} must be ${example}, got "${text(name)}"`);
+      return raw === "true";
+    },
+  };
+}
+
+/** Where the relay listens: PORT and HOST. */
+function parseListener(read: ReturnType<typeof envReader>, errors: string[]) {
+  const port = read.number("PORT", DEFAULTS.port, {
     integer: true,
     min: 0,
     max: 65535,
     example: "a whole number from 0 to 65535, e.g. 8080",
   });
-  const host = value("HOST") ?? DEFAULTS.host;
+  const host = read.text("HOST") ?? DEFAULTS.host;
   if (/\s|\//.test(host)) {
     errors.push(`HOST must be an interface address or name, e.g. 0.0.0.0 or 127.0.0.1, got "${host}"`);
   }
+  return { port, host };
+}
 
-  const requestTimeoutSeconds = parseNumber(
-    value("REQUEST_TIMEOUT_SECONDS"),
-    DEFAULTS.requestTimeoutSeconds,
-    "REQUEST_TIMEOUT_SECONDS",
-    errors,
-    { min: 0.001, max: 86400, example: "seconds greater than 0, e.g. 180" },
-  );
-  const maxRequestBytes = parseNumber(
-    value("MAX_REQUEST_BYTES"),
-    DEFAULTS.maxRequestBytes,
-    "MAX_REQUEST_BYTES",
-    errors,
-    { integer: true, min: 1, max: 2 ** 31, example: "a whole number of bytes, e.g. 33554432 (32 MiB)" },
-  );
-  const shutdownTimeoutSeconds = parseNumber(
-    value("SHUTDOWN_TIMEOUT_SECONDS"),
-    DEFAULTS.shutdownTimeoutSeconds,
-    "SHUTDOWN_TIMEOUT_SECONDS",
-    errors,
-    { min: 0, max: 3600, example: "seconds, e.g. 10" },
-  );
-
-  const authFailuresPerMinute = parseNumber(
-    value("AUTH_FAILURES_PER_MINUTE"),
-    DEFAULTS.authFailuresPerMinute,
-    "AUTH_FAILURES_PER_MINUTE",
-    errors,
-    {
-      integer: true,
-      min: 0,
-      max: 1_000_000,
-      example: "a whole number of failed sign-ins per minute, e.g. 10 (0 = no limit)",
-    },
-  );
-  const rateLimitPerMinute = parseNumber(
-    value("RATE_LIMIT_PER_MINUTE"),
-    DEFAULTS.rateLimitPerMinute,
-    "RATE_LIMIT_PER_MINUTE",
-    errors,
-    { integer: true, min: 0, max: 1_000_000, example: "a whole number of requests per minute, e.g. 60 (0 = no limit)" },
-  );
-  const trustProxy = parseTrustProxy(value("TRUST_PROXY"), errors);
-  const maxBufferedBytes = parseNumber(
-    value("MAX_BUFFERED_BYTES"),
-    Math.max(DEFAULTS.maxBufferedBytes, maxRequestBytes),
-    "MAX_BUFFERED_BYTES",
-    errors,
-    { integer: true, min: 1, max: 2 ** 40, example: "a whole number of bytes, e.g. 67108864 (64 MiB)" },
-  );
-  if (maxBufferedBytes < maxRequestBytes) {
-    errors.push(
-      `MAX_BUFFERED_BYTES must be at least MAX_REQUEST_BYTES (${maxRequestBytes}), e.g. ${maxRequestBytes * 2}`,
-    );
-  }
-
-  const metricsUsers = parseMetricsUsers(value("METRICS"), users, errors);
-  const metricsPort = value("METRICS_PORT") === undefined ? undefined : parseNumber(
-    value("METRICS_PORT"),
-    0,
-    "METRICS_PORT",
-    errors,
-    { integer: true, min: 0, max: 65535, example: "a port for /metrics without auth, e.g. 9464" },
-  );
-  const metricsHost = value("METRICS_HOST") ?? "127.0.0.1";
-  if (/\s|\//.test(metricsHost)) {
-    errors.push(`METRICS_HOST must be an interface address, e.g. 127.0.0.1 or 0.0.0.0, got "${metricsHost}"`);
-  }
-
-  const rawLevel = value("LOG_LEVEL")?.toLowerCase() ?? DEFAULTS.logLevel;
+/** How the relay runs: log level, TLS, metrics port, proxies in front, shutdown. */
+function parseServer(read: ReturnType<typeof envReader>, errors: string[]) {
+  const rawLevel = read.text("LOG_LEVEL")?.toLowerCase() ?? DEFAULTS.logLevel;
   const logLevel = (LOG_LEVELS as readonly string[]).includes(rawLevel) ? rawLevel as LogLevel : DEFAULTS.logLevel;
   if (logLevel !== rawLevel) {
-    errors.push(`LOG_LEVEL must be one of ${LOG_LEVELS.join(", ")}, got "${value("LOG_LEVEL")}"`);
+    errors.push(`LOG_LEVEL must be one of ${LOG_LEVELS.join(", ")}, got "${read.text("LOG_LEVEL")}"`);
   }
-
-  const tlsCertFile = value("TLS_CERT_FILE");
-  const tlsKeyFile = value("TLS_KEY_FILE");
+  const tlsCertFile = read.text("TLS_CERT_FILE");
+  const tlsKeyFile = read.text("TLS_KEY_FILE");
   if (Boolean(tlsCertFile) !== Boolean(tlsKeyFile)) {
     errors.push(
       "TLS_CERT_FILE and TLS_KEY_FILE go together: set both (PEM certificate chain and private key) or neither",
     );
   }
-
-  if (errors.length > 0) return { ok: false, errors };
-  const config: RelayConfig = {
-    upstreams,
-    users,
-    allowedModels,
-    extraRoutes: [...new Set(extraRoutes)],
-    metricsUsers,
-    metricsPort,
-    metricsHost,
-    maxBufferedBytes,
-    allowedOrigins,
-    port,
-    host,
-    requestTimeoutMs: Math.round(requestTimeoutSeconds * 1000),
-    maxRequestBytes,
-    logLevel,
+  const metricsPort = read.text("METRICS_PORT") === undefined ? undefined : read.number("METRICS_PORT", 0, {
+    integer: true,
+    min: 0,
+    max: 65535,
+    example: "a port for /metrics without auth, e.g. 9464",
+  });
+  const metricsHost = read.text("METRICS_HOST") ?? "127.0.0.1";
+  if (/\s|\//.test(metricsHost)) {
+    errors.push(`METRICS_HOST must be an interface address, e.g. 127.0.0.1 or 0.0.0.0, got "${metricsHost}"`);
+  }
+  const shutdownTimeoutSeconds = read.number("SHUTDOWN_TIMEOUT_SECONDS", DEFAULTS.shutdownTimeoutSeconds, {
+    min: 0,
+    max: 3600,
+    example: "seconds, e.g. 10",
+  });
+  return {
     tlsCertFile,
     tlsKeyFile,
+    metricsPort,
+    metricsHost,
+    logLevel,
     shutdownTimeoutMs: Math.round(shutdownTimeoutSeconds * 1000),
-    authFailuresPerMinute,
-    rateLimitPerMinute,
-    trustProxy,
+    trustProxy: parseTrustProxy(read.text("TRUST_PROXY"), errors),
   };
-  return { ok: true, config, warnings: [...warnings, ...riskWarnings(config)] };
+}
+
+/** Limits: timeouts, body sizes, sign-in guesses, requests per window and at once, token budgets and caps. */
+function parseLimits(read: ReturnType<typeof envReader>, errors: string[]) {
+  const requestTimeoutSeconds = read.number("REQUEST_TIMEOUT_SECONDS", DEFAULTS.requestTimeoutSeconds, {
+    min: 0.001,
+    max: 86400,
+    example: "seconds greater than 0, e.g. 180",
+  });
+  const maxRequestBytes = read.number("MAX_REQUEST_BYTES", DEFAULTS.maxRequestBytes, {
+    integer: true,
+    min: 1,
+    max: 2 ** 31,
+    example: "a whole number of bytes, e.g. 33554432 (32 MiB)",
+  });
+  const maxBufferedBytes = read.number("MAX_BUFFERED_BYTES", Math.max(DEFAULTS.maxBufferedBytes, maxRequestBytes), {
+    integer: true,
+    min: 1,
+    max: 2 ** 40,
+    example: "a whole number of bytes, e.g. 67108864 (64 MiB)",
+  });
+  if (maxBufferedBytes < maxRequestBytes) {
+    errors.push(
+      `MAX_BUFFERED_BYTES must be at least MAX_REQUEST_BYTES (${maxRequestBytes}), e.g. ${maxRequestBytes * 2}`,
+    );
+  }
+  const perWindow = (window: string, example: number) =>
+    `a whole number of requests per ${window}, e.g. ${example} (0 = no limit)`;
+  return {
+    requestTimeoutMs: Math.round(requestTimeoutSeconds * 1000),
+    maxRequestBytes,
+    maxBufferedBytes,
+    authFailuresPerMinute: read.count(
+      "AUTH_FAILURES_PER_MINUTE",
+      DEFAULTS.authFailuresPerMinute,
+      "a whole number of failed sign-ins per minute, e.g. 10 (0 = no limit)",
+    ),
+    rateLimitPerMinute: read.count("RATE_LIMIT_PER_MINUTE", 0, perWindow("minute", 20)),
+    rateLimitPerHour: read.count("RATE_LIMIT_PER_HOUR", 0, perWindow("hour", 200)),
+    rateLimitPerDay: read.count("RATE_LIMIT_PER_DAY", 0, perWindow("day", 1000)),
+    concurrentRequests: read.count(
+      "CONCURRENT_REQUESTS",
+      0,
+      "a whole number of requests in flight at once, e.g. 5 (0 = no limit)",
+    ),
+    tokenBudgetPerDay: read.count("TOKEN_BUDGET_PER_DAY", 0, "a whole number of tokens per UTC day, e.g. 100000"),
+    tokenBudgetPerMonth: read.count(
+      "TOKEN_BUDGET_PER_MONTH",
+      0,
+      "a whole number of tokens per UTC calendar month, e.g. 2000000",
+    ),
+    maxTokensPerRequest: read.count(
+      "MAX_TOKENS_PER_REQUEST",
+      0,
+      "a whole number of answer tokens per request, e.g. 10000 (0 = no cap)",
+    ),
+  };
+}
+
+/** Routing: the optional routes, the ones switched off, the path prefix, the model allow-list. */
+function parseRouting(read: ReturnType<typeof envReader>, errors: string[]) {
+  const list = (name: EnvVar) => (read.text(name) ?? "").split(",").map((entry) => entry.trim()).filter(Boolean);
+  const extraRoutes = list("ALLOWED_PATHS");
+  for (const path of extraRoutes) {
+    if (!OPTIONAL_ROUTES.includes(path)) {
+      errors.push(`ALLOWED_PATHS may list ${OPTIONAL_ROUTES.join(", ")} (comma-separated), got "${path}"`);
+    }
+  }
+  const switchable = [...Object.keys(ROUTES).filter((path) => path !== "/health"), ...OPTIONAL_ROUTES];
+  const disabledPaths = list("DISABLED_PATHS");
+  for (const path of disabledPaths) {
+    if (!switchable.includes(path)) {
+      errors.push(`DISABLED_PATHS may list ${switchable.join(", ")} (comma-separated), e.g. /v1/models, got "${path}"`);
+    }
+  }
+  const basePath = read.text("BASE_PATH")?.replace(/\/+$/, "") ?? "";
+  if (basePath !== "" && !/^(\/[A-Za-z0-9._~-]+)+$/.test(basePath)) {
+    errors.push(
+      `BASE_PATH must be a path such as /relay (no trailing slash, no query), got "${read.text("BASE_PATH")}"`,
+    );
+  }
+  return {
+    extraRoutes: [...new Set(extraRoutes)],
+    disabledPaths: [...new Set(disabledPaths)],
+    basePath,
+    allowedModels: list("ALLOWED_MODELS"),
+  };
+}
+
+/**
+ * PUBLIC_ACCESS=true lets anyone through who can reach the relay, so it starts only with its guard rails: the
+ * browser origins named, a request limit and a token budget on.
+ */
+function publicAccessProblems(config: RelayConfig): string[] {
+  if (!config.publicAccess) return [];
+  const problems: string[] = [];
+  if (config.allowedOrigins.length === 0) {
+    problems.push(
+      "PUBLIC_ACCESS=true needs ALLOWED_ORIGIN: the pages that may use the relay, e.g. https://www.metaconfigurator.org",
+    );
+  }
+  if (
+    config.rateLimitPerMinute + config.rateLimitPerHour + config.rateLimitPerDay + config.concurrentRequests === 0
+  ) {
+    problems.push(
+      "PUBLIC_ACCESS=true needs a request limit per address: RATE_LIMIT_PER_MINUTE, RATE_LIMIT_PER_HOUR, RATE_LIMIT_PER_DAY or CONCURRENT_REQUESTS, e.g. RATE_LIMIT_PER_MINUTE=20",
+    );
+  }
+  if (config.tokenBudgetPerDay + config.tokenBudgetPerMonth === 0) {
+    problems.push(
+      "PUBLIC_ACCESS=true needs a token budget per address: TOKEN_BUDGET_PER_DAY or TOKEN_BUDGET_PER_MONTH, e.g. TOKEN_BUDGET_PER_DAY=100000",
+    );
+  }
+  return problems;
 }
 
 /**
@@ -401,6 +511,11 @@ function parseMetricsUsers(raw: string | undefined, users: RelayUser[], errors: 
  */
 function riskWarnings(config: RelayConfig): string[] {
   const warnings: string[] = [];
+  if (config.publicAccess) {
+    warnings.push(
+      "PUBLIC_ACCESS=true: anyone who can reach the relay may use it without credentials, within the request limits and token budgets per address",
+    );
+  }
   const loopbackHost = (host: string) => /^(localhost|127\.[0-9.]+|::1|\[::1\])$/.test(host);
   for (const upstream of config.upstreams) {
     const url = new URL(upstream.baseUrl);
@@ -448,14 +563,15 @@ function riskWarnings(config: RelayConfig): string[] {
 
 /**
  * The users: MC_RELAY_USERNAME with MC_RELAY_PASSWORD, and the comma-separated `name:password` or
- * `name:pbkdf2-sha256:...` entries of MC_RELAY_USERS. At least one user is required.
+ * `name:pbkdf2-sha256:...` entries of MC_RELAY_USERS, whose name may carry token budgets of its own:
+ * `alice;day=200000;month=0:...` (0: no budget for her). At least one user is required, unless PUBLIC_ACCESS.
  */
-function parseUsers(env: RelayEnv, errors: string[], warnings: string[]): RelayUser[] {
+function parseUsers(env: RelayEnv, errors: string[], warnings: string[], publicAccess: boolean): RelayUser[] {
   const users: RelayUser[] = [];
   const username = env.MC_RELAY_USERNAME?.trim() ?? "";
   const password = env.MC_RELAY_PASSWORD ?? "";
   const listed = env.MC_RELAY_USERS?.trim() ?? "";
-  if (username || password || !listed) {
+  if (username || password || (!listed && !publicAccess)) {
     if (!username) {
       errors.push("MC_RELAY_USERNAME is required: the name users type before the colon, e.g. 'team'");
     } else if (username.includes(":")) {
@@ -472,25 +588,40 @@ function parseUsers(env: RelayEnv, errors: string[], warnings: string[]): RelayU
   }
   for (const [index, entry] of listed.split(",").map((part) => part.trim()).filter(Boolean).entries()) {
     const colon = entry.indexOf(":");
-    const name = entry.slice(0, colon);
+    const [name, ...options] = entry.slice(0, colon).split(";").map((part) => part.trim());
     const secret = entry.slice(colon + 1);
     // Entries are named by position: their text contains a password or hash, never repeated here.
     const where = `MC_RELAY_USERS entry ${index + 1}`;
-    if (colon < 1 || !secret) {
+    const tokenBudgets = parseUserBudgets(options, where, errors);
+    if (colon < 1 || !name || !secret) {
       errors.push(`${where} must be name:password or name:pbkdf2-sha256:... (from 'mc-relay hash-password')`);
     } else if (secret.startsWith("pbkdf2-sha256:")) {
       const hash = parsePasswordHash(secret);
-      if (hash) users.push({ name, hash });
+      if (hash) users.push({ name, hash, tokenBudgets });
       else errors.push(`${where} has a malformed hash; make it with 'mc-relay hash-password'`);
     } else {
       if (secret.length < 12) warnings.push(`${where} (${name}) has a password shorter than 12 characters`);
-      users.push({ name, password: secret });
+      users.push({ name, password: secret, tokenBudgets });
     }
   }
   const names = users.map((user) => user.name);
   const repeated = names.filter((name, index) => names.indexOf(name) !== index);
   if (repeated.length > 0) errors.push(`MC_RELAY_USERS names a user twice: ${[...new Set(repeated)].join(", ")}`);
   return users;
+}
+
+/** A user's own token budgets from `name;day=N;month=N`: each replaces TOKEN_BUDGET_PER_DAY or _MONTH for them. */
+function parseUserBudgets(options: string[], where: string, errors: string[]): RelayUser["tokenBudgets"] {
+  if (options.length === 0) return undefined;
+  const budgets: { day?: number; month?: number } = {};
+  for (const option of options) {
+    const match = /^(day|month)=([0-9]{1,15})$/.exec(option);
+    if (match) budgets[match[1] as "day" | "month"] = Number(match[2]);
+    else {errors.push(
+        `${where} has "${option.slice(0, 30)}" after its name; use e.g. alice;day=200000;month=3000000:...`,
+      );}
+  }
+  return budgets;
 }
 
 /** PBKDF2 iterations for new hashes (OWASP's 2023 figure for PBKDF2-HMAC-SHA256). */
@@ -707,12 +838,21 @@ function parseAllowedOrigins(raw: string | undefined, errors: string[]): string[
   return [...new Set(origins)];
 }
 
+/** How a numeric variable is checked. */
+interface NumberRule {
+  integer?: boolean;
+  min: number;
+  max: number;
+  /** What a valid value looks like, for the error line. */
+  example: string;
+}
+
 function parseNumber(
   raw: string | undefined,
   fallback: number,
   name: EnvVar,
   errors: string[],
-  rule: { integer?: boolean; min: number; max: number; example: string },
+  rule: NumberRule,
 ): number {
   if (raw === undefined) return fallback;
   const number = /^[0-9]+(\.[0-9]+)?$/.test(raw) ? Number(raw) : NaN;
@@ -990,6 +1130,15 @@ export interface CounterStore {
   take(key: string, rule: BucketRule): number | Promise<number>;
   /** Gives one event back to `key`'s allowance (a sign-in guess that was right, a request never sent). */
   give(key: string, rule: BucketRule): void | Promise<void>;
+  /** Whole events left in `key`'s bucket now. */
+  remaining(key: string, rule: BucketRule): number | Promise<number>;
+  /**
+   * Adds `amount` (negative to take back) to the counter `key` and returns its new value; the counter is forgotten
+   * after `expiresAt` (ms), if given. Infinity when the store has no room for a new counter.
+   */
+  add(key: string, amount: number, expiresAt?: number): number | Promise<number>;
+  /** The counter's value; 0 when it does not exist or has expired. */
+  get(key: string): number | Promise<number>;
 }
 
 /**
@@ -999,6 +1148,7 @@ export interface CounterStore {
  */
 export class MemoryCounterStore implements CounterStore {
   #buckets = new Map<string, { tokens: number; updatedAt: number; rule: BucketRule }>();
+  #counters = new Map<string, { value: number; expiresAt: number }>();
   #lastSweep = 0;
 
   /** `now` returns milliseconds; tests pass a clock they control. */
@@ -1042,6 +1192,40 @@ export class MemoryCounterStore implements CounterStore {
     if (bucket) bucket.tokens = Math.min(rule.capacity, bucket.tokens + 1);
   }
 
+  remaining(key: string, rule: BucketRule): number {
+    if (!this.#buckets.has(key)) return rule.capacity;
+    return Math.floor(this.#bucket(key, rule)!.tokens);
+  }
+
+  add(key: string, amount: number, expiresAt = Infinity): number {
+    const now = this.now();
+    let counter = this.#counters.get(key);
+    if (counter !== undefined && counter.expiresAt <= now) {
+      this.#counters.delete(key);
+      counter = undefined;
+    }
+    if (counter === undefined) {
+      if (this.#counters.size >= this.maxKeys && !this.#sweepCounters(now)) return Infinity;
+      counter = { value: 0, expiresAt };
+      this.#counters.set(key, counter);
+    }
+    counter.value += amount;
+    return counter.value;
+  }
+
+  get(key: string): number {
+    const counter = this.#counters.get(key);
+    return counter === undefined || counter.expiresAt <= this.now() ? 0 : counter.value;
+  }
+
+  /** Forgets expired counters and those back at zero. True when there is room for a new one. */
+  #sweepCounters(now: number): boolean {
+    for (const [key, { value, expiresAt }] of this.#counters) {
+      if (expiresAt <= now || value === 0) this.#counters.delete(key);
+    }
+    return this.#counters.size < this.maxKeys;
+  }
+
   /** Forgets every bucket that has refilled; at most once a second. True when there is room for a new key. */
   #sweep(now: number): boolean {
     if (now - this.#lastSweep >= 1000) {
@@ -1068,6 +1252,7 @@ interface Route {
 /** The routes, matched exactly against the normalised path. */
 const ROUTES: Record<string, Route> = {
   "/health": { method: "GET" },
+  "/usage": { method: "GET" },
   "/v1/models": { method: "GET", upstreamPath: "/models" },
   "/v1/chat/completions": { method: "POST", upstreamPath: "/chat/completions" },
 };
@@ -1132,8 +1317,18 @@ interface RequestContext {
   heldBytes: number;
   /** The route matched by `matchRoute`. */
   route?: Route;
-  /** The signed-in user, set by `identifyCaller`. */
+  /** The path inside BASE_PATH that `matchRoute` matched, e.g. `/v1/models`. */
+  routePath?: string;
+  /** The signed-in user, set by `identifyCaller`; undefined for anonymous requests (PUBLIC_ACCESS). */
   user?: string;
+  /** Whom limits and budgets count for: `user:<name>`, or `address:<address>` for anonymous requests. */
+  subject?: string;
+  /** The in-flight counter this request holds (CONCURRENT_REQUESTS), released by `account`. */
+  inFlightKey?: string;
+  /** The largest answer this request may get, in tokens, after MAX_TOKENS_PER_REQUEST; undefined when unbounded. */
+  answerTokens?: number;
+  /** Token budget counters charged with a reservation, settled by `account` with the real usage. */
+  reservations?: { key: string; amount: number; expiresAt: number }[];
   /** The request body as read by `readRequestBody`. */
   body?: Uint8Array<ArrayBuffer>;
   /** The body parsed as a JSON object, when a stage needs to look inside it. */
@@ -1203,12 +1398,17 @@ interface Relay {
   readonly allowedOrigins: Set<string>;
   readonly upstreams: UpstreamTarget[];
   readonly upstreamsByName: Map<string, UpstreamTarget>;
+  /** The configured users by name. */
+  readonly usersByName: Map<string, RelayUser>;
+  /** The request limits that are on (RATE_LIMIT_PER_*), each a token bucket. */
+  readonly requestLimits: RequestLimit[];
+  /** The clock for limits and budget windows, in milliseconds. */
+  readonly now: () => number;
   /** ALLOWED_MODELS as a set; empty allows any model. */
   readonly allowedModels: Set<string>;
   /** The token bucket of failed sign-ins (AUTH_FAILURES_PER_MINUTE). */
   readonly signInRule: BucketRule;
-  /** The token bucket of requests (RATE_LIMIT_PER_MINUTE). */
-  readonly requestRule: BucketRule;
+
   /** The user these `name:password` credentials belong to, if any; HASHING_BUSY when checks are saturated. */
   authenticate(credentials: string): Promise<string | undefined | typeof HASHING_BUSY>;
   /** The text with every configured secret masked; undefined when a secret shows in a form it cannot mask. */
@@ -1233,11 +1433,15 @@ const STAGES: Stage[] = [
   matchRoute,
   answerHealth,
   identifyCaller,
+  answerUsage,
   applyRateLimits,
+  limitConcurrency,
   answerMetrics,
   readRequestBody,
   chooseUpstream,
   checkModel,
+  capAnswerTokens,
+  reserveTokens,
   requestUsage,
   forwardRequest,
   relayResponse,
@@ -1278,6 +1482,7 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
   const routes: Record<string, Route> = { ...ROUTES };
   if (config.metricsUsers.length > 0) routes["/metrics"] = { method: "GET" };
   for (const path of config.extraRoutes) routes[path] = { method: "POST", upstreamPath: path.slice("/v1".length) };
+  for (const path of config.disabledPaths) delete routes[path];
   const upstreams = config.upstreams.map((upstream) => ({
     ...upstream,
     host: new URL(upstream.baseUrl).host,
@@ -1298,7 +1503,9 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     upstreamsByName: new Map(upstreams.map((upstream) => [upstream.name, upstream])),
     allowedModels: new Set(config.allowedModels),
     signInRule: { capacity: config.authFailuresPerMinute, periodMs: 60_000 },
-    requestRule: { capacity: config.rateLimitPerMinute, periodMs: 60_000 },
+    usersByName: new Map(config.users.map((user) => [user.name, user])),
+    requestLimits: requestLimits(config),
+    now: options.now ?? Date.now,
     authenticate: createAuthenticator(config.users, metrics),
     bodyBudget: new ByteBudget(config.maxBufferedBytes),
     maskSecrets: masker.mask,
@@ -1545,11 +1752,15 @@ function answerPreflight(_relay: Relay, context: RequestContext): Response | und
 
 /** Stage: route. Only the paths in the route table exist (404 otherwise), each with one method (405 otherwise). */
 function matchRoute(relay: Relay, context: RequestContext): Response | undefined {
-  const pathname = context.url.pathname;
+  const { basePath } = relay.config;
+  const full = context.url.pathname;
+  const inside = basePath === "" || full === basePath || full.startsWith(`${basePath}/`);
+  const pathname = inside ? full.slice(basePath.length) || "/" : "";
   const route = Object.hasOwn(relay.routes, pathname) ? relay.routes[pathname] : undefined;
   if (!route) {
     // The path is not repeated: an answer must not tell whether a guessed path matched a secret.
-    return errorResponse(404, `unknown path; the relay serves ${Object.keys(relay.routes).join(", ")}`, "unknown_url");
+    const served = Object.keys(relay.routes).map((path) => `${basePath}${path}`).join(", ");
+    return errorResponse(404, `unknown path; the relay serves ${served}`, "unknown_url");
   }
   if (context.request.method !== route.method) {
     return errorResponse(
@@ -1560,12 +1771,14 @@ function matchRoute(relay: Relay, context: RequestContext): Response | undefined
     );
   }
   context.route = route;
+  context.routePath = pathname;
   return undefined;
 }
 
-/** Stage: GET /health answers without credentials. */
-function answerHealth(_relay: Relay, context: RequestContext): Response | undefined {
-  return context.url.pathname === "/health" ? Response.json({ status: "ok" }) : undefined;
+/** Stage: GET /health answers without credentials: `ok`, and how many upstreams there are (as MC's relay does). */
+function answerHealth(relay: Relay, context: RequestContext): Response | undefined {
+  if (context.routePath !== "/health") return undefined;
+  return Response.json({ status: "ok", ok: true, endpoints: relay.upstreams.length });
 }
 
 /**
@@ -1577,6 +1790,12 @@ function answerHealth(_relay: Relay, context: RequestContext): Response | undefi
 async function identifyCaller(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const read = readCredentials(context.request.headers.get("authorization"));
   const name = "credentials" in read ? read.credentials.slice(0, read.credentials.indexOf(":")) : "";
+  if (relay.config.publicAccess && !relay.usersByName.has(name)) {
+    // MC's public preset sends "Bearer " with nothing, or a key typed once for another provider: anonymous.
+    // The header is never logged or forwarded, whatever it holds.
+    context.subject = `address:${addressKey(context.client)}`;
+    return undefined;
+  }
   const guessKey = `sign-in:${addressKey(context.client)}:${name.slice(0, 64)}`;
   const lockedFor = await relay.counters.take(guessKey, relay.signInRule);
   if (lockedFor > 0) {
@@ -1606,30 +1825,98 @@ async function identifyCaller(relay: Relay, context: RequestContext): Promise<Re
   }
   await relay.counters.give(guessKey, relay.signInRule);
   context.user = user;
+  context.subject = `user:${user}`;
   return undefined;
 }
 
-/** Stage: limits. RATE_LIMIT_PER_MINUTE per user and per client address: 429 with Retry-After when used up. */
+/** One request limit: its variable, its window, its token bucket. */
+interface RequestLimit {
+  variable: EnvVar;
+  window: "minute" | "hour" | "day";
+  rule: BucketRule;
+}
+
+/** The request limits that are on, shortest window first. */
+function requestLimits(config: RelayConfig): RequestLimit[] {
+  const limits: RequestLimit[] = [
+    {
+      variable: "RATE_LIMIT_PER_MINUTE",
+      window: "minute",
+      rule: { capacity: config.rateLimitPerMinute, periodMs: 60_000 },
+    },
+    {
+      variable: "RATE_LIMIT_PER_HOUR",
+      window: "hour",
+      rule: { capacity: config.rateLimitPerHour, periodMs: 3_600_000 },
+    },
+    { variable: "RATE_LIMIT_PER_DAY", window: "day", rule: { capacity: config.rateLimitPerDay, periodMs: 86_400_000 } },
+  ];
+  return limits.filter((limit) => limit.rule.capacity > 0);
+}
+
+/** "this user" or "this address": whom a limit counted, for messages. */
+function subjectWords(context: RequestContext): string {
+  return context.user === undefined ? "this address" : `user ${context.user}`;
+}
+
+/**
+ * Stage: limits. RATE_LIMIT_PER_MINUTE, _HOUR and _DAY per signed-in user (so one user cannot use up a team's
+ * shared address), or per client address for anonymous requests. Each window is a token bucket that refills
+ * evenly; a request takes one event from each, and a refusal gives back what it took: 429 with Retry-After,
+ * naming the limit, its window and when one more request is allowed.
+ */
 async function applyRateLimits(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  const keys = [`requests-by-user:${context.user}`, `requests-by-address:${context.client}`];
-  const waits = await Promise.all(keys.map((key) => relay.counters.wait(key, relay.requestRule)));
-  const waitFor = Math.max(...waits);
-  if (waitFor > 0) {
+  const taken: RequestLimit[] = [];
+  for (const limit of relay.requestLimits) {
+    const key = `requests-per-${limit.window}:${context.subject}`;
+    const waitFor = await relay.counters.take(key, limit.rule);
+    if (waitFor === 0) {
+      taken.push(limit);
+      continue;
+    }
+    for (const done of taken) await relay.counters.give(`requests-per-${done.window}:${context.subject}`, done.rule);
     context.outcome = "relay_rate_limited";
     return errorResponse(
       429,
-      `the relay's limit of ${relay.config.rateLimitPerMinute} requests per minute (RATE_LIMIT_PER_MINUTE) is reached for this user or address; try again in ${waitFor} s`,
+      `the relay's limit of ${limit.rule.capacity} requests per ${limit.window} (${limit.variable}) is reached for ${
+        subjectWords(context)
+      }; one more is allowed in ${waitFor} s`,
       "relay_rate_limit_exceeded",
       { "retry-after": String(waitFor) },
     );
   }
-  await Promise.all(keys.map((key) => relay.counters.take(key, relay.requestRule)));
   return undefined;
+}
+
+/**
+ * Stage: concurrency. CONCURRENT_REQUESTS per user or address, open streams included: 429 while that many are in
+ * flight. The place is held until `account` runs, when the response (or its stream) has ended.
+ */
+async function limitConcurrency(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  const limit = relay.config.concurrentRequests;
+  if (limit === 0 || context.routePath === "/metrics") return undefined;
+  const key = `in-flight:${context.subject}`;
+  // A safety expiry: should a copy die holding places, they free themselves after a day.
+  const inFlight = await relay.counters.add(key, 1, relay.now() + 86_400_000);
+  if (inFlight <= limit) {
+    context.inFlightKey = key;
+    return undefined;
+  }
+  await relay.counters.add(key, -1);
+  context.outcome = "relay_concurrency_limited";
+  return errorResponse(
+    429,
+    `${
+      subjectWords(context)
+    } already has ${limit} requests in flight (CONCURRENT_REQUESTS); try again when one has finished`,
+    "relay_concurrency_limit_exceeded",
+    { "retry-after": "1" },
+  );
 }
 
 /** Stage: GET /metrics on the main port, for the users METRICS names only (it shows every user's traffic). */
 function answerMetrics(relay: Relay, context: RequestContext): Response | undefined {
-  if (context.url.pathname !== "/metrics") return undefined;
+  if (context.routePath !== "/metrics") return undefined;
   if (!relay.config.metricsUsers.includes(context.user!)) {
     return errorResponse(403, "this user may not read /metrics; METRICS names who may", "metrics_not_allowed");
   }
@@ -1697,20 +1984,30 @@ function jsonBodyProblem(payload: JsonObject): string | undefined {
  */
 async function chooseUpstream(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const { upstreams } = relay;
-  if (upstreams.length === 1) return undefined;
+  const endpoint = context.request.headers.get("x-relay-endpoint")?.trim().replace(/\/+$/, "");
+  const serves = (upstream: UpstreamTarget) =>
+    endpoint === upstream.baseUrl || endpoint!.startsWith(`${upstream.baseUrl}/`);
+  if (upstreams.length === 1) {
+    if (!endpoint || serves(upstreams[0])) return undefined;
+    context.outcome = "unknown_upstream";
+    return errorResponse(
+      400,
+      `X-Relay-Endpoint ${JSON.stringify(endpoint.slice(0, 200))} is not the endpoint this relay serves (${
+        upstreams[0].baseUrl
+      }); set MC's endpoint to it, or use a relay for that provider`,
+      "unknown_upstream",
+    );
+  }
   const model = context.model;
   const slash = model?.indexOf("/") ?? -1;
   const byModel = slash > 0 ? relay.upstreamsByName.get(model!.slice(0, slash)) : undefined;
-  const endpoint = context.request.headers.get("x-relay-endpoint")?.trim().replace(/\/+$/, "");
   if (byModel) {
     context.target = byModel;
     context.model = model!.slice(slash + 1);
     context.payload!.model = context.model;
     context.bodyChanged = true;
   } else if (endpoint) {
-    const byEndpoint = upstreams.find((upstream) =>
-      endpoint === upstream.baseUrl || endpoint.startsWith(`${upstream.baseUrl}/`)
-    );
+    const byEndpoint = upstreams.find(serves);
     if (!byEndpoint) {
       context.outcome = "unknown_upstream";
       return errorResponse(
@@ -1744,6 +2041,171 @@ function checkModel(relay: Relay, context: RequestContext): Response | undefined
       }`,
     "model_not_allowed",
   );
+}
+
+/** One token budget that applies now: its variable, its UTC window, its counter and when the window ends. */
+interface TokenBudget {
+  variable: "TOKEN_BUDGET_PER_DAY" | "TOKEN_BUDGET_PER_MONTH";
+  window: "day" | "month";
+  budget: number;
+  key: string;
+  resetsAt: number;
+}
+
+/**
+ * The token budgets that apply to this request's user or address now: TOKEN_BUDGET_PER_DAY and _MONTH, or the
+ * user's own from MC_RELAY_USERS. Windows are UTC calendar days and months.
+ */
+function tokenBudgets(relay: Relay, context: RequestContext): TokenBudget[] {
+  const now = new Date(relay.now());
+  const own = context.user === undefined ? undefined : relay.usersByName.get(context.user)?.tokenBudgets;
+  const [year, month, day] = [now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate()];
+  const today = now.toISOString().slice(0, 10);
+  const budgets: TokenBudget[] = [];
+  const perDay = own?.day ?? relay.config.tokenBudgetPerDay;
+  const perMonth = own?.month ?? relay.config.tokenBudgetPerMonth;
+  if (perDay > 0) {
+    const key = `tokens-day:${today}:${context.subject}`;
+    budgets.push({
+      variable: "TOKEN_BUDGET_PER_DAY",
+      window: "day",
+      budget: perDay,
+      key,
+      resetsAt: Date.UTC(year, month, day + 1),
+    });
+  }
+  if (perMonth > 0) {
+    const key = `tokens-month:${today.slice(0, 7)}:${context.subject}`;
+    budgets.push({
+      variable: "TOKEN_BUDGET_PER_MONTH",
+      window: "month",
+      budget: perMonth,
+      key,
+      resetsAt: Date.UTC(year, month + 1, 1),
+    });
+  }
+  return budgets;
+}
+
+/** Stage: GET /usage: for the caller (user, or address with PUBLIC_ACCESS), every limit and budget, used and left. */
+async function answerUsage(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  if (context.routePath !== "/usage") return undefined;
+  const { counters, config } = relay;
+  const limits = await Promise.all(relay.requestLimits.map(async ({ variable, window, rule }) => {
+    const key = `requests-per-${window}:${context.subject}`;
+    const remaining = await counters.remaining(key, rule);
+    const nextInSeconds = await counters.wait(key, rule);
+    return {
+      name: variable,
+      window,
+      limit: rule.capacity,
+      used: rule.capacity - remaining,
+      remaining,
+      next_in_seconds: nextInSeconds,
+    };
+  }));
+  const budgets = await Promise.all(
+    tokenBudgets(relay, context).map(async ({ variable, window, budget, key, resetsAt }) => {
+      const used = await counters.get(key);
+      return {
+        name: variable,
+        window,
+        budget,
+        used,
+        remaining: Math.max(0, budget - used),
+        resets_at: new Date(resetsAt).toISOString(),
+      };
+    }),
+  );
+  const concurrent = config.concurrentRequests === 0 ? null : {
+    name: "CONCURRENT_REQUESTS",
+    limit: config.concurrentRequests,
+    in_flight: await counters.get(`in-flight:${context.subject}`),
+  };
+  return Response.json({
+    caller: context.user === undefined ? { anonymous: true } : { user: context.user },
+    limits,
+    concurrent,
+    budgets,
+    max_tokens_per_request: config.maxTokensPerRequest || null,
+  }, { headers: { "cache-control": "no-store" } });
+}
+
+/** The fields that bound an answer's length, per upstream path. */
+const ANSWER_TOKEN_FIELDS: Record<string, string[]> = {
+  "/chat/completions": ["max_tokens", "max_completion_tokens"],
+  "/completions": ["max_tokens"],
+  "/responses": ["max_output_tokens"],
+};
+
+/**
+ * Stage: answer length. `max_tokens`, `max_completion_tokens` (chat) and `max_output_tokens` (Responses API)
+ * must be whole numbers above 0 (400 otherwise) and are lowered to MAX_TOKENS_PER_REQUEST. When a request names
+ * none, the cap is added as the field its upstream takes: `max_completion_tokens` for OpenAI and Azure OpenAI
+ * (their reasoning models refuse `max_tokens`), `max_tokens` for every other chat upstream (most OpenAI-compatible
+ * servers know only that one).
+ */
+function capAnswerTokens(relay: Relay, context: RequestContext): Response | undefined {
+  const fields = ANSWER_TOKEN_FIELDS[context.route!.upstreamPath ?? ""];
+  const { payload } = context;
+  if (fields === undefined || payload === undefined) return undefined;
+  const cap = relay.config.maxTokensPerRequest;
+  let answer: number | undefined;
+  for (const field of fields) {
+    const value = payload[field];
+    if (value === undefined || value === null) continue;
+    if (typeof value !== "number" || !Number.isInteger(value) || value <= 0) {
+      context.outcome = "invalid_body";
+      return errorResponse(400, `"${field}" must be a whole number greater than 0`, "invalid_max_tokens");
+    }
+    const capped = cap > 0 ? Math.min(value, cap) : value;
+    payload[field] = capped;
+    answer = Math.max(answer ?? 0, capped);
+  }
+  if (answer === undefined && cap > 0) {
+    const openAi = /(^|\.)openai\.com(:\d+)?$|\.openai\.azure\.com(:\d+)?$/.test(context.target.host);
+    payload[fields.length === 2 && openAi ? fields[1] : fields[0]] = cap;
+    answer = cap;
+  }
+  context.answerTokens = answer;
+  return undefined;
+}
+
+/**
+ * Stage: token budgets. A request is charged a reservation when it starts (about four bytes a token of its body,
+ * plus the answer length it may get) on every budget that applies, and the real usage replaces it in `account`.
+ * It may start while the budget is not spent; so together with the reservations of requests in flight, a budget
+ * is overshot by at most one request's answer. Spent: 429 `token_budget_exceeded` with Retry-After until the
+ * UTC day or month ends.
+ */
+async function reserveTokens(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  if (context.usageWatch === undefined) return undefined;
+  const amount = Math.ceil(context.bytesIn / 4) + (context.answerTokens ?? 0);
+  const reservations: { key: string; amount: number; expiresAt: number }[] = [];
+  context.reservations = reservations;
+  for (const budget of tokenBudgets(relay, context)) {
+    const expiresAt = budget.resetsAt + 3_600_000;
+    const total = await relay.counters.add(budget.key, amount, expiresAt);
+    if (total - amount < budget.budget) {
+      reservations.push({ key: budget.key, amount, expiresAt });
+      continue;
+    }
+    await relay.counters.add(budget.key, -amount, expiresAt);
+    for (const reservation of reservations.splice(0)) {
+      await relay.counters.add(reservation.key, -reservation.amount, reservation.expiresAt);
+    }
+    context.outcome = "token_budget_exceeded";
+    const waitFor = Math.max(1, Math.ceil((budget.resetsAt - relay.now()) / 1000));
+    return errorResponse(
+      429,
+      `the token budget of ${budget.budget} tokens per UTC ${budget.window} (${budget.variable}) is used up for ${
+        subjectWords(context)
+      }; it renews at ${new Date(budget.resetsAt).toISOString()}`,
+      "token_budget_exceeded",
+      { "retry-after": String(waitFor) },
+    );
+  }
+  return undefined;
 }
 
 /**
@@ -2084,6 +2546,23 @@ async function fetchModelList(
   }
 }
 
+/** The tokens an answer used in all: `total_tokens`, or prompt and completion added up. */
+function usageTotal(usage: TokenUsage): number {
+  return usage.total_tokens ?? (usage.prompt_tokens ?? 0) + (usage.completion_tokens ?? 0);
+}
+
+/** Replaces the request's token reservations with what it used, and frees its in-flight place. */
+async function settle(relay: Relay, context: RequestContext, used: number): Promise<void> {
+  for (const reservation of context.reservations?.splice(0) ?? []) {
+    await relay.counters.add(reservation.key, used - reservation.amount, reservation.expiresAt);
+  }
+  if (context.inFlightKey !== undefined) {
+    const key = context.inFlightKey;
+    context.inFlightKey = undefined;
+    await relay.counters.add(key, -1);
+  }
+}
+
 /**
  * A usage estimate for an answer whose usage never arrived (the client left first, the upstream reports none),
  * so that no request is free: about four bytes a token for the prompt and a JSON answer, one token per
@@ -2102,7 +2581,12 @@ function account(relay: Relay, context: RequestContext): void {
   if (context.usage === undefined && charged) {
     context.usage = estimateUsage(context);
   }
-  const route = Object.hasOwn(relay.routes, context.path) ? context.path : "other";
+  settle(relay, context, charged ? usageTotal(context.usage!) : 0).catch((error) =>
+    relay.log.error("counter store: could not settle a request", { request_id: context.id, error: errorText(error) })
+  );
+  const route = context.routePath !== undefined && Object.hasOwn(relay.routes, context.routePath)
+    ? context.routePath
+    : "other";
   const model = context.model?.slice(0, 100);
   relay.metrics.countRequest(route, context.status ?? 0, context.user ?? "");
   if (context.usage && context.user) relay.metrics.countTokens(context.user, model ?? "", context.usage);
@@ -2849,7 +3333,9 @@ Required environment variables:
   MC_RELAY_USERNAME            user name; clients send "username:password" as their API key
   MC_RELAY_PASSWORD            password
   (or, instead of or besides those two)
-  MC_RELAY_USERS               more users: name:password or name:pbkdf2-sha256:... entries, comma-separated
+  MC_RELAY_USERS               more users: name:password or name:pbkdf2-sha256:... entries, comma-separated;
+                               a name may carry its own token budgets: alice;day=200000;month=0:...
+  (or none of these, with PUBLIC_ACCESS=true)
 
 Optional (default in brackets):
   ALLOWED_ORIGIN               comma-separated exact browser origins [none allowed]
@@ -2865,11 +3351,21 @@ Optional (default in brackets):
   TLS_CERT_FILE, TLS_KEY_FILE  PEM files; both set makes the relay serve HTTPS itself [unset]
   SHUTDOWN_TIMEOUT_SECONDS     how long in-flight requests may finish after SIGTERM [${DEFAULTS.shutdownTimeoutSeconds}]
   AUTH_FAILURES_PER_MINUTE     failed sign-ins per client address per minute, then 429; 0 = no limit [${DEFAULTS.authFailuresPerMinute}]
-  RATE_LIMIT_PER_MINUTE        requests per user and per client address per minute; 0 = no limit [${DEFAULTS.rateLimitPerMinute}]
+  PUBLIC_ACCESS                true: requests without credentials pass, limited and budgeted per address;
+                               needs ALLOWED_ORIGIN, a request limit and a token budget [false]
+  RATE_LIMIT_PER_MINUTE        requests per user (anonymous: per address) per minute; 0 = no limit [0]
+  RATE_LIMIT_PER_HOUR          the same per hour [0]
+  RATE_LIMIT_PER_DAY           the same per day [0]
+  CONCURRENT_REQUESTS          requests in flight at once per user or address, streams included [0]
+  TOKEN_BUDGET_PER_DAY         tokens per user or address per UTC day (real usage, else an estimate) [0]
+  TOKEN_BUDGET_PER_MONTH       tokens per user or address per UTC calendar month [0]
+  MAX_TOKENS_PER_REQUEST       cap on max_tokens / max_completion_tokens / max_output_tokens [0]
   TRUST_PROXY                  proxies whose X-Forwarded-For counts: their addresses/CIDRs, or true / a
                                number of proxies on loopback or private addresses [false]
   ALLOWED_MODELS               comma-separated models clients may use; others get 400 [any]
   ALLOWED_PATHS                extra routes: /v1/embeddings, /v1/completions, /v1/responses [none]
+  DISABLED_PATHS               routes to switch off, e.g. /v1/models [none]
+  BASE_PATH                    serve every route under this prefix, e.g. /relay [none]
   METRICS                      users who may read Prometheus metrics at /metrics, e.g. admin [false]
   METRICS_PORT                 a separate port serving /metrics without auth [none]
   METRICS_HOST                 the interface METRICS_PORT listens on [127.0.0.1]
@@ -3009,10 +3505,13 @@ async function healthcheck(env: RelayEnv): Promise<number> {
         unsafelyDisableHostnameVerification: true,
       })
       : await Deno.connect({ hostname, port });
-    await connection.write(textEncoder.encode("GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"));
+    const basePath = (env.BASE_PATH?.trim() ?? "").replace(/\/+$/, "");
+    await connection.write(
+      textEncoder.encode(`GET ${basePath}/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n`),
+    );
     const response = await new Response(connection.readable).text();
     connection = undefined; // the readable closed it
-    const healthy = /^HTTP\/1\.[01] 200 /.test(response) && response.includes('{"status":"ok"}');
+    const healthy = /^HTTP\/1\.[01] 200 /.test(response) && response.includes('{"status":"ok"');
     console.log(healthy ? "healthy" : `unhealthy: ${response.split("\r\n")[0] || "no answer"}`);
     return healthy ? 0 : 1;
   } catch (error) {

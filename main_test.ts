@@ -224,7 +224,7 @@ Deno.test("routes", async (t) => {
   await t.step("GET /health answers ok without credentials and never calls the upstream", async () => {
     const response = await relay.call("/health");
     assert.equal(response.status, 200);
-    assert.deepEqual(response.json(), { status: "ok" });
+    assert.deepEqual(response.json(), { status: "ok", ok: true, endpoints: 1 });
     assert.equal(upstream.requests.length, 0);
   });
 
@@ -543,20 +543,33 @@ Deno.test("cors", async (t) => {
     assert.equal(server.headers.get("access-control-allow-origin"), null);
   });
 
-  await t.step("MC's X-Relay-Endpoint is accepted and not forwarded (the relay's upstream decides)", async () => {
-    const response = await relay.call("/v1/chat/completions", {
-      method: "POST",
-      headers: {
-        origin: ALLOWED,
-        authorization: GOOD_BEARER,
-        "content-type": "application/json",
-        "x-relay-endpoint": "https://api.other.example/v1",
-      },
-      body: chatBody(),
-    });
-    assert.equal(response.status, 200);
-    assert.equal(upstream.requests.at(-1)!.headers.get("x-relay-endpoint"), null);
-  });
+  await t.step(
+    "MC's X-Relay-Endpoint naming this relay's upstream is accepted, never forwarded; another endpoint gets 400",
+    async () => {
+      const chat = (endpoint: string) =>
+        relay.call("/v1/chat/completions", {
+          method: "POST",
+          headers: {
+            origin: ALLOWED,
+            authorization: GOOD_BEARER,
+            "content-type": "application/json",
+            "x-relay-endpoint": endpoint,
+          },
+          body: chatBody(),
+        });
+      for (const endpoint of [upstream.url, `${upstream.url}/`, `${upstream.url}/chat/completions`]) {
+        assert.equal((await chat(endpoint)).status, 200, endpoint);
+        assert.equal(upstream.requests.at(-1)!.headers.get("x-relay-endpoint"), null);
+      }
+      const before = upstream.requests.length;
+      const other = await chat("https://api.other.example/v1");
+      assert.equal(other.status, 400);
+      assert.equal(other.json().error.code, "unknown_upstream");
+      assert.ok(other.json().error.message.includes(upstream.url), "names the endpoint this relay serves");
+      assert.equal(other.headers.get("access-control-allow-origin"), ALLOWED, "MC can show the message");
+      assert.equal(upstream.requests.length, before);
+    },
+  );
 });
 
 // ---------------------------------------------------------------------------

@@ -109,6 +109,15 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     // Off here, so tests that fail sign-ins on purpose do not lock each other out; "hardening" turns them on.
     authFailuresPerMinute: 0,
     rateLimitPerMinute: 0,
+    rateLimitPerHour: 0,
+    rateLimitPerDay: 0,
+    concurrentRequests: 0,
+    tokenBudgetPerDay: 0,
+    tokenBudgetPerMonth: 0,
+    maxTokensPerRequest: 0,
+    publicAccess: false,
+    basePath: "",
+    disabledPaths: [],
     trustProxy: { ranges: [], hops: 0 },
     ...overrides,
   };
