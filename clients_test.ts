@@ -200,6 +200,28 @@ Deno.test({
       assert.equal(await readInPage(), null);
     });
 
+    await t.step("a public relay's page reads its own /usage: '12,000 tokens left today'", async () => {
+      await using publicRelay = startRelay(testConfig(upstream.url, {
+        allowedOrigins: [allowedPage.origin],
+        publicAccess: true,
+        rateLimitPerMinute: 20,
+        tokenBudgetPerDay: 12_010,
+      }));
+      const anonymous = { "content-type": "application/json", authorization: "Bearer " };
+      const chat = await pageFetch(page, `${publicRelay.url}/v1/chat/completions`, {
+        method: "POST",
+        headers: anonymous,
+        body: chatBody(),
+      });
+      assert.equal(chat.status, 200, "MC's public preset: no key typed");
+      const shown = await page.evaluate(async (url) => {
+        const usage = await (await fetch(url)).json();
+        const day = usage.budgets.find((budget: { window: string }) => budget.window === "day");
+        return `${day.remaining.toLocaleString("en-US")} tokens left today`;
+      }, `${publicRelay.url}/usage`);
+      assert.equal(shown, "12,000 tokens left today");
+    });
+
     await t.step("a wrong password gives a 401 whose OpenAI-style message the page can read", async () => {
       const result = await pageFetch(page, `${relay.url}/v1/chat/completions`, {
         method: "POST",
