@@ -16,14 +16,19 @@ RUN case "$TARGETARCH" in \
       *) echo "unsupported architecture: $TARGETARCH" >&2; exit 1 ;; \
     esac \
  && deno task "compile:$target" \
- && mv "dist/mc-relay-$target" /mc-relay
+ && mv "dist/mc-relay-$target" /mc-relay \
+ && mkdir -p /data
 
 # Runtime stage: glibc and libgcc only (what a Deno binary needs), no shell, no package manager.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /mc-relay /usr/local/bin/mc-relay
+# Counters, budgets and the usage ledger survive restarts in /data (a volume owned by the non-root user).
+# With REDIS_URL set, Redis is used instead and STATE_PATH is ignored.
+COPY --from=build --chown=65532:65532 /data /data
+VOLUME /data
 # Numeric, so Kubernetes can verify runAsNonRoot (65532 is distroless's nonroot user).
 USER 65532:65532
-ENV PORT=8080 HOST=0.0.0.0
+ENV PORT=8080 HOST=0.0.0.0 STATE_PATH=/data/state.db
 EXPOSE 8080
 # The image has no shell or curl: the binary checks its own /health.
 HEALTHCHECK --interval=30s --timeout=6s --start-period=5s --retries=3 CMD ["/usr/local/bin/mc-relay", "healthcheck"]

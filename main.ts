@@ -26,6 +26,8 @@
  * @module
  */
 
+import { DatabaseSync, type StatementSync } from "node:sqlite";
+
 /** The relay's version; `--version` prints it and CHANGELOG.md's newest entry matches it. */
 export const VERSION = "0.1.0";
 
@@ -71,6 +73,9 @@ export const ENV_VARS = [
   "MAX_TOKENS_PER_REQUEST",
   "BASE_PATH",
   "DISABLED_PATHS",
+  "STATE_PATH",
+  "REDIS_URL",
+  "USAGE_RETENTION_DAYS",
 ] as const;
 
 /** The name of one environment variable the relay reads. */
@@ -143,6 +148,12 @@ export interface RelayConfig {
   basePath: string;
   /** Routes switched off (DISABLED_PATHS), e.g. `/v1/models`. */
   disabledPaths: string[];
+  /** A SQLite file for counters and the usage ledger (STATE_PATH); unset keeps them in memory. */
+  statePath?: string;
+  /** A Redis or Valkey URL for counters and the ledger shared by every copy (REDIS_URL). */
+  redisUrl?: string;
+  /** Ledger days kept (USAGE_RETENTION_DAYS). */
+  usageRetentionDays: number;
   /** Which reverse proxies may set X-Forwarded-For (TRUST_PROXY); none by default (it could be spoofed). */
   trustProxy: TrustedProxies;
 }
@@ -262,6 +273,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
   const limits = parseLimits(read, errors);
   const server = parseServer(read, errors);
   const routing = parseRouting(read, errors);
+  const state = parseState(read, errors, warnings);
   const metricsUsers = parseMetricsUsers(read.text("METRICS"), users, errors);
   if (errors.length > 0) return { ok: false, errors };
   const config: RelayConfig = {
@@ -274,6 +286,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
     ...server,
     ...limits,
     ...routing,
+    ...state,
   };
   const refusals = publicAccessProblems(config);
   if (refusals.length > 0) return { ok: false, errors: refusals };
@@ -439,6 +452,33 @@ function parseRouting(read: ReturnType<typeof envReader>, errors: string[]) {
     disabledPaths: [...new Set(disabledPaths)],
     basePath,
     allowedModels: list("ALLOWED_MODELS"),
+  };
+}
+
+/**
+ * Where counters and the ledger live: REDIS_URL (shared by every copy) or STATE_PATH (SQLite, one machine), and
+ * USAGE_RETENTION_DAYS. REDIS_URL wins when both are set (the Docker image sets STATE_PATH by default), with a warning.
+ */
+function parseState(read: ReturnType<typeof envReader>, errors: string[], warnings: string[]) {
+  const redisUrl = read.text("REDIS_URL");
+  let statePath = read.text("STATE_PATH");
+  if (statePath !== undefined && redisUrl !== undefined) {
+    warnings.push("STATE_PATH is ignored: REDIS_URL is set, so counts and the usage ledger are kept in Redis");
+    statePath = undefined;
+  }
+  if (redisUrl !== undefined && !/^rediss?:\/\/[^\s]+$/.test(redisUrl)) {
+    // The URL may hold a password: it is never repeated.
+    errors.push("REDIS_URL must be a redis:// or rediss:// URL, e.g. redis://:password@valkey:6379/0");
+  }
+  return {
+    statePath,
+    redisUrl,
+    usageRetentionDays: read.number("USAGE_RETENTION_DAYS", 400, {
+      integer: true,
+      min: 1,
+      max: 36500,
+      example: "a whole number of days, e.g. 400",
+    }),
   };
 }
 
@@ -1139,6 +1179,43 @@ export interface CounterStore {
   add(key: string, amount: number, expiresAt?: number): number | Promise<number>;
   /** The counter's value; 0 when it does not exist or has expired. */
   get(key: string): number | Promise<number>;
+  /** Adds one answered request to the usage ledger. */
+  recordUsage(entry: LedgerEntry): void | Promise<void>;
+  /** The ledger's rows for the UTC days `since` to `until` (`YYYY-MM-DD`, both included). */
+  readUsage(since: string, until: string): LedgerRow[] | Promise<LedgerRow[]>;
+  /** "degraded" while a shared store cannot be reached and this process counts alone. */
+  readonly state?: "ok" | "degraded";
+  /** Closes files and connections. */
+  close?(): void | Promise<void>;
+}
+
+/** One answered request for the usage ledger. */
+export interface LedgerEntry {
+  /** The UTC day, `YYYY-MM-DD`. */
+  day: string;
+  /** `user:<name>`, or `address:<address>` for anonymous requests. */
+  who: string;
+  model: string;
+  upstream: string;
+  prompt: number;
+  completion: number;
+  total: number;
+  /** True when the relay estimated the figures because the upstream reported none. */
+  estimated: boolean;
+}
+
+/** The ledger's sums for one UTC day, caller, model and upstream. */
+export interface LedgerRow {
+  day: string;
+  who: string;
+  model: string;
+  upstream: string;
+  requests: number;
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  /** Requests whose usage the relay estimated. */
+  estimated_requests: number;
 }
 
 /**
@@ -1149,6 +1226,7 @@ export interface CounterStore {
 export class MemoryCounterStore implements CounterStore {
   #buckets = new Map<string, { tokens: number; updatedAt: number; rule: BucketRule }>();
   #counters = new Map<string, { value: number; expiresAt: number }>();
+  #ledger = new Map<string, LedgerRow>();
   #lastSweep = 0;
 
   /** `now` returns milliseconds; tests pass a clock they control. */
@@ -1163,26 +1241,21 @@ export class MemoryCounterStore implements CounterStore {
       bucket = { tokens: rule.capacity, updatedAt: now, rule };
       this.#buckets.set(key, bucket);
     }
-    bucket.tokens = Math.min(rule.capacity, bucket.tokens + ((now - bucket.updatedAt) * rule.capacity) / rule.periodMs);
+    bucket.tokens = refilled(bucket.tokens, bucket.updatedAt, now, rule);
     bucket.updatedAt = now;
     return bucket;
   }
 
-  /** Whole seconds until a bucket holding `tokens` has one whole token again; 0 when it has. */
-  static #secondsToWait(tokens: number, rule: BucketRule): number {
-    return tokens >= 1 ? 0 : Math.ceil(((1 - tokens) * rule.periodMs) / 1000 / rule.capacity);
-  }
-
   wait(key: string, rule: BucketRule): number {
     if (rule.capacity === 0 || !this.#buckets.has(key)) return 0;
-    return MemoryCounterStore.#secondsToWait(this.#bucket(key, rule)!.tokens, rule);
+    return secondsToWait(this.#bucket(key, rule)!.tokens, rule);
   }
 
   take(key: string, rule: BucketRule): number {
     if (rule.capacity === 0) return 0;
     const bucket = this.#bucket(key, rule);
-    if (bucket === undefined) return MemoryCounterStore.#secondsToWait(0, rule);
-    if (bucket.tokens < 1) return MemoryCounterStore.#secondsToWait(bucket.tokens, rule);
+    if (bucket === undefined) return secondsToWait(0, rule);
+    if (bucket.tokens < 1) return secondsToWait(bucket.tokens, rule);
     bucket.tokens -= 1;
     return 0;
   }
@@ -1218,6 +1291,14 @@ export class MemoryCounterStore implements CounterStore {
     return counter === undefined || counter.expiresAt <= this.now() ? 0 : counter.value;
   }
 
+  recordUsage(entry: LedgerEntry): void {
+    addToLedger(this.#ledger, entry);
+  }
+
+  readUsage(since: string, until: string): LedgerRow[] {
+    return [...this.#ledger.values()].filter((row) => row.day >= since && row.day <= until);
+  }
+
   /** Forgets expired counters and those back at zero. True when there is room for a new one. */
   #sweepCounters(now: number): boolean {
     for (const [key, { value, expiresAt }] of this.#counters) {
@@ -1231,11 +1312,459 @@ export class MemoryCounterStore implements CounterStore {
     if (now - this.#lastSweep >= 1000) {
       this.#lastSweep = now;
       for (const [key, { tokens, updatedAt, rule }] of this.#buckets) {
-        if (tokens + ((now - updatedAt) * rule.capacity) / rule.periodMs >= rule.capacity) this.#buckets.delete(key);
+        if (refilled(tokens, updatedAt, now, rule) >= rule.capacity) this.#buckets.delete(key);
       }
     }
     return this.#buckets.size < this.maxKeys;
   }
+}
+
+// ---------------------------------------------------------------------------
+// Stores: SQLite on one machine, Redis or Valkey for many, memory when Redis is down
+// ---------------------------------------------------------------------------
+
+/** Tokens in a bucket that held `tokens` at `updatedAt`, refilled up to `now`. */
+function refilled(tokens: number, updatedAt: number, now: number, rule: BucketRule): number {
+  return Math.min(rule.capacity, tokens + ((now - updatedAt) * rule.capacity) / rule.periodMs);
+}
+
+/** Whole seconds until a bucket holding `tokens` has one whole token again; 0 when it has. */
+function secondsToWait(tokens: number, rule: BucketRule): number {
+  return tokens >= 1 ? 0 : Math.ceil(((1 - tokens) * rule.periodMs) / 1000 / rule.capacity);
+}
+
+/** The UTC day (`YYYY-MM-DD`) `days` days before `day`. */
+function daysBefore(day: string, days: number): string {
+  return new Date(Date.parse(`${day}T00:00:00Z`) - days * 86_400_000).toISOString().slice(0, 10);
+}
+
+/** Adds one answered request to ledger rows kept in a map (the memory store's ledger). */
+function addToLedger(rows: Map<string, LedgerRow>, entry: LedgerEntry): void {
+  const key = JSON.stringify([entry.day, entry.who, entry.model, entry.upstream]);
+  const row = rows.get(key) ?? {
+    day: entry.day,
+    who: entry.who,
+    model: entry.model,
+    upstream: entry.upstream,
+    requests: 0,
+    prompt_tokens: 0,
+    completion_tokens: 0,
+    total_tokens: 0,
+    estimated_requests: 0,
+  };
+  row.requests++;
+  row.prompt_tokens += entry.prompt;
+  row.completion_tokens += entry.completion;
+  row.total_tokens += entry.total;
+  if (entry.estimated) row.estimated_requests++;
+  rows.set(key, row);
+}
+
+/**
+ * Counters and the usage ledger in a SQLite file (STATE_PATH), through Deno's built-in `node:sqlite`: they survive
+ * restarts. WAL mode with `synchronous=NORMAL`: safe when the relay crashes; an operating-system crash may lose the
+ * last second or so of counts. Each read-modify-write runs in an IMMEDIATE transaction, so several processes on one
+ * machine may share the file. Refilled buckets and expired counters are swept once a minute, ledger days older than
+ * USAGE_RETENTION_DAYS once an hour.
+ */
+export class SqliteCounterStore implements CounterStore {
+  #db: DatabaseSync;
+  #statements: Record<string, StatementSync>;
+  #lastSweep = 0;
+  #lastRetention = 0;
+
+  /** Opens (or creates) the file; throws when it cannot be opened or written. */
+  constructor(path: string, readonly now: () => number = Date.now, readonly retentionDays = 400) {
+    this.#db = new DatabaseSync(path);
+    this.#db.exec(`
+      PRAGMA journal_mode = WAL;
+      PRAGMA synchronous = NORMAL;
+      PRAGMA busy_timeout = 2000;
+      CREATE TABLE IF NOT EXISTS buckets (key TEXT PRIMARY KEY, tokens REAL, updated_at INTEGER, capacity REAL, period_ms REAL);
+      CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value REAL, expires_at REAL);
+      CREATE TABLE IF NOT EXISTS usage (
+        day TEXT, who TEXT, model TEXT, upstream TEXT,
+        requests INTEGER, prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER, estimated_requests INTEGER,
+        PRIMARY KEY (day, who, model, upstream));
+    `);
+    const prepare = (sql: string) => this.#db.prepare(sql);
+    this.#statements = {
+      bucket: prepare("SELECT tokens, updated_at FROM buckets WHERE key = ?"),
+      saveBucket: prepare(
+        "INSERT INTO buckets (key, tokens, updated_at, capacity, period_ms) VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at",
+      ),
+      counter: prepare("SELECT value, expires_at FROM counters WHERE key = ?"),
+      saveCounter: prepare(
+        "INSERT INTO counters (key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+      ),
+      addUsage: prepare(
+        "INSERT INTO usage VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?) ON CONFLICT (day, who, model, upstream) DO UPDATE SET requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens, completion_tokens = completion_tokens + excluded.completion_tokens, total_tokens = total_tokens + excluded.total_tokens, estimated_requests = estimated_requests + excluded.estimated_requests",
+      ),
+      readUsage: prepare("SELECT * FROM usage WHERE day >= ? AND day <= ? ORDER BY day, who, model, upstream"),
+    };
+    // A file that cannot be written fails here, at start-up, not at the first request.
+    this.#transaction(() => this.#sweep(this.now()));
+  }
+
+  /** Runs `work` in one IMMEDIATE transaction (a write lock across processes). */
+  #transaction<T>(work: () => T): T {
+    this.#db.exec("BEGIN IMMEDIATE");
+    try {
+      const result = work();
+      this.#db.exec("COMMIT");
+      return result;
+    } catch (error) {
+      this.#db.exec("ROLLBACK");
+      throw error;
+    }
+  }
+
+  /** Runs one operation on `key`'s bucket: the level before it, and whether a `take` took one. */
+  #bucketOp(key: string, rule: BucketRule, op: "take" | "give" | "look"): { level: number; taken: boolean } {
+    return this.#transaction(() => {
+      const now = this.now();
+      const row = this.#statements.bucket.get(key) as { tokens: number; updated_at: number } | undefined;
+      const level = row === undefined ? rule.capacity : refilled(row.tokens, row.updated_at, now, rule);
+      const taken = op === "take" && level >= 1;
+      if (taken || (op === "give" && row !== undefined)) {
+        const tokens = taken ? level - 1 : Math.min(rule.capacity, level + 1);
+        this.#statements.saveBucket.run(key, tokens, now, rule.capacity, rule.periodMs);
+      }
+      if (now - this.#lastSweep > 60_000) this.#sweep(now);
+      return { level, taken };
+    });
+  }
+
+  wait(key: string, rule: BucketRule): number {
+    return rule.capacity === 0 ? 0 : secondsToWait(this.#bucketOp(key, rule, "look").level, rule);
+  }
+
+  take(key: string, rule: BucketRule): number {
+    if (rule.capacity === 0) return 0;
+    const { level, taken } = this.#bucketOp(key, rule, "take");
+    return taken ? 0 : secondsToWait(level, rule);
+  }
+
+  give(key: string, rule: BucketRule): void {
+    if (rule.capacity > 0) this.#bucketOp(key, rule, "give");
+  }
+
+  remaining(key: string, rule: BucketRule): number {
+    return Math.floor(this.#bucketOp(key, rule, "look").level);
+  }
+
+  add(key: string, amount: number, expiresAt = Infinity): number {
+    return this.#transaction(() => {
+      const row = this.#statements.counter.get(key) as { value: number; expires_at: number | null } | undefined;
+      const live = row !== undefined && (row.expires_at ?? Infinity) > this.now();
+      const value = (live ? row!.value : 0) + amount;
+      const expiry = live ? row!.expires_at : expiresAt;
+      this.#statements.saveCounter.run(key, value, expiry === Infinity ? null : expiry);
+      return value;
+    });
+  }
+
+  get(key: string): number {
+    const row = this.#statements.counter.get(key) as { value: number; expires_at: number | null } | undefined;
+    return row === undefined || (row.expires_at ?? Infinity) <= this.now() ? 0 : row.value;
+  }
+
+  recordUsage(entry: LedgerEntry): void {
+    this.#statements.addUsage.run(
+      entry.day,
+      entry.who,
+      entry.model,
+      entry.upstream,
+      entry.prompt,
+      entry.completion,
+      entry.total,
+      entry.estimated ? 1 : 0,
+    );
+  }
+
+  readUsage(since: string, until: string): LedgerRow[] {
+    return (this.#statements.readUsage.all(since, until) as unknown as LedgerRow[]).map((row) => ({ ...row }));
+  }
+
+  /** Forgets refilled buckets and expired counters; once an hour, ledger days past the retention. */
+  #sweep(now: number): void {
+    this.#lastSweep = now;
+    this.#db.exec(
+      `DELETE FROM buckets WHERE tokens + (${now} - updated_at) * capacity / period_ms >= capacity;
+       DELETE FROM counters WHERE expires_at IS NOT NULL AND expires_at <= ${now};`,
+    );
+    if (now - this.#lastRetention > 3_600_000) {
+      this.#lastRetention = now;
+      const oldest = daysBefore(new Date(now).toISOString().slice(0, 10), this.retentionDays);
+      this.#db.prepare("DELETE FROM usage WHERE day < ?").run(oldest);
+    }
+  }
+
+  /** Closes the file. */
+  close(): void {
+    this.#db.close();
+  }
+}
+
+/** The Redis client's calls the store uses (the official `redis` package). */
+interface RedisClient {
+  connect(): Promise<unknown>;
+  on(event: string, listener: (...args: unknown[]) => void): unknown;
+  eval(script: string, options: { keys: string[]; arguments: string[] }): Promise<unknown>;
+  get(key: string): Promise<string | null>;
+  hGetAll(key: string): Promise<Record<string, string>>;
+  ping(): Promise<string>;
+  close?(): Promise<void>;
+  quit?(): Promise<unknown>;
+}
+
+/** A token bucket in one hash: refill, then take, give or look; returns the level before and whether it took. */
+const REDIS_BUCKET_SCRIPT = `
+local capacity, period, now, op = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local state = redis.call('HMGET', KEYS[1], 't', 'u')
+local level = capacity
+if state[1] then level = math.min(capacity, tonumber(state[1]) + (now - tonumber(state[2])) * capacity / period) end
+local taken = 0
+local tokens = nil
+if op == 'take' and level >= 1 then taken = 1; tokens = level - 1 end
+if op == 'give' and state[1] then tokens = math.min(capacity, level + 1) end
+if tokens then
+  redis.call('HSET', KEYS[1], 't', tostring(tokens), 'u', tostring(now))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(period) + 1000)
+end
+return {tostring(level), taken}`;
+
+/** A counter: add, set the expiry when one is given, return the new value. */
+const REDIS_ADD_SCRIPT = `
+local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' and redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
+return value`;
+
+/** One ledger row: add each figure to its field of the day's hash, and keep the day for the retention. */
+const REDIS_USAGE_SCRIPT = `
+for index = 1, #ARGV - 1, 2 do redis.call('HINCRBY', KEYS[1], ARGV[index], ARGV[index + 1]) end
+redis.call('PEXPIREAT', KEYS[1], ARGV[#ARGV])
+return 1`;
+
+/**
+ * Counters and the ledger in Redis or Valkey (REDIS_URL), shared by every copy of the relay. Every update is one
+ * Lua script, so N copies together never let more through than a limit. Keys start with `mc-relay:`; buckets and
+ * counters expire by themselves, ledger days after USAGE_RETENTION_DAYS.
+ */
+export class RedisCounterStore implements CounterStore {
+  /** Connects (or keeps trying, in the background) to `url`; commands fail at once while it is not connected. */
+  static async connect(url: string, now: () => number = Date.now, retentionDays = 400): Promise<RedisCounterStore> {
+    const { createClient } = await import("npm:redis@5.12.1");
+    const client = createClient({
+      url,
+      disableOfflineQueue: true,
+      socket: { connectTimeout: 1000, reconnectStrategy: (retries: number) => Math.min(100 * 2 ** retries, 2000) },
+    }) as unknown as RedisClient;
+    const store = new RedisCounterStore(client, now, retentionDays);
+    client.on("error", () => {}); // the fallback store reports the state; the client reconnects by itself
+    client.connect().catch(() => {});
+    return store;
+  }
+
+  private constructor(readonly client: RedisClient, readonly now: () => number, readonly retentionDays: number) {}
+
+  async #bucketOp(key: string, rule: BucketRule, op: "take" | "give" | "look") {
+    const [level, taken] = await this.client.eval(REDIS_BUCKET_SCRIPT, {
+      keys: [`mc-relay:${key}`],
+      arguments: [String(rule.capacity), String(rule.periodMs), String(this.now()), op],
+    }) as [string, number];
+    return { level: Number(level), taken: taken === 1 };
+  }
+
+  async wait(key: string, rule: BucketRule): Promise<number> {
+    return rule.capacity === 0 ? 0 : secondsToWait((await this.#bucketOp(key, rule, "look")).level, rule);
+  }
+
+  async take(key: string, rule: BucketRule): Promise<number> {
+    if (rule.capacity === 0) return 0;
+    const { level, taken } = await this.#bucketOp(key, rule, "take");
+    return taken ? 0 : secondsToWait(level, rule);
+  }
+
+  async give(key: string, rule: BucketRule): Promise<void> {
+    if (rule.capacity > 0) await this.#bucketOp(key, rule, "give");
+  }
+
+  async remaining(key: string, rule: BucketRule): Promise<number> {
+    return Math.floor((await this.#bucketOp(key, rule, "look")).level);
+  }
+
+  async add(key: string, amount: number, expiresAt = Infinity): Promise<number> {
+    const value = await this.client.eval(REDIS_ADD_SCRIPT, {
+      keys: [`mc-relay:${key}`],
+      arguments: [String(amount), Number.isFinite(expiresAt) ? String(Math.ceil(expiresAt)) : ""],
+    });
+    return Number(value);
+  }
+
+  async get(key: string): Promise<number> {
+    return Number(await this.client.get(`mc-relay:${key}`) ?? 0);
+  }
+
+  async recordUsage(entry: LedgerEntry): Promise<void> {
+    const field = JSON.stringify([entry.who, entry.model, entry.upstream]);
+    const figures = {
+      requests: 1,
+      prompt_tokens: entry.prompt,
+      completion_tokens: entry.completion,
+      total_tokens: entry.total,
+      estimated_requests: entry.estimated ? 1 : 0,
+    };
+    const expiresAt = Date.parse(`${entry.day}T00:00:00Z`) + (this.retentionDays + 1) * 86_400_000;
+    await this.client.eval(REDIS_USAGE_SCRIPT, {
+      keys: [`mc-relay:usage:${entry.day}`],
+      arguments: [
+        ...Object.entries(figures).flatMap(([name, value]) => [`${field}\n${name}`, String(value)]),
+        String(expiresAt),
+      ],
+    });
+  }
+
+  async readUsage(since: string, until: string): Promise<LedgerRow[]> {
+    const rows = new Map<string, LedgerRow>();
+    for (let day = since; day <= until; day = daysBefore(day, -1)) {
+      for (const [field, value] of Object.entries(await this.client.hGetAll(`mc-relay:usage:${day}`))) {
+        const [labels, name] = field.split("\n");
+        const [who, model, upstream] = JSON.parse(labels) as string[];
+        const key = `${day}\n${labels}`;
+        const row = rows.get(key) ??
+          {
+            day,
+            who,
+            model,
+            upstream,
+            requests: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            total_tokens: 0,
+            estimated_requests: 0,
+          };
+        row[name as "requests"] = Number(value);
+        rows.set(key, row);
+      }
+    }
+    return [...rows.values()].sort((a, b) => `${a.day}${a.who}${a.model}`.localeCompare(`${b.day}${b.who}${b.model}`));
+  }
+
+  /** Whether Redis answers now. */
+  async ping(): Promise<boolean> {
+    return (await this.client.ping()) === "PONG";
+  }
+
+  /** Closes the connection. */
+  async close(): Promise<void> {
+    await (this.client.close?.() ?? this.client.quit?.())?.catch?.(() => {});
+  }
+}
+
+/** How long one Redis call may take before the relay counts in memory instead. */
+const SHARED_STORE_TIMEOUT_MS = 250;
+
+/**
+ * A shared store with a way out: while Redis answers, every count goes there; when a call fails or takes longer
+ * than SHARED_STORE_TIMEOUT_MS, the relay logs it once, reports `degraded` (in /health and the metrics) and counts in
+ * this process's memory, so every copy enforces the limits alone rather than answer 5xx or wait. Every two seconds
+ * it asks Redis again, and goes back to it (logged once) when it answers.
+ */
+export class FallbackCounterStore implements CounterStore {
+  #degraded = false;
+  #probe?: ReturnType<typeof setInterval>;
+
+  /** `onChange` hears every change of state ("ok" or "degraded"). */
+  constructor(
+    readonly shared: RedisCounterStore,
+    readonly local: CounterStore,
+    readonly onChange: (state: "ok" | "degraded", error?: string) => void,
+  ) {}
+
+  /** "degraded" while counts stay in this process. */
+  get state(): "ok" | "degraded" {
+    return this.#degraded ? "degraded" : "ok";
+  }
+
+  async #run<T>(operation: (store: CounterStore) => T | Promise<T>): Promise<T> {
+    if (!this.#degraded) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      try {
+        return await Promise.race([
+          operation(this.shared),
+          new Promise<never>((_, reject) => {
+            timer = setTimeout(() => reject(new Error("no answer in time")), SHARED_STORE_TIMEOUT_MS);
+          }),
+        ]);
+      } catch (error) {
+        this.#degrade(errorText(error));
+      } finally {
+        clearTimeout(timer);
+      }
+    }
+    return await operation(this.local);
+  }
+
+  #degrade(error: string): void {
+    if (this.#degraded) return;
+    this.#degraded = true;
+    this.onChange("degraded", error);
+    this.#probe = setInterval(async () => {
+      const back = await Promise.race([this.shared.ping().catch(() => false), sleepResolve(1000, false)]);
+      if (back && this.#degraded) {
+        this.#degraded = false;
+        clearInterval(this.#probe);
+        this.onChange("ok");
+      }
+    }, 2000);
+  }
+
+  wait = (key: string, rule: BucketRule) => this.#run((store) => store.wait(key, rule));
+  take = (key: string, rule: BucketRule) => this.#run((store) => store.take(key, rule));
+  give = (key: string, rule: BucketRule) => this.#run((store) => store.give(key, rule));
+  remaining = (key: string, rule: BucketRule) => this.#run((store) => store.remaining(key, rule));
+  add = (key: string, amount: number, expiresAt?: number) => this.#run((store) => store.add(key, amount, expiresAt));
+  get = (key: string) => this.#run((store) => store.get(key));
+  recordUsage = (entry: LedgerEntry) => this.#run((store) => store.recordUsage(entry));
+  readUsage = (since: string, until: string) => this.#run((store) => store.readUsage(since, until));
+
+  /** Stops probing and closes the connection. */
+  async close(): Promise<void> {
+    clearInterval(this.#probe);
+    await this.shared.close();
+  }
+}
+
+/** Resolves with `value` after `ms`. */
+function sleepResolve<T>(ms: number, value: T): Promise<T> {
+  return new Promise((resolve) => setTimeout(() => resolve(value), ms));
+}
+
+/**
+ * The store the configuration asks for: SQLite at STATE_PATH, Redis at REDIS_URL (with the in-memory fallback), or
+ * memory. A SQLite file that cannot be opened is an error naming STATE_PATH.
+ */
+export async function openCounterStore(
+  config: RelayConfig,
+  onChange: (state: "ok" | "degraded", error?: string) => void = () => {},
+): Promise<CounterStore | { error: string }> {
+  if (config.statePath !== undefined) {
+    try {
+      return new SqliteCounterStore(config.statePath, Date.now, config.usageRetentionDays);
+    } catch (error) {
+      return {
+        error: `STATE_PATH names "${config.statePath}", which cannot be opened and written as a SQLite file (${
+          errorText(error).slice(0, 200)
+        }); use a writable path such as /data/state.db`,
+      };
+    }
+  }
+  if (config.redisUrl !== undefined) {
+    const shared = await RedisCounterStore.connect(config.redisUrl, Date.now, config.usageRetentionDays);
+    return new FallbackCounterStore(shared, new MemoryCounterStore(), onChange);
+  }
+  return new MemoryCounterStore();
 }
 
 // ---------------------------------------------------------------------------
@@ -1434,9 +1963,9 @@ const STAGES: Stage[] = [
   answerHealth,
   identifyCaller,
   answerUsage,
+  answerMetrics,
   applyRateLimits,
   limitConcurrency,
-  answerMetrics,
   readRequestBody,
   chooseUpstream,
   checkModel,
@@ -1775,17 +2304,28 @@ function matchRoute(relay: Relay, context: RequestContext): Response | undefined
   return undefined;
 }
 
-/** Stage: GET /health answers without credentials: `ok`, and how many upstreams there are (as MC's relay does). */
+/**
+ * Stage: GET /health answers without credentials: `ok`, how many upstreams there are (as MC's relay does), and
+ * the counter store's `state` (`degraded` while Redis is unreachable: still 200, the relay still serves).
+ */
 function answerHealth(relay: Relay, context: RequestContext): Response | undefined {
   if (context.routePath !== "/health") return undefined;
-  return Response.json({ status: "ok", ok: true, endpoints: relay.upstreams.length });
+  return Response.json({
+    status: "ok",
+    ok: true,
+    endpoints: relay.upstreams.length,
+    state: relay.counters.state ?? "ok",
+  });
 }
 
 /**
- * Stage: identity. Checks `username:password`: 401 when it is missing or wrong. Each check first uses one
- * guess of AUTH_FAILURES_PER_MINUTE for this user name from this address, and a right password gives it
- * back: so at most that many wrong guesses are ever checked, however many arrive at once, and one client
- * cannot lock out other users behind the same address. 503 when password hashing is saturated.
+ * Stage: identity. Checks `username:password`: 401 when it is missing or wrong. Wrong guesses are limited per
+ * user name and client address (AUTH_FAILURES_PER_MINUTE): a check starts only while the allowance left is larger
+ * than the checks already running for that name and address (`admitSignInCheck`), and only a wrong password uses
+ * the allowance up. So at most the allowance of wrong guesses is ever checked, however many arrive at once, while
+ * any number of right ones pass; and one client cannot lock out other users behind the same address. Once the
+ * allowance is used up, the right password waits too (429): otherwise guessing would simply go on. 503 when
+ * password hashing is saturated. With PUBLIC_ACCESS, credentials that name no configured user are anonymous.
  */
 async function identifyCaller(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const read = readCredentials(context.request.headers.get("authorization"));
@@ -1797,25 +2337,22 @@ async function identifyCaller(relay: Relay, context: RequestContext): Promise<Re
     return undefined;
   }
   const guessKey = `sign-in:${addressKey(context.client)}:${name.slice(0, 64)}`;
-  const lockedFor = await relay.counters.take(guessKey, relay.signInRule);
-  if (lockedFor > 0) {
-    context.outcome = "auth_locked_out";
-    return errorResponse(
-      429,
-      `too many failed sign-ins for this user from this address; try again in ${lockedFor} s`,
-      "too_many_failed_sign_ins",
-      { "retry-after": String(lockedFor) },
-    );
+  const refusal = await admitSignInCheck(relay, context, guessKey);
+  if (refusal) return refusal;
+  let user: Awaited<ReturnType<Relay["authenticate"]>>;
+  try {
+    user = "credentials" in read ? await relay.authenticate(read.credentials) : undefined;
+  } finally {
+    await relay.counters.add(`${guessKey}:checking`, -1);
   }
-  const user = "credentials" in read ? await relay.authenticate(read.credentials) : undefined;
   if (user === HASHING_BUSY) {
-    await relay.counters.give(guessKey, relay.signInRule);
     context.outcome = "sign_in_busy";
     return errorResponse(503, "too many sign-ins are being checked; try again in a second", "relay_busy", {
       "retry-after": "1",
     });
   }
   if (user === undefined) {
+    await relay.counters.take(guessKey, relay.signInRule);
     // A Basic challenge makes browsers pop up a login dialog: offer it only to non-browser clients.
     const challenge: Record<string, string> = context.origin === null
       ? { "www-authenticate": 'Basic realm="mc-relay", charset="UTF-8"' }
@@ -1823,10 +2360,47 @@ async function identifyCaller(relay: Relay, context: RequestContext): Promise<Re
     const message = "problem" in read ? read.problem : "wrong username or password";
     return errorResponse(401, message, "invalid_api_key", challenge);
   }
-  await relay.counters.give(guessKey, relay.signInRule);
   context.user = user;
   context.subject = `user:${user}`;
   return undefined;
+}
+
+/** How long a sign-in waits for the checks running for its name and address before it gets 503. */
+const SIGN_IN_WAIT_MS = 2000;
+
+/**
+ * Lets a sign-in check start when the guesses left for its name and address outnumber the checks already
+ * running (counted in `<key>:checking`, which the caller decrements afterwards); waits while only running
+ * checks fill the allowance. A used-up allowance answers 429 with Retry-After.
+ */
+async function admitSignInCheck(
+  relay: Relay,
+  context: RequestContext,
+  guessKey: string,
+): Promise<Response | undefined> {
+  const rule = relay.signInRule;
+  const checkingKey = `${guessKey}:checking`;
+  for (const started = performance.now(); performance.now() - started < SIGN_IN_WAIT_MS;) {
+    const lockedFor = await relay.counters.wait(guessKey, rule);
+    if (lockedFor > 0) {
+      context.outcome = "auth_locked_out";
+      return errorResponse(
+        429,
+        `too many failed sign-ins for this user from this address; try again in ${lockedFor} s`,
+        "too_many_failed_sign_ins",
+        { "retry-after": String(lockedFor) },
+      );
+    }
+    // A safety expiry: places held by a copy that died free themselves within a minute.
+    const checking = await relay.counters.add(checkingKey, 1, relay.now() + 60_000);
+    if (rule.capacity === 0 || checking <= await relay.counters.remaining(guessKey, rule)) return undefined;
+    await relay.counters.add(checkingKey, -1);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  context.outcome = "sign_in_busy";
+  return errorResponse(503, "too many sign-ins are being checked; try again in a second", "relay_busy", {
+    "retry-after": "1",
+  });
 }
 
 /** One request limit: its variable, its window, its token bucket. */
@@ -1894,7 +2468,7 @@ async function applyRateLimits(relay: Relay, context: RequestContext): Promise<R
  */
 async function limitConcurrency(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const limit = relay.config.concurrentRequests;
-  if (limit === 0 || context.routePath === "/metrics") return undefined;
+  if (limit === 0) return undefined;
   const key = `in-flight:${context.subject}`;
   // A safety expiry: should a copy die holding places, they free themselves after a day.
   const inFlight = await relay.counters.add(key, 1, relay.now() + 86_400_000);
@@ -1914,7 +2488,10 @@ async function limitConcurrency(relay: Relay, context: RequestContext): Promise<
   );
 }
 
-/** Stage: GET /metrics on the main port, for the users METRICS names only (it shows every user's traffic). */
+/**
+ * Stage: GET /metrics on the main port, for the users METRICS names only (it shows every user's traffic). Like
+ * /usage, a read that does not count against the caller's request limits.
+ */
 function answerMetrics(relay: Relay, context: RequestContext): Response | undefined {
   if (context.routePath !== "/metrics") return undefined;
   if (!relay.config.metricsUsers.includes(context.user!)) {
@@ -2551,10 +3128,26 @@ function usageTotal(usage: TokenUsage): number {
   return usage.total_tokens ?? (usage.prompt_tokens ?? 0) + (usage.completion_tokens ?? 0);
 }
 
-/** Replaces the request's token reservations with what it used, and frees its in-flight place. */
-async function settle(relay: Relay, context: RequestContext, used: number): Promise<void> {
+/**
+ * Replaces the request's token reservations with what it used, frees its in-flight place, and adds a charged
+ * request to the usage ledger (per UTC day, caller, model and upstream).
+ */
+async function settle(relay: Relay, context: RequestContext, usage: TokenUsage | undefined): Promise<void> {
+  const used = usage === undefined ? 0 : usageTotal(usage);
   for (const reservation of context.reservations?.splice(0) ?? []) {
     await relay.counters.add(reservation.key, used - reservation.amount, reservation.expiresAt);
+  }
+  if (usage !== undefined) {
+    await relay.counters.recordUsage({
+      day: new Date(relay.now()).toISOString().slice(0, 10),
+      who: context.subject ?? `address:${addressKey(context.client)}`,
+      model: context.model?.slice(0, 100) ?? "",
+      upstream: context.target.name,
+      prompt: usage.prompt_tokens ?? 0,
+      completion: usage.completion_tokens ?? 0,
+      total: used,
+      estimated: usage.estimated === true,
+    });
   }
   if (context.inFlightKey !== undefined) {
     const key = context.inFlightKey;
@@ -2581,7 +3174,7 @@ function account(relay: Relay, context: RequestContext): void {
   if (context.usage === undefined && charged) {
     context.usage = estimateUsage(context);
   }
-  settle(relay, context, charged ? usageTotal(context.usage!) : 0).catch((error) =>
+  settle(relay, context, charged ? context.usage : undefined).catch((error) =>
     relay.log.error("counter store: could not settle a request", { request_id: context.id, error: errorText(error) })
   );
   const route = context.routePath !== undefined && Object.hasOwn(relay.routes, context.routePath)
@@ -3077,6 +3670,8 @@ export class RelayMetrics {
   openStreams = 0;
   /** PBKDF2 password checks run (decoys for unknown names included). */
   hashChecks = 0;
+  /** 1 while the shared counter store is unreachable and this copy counts alone. */
+  storeDegraded = 0;
 
   static #label(value: string) {
     return value.replaceAll("\\", "\\\\").replaceAll('"', '\\"').replaceAll("\n", "\\n");
@@ -3142,6 +3737,9 @@ export class RelayMetrics {
       "# HELP mc_relay_password_hash_checks_total PBKDF2 password checks run, for known and unknown user names.",
       "# TYPE mc_relay_password_hash_checks_total counter",
       `mc_relay_password_hash_checks_total ${this.hashChecks}`,
+      "# HELP mc_relay_store_degraded 1 while Redis is unreachable and this copy counts limits and budgets alone.",
+      "# TYPE mc_relay_store_degraded gauge",
+      `mc_relay_store_degraded ${this.storeDegraded}`,
       "# HELP mc_relay_open_streams Event streams being relayed now.",
       "# TYPE mc_relay_open_streams gauge",
       `mc_relay_open_streams ${this.openStreams}`,
@@ -3176,6 +3774,15 @@ export interface Logger {
   error(msg: string, fields?: Record<string, unknown>): void;
 }
 
+/** The password in a redis:// URL (decoded), or "" when it has none. */
+function redisPassword(url: string): string {
+  try {
+    return decodeURIComponent(new URL(url).password);
+  } catch {
+    return "";
+  }
+}
+
 /**
  * Creates the logger. Callers never pass headers, bodies or credentials;
  * as a second line of defence every configured secret is masked in each line.
@@ -3186,7 +3793,8 @@ export function createLogger(config: RelayConfig, sink: (line: string) => void =
   const upstreamSecrets = config.upstreams.flatMap((
     upstream,
   ) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)]);
-  const secrets = [...upstreamSecrets, ...passwords]
+  const redisSecrets = config.redisUrl === undefined ? [] : [config.redisUrl, redisPassword(config.redisUrl)];
+  const secrets = [...upstreamSecrets, ...passwords, ...redisSecrets]
     .filter((secret) => secret.length >= 6)
     .flatMap((secret) => [secret, JSON.stringify(secret).slice(1, -1)]);
   const write = (level: LogLevel) => (msg: string, fields: Record<string, unknown> = {}) => {
@@ -3322,6 +3930,8 @@ Usage:
   mc-relay demo            run the relay in front of a built-in echo model, nothing to configure
   mc-relay healthcheck     request this relay's /health; exit 0 if it answers, 1 if not
   mc-relay hash-password   read a password on stdin, print its hash for MC_RELAY_USERS
+  mc-relay usage           the usage ledger (STATE_PATH or REDIS_URL): [--since YYYY-MM-DD]
+                           [--until YYYY-MM-DD] [--by user|model|upstream|day] [--format table|csv|json]
   mc-relay --version       print the version
   mc-relay --help          print this help
 
@@ -3366,6 +3976,9 @@ Optional (default in brackets):
   ALLOWED_PATHS                extra routes: /v1/embeddings, /v1/completions, /v1/responses [none]
   DISABLED_PATHS               routes to switch off, e.g. /v1/models [none]
   BASE_PATH                    serve every route under this prefix, e.g. /relay [none]
+  STATE_PATH                   SQLite file for limits, budgets and the usage ledger, e.g. /data/state.db [memory]
+  REDIS_URL                    redis:// or rediss:// URL: the same, shared by every copy [memory]
+  USAGE_RETENTION_DAYS         ledger days kept [400]
   METRICS                      users who may read Prometheus metrics at /metrics, e.g. admin [false]
   METRICS_PORT                 a separate port serving /metrics without auth [none]
   METRICS_HOST                 the interface METRICS_PORT listens on [127.0.0.1]
@@ -3415,7 +4028,14 @@ export async function serve(config: RelayConfig, warnings: string[] = []): Promi
   const tls = await loadTls(config);
   for (const warning of warnings) log.warn(warning);
   const metrics = new RelayMetrics();
-  const handler = createHandler(config, { metrics });
+  const counters = await openCounterStore(config, (state, error) => {
+    metrics.storeDegraded = state === "degraded" ? 1 : 0;
+    if (state === "degraded") {
+      log.warn("counter store: Redis unreachable; each copy now counts limits and budgets alone", { error });
+    } else log.info("counter store: Redis answers again; counts are shared again");
+  });
+  if ("error" in counters) exitWithErrors([counters.error]);
+  const handler = createHandler(config, { metrics, counters });
   // METRICS_PORT: /metrics without auth on its own port, for a scraper on a private network.
   const metricsServer = config.metricsPort === undefined ? undefined : Deno.serve(
     {
@@ -3466,8 +4086,9 @@ export async function serve(config: RelayConfig, warnings: string[] = []): Promi
       Deno.exit(0);
     }, config.shutdownTimeoutMs);
     metricsServer?.shutdown();
-    server.shutdown().then(() => {
+    server.shutdown().then(async () => {
       clearTimeout(deadline);
+      await counters.close?.();
       log.info("stopped");
       Deno.exit(0);
     });
@@ -3544,6 +4165,148 @@ async function hashPasswordCommand(): Promise<number> {
   return 0;
 }
 
+/** What `mc-relay usage` was asked for. */
+interface UsageQuery {
+  since: string;
+  until: string;
+  by: "user" | "model" | "upstream" | "day";
+  format: "table" | "csv" | "json";
+}
+
+/** Reads `--since`, `--until`, `--by` and `--format` (each `--name value` or `--name=value`); a problem as text. */
+export function parseUsageArgs(args: string[], today: string): UsageQuery | { problem: string } {
+  const query: UsageQuery = { since: `${today.slice(0, 7)}-01`, until: today, by: "user", format: "table" };
+  const allowed: Record<string, RegExp> = {
+    since: /^\d{4}-\d{2}-\d{2}$/,
+    until: /^\d{4}-\d{2}-\d{2}$/,
+    by: /^(user|model|upstream|day)$/,
+    format: /^(table|csv|json)$/,
+  };
+  for (let index = 0; index < args.length; index++) {
+    const [flag, inline] = args[index].split(/=(.*)/s);
+    const name = flag.replace(/^--/, "");
+    const value = inline ?? args[++index];
+    if (!flag.startsWith("--") || !(name in allowed)) return { problem: `unknown option "${flag}"` };
+    if (value === undefined || !allowed[name].test(value)) {
+      return { problem: `--${name} takes ${String(allowed[name]).replace(/^\/\^|\$\/$/g, "")}, got "${value ?? ""}"` };
+    }
+    (query as unknown as Record<string, string>)[name] = value;
+  }
+  return query;
+}
+
+/** Sums ledger rows by one column: one row per user (or address), model, upstream or day, sorted. */
+export function summariseUsage(
+  rows: LedgerRow[],
+  by: UsageQuery["by"],
+): (Omit<LedgerRow, "day" | "who" | "model" | "upstream"> & { key: string })[] {
+  const sums = new Map<string, Omit<LedgerRow, "day" | "who" | "model" | "upstream"> & { key: string }>();
+  for (const row of rows) {
+    const key = by === "user" ? row.who : row[by];
+    const sum = sums.get(key) ??
+      { key, requests: 0, prompt_tokens: 0, completion_tokens: 0, total_tokens: 0, estimated_requests: 0 };
+    sum.requests += row.requests;
+    sum.prompt_tokens += row.prompt_tokens;
+    sum.completion_tokens += row.completion_tokens;
+    sum.total_tokens += row.total_tokens;
+    sum.estimated_requests += row.estimated_requests;
+    sums.set(key, sum);
+  }
+  return [...sums.values()].sort((a, b) => a.key.localeCompare(b.key));
+}
+
+/**
+ * `mc-relay usage`: the usage ledger from STATE_PATH or REDIS_URL (the relay's own settings), summed by user,
+ * model, upstream or day, as a table, CSV or JSON, so an operator can bill or audit without a log pipeline.
+ */
+async function usageCommand(args: string[], env: RelayEnv): Promise<number> {
+  const query = parseUsageArgs(args, new Date().toISOString().slice(0, 10));
+  if ("problem" in query) {
+    console.error(`mc-relay usage: ${query.problem}`);
+    console.error(
+      "  mc-relay usage [--since YYYY-MM-DD] [--until YYYY-MM-DD] [--by user|model|upstream|day] [--format table|csv|json]",
+    );
+    return 2;
+  }
+  const statePath = env.STATE_PATH?.trim();
+  const redisUrl = env.REDIS_URL?.trim();
+  if (!statePath && !redisUrl) {
+    console.error(
+      "mc-relay usage: set STATE_PATH or REDIS_URL as the relay has it; a relay without either keeps no ledger",
+    );
+    return 1;
+  }
+  let rows: LedgerRow[];
+  if (statePath) {
+    try {
+      Deno.statSync(statePath);
+    } catch {
+      console.error(`mc-relay usage: STATE_PATH names "${statePath}", which does not exist`);
+      return 1;
+    }
+    const store = new SqliteCounterStore(statePath);
+    rows = store.readUsage(query.since, query.until);
+    store.close();
+  } else {
+    const store = await RedisCounterStore.connect(redisUrl!);
+    let answered = false;
+    for (let tries = 0; tries < 30 && !answered; tries++) {
+      answered = await store.ping().catch(() => false);
+      if (!answered) await sleepResolve(100, undefined);
+    }
+    if (!answered) {
+      console.error("mc-relay usage: Redis at REDIS_URL does not answer");
+      await store.close();
+      return 1;
+    }
+    rows = await store.readUsage(query.since, query.until);
+    await store.close();
+  }
+  console.log(formatUsage(summariseUsage(rows, query.by), query));
+  return 0;
+}
+
+/** The summed ledger as a table (with a total line), CSV or JSON. */
+function formatUsage(sums: ReturnType<typeof summariseUsage>, query: UsageQuery): string {
+  const columns = ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "estimated_requests"] as const;
+  if (query.format === "json") {
+    return JSON.stringify(
+      {
+        since: query.since,
+        until: query.until,
+        by: query.by,
+        rows: sums.map(({ key, ...sum }) => ({ [query.by]: key, ...sum })),
+      },
+      null,
+      2,
+    );
+  }
+  if (query.format === "csv") {
+    const quote = (text: string) => /[",\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
+    return [
+      [query.by, ...columns].join(","),
+      ...sums.map((sum) => [quote(sum.key), ...columns.map((name) => sum[name])].join(",")),
+    ].join("\n");
+  }
+  const total = {
+    key: "total",
+    requests: 0,
+    prompt_tokens: 0,
+    completion_tokens: 0,
+    total_tokens: 0,
+    estimated_requests: 0,
+  };
+  for (const sum of sums) for (const name of columns) total[name] += sum[name];
+  const lines = [
+    [query.by, ...columns],
+    ...[...sums, total].map((sum) => [sum.key, ...columns.map((name) => String(sum[name]))]),
+  ];
+  const widths = lines[0].map((_, column) => Math.max(...lines.map((line) => line[column].length)));
+  const render = (line: string[]) =>
+    line.map((cell, column) => column === 0 ? cell.padEnd(widths[column]) : cell.padStart(widths[column])).join("  ");
+  return [`usage ${query.since} to ${query.until} (UTC days), by ${query.by}`, ...lines.map(render)].join("\n");
+}
+
 /** `mc-relay demo`: the relay in front of the built-in echo model, with generated credentials. */
 async function demo(env: RelayEnv): Promise<void> {
   if (env.UPSTREAM_BASE_URL) {
@@ -3599,6 +4362,7 @@ export async function main(args: string[]): Promise<number> {
   if (command === "hash-password") return await hashPasswordCommand();
   const env = readEnv();
   if (command === "healthcheck") return await healthcheck(env);
+  if (command === "usage") return await usageCommand(args.slice(1), env);
   if (command === "demo") {
     await demo(env);
     return 0;

@@ -41,6 +41,7 @@ import {
   selfSignedCertificate,
   sleep,
   spawnRelay,
+  startRedis,
   startRelay,
   startUpstream,
   testConfig,
@@ -224,7 +225,7 @@ Deno.test("routes", async (t) => {
   await t.step("GET /health answers ok without credentials and never calls the upstream", async () => {
     const response = await relay.call("/health");
     assert.equal(response.status, 200);
-    assert.deepEqual(response.json(), { status: "ok", ok: true, endpoints: 1 });
+    assert.deepEqual(response.json(), { status: "ok", ok: true, endpoints: 1, state: "ok" });
     assert.equal(upstream.requests.length, 0);
   });
 
@@ -3085,7 +3086,7 @@ Deno.test("public relay and budgets", async (t) => {
       try {
         assert.match(relay.output().stdout, /"level":"warn","msg":"PUBLIC_ACCESS=true/);
         const health = await fetch(`${relay.url}/relay/health`).then((response) => response.json());
-        assert.deepEqual(health, { status: "ok", ok: true, endpoints: 1 });
+        assert.deepEqual(health, { status: "ok", ok: true, endpoints: 1, state: "ok" });
         const chat = await fetch(`${relay.url}/relay/v1/chat/completions`, {
           method: "POST",
           headers: { authorization: "Bearer ", "content-type": "application/json", origin: ALLOWED },
@@ -3102,6 +3103,217 @@ Deno.test("public relay and budgets", async (t) => {
       }
     },
   );
+});
+
+// ---------------------------------------------------------------------------
+// Durable and shared state: SQLite on one machine, Redis for several copies
+// ---------------------------------------------------------------------------
+
+Deno.test({
+  name: "durable and shared state",
+  ignore: !installed("redis-server") && !IN_CI,
+}, async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  const folder = await Deno.makeTempDir({ prefix: "mc-relay-state-" });
+  // "team" has no budget of its own (day=0), so only the rate limit decides for it.
+  const users = "team;day=0:" + CANARY_PASSWORD + ",spender:spender-password-1,guesser:guesser-password-1";
+  const baseEnv = {
+    UPSTREAM_BASE_URL: upstream.url,
+    UPSTREAM_API_KEY: CANARY_KEY,
+    MC_RELAY_USERS: users,
+  };
+  const as = (name: string, password: string) => ({
+    authorization: `Bearer ${name}:${password}`,
+    "content-type": "application/json",
+  });
+  const chat = (url: string, headers: Record<string, string>) =>
+    fetch(`${url}/v1/chat/completions`, { method: "POST", headers, body: chatBody() }).then(async (response) => {
+      await response.body?.cancel();
+      return response.status;
+    });
+  const spender = as("spender", "spender-password-1");
+  const guess = as("guesser", "wrong-guess");
+  const stopAll = async (relays: Awaited<ReturnType<typeof spawnRelay>>[]) => {
+    for (const relay of relays) relay.child.kill("SIGTERM");
+    for (const relay of relays) await relay.finished();
+  };
+  const usageCommand = async (env: Record<string, string>, args: string[]) => {
+    const result = await runRelayProcess(env, ["usage", ...args]);
+    assert.equal(result.code, 0, result.stderr);
+    return result.stdout;
+  };
+
+  await t.step("SQLite at STATE_PATH: budgets, lockouts and the ledger survive a restart", async () => {
+    const env = {
+      ...baseEnv,
+      STATE_PATH: `${folder}/state.db`,
+      TOKEN_BUDGET_PER_DAY: "15",
+      AUTH_FAILURES_PER_MINUTE: "2",
+    };
+    let relay = await spawnRelay(env);
+    assert.equal(await chat(relay.url, spender), 200);
+    assert.equal(await chat(relay.url, spender), 200);
+    assert.equal(await chat(relay.url, guess), 401);
+    assert.equal(await chat(relay.url, guess), 401);
+    await stopAll([relay]);
+    relay = await spawnRelay(env);
+    try {
+      assert.equal(await chat(relay.url, spender), 429, "the spent budget is remembered");
+      assert.equal(await chat(relay.url, as("guesser", "guesser-password-1")), 429, "so is the lockout");
+      assert.equal(await chat(relay.url, as("team", CANARY_PASSWORD)), 200);
+    } finally {
+      await stopAll([relay]);
+    }
+    const report = JSON.parse(await usageCommand({ STATE_PATH: env.STATE_PATH }, ["--format", "json"]));
+    assert.deepEqual(
+      report.rows.map((
+        row: { user: string; requests: number; total_tokens: number },
+      ) => [row.user, row.requests, row.total_tokens]),
+      [
+        ["user:spender", 2, 20],
+        ["user:team", 1, 10],
+      ],
+    );
+    const table = await usageCommand({ STATE_PATH: env.STATE_PATH }, ["--by", "model"]);
+    assert.match(table, /^gpt-test +3 +27 +3 +30 +0$/m);
+    assert.match(table, /^total +3 +27 +3 +30 +0$/m);
+    const csv = await usageCommand({ STATE_PATH: env.STATE_PATH }, ["--by", "upstream", "--format=csv"]);
+    assert.equal(
+      csv.trim(),
+      "upstream,requests,prompt_tokens,completion_tokens,total_tokens,estimated_requests\ndefault,3,27,3,30,0",
+    );
+  });
+
+  await t.step("REDIS_URL wins over STATE_PATH with a warning, and a bad REDIS_URL is never repeated", () => {
+    const both = parseConfig({ ...minimalEnv, STATE_PATH: "/data/state.db", REDIS_URL: "redis://127.0.0.1:6379" });
+    assert.ok(both.ok);
+    assert.equal(both.config.statePath, undefined);
+    assert.match(both.warnings.join("\n"), /STATE_PATH is ignored: REDIS_URL is set/);
+    const bad = parseConfig({ ...minimalEnv, REDIS_URL: "http://:CANARY-redis-secret@host" });
+    assert.ok(!bad.ok);
+    assert.match(bad.errors[0], /^REDIS_URL must be a redis:\/\/ or rediss:\/\/ URL/);
+    assert.ok(!bad.errors.join("").includes("CANARY-redis-secret"));
+  });
+
+  await t.step("a STATE_PATH that cannot be opened stops the start, naming the variable", async () => {
+    const started = await runRelayProcess({ ...baseEnv, STATE_PATH: `${folder}/missing-folder/state.db` });
+    assert.equal(started.code, 1);
+    assert.match(started.stderr, /STATE_PATH names ".*missing-folder\/state\.db", which cannot be opened/);
+    const bad = await runRelayProcess({}, ["usage", "--by", "week"]);
+    assert.equal(bad.code, 2);
+    assert.match(bad.stderr, /--by takes \(user\|model\|upstream\|day\), got "week"/);
+  });
+
+  await using redis = await startRedis();
+  const sharedEnv = {
+    ...baseEnv,
+    REDIS_URL: redis.url,
+    RATE_LIMIT_PER_MINUTE: "10",
+    TOKEN_BUDGET_PER_DAY: "15",
+    AUTH_FAILURES_PER_MINUTE: "3",
+    METRICS: "team",
+  };
+  let copies = await Promise.all([0, 1, 2].map(() => spawnRelay(sharedEnv)));
+  const roundRobin = (index: number) => copies[index % copies.length].url;
+
+  await t.step("three copies on one Redis: RATE_LIMIT_PER_MINUTE=10 lets exactly 10 through in all", async () => {
+    const team = as("team", CANARY_PASSWORD);
+    const statuses = await Promise.all(Array.from({ length: 30 }, (_, i) => chat(roundRobin(i), team)));
+    assert.equal(statuses.filter((status) => status === 200).length, 10, `statuses: ${statuses}`);
+    assert.equal(statuses.filter((status) => status === 429).length, 20);
+  });
+
+  await t.step("a token budget spent through one copy is refused by the others", async () => {
+    assert.equal(await chat(copies[0].url, spender), 200);
+    assert.equal(await chat(copies[0].url, spender), 200);
+    assert.equal(await chat(copies[1].url, spender), 429);
+    assert.equal(await chat(copies[2].url, spender), 429);
+  });
+
+  await t.step("a lockout earned on one copy holds on the others", async () => {
+    for (let i = 0; i < 3; i++) assert.equal(await chat(roundRobin(i), guess), 401);
+    for (const copy of copies) assert.equal(await chat(copy.url, as("guesser", "guesser-password-1")), 429);
+  });
+
+  await t.step("all copies restarted: counts and the ledger are kept", async () => {
+    await stopAll(copies);
+    copies = await Promise.all([0, 1, 2].map(() => spawnRelay(sharedEnv)));
+    assert.equal(await chat(copies[2].url, spender), 429, "the budget is still spent");
+    assert.equal(await chat(copies[1].url, as("guesser", "guesser-password-1")), 429, "the lockout still holds");
+    const report = JSON.parse(await usageCommand({ REDIS_URL: redis.url }, ["--format", "json", "--by", "user"]));
+    const byUser = Object.fromEntries(
+      report.rows.map((row: { user: string; requests: number }) => [row.user, row.requests]),
+    );
+    assert.deepEqual(byUser, { "user:spender": 2, "user:team": 10 });
+  });
+
+  await t.step(
+    "Redis stopped mid-run: every copy keeps answering, degraded, and shares counts again when it is back",
+    async () => {
+      const health = (url: string) => fetch(`${url}/health`).then((response) => response.json());
+      const metrics = (url: string) =>
+        fetch(`${url}/metrics`, { headers: as("team", CANARY_PASSWORD) }).then((response) => response.text());
+      await redis.stop();
+      for (const copy of copies) {
+        assert.equal(await chat(copy.url, as("guesser", "guesser-password-1")), 200, "answers, counting alone");
+        assert.deepEqual(await health(copy.url), { status: "ok", ok: true, endpoints: 1, state: "degraded" });
+      }
+      assert.match(await metrics(copies[0].url), /^mc_relay_store_degraded 1$/m);
+      const warned = copies[0].output().stdout.split("\n").filter((line) => line.includes("Redis unreachable"));
+      assert.equal(warned.length, 1, "the change is logged once");
+      await redis.start();
+      await within(
+        10_000,
+        (async () => {
+          while ((await Promise.all(copies.map((copy) => health(copy.url)))).some((answer) => answer.state !== "ok")) {
+            await sleep(200);
+          }
+        })(),
+        "the copies did not go back to Redis",
+      );
+      assert.match(await metrics(copies[0].url), /^mc_relay_store_degraded 0$/m);
+      assert.match(copies[0].output().stdout, /Redis answers again/);
+      // Shared again: a fresh Redis, so ten requests in all pass, whichever copy they reach.
+      const team = as("team", CANARY_PASSWORD);
+      const statuses = await Promise.all(Array.from({ length: 15 }, (_, i) => chat(roundRobin(i), team)));
+      assert.equal(statuses.filter((status) => status === 200).length, 10, `statuses: ${statuses}`);
+    },
+  );
+  await stopAll(copies);
+
+  await t.step(
+    "200 requests at once against CONCURRENT_REQUESTS=50 across three copies: at most 50 in flight",
+    async () => {
+      let inFlight = 0;
+      let most = 0;
+      await using slow = startUpstream(async (request, seen) => {
+        inFlight++;
+        most = Math.max(most, inFlight);
+        await sleep(300);
+        inFlight--;
+        return openAiLikeUpstream(request, seen);
+      });
+      const trio = await Promise.all(
+        [0, 1, 2].map(() =>
+          spawnRelay({ ...baseEnv, UPSTREAM_BASE_URL: slow.url, REDIS_URL: redis.url, CONCURRENT_REQUESTS: "50" })
+        ),
+      );
+      try {
+        const team = as("team", CANARY_PASSWORD);
+        const statuses = await Promise.all(Array.from({ length: 200 }, (_, i) => chat(trio[i % 3].url, team)));
+        const counts = JSON.stringify(Object.groupBy(statuses, (status) => status));
+        assert.ok(most <= 50, `${most} requests were in flight at once`);
+        assert.ok(most >= 40, `the limit was nearly used: ${most}, ${counts}`);
+        assert.equal(
+          statuses.filter((status) => status === 200).length + statuses.filter((s) => s === 429).length,
+          200,
+        );
+      } finally {
+        await stopAll(trio);
+      }
+    },
+  );
+  await Deno.remove(folder, { recursive: true });
 });
 
 Deno.test("no secret ever appeared in anything the relay logged or returned, in any test above", () => {

@@ -118,6 +118,7 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     publicAccess: false,
     basePath: "",
     disabledPaths: [],
+    usageRetentionDays: 400,
     trustProxy: { ranges: [], hops: 0 },
     ...overrides,
   };
@@ -414,3 +415,38 @@ export function freePort(): number {
 
 /** True in CI, where every program a test needs must be installed (no test skips there). */
 export const IN_CI = Deno.env.get("CI") === "true";
+
+/** A real redis-server (Debian's) on a free loopback port, without persistence; `restart` keeps the port. */
+export async function startRedis() {
+  const port = freePort();
+  let child: Deno.ChildProcess | undefined;
+  const start = async () => {
+    child = new Deno.Command("redis-server", {
+      args: ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+      stdout: "piped",
+      stderr: "null",
+    }).spawn();
+    let output = "";
+    const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    await within(
+      10_000,
+      (async () => {
+        while (!output.includes("Ready to accept connections")) {
+          const { done, value } = await reader.read();
+          if (done) throw new Error(`redis-server exited: ${output}`);
+          output += value;
+        }
+      })(),
+      "redis-server did not start",
+    );
+    reader.releaseLock();
+    child.stdout.cancel().catch(() => {});
+  };
+  const stop = async () => {
+    child?.kill("SIGTERM");
+    await child?.status;
+    child = undefined;
+  };
+  await start();
+  return { url: `redis://127.0.0.1:${port}`, port, stop, start, [Symbol.asyncDispose]: stop };
+}
