@@ -125,7 +125,7 @@ function startBenchProcess(mode: "upstream" | "bare", argument: string) {
 const startUpstreamProcess = (faultRate = 0) => startBenchProcess("upstream", String(faultRate));
 const startBareProcess = (upstreamUrl: string) => startBenchProcess("bare", upstreamUrl);
 
-function startRelayProcess(upstreamUrl: string) {
+function startRelayProcess(upstreamUrl: string, extraEnv: Record<string, string> = {}) {
   const port = freePort();
   const started = performance.now();
   const child = new Deno.Command(Deno.execPath(), {
@@ -141,6 +141,7 @@ function startRelayProcess(upstreamUrl: string) {
       PORT: String(port),
       LOG_LEVEL: Deno.env.get("BENCH_LOG_LEVEL") ?? "warn",
       NO_COLOR: "1",
+      ...extraEnv,
     },
     stdout: "null",
     stderr: "null",
@@ -300,6 +301,98 @@ async function throughput(base: string, connections: number, seconds: number): P
   return done / seconds;
 }
 
+/** Requests per second of POST /v1/chat/completions (non-streamed) with `connections` open connections. */
+async function chatThroughput(
+  base: string,
+  connections: number,
+  seconds: number,
+): Promise<{ rps: number; requests: number }> {
+  const body = '{"model":"bench-model","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}';
+  if (installed("wrk")) {
+    const script = await Deno.makeTempFile({ suffix: ".lua" });
+    await Deno.writeTextFile(
+      script,
+      `wrk.method = "POST"\nwrk.body = '${body}'\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "${AUTH}"\n`,
+    );
+    const output = await new Deno.Command("wrk", {
+      args: ["-t2", `-c${connections}`, `-d${seconds}s`, "-s", script, `${base}/v1/chat/completions`],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    await Deno.remove(script);
+    const text = new TextDecoder().decode(output.stdout);
+    if (/Non-2xx/.test(text)) console.error(`  wrk saw non-2xx answers from ${base}:\n${text}`);
+    const rate = Number(/Requests\/sec:\s+([\d.]+)/.exec(text)?.[1]);
+    const requests = Number(/(\d+) requests in/.exec(text)?.[1]);
+    return { rps: rate, requests };
+  }
+  let done = 0;
+  const deadline = performance.now() + seconds * 1000;
+  await Promise.all(Array.from({ length: connections }, async () => {
+    while (performance.now() < deadline) {
+      const response = await fetch(`${base}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: AUTH, "content-type": "application/json" },
+        body,
+      });
+      await response.arrayBuffer();
+      done++;
+    }
+  }));
+  return { rps: done / seconds, requests: done };
+}
+
+/**
+ * What each counter store costs per request: non-streamed chats with every limit and budget on (generous enough never
+ * to refuse), through a relay keeping its counters in memory, in SQLite (STATE_PATH) and in Redis (REDIS_URL, a
+ * redis-server of its own), against the same relay with no limits at all.
+ */
+async function storeCosts(upstreamUrl: string, seconds: number) {
+  const limits = {
+    RATE_LIMIT_PER_MINUTE: "100000000",
+    RATE_LIMIT_PER_HOUR: "100000000",
+    CONCURRENT_REQUESTS: "100000",
+    TOKEN_BUDGET_PER_DAY: "1000000000000",
+    MAX_TOKENS_PER_REQUEST: "1000",
+  };
+  const folder = await Deno.makeTempDir({ prefix: "mc-relay-bench-" });
+  const redisPort = freePort();
+  const redis = installed("redis-server")
+    ? new Deno.Command("redis-server", {
+      args: ["--port", String(redisPort), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+      stdout: "null",
+      stderr: "null",
+    }).spawn()
+    : undefined;
+  const variants: { name: string; env: Record<string, string> }[] = [
+    { name: "no limits", env: {} },
+    { name: "memory", env: limits },
+    { name: "SQLite", env: { ...limits, STATE_PATH: `${folder}/state.db` } },
+    ...(redis ? [{ name: "Redis", env: { ...limits, REDIS_URL: `redis://127.0.0.1:${redisPort}` } }] : []),
+  ];
+  const rows: { name: string; rps: number; relayUs: number; storeUs: number }[] = [];
+  for (const variant of variants) {
+    const relay = startRelayProcess(upstreamUrl, variant.env);
+    await waitForHttp(`${relay.url}/health`);
+    await chatThroughput(relay.url, 32, 1); // warm-up
+    const relayCpu = cpuSeconds(relay.pid);
+    const redisCpu = redis && variant.name === "Redis" ? cpuSeconds(redis.pid) : 0;
+    const { rps, requests } = await chatThroughput(relay.url, 32, seconds);
+    rows.push({
+      name: variant.name,
+      rps,
+      relayUs: ((cpuSeconds(relay.pid) - relayCpu) * 1e6) / requests,
+      storeUs: redis && variant.name === "Redis" ? ((cpuSeconds(redis.pid) - redisCpu) * 1e6) / requests : NaN,
+    });
+    relay.child.kill("SIGTERM");
+    await relay.child.status;
+  }
+  redis?.kill("SIGTERM");
+  await redis?.status;
+  await Deno.remove(folder, { recursive: true });
+  return rows;
+}
+
 /** Opens `streams` streamed chats at once; returns chunk delays (ms, send stamp to arrival) and failures. */
 async function concurrentStreams(base: string, streams: number, chunks: number, interval: number) {
   const delays: number[] = [];
@@ -455,6 +548,9 @@ async function main() {
   await soakRelay.child.status;
   await faulty.child.status;
 
+  console.log(`- stores: non-streamed chats, 32 connections, ${sizes.seconds} s per store, every limit and budget on`);
+  const stores = await storeCosts(upstream.url, sizes.seconds);
+
   console.log("- start-up: 5 starts of the relay process, time to the first answered /health");
   const startups: number[] = [];
   for (let i = 0; i < 5; i++) {
@@ -517,6 +613,13 @@ ${row(`proxy RSS at peak, ${sizes.streams} streams (MB)`, (name) => format(resul
 - start-up to first /health: median ${format(percentile(startups, 50))} ms (of ${
         startups.map((ms) => format(ms)).join(", ")
       })
+
+| counters (limits and budgets on) | chat req/s, 32 connections | relay CPU per request (µs) | store CPU per request (µs) |
+| --- | ---: | ---: | ---: |
+${
+        stores.map((row) => `| ${row.name} | ${format(row.rps)} | ${format(row.relayUs)} | ${format(row.storeUs)} |`)
+          .join("\n")
+      }
 `,
   );
 }
