@@ -27,6 +27,7 @@
  */
 
 import { DatabaseSync, type StatementSync } from "node:sqlite";
+import { parseEnv } from "node:util";
 
 /** The relay's version; `--version` prints it and CHANGELOG.md's newest entry matches it. */
 export const VERSION = "0.1.0";
@@ -98,8 +99,6 @@ export interface RelayConfig {
   users: RelayUser[];
   /** Models clients may ask for (ALLOWED_MODELS); empty allows any. */
   allowedModels: string[];
-  /** Optional routes switched on with ALLOWED_PATHS, e.g. `/v1/embeddings`. */
-  extraRoutes: string[];
   /** Users who may read Prometheus metrics at /metrics on the main port (METRICS); empty serves none there. */
   metricsUsers: string[];
   /** A separate port that serves /metrics without auth (METRICS_PORT); undefined for none. */
@@ -196,7 +195,7 @@ export interface PasswordHash {
   hash: Uint8Array<ArrayBuffer>;
 }
 
-/** Routes that exist only when listed in ALLOWED_PATHS (all POST, all passed to the upstream as they are). */
+/** Routes that had to be switched on with ALLOWED_PATHS before 0.2; all are on now (DISABLED_PATHS turns any off). */
 export const OPTIONAL_ROUTES = ["/v1/embeddings", "/v1/completions", "/v1/responses"];
 
 /** Defaults for every optional setting (documented in README.md). */
@@ -272,7 +271,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
   const listener = parseListener(read, errors);
   const limits = parseLimits(read, errors);
   const server = parseServer(read, errors);
-  const routing = parseRouting(read, errors);
+  const routing = parseRouting(read, errors, warnings);
   const state = parseState(read, errors, warnings);
   const metricsUsers = parseMetricsUsers(read.text("METRICS"), users, errors);
   if (errors.length > 0) return { ok: false, errors };
@@ -425,16 +424,20 @@ function parseLimits(read: ReturnType<typeof envReader>, errors: string[]) {
   };
 }
 
-/** Routing: the optional routes, the ones switched off, the path prefix, the model allow-list. */
-function parseRouting(read: ReturnType<typeof envReader>, errors: string[]) {
+/** Routing: the routes switched off, the path prefix, the model allow-list. */
+function parseRouting(read: ReturnType<typeof envReader>, errors: string[], warnings: string[]) {
   const list = (name: EnvVar) => (read.text(name) ?? "").split(",").map((entry) => entry.trim()).filter(Boolean);
-  const extraRoutes = list("ALLOWED_PATHS");
-  for (const path of extraRoutes) {
+  for (const path of list("ALLOWED_PATHS")) {
     if (!OPTIONAL_ROUTES.includes(path)) {
       errors.push(`ALLOWED_PATHS may list ${OPTIONAL_ROUTES.join(", ")} (comma-separated), got "${path}"`);
     }
   }
-  const switchable = [...Object.keys(ROUTES).filter((path) => path !== "/health"), ...OPTIONAL_ROUTES];
+  if (list("ALLOWED_PATHS").length > 0) {
+    warnings.push(
+      "ALLOWED_PATHS is no longer needed: every route is on; DISABLED_PATHS switches routes off, e.g. /v1/embeddings",
+    );
+  }
+  const switchable = Object.keys(ROUTES).filter((path) => path.startsWith("/v1/"));
   const disabledPaths = list("DISABLED_PATHS");
   for (const path of disabledPaths) {
     if (!switchable.includes(path)) {
@@ -448,7 +451,6 @@ function parseRouting(read: ReturnType<typeof envReader>, errors: string[]) {
     );
   }
   return {
-    extraRoutes: [...new Set(extraRoutes)],
     disabledPaths: [...new Set(disabledPaths)],
     basePath,
     allowedModels: list("ALLOWED_MODELS"),
@@ -1784,6 +1786,9 @@ const ROUTES: Record<string, Route> = {
   "/usage": { method: "GET" },
   "/v1/models": { method: "GET", upstreamPath: "/models" },
   "/v1/chat/completions": { method: "POST", upstreamPath: "/chat/completions" },
+  "/v1/completions": { method: "POST", upstreamPath: "/completions" },
+  "/v1/embeddings": { method: "POST", upstreamPath: "/embeddings" },
+  "/v1/responses": { method: "POST", upstreamPath: "/responses" },
 };
 
 /** Response headers from the upstream that the relay drops: they describe the upstream's connection, cookies or CORS, not the answer. */
@@ -1800,7 +1805,38 @@ export function errorResponse(
   headers: Record<string, string> = {},
 ): Response {
   const type = status >= 500 ? "server_error" : status === 429 ? "rate_limit_error" : "invalid_request_error";
-  return Response.json({ error: { message: `mc-relay: ${message}`, type, code } }, { status, headers });
+  return jsonResponse({ error: { message: `mc-relay: ${message}`, type, code } }, { status, headers });
+}
+
+/** A JSON response the relay makes itself, with its Content-Length, so its log line has the true `bytes_out`. */
+export function jsonResponse(body: unknown, init: { status?: number; headers?: Record<string, string> } = {}): Response {
+  const bytes = textEncoder.encode(JSON.stringify(body));
+  return new Response(bytes, {
+    status: init.status ?? 200,
+    headers: { "content-type": "application/json", "content-length": String(bytes.byteLength), ...init.headers },
+  });
+}
+
+/**
+ * The error a relayed body ends with when the relay cuts it (upstream silent or broken): it makes Deno drop the
+ * connection so the client sees the cut. Deno hands it to the server's `onError`, which knows it is deliberate.
+ */
+class BodyCut extends Error {
+  constructor(outcome: string) {
+    super(`mc-relay: response body cut short (${outcome})`);
+    this.stack = this.message;
+  }
+}
+
+/**
+ * The `onError` of the relay's server: a deliberate cut (`BodyCut`, already in the request's log line) is not an
+ * error; anything else is logged and answered with a 500 that names no detail.
+ */
+export function serverErrorHandler(log: Logger): (error: unknown) => Response {
+  return (error) => {
+    if (!(error instanceof BodyCut)) log.error("unhandled error", { error: errorText(error) });
+    return errorResponse(500, "internal error; see the relay's log", "relay_error");
+  };
 }
 
 /** Why an upstream call ended early. */
@@ -1999,6 +2035,8 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     response ??= errorResponse(500, `internal error (request id ${context.id}); see the relay's log`, "relay_error");
     context.status = response.status;
     if (!context.headersSet) {
+      // A response the relay made itself: it carries its length (0 for none).
+      context.bytesOut = Number(response.headers.get("content-length") ?? 0);
       for (const [name, value] of relayHeaders(context.id, context.cors)) response.headers.set(name, value);
     }
     if (!context.logWhenBodyEnds) account(relay, context);
@@ -2010,7 +2048,6 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
 function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
   const routes: Record<string, Route> = { ...ROUTES };
   if (config.metricsUsers.length > 0) routes["/metrics"] = { method: "GET" };
-  for (const path of config.extraRoutes) routes[path] = { method: "POST", upstreamPath: path.slice("/v1".length) };
   for (const path of config.disabledPaths) delete routes[path];
   const upstreams = config.upstreams.map((upstream) => ({
     ...upstream,
@@ -2310,7 +2347,7 @@ function matchRoute(relay: Relay, context: RequestContext): Response | undefined
  */
 function answerHealth(relay: Relay, context: RequestContext): Response | undefined {
   if (context.routePath !== "/health") return undefined;
-  return Response.json({
+  return jsonResponse({
     status: "ok",
     ok: true,
     endpoints: relay.upstreams.length,
@@ -2699,7 +2736,7 @@ async function answerUsage(relay: Relay, context: RequestContext): Promise<Respo
     limit: config.concurrentRequests,
     in_flight: await counters.get(`in-flight:${context.subject}`),
   };
-  return Response.json({
+  return jsonResponse({
     caller: context.user === undefined ? { anonymous: true } : { user: context.user },
     limits,
     concurrent,
@@ -3094,7 +3131,7 @@ async function mergedModels(relay: Relay, context: RequestContext): Promise<Resp
   }
   context.outcome = failed.length > 0 ? "partial" : "completed";
   context.upstreamStatus = 200;
-  return Response.json({ object: "list", data });
+  return jsonResponse({ object: "list", data });
 }
 
 /** One upstream's model list for `mergedModels`, or the reason it has none. */
@@ -3183,8 +3220,10 @@ function account(relay: Relay, context: RequestContext): void {
   const model = context.model?.slice(0, 100);
   relay.metrics.countRequest(route, context.status ?? 0, context.user ?? "");
   if (context.usage && context.user) relay.metrics.countTokens(context.user, model ?? "", context.usage);
-  if (!relay.log.enabled("info")) return;
-  relay.log.info("request", {
+  // Health probes come every few seconds: their lines are debug, not info.
+  const level = context.routePath === "/health" ? "debug" : "info";
+  if (!relay.log.enabled(level)) return;
+  relay.log[level]("request", {
     request_id: context.id,
     method: context.method,
     path: context.path,
@@ -3546,9 +3585,7 @@ function relayBody(
         end(outcome, outcome === "upstream_stream_error" ? errorText(error) : undefined);
         // Erroring the body makes Deno drop the connection, so the client sees the cut. Deno prints the
         // error to stderr: keep that to one line without a stack (the request's log line has the details).
-        const cut = new Error(`mc-relay: response body cut short (${outcome})`);
-        cut.stack = cut.message;
-        controller.error(cut);
+        controller.error(new BodyCut(outcome));
       }
     },
     cancel(reason) {
@@ -3753,7 +3790,10 @@ export class RelayMetrics {
 
 /** A response with the metrics, for GET /metrics. */
 export function metricsResponse(metrics: RelayMetrics): Response {
-  return new Response(metrics.render(), { headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" } });
+  const bytes = textEncoder.encode(metrics.render());
+  return new Response(bytes, {
+    headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8", "content-length": String(bytes.byteLength) },
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -3973,8 +4013,8 @@ Optional (default in brackets):
   TRUST_PROXY                  proxies whose X-Forwarded-For counts: their addresses/CIDRs, or true / a
                                number of proxies on loopback or private addresses [false]
   ALLOWED_MODELS               comma-separated models clients may use; others get 400 [any]
-  ALLOWED_PATHS                extra routes: /v1/embeddings, /v1/completions, /v1/responses [none]
-  DISABLED_PATHS               routes to switch off, e.g. /v1/models [none]
+  DISABLED_PATHS               routes to switch off, e.g. /v1/models,/v1/embeddings [none]
+  ALLOWED_PATHS                no longer needed: every route is on [all]
   BASE_PATH                    serve every route under this prefix, e.g. /relay [none]
   STATE_PATH                   SQLite file for limits, budgets and the usage ledger, e.g. /data/state.db [memory]
   REDIS_URL                    redis:// or rediss:// URL: the same, shared by every copy [memory]
@@ -3986,20 +4026,86 @@ Optional (default in brackets):
 Docs: https://github.com/metaconfigurator/mc-relay#readme
 `;
 
-function readEnv(): RelayEnv {
-  const env: RelayEnv = {};
-  for (const name of ENV_VARS) {
-    const value = Deno.env.get(name);
-    if (value !== undefined) env[name] = value;
-  }
-  return env;
+/** The env files named on the command line, and the arguments left once they are taken out. */
+interface EnvFileOptions {
+  /** Files to read, in order; `optional` ones may be missing (`--env-file-if-exists`). */
+  files: { path: string; optional: boolean }[];
+  rest: string[];
 }
 
-function exitWithErrors(errors: string[]): never {
+/** Takes `--env-file <path>` and `--env-file-if-exists <path>` (or `=<path>`) out of the arguments. */
+export function takeEnvFileOptions(args: string[]): EnvFileOptions | { problem: string } {
+  const files: EnvFileOptions["files"] = [];
+  const rest: string[] = [];
+  for (let index = 0; index < args.length; index++) {
+    const match = /^--env-file(-if-exists)?(?:=(.*))?$/.exec(args[index]);
+    if (!match) {
+      rest.push(args[index]);
+      continue;
+    }
+    const path = match[2] ?? args[++index];
+    if (!path) return { problem: `${args[index - 1] ?? args[index]} needs a file, e.g. --env-file .env` };
+    files.push({ path, optional: match[1] !== undefined });
+  }
+  return { files, rest };
+}
+
+/**
+ * The relay's variables: from the process environment, else from the env files (the first file that sets a
+ * variable wins; the real environment always wins). Files are parsed by Deno's Node layer (`node:util` parseEnv).
+ * Returns notes for keys a file sets that the relay does not read (a typo shows), and problems for unreadable files.
+ */
+export function readEnv(files: EnvFileOptions["files"] = []): { env: RelayEnv; notes: string[]; problems: string[] } {
+  const fromFiles: Record<string, string> = {};
+  const notes: string[] = [];
+  const problems: string[] = [];
+  for (const { path, optional } of files) {
+    let text: string;
+    try {
+      text = Deno.readTextFileSync(path);
+    } catch (error) {
+      if (!(optional && error instanceof Deno.errors.NotFound)) {
+        problems.push(`--env-file names "${path}", which cannot be read (${errorName(error)})`);
+      }
+      continue;
+    }
+    const parsed = parseEnv(text) as Record<string, string>;
+    for (const [name, value] of Object.entries(parsed)) {
+      if (!(ENV_VARS as readonly string[]).includes(name)) {
+        notes.push(`${path} sets ${name}, which the relay does not read (see 'mc-relay --help')`);
+      } else fromFiles[name] ??= value;
+    }
+  }
+  const env: RelayEnv = {};
+  for (const name of ENV_VARS) {
+    const value = Deno.env.get(name) ?? fromFiles[name];
+    if (value !== undefined) env[name] = value;
+  }
+  return { env, notes, problems };
+}
+
+/** An error's class name, for one-line messages (`NotFound`, `PermissionDenied`). */
+function errorName(error: unknown): string {
+  return error instanceof Error ? error.name : "error";
+}
+
+function exitWithErrors(errors: string[], hint = ""): never {
   console.error(`mc-relay: cannot start, ${errors.length} configuration problem(s):`);
   for (const error of errors) console.error(`  ${error}`);
+  if (hint) console.error(hint);
   console.error("See 'mc-relay --help' or README.md for every variable.");
   Deno.exit(1);
+}
+
+/** Where a start without env file can look for one: a `.env` beside it that was not read. */
+function envFileHint(files: EnvFileOptions["files"]): string {
+  if (files.length > 0) return "";
+  try {
+    Deno.statSync(".env");
+    return "A .env file is in this folder but was not read: run 'mc-relay --env-file .env' (deno task start reads it).";
+  } catch {
+    return "Set the variables in the environment, or put them in a .env file (from examples/.env.example) and run 'mc-relay --env-file .env' or 'deno task start'.";
+  }
 }
 
 /** Reads the TLS files named in the config; problems are reported like config errors. */
@@ -4022,6 +4128,33 @@ async function loadTls(config: RelayConfig): Promise<{ cert: string; key: string
   return { cert, key };
 }
 
+/**
+ * `Deno.serve`, with the ways listening fails told in one line each, naming the variable to change, then exit 1:
+ * a port in use, a port that needs privileges, an address that is not this machine's, a certificate that does not fit.
+ */
+function listen(
+  portVariable: EnvVar,
+  hostVariable: EnvVar,
+  options: Deno.ServeTcpOptions & Partial<Deno.TlsCertifiedKeyPem>,
+  handler: Deno.ServeHandler,
+): Deno.HttpServer {
+  try {
+    return Deno.serve(options, handler);
+  } catch (error) {
+    const where = `${options.hostname}:${options.port}`;
+    const problem = error instanceof Deno.errors.AddrInUse
+      ? `${portVariable} ${options.port}: ${where} is already in use by another program; stop it, or choose another port, e.g. ${portVariable}=8081`
+      : error instanceof Deno.errors.PermissionDenied
+      ? `${portVariable} ${options.port} needs administrator rights on this system; use a port from 1024 up, e.g. ${portVariable}=8080, behind a reverse proxy`
+      : error instanceof Deno.errors.AddrNotAvailable
+      ? `${hostVariable} ${options.hostname} is not an address of this machine; use 0.0.0.0 (every interface) or 127.0.0.1`
+      : "cert" in options && options.cert
+      ? `TLS_CERT_FILE and TLS_KEY_FILE do not hold a certificate chain and its private key (${errorName(error)})`
+      : `cannot listen on ${where} (${errorName(error)}); check ${portVariable} and ${hostVariable}`;
+    exitWithErrors([problem]);
+  }
+}
+
 /** Starts the relay server for a config and wires graceful shutdown; resolves when it has stopped. */
 export async function serve(config: RelayConfig, warnings: string[] = []): Promise<void> {
   const log = createLogger(config);
@@ -4037,7 +4170,9 @@ export async function serve(config: RelayConfig, warnings: string[] = []): Promi
   if ("error" in counters) exitWithErrors([counters.error]);
   const handler = createHandler(config, { metrics, counters });
   // METRICS_PORT: /metrics without auth on its own port, for a scraper on a private network.
-  const metricsServer = config.metricsPort === undefined ? undefined : Deno.serve(
+  const metricsServer = config.metricsPort === undefined ? undefined : listen(
+    "METRICS_PORT",
+    "METRICS_HOST",
     {
       port: config.metricsPort,
       hostname: config.metricsHost,
@@ -4052,7 +4187,7 @@ export async function serve(config: RelayConfig, warnings: string[] = []): Promi
         ? metricsResponse(metrics)
         : new Response("not found", { status: 404 }),
   );
-  const server = Deno.serve({
+  const server = listen("PORT", "HOST", {
     port: config.port,
     hostname: config.host,
     ...tls,
@@ -4066,10 +4201,7 @@ export async function serve(config: RelayConfig, warnings: string[] = []): Promi
         allowed_origins: config.allowedOrigins,
       });
     },
-    onError(error) {
-      log.error("unhandled error", { error: errorText(error) });
-      return errorResponse(500, "internal error; see the relay's log", "relay_error");
-    },
+    onError: serverErrorHandler(log),
   }, handler);
 
   let stopping = false;
@@ -4149,12 +4281,23 @@ async function healthcheck(env: RelayEnv): Promise<number> {
 }
 
 /**
- * `mc-relay hash-password`: reads a password from standard input (one line; no echo to the terminal is
- * the shell's business, e.g. `read -rs`) and prints its PBKDF2 hash for MC_RELAY_USERS.
+ * `mc-relay hash-password`: prints the PBKDF2 hash of a password for MC_RELAY_USERS. On a terminal it asks twice,
+ * without echo; otherwise it reads one line from standard input (`printf '%s' 'the password' | ...`).
  */
 async function hashPasswordCommand(): Promise<number> {
-  const input = await new Response(Deno.stdin.readable).text();
-  const password = input.replace(/\r?\n$/, "");
+  let password: string;
+  if (Deno.stdin.isTerminal()) {
+    const first = await readHidden("Password for MC_RELAY_USERS: ");
+    const second = first === undefined ? undefined : await readHidden("The same password again: ");
+    if (first === undefined || second === undefined) return 130;
+    if (first !== second) {
+      console.error("mc-relay: the two passwords differ; nothing was printed");
+      return 1;
+    }
+    password = first;
+  } else {
+    password = (await new Response(Deno.stdin.readable).text()).replace(/\r?\n$/, "");
+  }
   if (password.length === 0 || password.includes("\n") || password.includes(",")) {
     console.error("mc-relay: give one password on standard input (no line breaks or commas), e.g.");
     console.error("  printf '%s' 'the password' | mc-relay hash-password");
@@ -4163,6 +4306,29 @@ async function hashPasswordCommand(): Promise<number> {
   if (password.length < 12) console.error("mc-relay: warning: the password is shorter than 12 characters");
   console.log(await hashPassword(password));
   return 0;
+}
+
+/** Reads one line from the terminal without echoing it; undefined on Ctrl+C or Ctrl+D. */
+async function readHidden(prompt: string): Promise<string | undefined> {
+  await Deno.stderr.write(textEncoder.encode(prompt));
+  Deno.stdin.setRaw(true);
+  const bytes: number[] = [];
+  const buffer = new Uint8Array(64);
+  try {
+    while (true) {
+      const read = await Deno.stdin.read(buffer);
+      if (read === null) return undefined;
+      for (const byte of buffer.subarray(0, read)) {
+        if (byte === 3 || (byte === 4 && bytes.length === 0)) return undefined; // Ctrl+C, Ctrl+D
+        if (byte === 13 || byte === 10) return new TextDecoder().decode(new Uint8Array(bytes));
+        if (byte === 127 || byte === 8) bytes.pop();
+        else bytes.push(byte);
+      }
+    }
+  } finally {
+    Deno.stdin.setRaw(false);
+    await Deno.stderr.write(textEncoder.encode("\n"));
+  }
 }
 
 /** What `mc-relay usage` was asked for. */
@@ -4349,7 +4515,13 @@ Stop with Ctrl+C. For a real provider, set the variables in README.md and run 'd
 }
 
 /** Runs the command line: the relay, `demo`, `healthcheck`, `--help` or `--version`. */
-export async function main(args: string[]): Promise<number> {
+export async function main(argv: string[]): Promise<number> {
+  const options = takeEnvFileOptions(argv);
+  if ("problem" in options) {
+    console.error(`mc-relay: ${options.problem}`);
+    return 2;
+  }
+  const args = options.rest;
   const command = args[0];
   if (command === "--help" || command === "-h" || command === "help") {
     console.log(HELP);
@@ -4360,7 +4532,8 @@ export async function main(args: string[]): Promise<number> {
     return 0;
   }
   if (command === "hash-password") return await hashPasswordCommand();
-  const env = readEnv();
+  const { env, notes, problems } = readEnv(options.files);
+  if (problems.length > 0) exitWithErrors(problems);
   if (command === "healthcheck") return await healthcheck(env);
   if (command === "usage") return await usageCommand(args.slice(1), env);
   if (command === "demo") {
@@ -4372,8 +4545,8 @@ export async function main(args: string[]): Promise<number> {
     return 2;
   }
   const result = parseConfig(env);
-  if (!result.ok) exitWithErrors(result.errors);
-  await serve(result.config, result.warnings);
+  if (!result.ok) exitWithErrors(result.errors, envFileHint(options.files));
+  await serve(result.config, [...notes, ...result.warnings]);
   return 0;
 }
 

@@ -260,7 +260,7 @@ Deno.test("routes", async (t) => {
 
   await t.step("any other path is 404 in OpenAI's error shape", async () => {
     const before = upstream.requests.length;
-    for (const path of ["/", "/v1", "/v1/embeddings", "/v1/models/", "/V1/models", "/admin"]) {
+    for (const path of ["/v1", "/v1/files", "/v1/models/", "/V1/models", "/admin"]) {
       const response = await relay.call(path, { headers: auth });
       assert.equal(response.status, 404, path);
       assert.equal(response.json().error.code, "unknown_url");
@@ -824,7 +824,6 @@ Deno.test("streaming", async (t) => {
     stream.close();
     assert.equal(decoder.decode((await reader.read()).value), "data: [DONE]\n\n");
     assert.ok((await reader.read()).done);
-    console.log(`  chunk delays through the relay (ms): ${delays.map((delay) => delay.toFixed(2)).join(", ")}`);
   });
 
   await t.step("a client that leaves mid-stream cancels the upstream at once", async () => {
@@ -1230,7 +1229,6 @@ Deno.test("hardening", async (t) => {
     assert.deepEqual(serverErrors, [], `5xx answers: ${JSON.stringify([...statuses])}`);
     assert.ok([...statuses.values()].reduce((a, b) => a + b) === requests);
     assert.equal((await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } })).status, 200);
-    console.log(`  statuses for ${requests} malformed requests: ${JSON.stringify(Object.fromEntries(statuses))}`);
   });
 });
 
@@ -1471,28 +1469,30 @@ Deno.test("teams", async (t) => {
   });
 
   await t.step(
-    "ALLOWED_PATHS switches on /v1/embeddings, /v1/completions and /v1/responses; unlisted they are 404",
+    "every route the common SDKs call is on: embeddings, completions, responses; DISABLED_PATHS switches them off",
     async () => {
       await using plain = relayFromEnv({ MC_RELAY_USERNAME: USERNAME, MC_RELAY_PASSWORD: CANARY_PASSWORD });
-      const embed = (relay: typeof plain) =>
-        relay.call("/v1/embeddings", {
+      const post = (relay: typeof plain, path: string) =>
+        relay.call(path, {
           method: "POST",
           headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
           body: '{"model":"e","input":"hi"}',
         });
-      assert.equal((await embed(plain)).status, 404);
-      await using open = relayFromEnv({
+      for (const path of ["/v1/embeddings", "/v1/completions", "/v1/responses"]) {
+        assert.equal((await post(plain, path)).status, 200, path);
+        assert.equal(upstream.requests.at(-1)!.path, path.slice(3));
+      }
+      await using narrowed = relayFromEnv({
         MC_RELAY_USERNAME: USERNAME,
         MC_RELAY_PASSWORD: CANARY_PASSWORD,
-        ALLOWED_PATHS: "/v1/embeddings,/v1/responses",
+        DISABLED_PATHS: "/v1/embeddings,/v1/responses",
       });
-      const embedded = await embed(open);
-      assert.equal(embedded.status, 200);
-      assert.equal(upstream.requests.at(-1)!.path, "/embeddings");
-      assert.equal(
-        (await open.call("/v1/completions", { method: "POST", headers: { authorization: GOOD_BEARER } })).status,
-        404,
-      );
+      assert.equal((await post(narrowed, "/v1/embeddings")).status, 404);
+      assert.equal((await post(narrowed, "/v1/responses")).status, 404);
+      assert.equal((await post(narrowed, "/v1/completions")).status, 200);
+      const old = parseConfig({ ...minimalEnv, ALLOWED_PATHS: "/v1/embeddings" });
+      assert.ok(old.ok, "ALLOWED_PATHS from 0.1 still starts");
+      assert.match(old.warnings.join("\n"), /ALLOWED_PATHS is no longer needed/);
       const refused = parseConfig({ ...minimalEnv, ALLOWED_PATHS: "/v1/files" });
       assert.ok(!refused.ok);
       assert.match(refused.errors[0], /^ALLOWED_PATHS may list \/v1\/embeddings, \/v1\/completions, \/v1\/responses/);
@@ -2454,7 +2454,7 @@ Deno.test("security review", async (t) => {
         return new Response(stream.body, { headers: { "content-type": "text/event-stream" } });
       });
       await using relay = startRelay(
-        testConfig(usageUpstream.url, { extraRoutes: ["/v1/embeddings", "/v1/responses"] }),
+        testConfig(usageUpstream.url),
       );
       const post = (path: string, body: string) =>
         relay.call(path, {
@@ -2966,7 +2966,7 @@ Deno.test("public relay and budgets", async (t) => {
 
   await t.step("MAX_TOKENS_PER_REQUEST lowers, adds when missing, and refuses values that are not counts", async () => {
     await using relay = startRelay(
-      testConfig(upstream.url, { maxTokensPerRequest: 1000, extraRoutes: ["/v1/responses"] }),
+      testConfig(upstream.url, { maxTokensPerRequest: 1000 }),
     );
     const forwarded = () => JSON.parse(upstream.requests.at(-1)!.body);
     await chatAs(relay, { authorization: GOOD_BEARER }, { max_completion_tokens: 5000 });

@@ -6,7 +6,14 @@
  * @module
  */
 import assert from "node:assert/strict";
-import { createHandler, type HandlerOptions, type RelayConfig, type Upstream } from "./main.ts";
+import {
+  createHandler,
+  createLogger,
+  type HandlerOptions,
+  type RelayConfig,
+  serverErrorHandler,
+  type Upstream,
+} from "./main.ts";
 
 /** A recognisable fake provider key: it must never show up in anything the relay prints or returns. */
 export const CANARY_KEY = "sk-CANARY-upstream-key-4f1d2c9a";
@@ -95,7 +102,6 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     upstreams: [testUpstream("default", upstreamBaseUrl)],
     users: [{ name: USERNAME, password: CANARY_PASSWORD }],
     allowedModels: [],
-    extraRoutes: [],
     metricsUsers: [],
     metricsHost: "127.0.0.1",
     maxBufferedBytes: 64 * 1024 * 1024,
@@ -153,8 +159,10 @@ export function startRelay(
     });
     return new Response(response.body.pipeThrough(recorder), response);
   };
+  // The relay's own onError, as in production: deliberate cuts print nothing.
+  const onError = serverErrorHandler(createLogger(config, (line) => logs.push(line)));
   const server = Deno.serve(
-    { hostname: "127.0.0.1", port: 0, onListen() {}, ...(tls && { cert: tls.cert, key: tls.key }) },
+    { hostname: "127.0.0.1", port: 0, onListen() {}, onError, ...(tls && { cert: tls.cert, key: tls.key }) },
     handler,
   );
   const url = `${tls ? "https" : "http"}://127.0.0.1:${server.addr.port}`;
