@@ -16,6 +16,7 @@ import {
   CANARY_PASSWORD,
   chatBody,
   controlledStream,
+  IN_CI,
   openAiLikeUpstream,
   seenByClientsOrLogs,
   type SeenRequest,
@@ -26,7 +27,6 @@ import {
   testConfig,
   USERNAME,
   within,
-  IN_CI,
 } from "./testing.ts";
 
 const OPENAI_VERSION = "7.57.0";

@@ -77,6 +77,9 @@ export const ENV_VARS = [
   "STATE_PATH",
   "REDIS_URL",
   "USAGE_RETENTION_DAYS",
+  "PAGE",
+  "PUBLIC_URL",
+  "DEFAULT_MODEL",
 ] as const;
 
 /** The name of one environment variable the relay reads. */
@@ -153,6 +156,12 @@ export interface RelayConfig {
   redisUrl?: string;
   /** Ledger days kept (USAGE_RETENTION_DAYS). */
   usageRetentionDays: number;
+  /** Serve the relay's own page at `/` (PAGE, default true). */
+  page: boolean;
+  /** The address users reach the relay at, BASE_PATH included (PUBLIC_URL), e.g. `https://relay.example.com`. */
+  publicUrl?: string;
+  /** The model the one-link MC settings select (DEFAULT_MODEL). */
+  defaultModel?: string;
   /** Which reverse proxies may set X-Forwarded-For (TRUST_PROXY); none by default (it could be spoofed). */
   trustProxy: TrustedProxies;
 }
@@ -273,6 +282,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
   const server = parseServer(read, errors);
   const routing = parseRouting(read, errors, warnings);
   const state = parseState(read, errors, warnings);
+  const presentation = parsePresentation(read, errors);
   const metricsUsers = parseMetricsUsers(read.text("METRICS"), users, errors);
   if (errors.length > 0) return { ok: false, errors };
   const config: RelayConfig = {
@@ -286,6 +296,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
     ...limits,
     ...routing,
     ...state,
+    ...presentation,
   };
   const refusals = publicAccessProblems(config);
   if (refusals.length > 0) return { ok: false, errors: refusals };
@@ -482,6 +493,29 @@ function parseState(read: ReturnType<typeof envReader>, errors: string[], warnin
       example: "a whole number of days, e.g. 400",
     }),
   };
+}
+
+/** The relay's own page and one-link MC settings: PAGE, PUBLIC_URL, DEFAULT_MODEL. */
+function parsePresentation(read: ReturnType<typeof envReader>, errors: string[]) {
+  const page = read.text("PAGE") === undefined ? true : read.flag("PAGE", "true (a page at /) or false");
+  const raw = read.text("PUBLIC_URL");
+  let publicUrl: string | undefined;
+  if (raw !== undefined) {
+    try {
+      const url = new URL(raw);
+      if ((url.protocol === "https:" || url.protocol === "http:") && !url.search && !url.hash && !url.username) {
+        publicUrl = url.href.replace(/\/+$/, "");
+      }
+    } catch {
+      // reported below
+    }
+    if (publicUrl === undefined) {
+      errors.push(
+        `PUBLIC_URL must be the address users reach the relay at, e.g. https://relay.example.com, got "${raw}"`,
+      );
+    }
+  }
+  return { page, publicUrl, defaultModel: read.text("DEFAULT_MODEL") };
 }
 
 /**
@@ -1782,6 +1816,8 @@ interface Route {
 
 /** The routes, matched exactly against the normalised path. */
 const ROUTES: Record<string, Route> = {
+  "/": { method: "GET" },
+  "/mc-settings.json": { method: "GET" },
   "/health": { method: "GET" },
   "/usage": { method: "GET" },
   "/v1/models": { method: "GET", upstreamPath: "/models" },
@@ -1809,7 +1845,10 @@ export function errorResponse(
 }
 
 /** A JSON response the relay makes itself, with its Content-Length, so its log line has the true `bytes_out`. */
-export function jsonResponse(body: unknown, init: { status?: number; headers?: Record<string, string> } = {}): Response {
+export function jsonResponse(
+  body: unknown,
+  init: { status?: number; headers?: Record<string, string> } = {},
+): Response {
   const bytes = textEncoder.encode(JSON.stringify(body));
   return new Response(bytes, {
     status: init.status ?? 200,
@@ -1997,6 +2036,8 @@ const STAGES: Stage[] = [
   answerPreflight,
   matchRoute,
   answerHealth,
+  answerMcSettings,
+  answerPage,
   identifyCaller,
   answerUsage,
   answerMetrics,
@@ -2049,6 +2090,7 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
   const routes: Record<string, Route> = { ...ROUTES };
   if (config.metricsUsers.length > 0) routes["/metrics"] = { method: "GET" };
   for (const path of config.disabledPaths) delete routes[path];
+  if (!config.page) delete routes["/"];
   const upstreams = config.upstreams.map((upstream) => ({
     ...upstream,
     host: new URL(upstream.baseUrl).host,
@@ -2297,11 +2339,24 @@ function checkHost(_relay: Relay, context: RequestContext): Response | undefined
 }
 
 /**
- * Stage: origin. A browser origin that is not in ALLOWED_ORIGIN gets 403 without CORS headers, so the page
- * cannot read it, and nothing reaches the upstream. Requests without Origin (servers, curl) pass on.
+ * Whether the request comes from a page of the relay's own origin (its page at /): the Origin's host is the Host
+ * the browser sent the request to. A browser never lets another page send that Origin.
+ */
+function isSameOrigin(context: RequestContext): boolean {
+  try {
+    return context.origin !== null && new URL(context.origin).host === context.request.headers.get("host");
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Stage: origin. A browser origin that is not in ALLOWED_ORIGIN (nor the relay's own page) gets 403 without CORS
+ * headers, so the page cannot read it, and nothing reaches the upstream. Requests without Origin (servers, curl)
+ * pass on.
  */
 function checkOrigin(relay: Relay, context: RequestContext): Response | undefined {
-  if (context.origin === null || relay.allowedOrigins.has(context.origin)) return undefined;
+  if (context.origin === null || relay.allowedOrigins.has(context.origin) || isSameOrigin(context)) return undefined;
   return errorResponse(
     403,
     `origin ${context.origin} is not allowed; add it to ALLOWED_ORIGIN`,
@@ -3243,6 +3298,280 @@ function account(relay: Relay, context: RequestContext): void {
 }
 
 // ---------------------------------------------------------------------------
+// Page: the relay's own page at / and MC's one-link settings
+// ---------------------------------------------------------------------------
+
+/** A HOST or Host that only this machine reaches: localhost, 127.x.x.x or ::1, with an optional port. */
+const LOOPBACK_AUTHORITY = /^(localhost|127\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[::1\]|::1)(:\d{1,5})?$/;
+
+/**
+ * The address users reach the relay at, BASE_PATH included: PUBLIC_URL when set. Without it, only a relay that
+ * listens on loopback derives it, from a loopback Host header (a browser or proxy on this machine); a Host header
+ * from anywhere else is never trusted for it, since an answer built from it could be cached for others.
+ */
+function publicBase(relay: Relay, context: RequestContext): string | undefined {
+  const { config } = relay;
+  if (config.publicUrl) return config.publicUrl;
+  const host = context.request.headers.get("host") ?? "";
+  if (!LOOPBACK_AUTHORITY.test(config.host) || !LOOPBACK_AUTHORITY.test(host)) return undefined;
+  return `${config.tlsCertFile ? "https" : "http"}://${host}${config.basePath}`;
+}
+
+/** MC's settings document that selects this relay: the relay, the endpoint it serves, and the model if one is set. */
+function mcSettings(relay: Relay, base: string) {
+  const model = relay.config.defaultModel ?? relay.config.allowedModels[0];
+  return { aiIntegration: { ...(model && { model }), backend: { relay: base, endpoint: relay.upstreams[0].baseUrl } } };
+}
+
+/** The link that configures MetaConfigurator for this relay in one click. */
+function mcSettingsLink(base: string): string {
+  return `${METACONFIGURATOR_ORIGINS[0]}/?settings=${encodeURIComponent(`${base}/mc-settings.json`)}`;
+}
+
+/**
+ * Stage: GET /mc-settings.json, without credentials and with CORS for allowed origins: the MC settings document
+ * that selects this relay, for `https://www.metaconfigurator.org/?settings=<relay>/mc-settings.json`. Nothing secret
+ * is in it. 404 when the relay does not know the address users reach it at (set PUBLIC_URL).
+ */
+function answerMcSettings(relay: Relay, context: RequestContext): Response | undefined {
+  if (context.routePath !== "/mc-settings.json") return undefined;
+  const base = publicBase(relay, context);
+  if (base === undefined) {
+    return errorResponse(
+      404,
+      "this relay does not know the address its users reach it at; its operator sets PUBLIC_URL, e.g. https://relay.example.com",
+      "public_url_unknown",
+    );
+  }
+  return jsonResponse(mcSettings(relay, base), { headers: { "cache-control": "no-cache" } });
+}
+
+/** Stage: GET / (under BASE_PATH; PAGE=false turns it off): the relay's own page, without credentials. */
+async function answerPage(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  if (context.routePath !== "/") return undefined;
+  const hashes = await pageHashes;
+  const body = textEncoder.encode(pageHtml(relay, context));
+  return new Response(body, {
+    headers: {
+      "content-type": "text/html; charset=utf-8",
+      "content-length": String(body.byteLength),
+      "content-security-policy":
+        `default-src 'none'; script-src '${hashes.script}'; style-src '${hashes.style}'; connect-src 'self'; img-src 'self' data:; form-action 'none'; frame-ancestors 'none'; base-uri 'none'`,
+      "x-content-type-options": "nosniff",
+      "referrer-policy": "no-referrer",
+      "cache-control": "no-store",
+    },
+  });
+}
+
+/** Text for HTML, with `&`, `<`, `>`, `"` and `'` escaped. */
+function escapeHtml(text: string): string {
+  return text.replace(/[&<>"']/g, (char) => `&#${char.charCodeAt(0)};`);
+}
+
+/**
+ * The page: what this relay is and whether it runs, the values to type into MC and into an SDK (each with a copy
+ * button), the one-link setup, and a sign-in that lists the models, runs a streamed test chat and shows the caller's
+ * limits and budgets. The information is in the HTML itself; only copying, sign-in and the chat need JavaScript. The
+ * models (and so the upstreams) show only after sign-in; the key typed stays in the page's memory.
+ */
+function pageHtml(relay: Relay, context: RequestContext): string {
+  const { config } = relay;
+  const base = publicBase(relay, context);
+  const shown = (value: string | undefined, placeholder: string) =>
+    value === undefined
+      ? `<span data-fill="${escapeHtml(placeholder)}">${escapeHtml(placeholder)}</span>`
+      : escapeHtml(value);
+  const relayUrl = shown(base, "{base}");
+  const sdkUrl = shown(base && `${base}/v1`, "{base}/v1");
+  const keyText = config.publicAccess
+    ? "nothing: this relay is public (leave MC's key field empty), or your <code>username:password</code> if you have one"
+    : "your <code>username:password</code>, from whoever runs this relay";
+  const state = relay.counters.state === "degraded"
+    ? "running, counting limits in this copy alone (store unreachable)"
+    : "running";
+  const link = base === undefined
+    ? `<p>The one-click setup needs the relay's public address: its operator sets <code>PUBLIC_URL</code>.</p>`
+    : `<p><a href="${
+      escapeHtml(mcSettingsLink(base))
+    }">Set up MetaConfigurator for this relay in one click</a> (it loads <code>${
+      escapeHtml(`${base}/mc-settings.json`)
+    }</code>).</p>`;
+  return `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>mc-relay</title>
+<style>${PAGE_STYLE}</style>
+</head>
+<body data-base-path="${escapeHtml(config.basePath)}" data-public="${config.publicAccess}" data-model="${
+    escapeHtml(config.defaultModel ?? "")
+  }">
+<main>
+<h1>mc-relay</h1>
+<p>A relay between web apps such as <a href="https://www.metaconfigurator.org">MetaConfigurator</a> and an OpenAI-compatible AI provider. It keeps the provider's key on the server and answers browsers from the allowed origins only.</p>
+<p id="status">Status: <strong>${escapeHtml(state)}</strong>, version ${VERSION}.</p>
+<h2>Use it from MetaConfigurator</h2>
+${link}
+<p>Or type these into MetaConfigurator's AI settings (the relay option):</p>
+<dl>
+<dt>Relay URL (without <code>/v1</code>)</dt><dd><code data-copy="Relay URL">${relayUrl}</code></dd>
+<dt>Endpoint</dt><dd><code data-copy="Endpoint">${escapeHtml(relay.upstreams[0].baseUrl)}</code></dd>
+<dt>API key</dt><dd>${keyText}</dd>
+</dl>
+<h2>Use it from an OpenAI SDK</h2>
+<dl>
+<dt><code>baseURL</code></dt><dd><code data-copy="baseURL">${sdkUrl}</code></dd>
+<dt><code>apiKey</code></dt><dd>${keyText}</dd>
+</dl>
+<h2>Try it</h2>
+<noscript><p>Signing in and the test chat need JavaScript.</p></noscript>
+<form id="sign-in" hidden>
+<label for="key">API key (<code>username:password</code>${config.publicAccess ? ", or empty" : ""})</label>
+<input id="key" type="password" autocomplete="current-password" spellcheck="false">
+<button type="submit">Sign in</button>
+<p class="note">The key stays in this page's memory; it is sent to this relay only.</p>
+</form>
+<div id="signed-in" hidden>
+<h3>Models</h3>
+<ul id="models"></ul>
+<h3>Your limits</h3>
+<ul id="usage"></ul>
+<h3>Test chat</h3>
+<form id="chat">
+<label for="model">Model</label>
+<select id="model"></select>
+<label for="message">Message</label>
+<input id="message" value="Say hello in three words">
+<button type="submit">Send</button>
+</form>
+<pre id="answer" aria-live="polite"></pre>
+</div>
+<p id="problem" role="alert"></p>
+</main>
+<script>${PAGE_SCRIPT}</script>
+</body>
+</html>
+`;
+}
+
+/** The page's style: readable, high contrast, visible focus, light and dark. */
+const PAGE_STYLE = `
+body{font:16px/1.5 system-ui,sans-serif;margin:0;color:#1b1b1b;background:#fff}
+main{max-width:46rem;margin:0 auto;padding:1rem 1.25rem 3rem}
+a{color:#0b57d0}code{font:0.95em ui-monospace,monospace;background:#f0f0f0;padding:0 .2em;border-radius:3px}
+dt{font-weight:600;margin-top:.5rem}dd{margin:0 0 0 1rem}
+label{display:block;font-weight:600;margin-top:.75rem}
+input,select{font:inherit;padding:.35rem;width:100%;max-width:30rem;box-sizing:border-box;border:1px solid #555;border-radius:4px}
+button{font:inherit;margin:.5rem .5rem 0 0;padding:.35rem .9rem;border:1px solid #0b57d0;border-radius:4px;background:#0b57d0;color:#fff;cursor:pointer}
+dd button{margin:0 0 0 .5rem;padding:0 .5rem;background:#fff;color:#0b57d0}
+:focus-visible{outline:3px solid #e37400;outline-offset:2px}
+pre{white-space:pre-wrap;background:#f6f6f6;padding:.75rem;border-radius:4px;min-height:1.5rem}
+.note{font-size:.9rem;color:#444}#problem{color:#b3261e;font-weight:600}
+@media (prefers-color-scheme:dark){body{color:#eee;background:#121212}a{color:#8ab4f8}code,pre{background:#2a2a2a}
+input,select{background:#1e1e1e;color:#eee;border-color:#aaa}.note{color:#bbb}#problem{color:#f28b82}
+dd button{background:#121212;color:#8ab4f8;border-color:#8ab4f8}}
+`;
+
+/** The page's script: copy buttons, sign-in, models, limits and a streamed test chat. It holds no server data. */
+const PAGE_SCRIPT = `
+"use strict";
+const data = document.body.dataset;
+const api = (path) => data.basePath + path;
+const $ = (id) => document.getElementById(id);
+let key = "";
+const problem = (text) => { $("problem").textContent = text; };
+for (const node of document.querySelectorAll("[data-fill]")) {
+  const base = location.origin + data.basePath;
+  node.textContent = node.dataset.fill.replace("{base}", base);
+}
+for (const code of document.querySelectorAll("[data-copy]")) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = "Copy";
+  button.setAttribute("aria-label", "Copy the " + code.dataset.copy);
+  button.addEventListener("click", async () => {
+    try { await navigator.clipboard.writeText(code.textContent); button.textContent = "Copied"; }
+    catch { button.textContent = "Select and copy"; }
+    setTimeout(() => { button.textContent = "Copy"; }, 1500);
+  });
+  code.after(button);
+}
+async function call(path, init = {}) {
+  const headers = { ...(init.headers || {}) };
+  if (key) headers.authorization = "Bearer " + key;
+  const response = await fetch(api(path), { ...init, headers });
+  if (!response.ok) {
+    let message = "HTTP " + response.status;
+    try { message = (await response.json()).error.message; } catch {}
+    throw new Error(message);
+  }
+  return response;
+}
+$("sign-in").hidden = false;
+$("sign-in").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  key = $("key").value.trim();
+  problem("");
+  try {
+    const models = (await (await call("/v1/models")).json()).data.map((model) => model.id);
+    $("models").replaceChildren(...models.map((id) => Object.assign(document.createElement("li"), { textContent: id })));
+    $("model").replaceChildren(...models.map((id) => Object.assign(document.createElement("option"), { value: id, textContent: id, selected: id === data.model })));
+    const usage = await (await call("/usage")).json();
+    const lines = [
+      ...usage.budgets.map((b) => b.remaining.toLocaleString("en-US") + " of " + b.budget.toLocaleString("en-US") + " tokens left this UTC " + b.window + " (renews " + b.resets_at + ")"),
+      ...usage.limits.map((l) => l.remaining + " of " + l.limit + " requests left per " + l.window),
+      ...(usage.max_tokens_per_request ? ["answers up to " + usage.max_tokens_per_request + " tokens"] : []),
+    ];
+    $("usage").replaceChildren(...(lines.length ? lines : ["no limits or budgets"]).map((text) => Object.assign(document.createElement("li"), { textContent: text })));
+    $("signed-in").hidden = false;
+    $("message").focus();
+  } catch (error) {
+    problem(error.message);
+  }
+});
+$("chat").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  problem("");
+  $("answer").textContent = "";
+  try {
+    const response = await call("/v1/chat/completions", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model: $("model").value, stream: true, messages: [{ role: "user", content: $("message").value }] }),
+    });
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let pending = "";
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      pending += value;
+      const events = pending.split(/\\r?\\n\\r?\\n/);
+      pending = events.pop();
+      for (const event of events) {
+        const text = event.split(/\\r?\\n/).filter((line) => line.startsWith("data:")).map((line) => line.slice(5).trim()).join("");
+        if (!text || text === "[DONE]") continue;
+        const delta = JSON.parse(text).choices?.[0]?.delta?.content;
+        if (delta) $("answer").textContent += delta;
+      }
+    }
+  } catch (error) {
+    problem(error.message);
+  }
+});
+`;
+
+/** The CSP hashes of the page's script and style, computed once. */
+const pageHashes = (async () => {
+  const hash = async (text: string) =>
+    `sha256-${
+      btoa(String.fromCharCode(...new Uint8Array(await crypto.subtle.digest("SHA-256", textEncoder.encode(text)))))
+    }`;
+  return { script: await hash(PAGE_SCRIPT), style: await hash(PAGE_STYLE) };
+})();
+
+// ---------------------------------------------------------------------------
 // Bodies: reading requests, relaying answers, reading usage
 // ---------------------------------------------------------------------------
 
@@ -3857,104 +4186,224 @@ export function createLogger(config: RelayConfig, sink: (line: string) => void =
 // ---------------------------------------------------------------------------
 
 /**
- * A tiny OpenAI-compatible upstream that echoes the last user message back,
- * streamed word by word when asked. Only `deno task demo` uses it; it is never
- * used when UPSTREAM_BASE_URL is set. It checks the key so the demo shows the
- * relay adding it.
+ * A tiny OpenAI-compatible upstream that echoes the last user message back, on every route the common SDKs call:
+ * chat completions, completions, the Responses API (streamed word by word when asked) and embeddings. Only
+ * `deno task demo` uses it; it is never used when UPSTREAM_BASE_URL is set. It checks the key so the demo shows
+ * the relay adding it.
  */
 export function createDemoUpstream(apiKey: string): (request: Request) => Promise<Response> {
-  const model = "echo";
-  const encoder = new TextEncoder();
+  const demoError = (status: number, message: string, code: string) =>
+    Response.json({ error: { message: `demo upstream: ${message}`, type: "invalid_request_error", code } }, { status });
   return async (request) => {
     const path = new URL(request.url).pathname;
     if (request.headers.get("authorization") !== `Bearer ${apiKey}`) {
-      return Response.json({
-        error: { message: "demo upstream: wrong key", type: "invalid_request_error", code: "invalid_api_key" },
-      }, { status: 401 });
+      return demoError(401, "wrong key", "invalid_api_key");
     }
     if (path === "/models" && request.method === "GET") {
       return Response.json({
         object: "list",
-        data: [{ id: model, object: "model", created: 0, owned_by: "mc-relay-demo" }],
+        data: [{ id: DEMO_MODEL, object: "model", created: 0, owned_by: "mc-relay-demo" }],
       });
     }
-    if (path !== "/chat/completions" || request.method !== "POST") {
-      return Response.json({
-        error: { message: "demo upstream: not found", type: "invalid_request_error", code: "unknown_url" },
-      }, { status: 404 });
-    }
-    let payload: {
-      stream?: boolean;
-      stream_options?: { include_usage?: boolean };
-      messages?: { role?: string; content?: unknown }[];
-    };
+    const answer = request.method === "POST" ? DEMO_ROUTES[path] : undefined;
+    if (answer === undefined) return demoError(404, "not found", "unknown_url");
+    let payload: DemoRequest;
     try {
       payload = await request.json();
     } catch {
-      return Response.json({
-        error: { message: "demo upstream: body is not JSON", type: "invalid_request_error", code: "invalid_json" },
-      }, { status: 400 });
+      return demoError(400, "body is not JSON", "invalid_json");
     }
-    const lastUser = [...(payload.messages ?? [])].reverse().find((message) => message.role === "user");
-    const content = typeof lastUser?.content === "string"
-      ? lastUser.content
-      : Array.isArray(lastUser?.content)
-      ? lastUser.content.map((part: { text?: string }) => part?.text ?? "").join(" ")
-      : "";
-    const reply = `Echo: ${content || "(no user message)"}`;
-    const promptTokens = content.split(/\s+/).filter(Boolean).length;
-    const completionTokens = reply.split(/\s+/).length;
-    const usage = {
-      prompt_tokens: promptTokens,
-      completion_tokens: completionTokens,
-      total_tokens: promptTokens + completionTokens,
-    };
+    return answer(payload);
+  };
+}
+
+/** The demo's one model. */
+const DEMO_MODEL = "echo";
+
+/** What the demo reads from a request body, whichever route it came to. */
+interface DemoRequest {
+  stream?: boolean;
+  stream_options?: { include_usage?: boolean };
+  messages?: { role?: string; content?: unknown }[];
+  prompt?: unknown;
+  input?: unknown;
+}
+
+/** The text of a message's content: a string, or the text parts of a list. */
+function demoText(content: unknown): string {
+  if (typeof content === "string") return content;
+  if (!Array.isArray(content)) return "";
+  return content.map((part) => typeof part === "string" ? part : part?.text ?? "").join(" ");
+}
+
+/** The last user message of a chat, a completion prompt, or a Responses API input. */
+function demoPrompt(payload: DemoRequest): string {
+  if (Array.isArray(payload.messages)) {
+    return demoText([...payload.messages].reverse().find((message) => message.role === "user")?.content);
+  }
+  if (payload.prompt !== undefined) return demoText(payload.prompt);
+  if (typeof payload.input === "string") return payload.input;
+  if (Array.isArray(payload.input)) {
+    const users = payload.input.filter((item) => item?.role === "user" || typeof item === "string");
+    const last = users.at(-1);
+    return typeof last === "string" ? last : demoText(last?.content);
+  }
+  return "";
+}
+
+/** The echo, and its token counts (a word a token). */
+function demoReply(payload: DemoRequest) {
+  const prompt = demoPrompt(payload);
+  const text = `Echo: ${prompt || "(no user message)"}`;
+  const promptTokens = prompt.split(/\s+/).filter(Boolean).length;
+  const completionTokens = text.split(/\s+/).length;
+  return { text, words: text.split(/(?<= )/), promptTokens, completionTokens, created: Math.floor(Date.now() / 1000) };
+}
+
+/** A stream of server-sent events, `pause` ms apart, from a list of events to send (`event:` name optional). */
+function demoStream(events: { event?: string; data: unknown }[], pause = 60): Response {
+  const encoder = new TextEncoder();
+  let index = 0;
+  const body = new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      if (index >= events.length) {
+        controller.close();
+        return;
+      }
+      if (index > 0) await new Promise((resolve) => setTimeout(resolve, pause));
+      const { event, data } = events[index++];
+      const text = typeof data === "string" ? data : JSON.stringify(data);
+      controller.enqueue(encoder.encode(`${event ? `event: ${event}\n` : ""}data: ${text}\n\n`));
+    },
+  });
+  return new Response(body, { headers: { "content-type": "text/event-stream" } });
+}
+
+/** The demo's answer for each POST route. */
+const DEMO_ROUTES: Record<string, (payload: DemoRequest) => Response> = {
+  "/chat/completions"(payload) {
+    const reply = demoReply(payload);
     const id = `chatcmpl-demo-${crypto.randomUUID()}`;
-    const created = Math.floor(Date.now() / 1000);
+    const usage = {
+      prompt_tokens: reply.promptTokens,
+      completion_tokens: reply.completionTokens,
+      total_tokens: reply.promptTokens + reply.completionTokens,
+    };
+    const base = { id, created: reply.created, model: DEMO_MODEL };
     if (!payload.stream) {
       return Response.json({
-        id,
+        ...base,
         object: "chat.completion",
-        created,
-        model,
-        choices: [{ index: 0, message: { role: "assistant", content: reply }, finish_reason: "stop" }],
+        choices: [{ index: 0, message: { role: "assistant", content: reply.text }, finish_reason: "stop" }],
         usage,
       });
     }
-    const words = reply.split(/(?<= )/);
-    const chunk = (delta: Record<string, string>, finish: string | null) =>
-      encoder.encode(
-        `data: ${
-          JSON.stringify({
-            id,
-            object: "chat.completion.chunk",
-            created,
-            model,
-            choices: [{ index: 0, delta, finish_reason: finish }],
-          })
-        }\n\n`,
-      );
-    let index = 0;
-    const body = new ReadableStream<Uint8Array>({
-      async pull(controller) {
-        if (index === 0) controller.enqueue(chunk({ role: "assistant", content: "" }, null));
-        if (index < words.length) {
-          await new Promise((resolve) => setTimeout(resolve, 60));
-          controller.enqueue(chunk({ content: words[index++] }, null));
-          return;
-        }
-        controller.enqueue(chunk({}, "stop"));
-        if (payload.stream_options?.include_usage === true) {
-          const event = { id, object: "chat.completion.chunk", created, model, choices: [], usage };
-          controller.enqueue(encoder.encode(`data: ${JSON.stringify(event)}\n\n`));
-        }
-        controller.enqueue(encoder.encode("data: [DONE]\n\n"));
-        controller.close();
-      },
+    const chunk = (delta: Record<string, string>, finish: string | null) => ({
+      ...base,
+      object: "chat.completion.chunk",
+      choices: [{ index: 0, delta, finish_reason: finish }],
     });
-    return new Response(body, { headers: { "content-type": "text/event-stream" } });
-  };
-}
+    return demoStream([
+      { data: chunk({ role: "assistant", content: "" }, null) },
+      ...reply.words.map((word) => ({ data: chunk({ content: word }, null) })),
+      { data: chunk({}, "stop") },
+      ...(payload.stream_options?.include_usage === true
+        ? [{ data: { ...base, object: "chat.completion.chunk", choices: [], usage } }]
+        : []),
+      { data: "[DONE]" },
+    ]);
+  },
+  "/completions"(payload) {
+    const reply = demoReply(payload);
+    const base = {
+      id: `cmpl-demo-${crypto.randomUUID()}`,
+      object: "text_completion",
+      created: reply.created,
+      model: DEMO_MODEL,
+    };
+    const usage = {
+      prompt_tokens: reply.promptTokens,
+      completion_tokens: reply.completionTokens,
+      total_tokens: reply.promptTokens + reply.completionTokens,
+    };
+    if (!payload.stream) {
+      return Response.json({ ...base, choices: [{ index: 0, text: reply.text, finish_reason: "stop" }], usage });
+    }
+    return demoStream([
+      ...reply.words.map((word) => ({ data: { ...base, choices: [{ index: 0, text: word, finish_reason: null }] } })),
+      {
+        data: {
+          ...base,
+          choices: [{ index: 0, text: "", finish_reason: "stop" }],
+          ...(payload.stream_options?.include_usage === true && { usage }),
+        },
+      },
+      { data: "[DONE]" },
+    ]);
+  },
+  "/embeddings"(payload) {
+    const inputs = Array.isArray(payload.input) ? payload.input : [payload.input];
+    const vector = (text: unknown) =>
+      Array.from(
+        { length: 8 },
+        (_, index) => ((String(text).charCodeAt(index % Math.max(1, String(text).length)) || 0) % 17) / 16,
+      );
+    const tokens = inputs.map((input) => String(input).split(/\s+/).filter(Boolean).length).reduce((a, b) => a + b, 0);
+    return Response.json({
+      object: "list",
+      data: inputs.map((input, index) => ({ object: "embedding", index, embedding: vector(input) })),
+      model: DEMO_MODEL,
+      usage: { prompt_tokens: tokens, total_tokens: tokens },
+    });
+  },
+  "/responses"(payload) {
+    const reply = demoReply(payload);
+    const id = `resp_demo${crypto.randomUUID().replaceAll("-", "")}`;
+    const messageId = `msg_demo${crypto.randomUUID().replaceAll("-", "")}`;
+    const usage = {
+      input_tokens: reply.promptTokens,
+      input_tokens_details: { cached_tokens: 0 },
+      output_tokens: reply.completionTokens,
+      output_tokens_details: { reasoning_tokens: 0 },
+      total_tokens: reply.promptTokens + reply.completionTokens,
+    };
+    const part = { type: "output_text", text: reply.text, annotations: [] };
+    const message = { type: "message", id: messageId, status: "completed", role: "assistant", content: [part] };
+    const response = (status: string, extra: Record<string, unknown>) => ({
+      id,
+      object: "response",
+      created_at: reply.created,
+      status,
+      model: DEMO_MODEL,
+      output: [],
+      incomplete_details: null,
+      error: null,
+      ...extra,
+    });
+    if (!payload.stream) {
+      return Response.json(response("completed", { output: [message], output_text: reply.text, usage }));
+    }
+    let sequence = 0;
+    const event = (type: string, data: Record<string, unknown>) => ({
+      event: type,
+      data: { type, sequence_number: sequence++, ...data },
+    });
+    const at = { item_id: messageId, output_index: 0, content_index: 0 };
+    return demoStream([
+      event("response.created", { response: response("in_progress", {}) }),
+      event("response.output_item.added", {
+        output_index: 0,
+        item: { ...message, status: "in_progress", content: [] },
+      }),
+      event("response.content_part.added", { ...at, part: { ...part, text: "" } }),
+      ...reply.words.map((delta) => event("response.output_text.delta", { ...at, delta, logprobs: [] })),
+      event("response.output_text.done", { ...at, text: reply.text, logprobs: [] }),
+      event("response.content_part.done", { ...at, part }),
+      event("response.output_item.done", { output_index: 0, item: message }),
+      event("response.completed", { response: response("completed", { output: [message], usage }) }),
+    ]);
+  },
+};
 
 // ---------------------------------------------------------------------------
 // Start-up
@@ -4019,6 +4468,11 @@ Optional (default in brackets):
   STATE_PATH                   SQLite file for limits, budgets and the usage ledger, e.g. /data/state.db [memory]
   REDIS_URL                    redis:// or rediss:// URL: the same, shared by every copy [memory]
   USAGE_RETENTION_DAYS         ledger days kept [400]
+  PAGE                         false turns the relay's own page at / off [true]
+  PUBLIC_URL                   the address users reach the relay at, for the page and /mc-settings.json [derived
+                               only on loopback]
+  DEFAULT_MODEL                the model /mc-settings.json selects in MetaConfigurator [the first of
+                               ALLOWED_MODELS, else none]
   METRICS                      users who may read Prometheus metrics at /metrics, e.g. admin [false]
   METRICS_PORT                 a separate port serving /metrics without auth [none]
   METRICS_HOST                 the interface METRICS_PORT listens on [127.0.0.1]
@@ -4155,8 +4609,15 @@ function listen(
   }
 }
 
-/** Starts the relay server for a config and wires graceful shutdown; resolves when it has stopped. */
-export async function serve(config: RelayConfig, warnings: string[] = []): Promise<void> {
+/**
+ * Starts the relay server for a config and wires graceful shutdown; resolves when it has stopped. `announce` hears
+ * the port once the relay listens (the demo prints its banner then).
+ */
+export async function serve(
+  config: RelayConfig,
+  warnings: string[] = [],
+  announce?: (port: number) => void,
+): Promise<void> {
   const log = createLogger(config);
   const tls = await loadTls(config);
   for (const warning of warnings) log.warn(warning);
@@ -4200,6 +4661,7 @@ export async function serve(config: RelayConfig, warnings: string[] = []): Promi
           { upstreams: config.upstreams.map((upstream) => `${upstream.name}=${new URL(upstream.baseUrl).host}`) }),
         allowed_origins: config.allowedOrigins,
       });
+      announce?.(port);
     },
     onError: serverErrorHandler(log),
   }, handler);
@@ -4493,25 +4955,34 @@ async function demo(env: RelayEnv): Promise<void> {
     UPSTREAM_API_KEY: apiKey,
     MC_RELAY_USERNAME: "demo",
     MC_RELAY_PASSWORD: random(18),
+    DEFAULT_MODEL: env.DEFAULT_MODEL ?? DEMO_MODEL,
   });
   if (!result.ok) exitWithErrors(result.errors);
   const { config } = result;
   const shownHost = config.host === "0.0.0.0" || config.host === "127.0.0.1" ? "localhost" : config.host;
-  const base = `http://${shownHost}:${config.port}`;
   const apiKeyForClients = `${config.users[0].name}:${config.users[0].password}`;
-  console.log(`
+  // Printed once the port is known (PORT=0 picks a free one).
+  const banner = (port: number) => {
+    const base = `http://${shownHost}:${port}${config.basePath}`;
+    console.log(`
 mc-relay demo: the relay runs in front of a built-in echo model; nothing leaves this machine.
 
-  Relay URL (MC's endpoint, an SDK's baseURL): ${base}/v1
-  API key (username:password):                 ${apiKeyForClients}
-  Allowed browser origins:                     ${config.allowedOrigins.join(", ") || "none"}
+  This relay's page:          ${base}/
+  MetaConfigurator, one link: ${mcSettingsLink(base)}
+  MetaConfigurator, by hand:  Relay URL ${base}  (without /v1)
+                              Endpoint  ${config.upstreams[0].baseUrl}
+  An OpenAI SDK's baseURL:    ${base}/v1
+  API key (username:password): ${apiKeyForClients}
+  Model:                      ${DEMO_MODEL}
+  Allowed browser origins:    ${config.allowedOrigins.join(", ") || "none"}
 
 Try it:
-  curl -N ${base}/v1/chat/completions -H "Authorization: Bearer ${apiKeyForClients}" -H "Content-Type: application/json" -d '{"model":"echo","stream":true,"messages":[{"role":"user","content":"Hello relay"}]}'
+  curl -N ${base}/v1/chat/completions -H "Authorization: Bearer ${apiKeyForClients}" -H "Content-Type: application/json" -d '{"model":"${DEMO_MODEL}","stream":true,"messages":[{"role":"user","content":"Hello relay"}]}'
 
 Stop with Ctrl+C. For a real provider, set the variables in README.md and run 'deno task start'.
 `);
-  await serve(config, []);
+  };
+  await serve(config, [], banner);
 }
 
 /** Runs the command line: the relay, `demo`, `healthcheck`, `--help` or `--version`. */

@@ -1913,9 +1913,19 @@ Deno.test("process", async (t) => {
     "the demo runs with nothing configured, prints URL, credentials and a curl line, and streams",
     async () => {
       const relay = await spawnRelay({}, ["demo"]);
+      await within(
+        5000,
+        (async () => {
+          while (!relay.output().stdout.includes("Stop with Ctrl+C")) await sleep(10);
+        })(),
+        "the demo printed no banner",
+      );
       const { stdout } = relay.output();
       const apiKey = /API key \(username:password\):\s+(\S+)/.exec(stdout)![1];
-      assert.match(stdout, /Relay URL .*http:\/\/localhost:\d+\/v1/);
+      const port = new URL(relay.url).port;
+      assert.match(stdout, new RegExp(`Relay URL http://localhost:${port}  \\(without /v1\\)`), "MC's value: no /v1");
+      assert.match(stdout, new RegExp(`baseURL: +http://localhost:${port}/v1\n`), "an SDK's value: with /v1");
+      assert.match(stdout, new RegExp(`settings=http%3A%2F%2Flocalhost%3A${port}%2Fmc-settings\\.json`));
       assert.match(stdout, /curl -N http:\/\/localhost:\d+\/v1\/chat\/completions -H "Authorization: Bearer demo:/);
       const response = await fetch(`${relay.url}/v1/chat/completions`, {
         method: "POST",

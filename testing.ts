@@ -125,6 +125,7 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     basePath: "",
     disabledPaths: [],
     usageRetentionDays: 400,
+    page: true,
     trustProxy: { ranges: [], hops: 0 },
     ...overrides,
   };
@@ -303,10 +304,10 @@ export function processEnv(env: Record<string, string>): Record<string, string> 
   return { ...keep, ...env };
 }
 
-/** Runs `deno run -P main.ts` (the start task's flags) to completion. */
+/** Runs `deno run -P --quiet main.ts` (the start task's flags) to completion. */
 export async function runRelayProcess(env: Record<string, string>, args: string[] = []) {
   const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-P", "main.ts", ...args],
+    args: ["run", "-P", "--quiet", "main.ts", ...args],
     cwd: new URL(".", import.meta.url).pathname,
     env: processEnv(env),
     clearEnv: true,
@@ -318,10 +319,10 @@ export async function runRelayProcess(env: Record<string, string>, args: string[
   return { code: output.code, stdout, stderr };
 }
 
-/** Starts `deno run -P main.ts` (the start task's flags) and waits for its listening line. */
+/** Starts `deno run -P --quiet main.ts` (the start task's flags) and waits for its listening line. */
 export async function spawnRelay(env: Record<string, string>, args: string[] = []) {
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-P", "main.ts", ...args],
+    args: ["run", "-P", "--quiet", "main.ts", ...args],
     cwd: new URL(".", import.meta.url).pathname,
     env: processEnv({ HOST: "127.0.0.1", PORT: "0", ...env }),
     clearEnv: true,

@@ -29,3 +29,9 @@ for await (const chunk of stream) {
   await Deno.stdout.write(new TextEncoder().encode(chunk.choices[0]?.delta?.content ?? ""));
 }
 console.log();
+
+// The Responses API (the default of newer SDKs) and embeddings pass through the relay the same way.
+const response = await client.responses.create({ model, input: "Say hello from the Responses API" });
+console.log("responses:", response.output_text);
+const embedding = await client.embeddings.create({ model, input: "embed me" });
+console.log("embeddings:", embedding.data[0].embedding.length, "numbers");
