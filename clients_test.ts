@@ -16,12 +16,15 @@ import {
   CANARY_PASSWORD,
   chatBody,
   controlledStream,
+  decoder,
   IN_CI,
+  installed,
   openAiLikeUpstream,
   seenByClientsOrLogs,
   type SeenRequest,
   selfSignedCertificate,
   sleep,
+  spawnRelay,
   startRelay,
   startUpstream,
   testConfig,
@@ -431,6 +434,166 @@ Deno.test("openai sdk", async (t) => {
     assert.match(error.message, /REQUEST_TIMEOUT_SECONDS/);
     await sleep(20);
   });
+});
+
+Deno.test({
+  name: "the relay's own page and one-link MC settings in Chromium",
+  ignore: !HAVE_CHROMIUM && !IN_CI,
+  sanitizeOps: false,
+  sanitizeResources: false,
+}, async (t) => {
+  const openaiFolder = await npmPackageFolder("openai", OPENAI_VERSION);
+  await using otherOrigin = startPageServer(openaiFolder);
+  await using upstream = startUpstream((request, seen) => {
+    if (seen.path !== "/chat/completions" || !seen.body.includes('"stream":true')) {
+      return openAiLikeUpstream(request, seen);
+    }
+    const events = ["Hello", " from", " the page"].map((content) =>
+      `data: {"choices":[{"delta":{"content":"${content}"}}]}\n\n`
+    );
+    return new Response(new Blob([...events, "data: [DONE]\n\n"]).stream(), {
+      headers: { "content-type": "text/event-stream" },
+    });
+  });
+  await using relay = startRelay(testConfig(upstream.url, {
+    allowedOrigins: [otherOrigin.origin],
+    defaultModel: "gpt-test",
+    tokenBudgetPerDay: 12_000,
+  }));
+  const shots = await Deno.makeTempDir({ prefix: "mc-relay-page-shots-" });
+  const browser = await launchChromium();
+  try {
+    const page = await browser.newPage();
+    const problems: string[] = [];
+    page.on("console", (message) => {
+      if (message.type() === "error") problems.push(message.text());
+    });
+    page.on("pageerror", (error) => problems.push(String(error)));
+    await page.goto(`${relay.url}/`);
+
+    await t.step(
+      "signed out, the page says what the relay is and the values to type into MC, with copy buttons",
+      async () => {
+        await page.screenshot({ path: `${shots}/signed-out.png`, fullPage: true });
+        const text = await page.locator("main").innerText();
+        assert.match(text, /Status: running/);
+        assert.ok(text.includes(`Relay URL (without /v1)\n${relay.url}`), text);
+        assert.ok(text.includes(`baseURL\n${relay.url}/v1`));
+        assert.ok(text.includes(upstream.url), "the endpoint");
+        assert.ok(!text.includes("gpt-test"), "no model before sign-in");
+        assert.equal(await page.getByRole("button", { name: "Copy the Relay URL" }).count(), 1);
+        const link = await page.getByRole("link", { name: /Set up MetaConfigurator/ }).getAttribute("href");
+        assert.equal(
+          link,
+          `https://www.metaconfigurator.org/?settings=${encodeURIComponent(`${relay.url}/mc-settings.json`)}`,
+        );
+        const unlabelled = await page.evaluate(() =>
+          [...document.querySelectorAll("input, select")].filter((field) =>
+            !document.querySelector(`label[for="${field.id}"]`)
+          ).length
+        );
+        assert.equal(unlabelled, 0, "every field has a label");
+      },
+    );
+
+    await t.step("signed in by keyboard alone, it lists the models and the caller's budget", async () => {
+      await page.getByLabel(/API key/).focus();
+      await page.keyboard.type(`${USERNAME}:${CANARY_PASSWORD}`);
+      await page.keyboard.press("Enter");
+      await page.locator("#models li").first().waitFor({ timeout: 5000 });
+      assert.deepEqual(await page.locator("#models li").allInnerTexts(), ["gpt-test"]);
+      assert.match(await page.locator("#usage").innerText(), /12,000 of 12,000 tokens left this UTC day/);
+      await page.screenshot({ path: `${shots}/signed-in.png`, fullPage: true });
+    });
+
+    await t.step("the page runs a streamed test chat", async () => {
+      await page.getByRole("button", { name: "Send" }).click();
+      await page.waitForFunction(() => document.getElementById("answer")?.textContent === "Hello from the page", null, {
+        timeout: 5000,
+      });
+      await page.screenshot({ path: `${shots}/chat.png`, fullPage: true });
+      assert.deepEqual(problems, [], `no script error and no Content-Security-Policy violation: ${problems}`);
+      for (const name of ["signed-out.png", "signed-in.png", "chat.png"]) {
+        assert.ok((await Deno.stat(`${shots}/${name}`)).size > 1000, `screenshot ${name} in ${shots}`);
+      }
+    });
+
+    await t.step(
+      "an allowed origin (MC's) fetches the settings document cross-origin, in MC's settings shape",
+      async () => {
+        const mcPage = await browser.newPage();
+        await mcPage.goto(`${otherOrigin.origin}/`);
+        const result = await pageFetch(mcPage, `${relay.url}/mc-settings.json`, {});
+        assert.equal(result.error, null);
+        assert.deepEqual(JSON.parse(result.text), {
+          aiIntegration: { model: "gpt-test", backend: { relay: relay.url, endpoint: upstream.url } },
+        });
+      },
+    );
+  } finally {
+    await browser.close();
+  }
+});
+
+Deno.test("each common SDK's default call works through the relay, against the demo", async (t) => {
+  const demo = await spawnRelay({}, ["demo"]);
+  const folder = await Deno.makeTempDir({ prefix: "mc-relay-sdks-" });
+  try {
+    await within(
+      5000,
+      (async () => {
+        while (!demo.output().stdout.includes("Stop with Ctrl+C")) await sleep(10);
+      })(),
+      "the demo printed no banner",
+    );
+    const key = /API key \(username:password\):\s+(\S+)/.exec(demo.output().stdout)![1];
+    // LangChain resolves its own `openai` dependency only with a local node_modules; Node reads the same folder.
+    await Deno.writeTextFile(`${folder}/deno.json`, '{ "nodeModulesDir": "auto" }');
+    for (const file of ["openai-sdk.ts", "vercel-ai-sdk.ts", "langchain.ts", "openai-node.mjs"]) {
+      await Deno.copyFile(new URL(`./examples/${file}`, import.meta.url), `${folder}/${file}`);
+    }
+    const env = { RELAY: demo.url, KEY: key, MODEL: "echo" };
+    const run = async (command: string, args: string[]) => {
+      const output = await new Deno.Command(command, { args, cwd: folder, env, stdin: "null" }).output();
+      const stdout = decoder.decode(output.stdout);
+      seenByClientsOrLogs.push(stdout);
+      assert.equal(output.code, 0, `${args.join(" ")}: ${decoder.decode(output.stderr).slice(-2000)}`);
+      return stdout;
+    };
+    await t.step("the openai SDK in Deno: chat (streamed and not), the Responses API, embeddings", async () => {
+      const out = await run(Deno.execPath(), ["run", "-A", "--quiet", "openai-sdk.ts"]);
+      assert.match(out, /^answer: Echo: Say hello in three words$/m);
+      assert.match(out, /^Echo: Count to five$/m);
+      assert.match(out, /^responses: Echo: Say hello from the Responses API$/m);
+      assert.match(out, /^embeddings: 8 numbers$/m);
+    });
+    await t.step({
+      name: "the openai SDK on Node.js",
+      ignore: !installed("node"),
+      fn: async () => {
+        const out = await run("node", ["openai-node.mjs"]);
+        assert.match(out, /^chat: Echo: Say hello in three words$/m);
+        assert.match(out, /^responses: Echo: Say hello from the Responses API$/m);
+      },
+    });
+    await t.step(
+      "the Vercel AI SDK's default model factory (the Responses API): generateText and streamText",
+      async () => {
+        const out = await run(Deno.execPath(), ["run", "-A", "--quiet", "vercel-ai-sdk.ts"]);
+        assert.match(out, /^generateText: Echo: Say hello in three words$/m);
+        assert.match(out, /^streamText: Echo: Count to five$/m);
+      },
+    );
+    await t.step("LangChain's ChatOpenAI: invoke and stream", async () => {
+      const out = await run(Deno.execPath(), ["run", "-A", "--quiet", "langchain.ts"]);
+      assert.match(out, /^invoke: Echo: Say hello in three words$/m);
+      assert.match(out, /^stream: Echo: Count to five$/m);
+    });
+  } finally {
+    demo.child.kill("SIGTERM");
+    await demo.finished();
+    await Deno.remove(folder, { recursive: true });
+  }
 });
 
 Deno.test("no secret ever appeared in anything the relay logged or returned to these clients", () => {

@@ -3403,6 +3403,7 @@ function pageHtml(relay: Relay, context: RequestContext): string {
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>mc-relay</title>
+<link rel="icon" href="data:,">
 <style>${PAGE_STYLE}</style>
 </head>
 <body data-base-path="${escapeHtml(config.basePath)}" data-public="${config.publicAccess}" data-model="${

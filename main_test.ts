@@ -35,6 +35,7 @@ import {
   minimalEnv,
   openAiLikeUpstream,
   OTHER_ALLOWED,
+  processEnv,
   rawRequest,
   runRelayProcess,
   seenByClientsOrLogs,
@@ -3324,6 +3325,306 @@ Deno.test({
     },
   );
   await Deno.remove(folder, { recursive: true });
+});
+
+// ---------------------------------------------------------------------------
+// The first hour: what a newcomer meets, from the quick start to the page
+// ---------------------------------------------------------------------------
+
+Deno.test("first hour", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  const here = new URL(".", import.meta.url).pathname;
+  const withoutTaskLine = (stderr: string) => stderr.split("\n").filter((line) => line && !/^Task /.test(line));
+
+  await t.step("no command prints a warning: --version, --help, a start and the demo through the tasks", async () => {
+    for (const args of [["task", "start", "--version"], ["task", "start", "--help"]]) {
+      const output = await new Deno.Command(Deno.execPath(), {
+        args,
+        cwd: here,
+        env: processEnv({}),
+        clearEnv: true,
+        stdin: "null",
+      }).output();
+      assert.equal(output.code, 0);
+      assert.deepEqual(withoutTaskLine(decoder.decode(output.stderr)), [], `${args.join(" ")} printed to stderr`);
+    }
+    const relay = await spawnRelay({
+      ...minimalEnv,
+      UPSTREAM_BASE_URL: upstream.url,
+      HOST: "127.0.0.1",
+      ALLOWED_ORIGIN: ALLOWED,
+    });
+    const demo = await spawnRelay({}, ["demo"]);
+    for (const process of [relay, demo]) {
+      process.child.kill("SIGTERM");
+      await process.finished();
+      assert.equal(process.output().stderr, "", "a start prints nothing on stderr");
+      assert.doesNotMatch(process.output().stdout, /"level":"warn"/, "a local start with origins set has no warning");
+    }
+  });
+
+  await t.step(
+    "a port in use, an address not on this machine, a certificate that does not fit: one line, exit 1",
+    async () => {
+      const taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+      const port = (taken.addr as Deno.NetAddr).port;
+      try {
+        const busy = await runRelayProcess({ ...minimalEnv, HOST: "127.0.0.1", PORT: String(port) });
+        assert.equal(busy.code, 1);
+        assert.match(
+          busy.stderr,
+          new RegExp(`PORT ${port}: 127\\.0\\.0\\.1:${port} is already in use by another program`),
+        );
+        assert.doesNotMatch(busy.stderr, /^\s+at /m, "no stack trace");
+      } finally {
+        taken.close();
+      }
+      const elsewhere = await runRelayProcess({ ...minimalEnv, HOST: "192.0.2.1", PORT: "0" });
+      assert.equal(elsewhere.code, 1);
+      assert.match(elsewhere.stderr, /HOST 192\.0\.2\.1 is not an address of this machine/);
+      await using first = await selfSignedCertificate();
+      await using second = await selfSignedCertificate();
+      const mismatched = await runRelayProcess({
+        ...minimalEnv,
+        HOST: "127.0.0.1",
+        PORT: "0",
+        TLS_CERT_FILE: first.certFile,
+        TLS_KEY_FILE: second.keyFile,
+      });
+      assert.equal(mismatched.code, 1);
+      assert.match(
+        mismatched.stderr,
+        /TLS_CERT_FILE and TLS_KEY_FILE do not hold a certificate chain and its private key/,
+      );
+      assert.doesNotMatch(mismatched.stderr, /^\s+at /m);
+    },
+  );
+
+  await t.step("deno task start reads .env, --env-file reads any file, and the real environment wins", async () => {
+    const folder = await Deno.makeTempDir({ prefix: "mc-relay-env-" });
+    for (const file of ["deno.json", "deno.lock", "main.ts"]) {
+      await Deno.copyFile(`${here}${file}`, `${folder}/${file}`);
+    }
+    await Deno.writeTextFile(
+      `${folder}/.env`,
+      [
+        "# a comment",
+        "UPSTREAM_BASE_URL=http://127.0.0.1:9/not-this-one",
+        `UPSTREAM_API_KEY="${CANARY_KEY}"`,
+        `MC_RELAY_USERNAME=${USERNAME}`,
+        `MC_RELAY_PASSWORD='${CANARY_PASSWORD}'`,
+        "HOST=127.0.0.1",
+        "PORT=0",
+        "ALLOWED_ORIGIN=http://localhost:5173",
+        "UPSTREAM_BASE_URI=typo",
+      ].join("\n"),
+    );
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["task", "start"],
+      cwd: folder,
+      env: processEnv({ UPSTREAM_BASE_URL: upstream.url }),
+      clearEnv: true,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    let stdout = "";
+    const reading = child.stdout.pipeThrough(new TextDecoderStream()).pipeTo(
+      new WritableStream({ write: (text) => void (stdout += text) }),
+    );
+    const stderrDone = child.stderr.pipeTo(new WritableStream());
+    try {
+      const url = await within(
+        15_000,
+        (async () => {
+          while (!/"url":"(http:[^"]+)"/.test(stdout)) await sleep(20);
+          return /"url":"(http:[^"]+)"/.exec(stdout)![1];
+        })(),
+        "deno task start did not listen",
+      );
+      const models = await fetch(`${url}/v1/models`, { headers: { authorization: GOOD_BEARER } });
+      assert.equal(models.status, 200, "credentials from .env, upstream from the real environment");
+      await models.body?.cancel();
+      assert.match(stdout, /\.env sets UPSTREAM_BASE_URI, which the relay does not read/);
+    } finally {
+      child.kill("SIGTERM");
+      await child.status;
+      await reading.catch(() => {});
+      await stderrDone.catch(() => {});
+    }
+    seenByClientsOrLogs.push(stdout);
+    const missing = await runRelayProcess({}, ["--env-file", `${folder}/nowhere.env`]);
+    assert.equal(missing.code, 1);
+    assert.match(missing.stderr, /--env-file names ".*nowhere\.env", which cannot be read \(NotFound\)/);
+    const unread = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-P", "--quiet", "main.ts"],
+      cwd: folder,
+      env: processEnv({}),
+      clearEnv: true,
+      stdin: "null",
+    }).output();
+    assert.equal(unread.code, 1);
+    assert.match(
+      decoder.decode(unread.stderr),
+      /A \.env file is in this folder but was not read: run 'mc-relay --env-file \.env'/,
+    );
+    await Deno.remove(folder, { recursive: true });
+  });
+
+  await t.step({
+    name: "hash-password on a terminal asks twice without echo, and refuses two different passwords",
+    ignore: !installed("script"),
+    fn: async () => {
+      const run = async (first: string, second: string) => {
+        const child = new Deno.Command("script", {
+          args: ["-qec", `${Deno.execPath()} run -P --quiet main.ts hash-password`, "/dev/null"],
+          cwd: here,
+          env: processEnv({}),
+          clearEnv: true,
+          stdin: "piped",
+          stdout: "piped",
+          stderr: "piped",
+        }).spawn();
+        const writer = child.stdin.getWriter();
+        await sleep(1500);
+        await writer.write(encoder.encode(`${first}\r`));
+        await sleep(300);
+        await writer.write(encoder.encode(`${second}\r`));
+        const output = await child.output();
+        await writer.close().catch(() => {});
+        return { code: output.code, text: decoder.decode(output.stdout) };
+      };
+      const same = await run("terminal-password-42", "terminal-password-42");
+      assert.equal(same.code, 0, same.text);
+      assert.match(same.text, /Password for MC_RELAY_USERS: /);
+      assert.match(same.text, /The same password again: /);
+      assert.match(same.text, /pbkdf2-sha256:600000:/);
+      assert.ok(!same.text.includes("terminal-password-42"), "the password is never echoed");
+      const differ = await run("terminal-password-42", "terminal-password-43");
+      assert.notEqual(differ.code, 0);
+      assert.match(differ.text, /the two passwords differ; nothing was printed/);
+      assert.doesNotMatch(differ.text, /pbkdf2-sha256:/);
+    },
+  });
+
+  await t.step({
+    name: "examples/nginx.conf passes nginx -t on the nginx installed here",
+    ignore: !installed("nginx") && !IN_CI,
+    fn: async () => {
+      await using cert = await selfSignedCertificate();
+      const folder = await Deno.makeTempDir({ prefix: "mc-relay-nginx-" });
+      const example = (await Deno.readTextFile(`${here}examples/nginx.conf`))
+        .replaceAll("/etc/letsencrypt/live/relay.example.com/fullchain.pem", cert.certFile)
+        .replaceAll("/etc/letsencrypt/live/relay.example.com/privkey.pem", cert.keyFile);
+      await Deno.writeTextFile(`${folder}/site.conf`, example);
+      await Deno.writeTextFile(
+        `${folder}/nginx.conf`,
+        `pid ${folder}/nginx.pid;\nerror_log stderr;\nevents {}\nhttp {\n  access_log off;\n  include ${folder}/site.conf;\n}\n`,
+      );
+      const output = await new Deno.Command("nginx", { args: ["-t", "-p", folder, "-c", `${folder}/nginx.conf`] })
+        .output();
+      const text = decoder.decode(output.stderr);
+      await Deno.remove(folder, { recursive: true });
+      assert.equal(output.code, 0, text);
+      assert.match(text, /test is successful/);
+    },
+  });
+
+  await t.step("/health is logged at debug; answers the relay makes itself log their true bytes_out", async () => {
+    await using relay = startRelay(testConfig(upstream.url, { logLevel: "debug" }));
+    await relay.call("/health");
+    const refused = await relay.call("/v1/models", { headers: { authorization: "Bearer team:wrong" } });
+    const lines = relay.logs.map((line) => JSON.parse(line));
+    const health = lines.find((line) => line.path === "/health");
+    assert.equal(health.level, "debug");
+    assert.equal(
+      health.bytes_out,
+      encoder.encode(JSON.stringify({ status: "ok", ok: true, endpoints: 1, state: "ok" })).byteLength,
+    );
+    const denied = lines.find((line) => line.status === 401);
+    assert.equal(denied.level, "info");
+    assert.equal(denied.bytes_out, encoder.encode(refused.text).byteLength);
+  });
+
+  await t.step("GET / is one self-contained page under a strict CSP; the models show only after sign-in", async () => {
+    await using relay = startRelay(testConfig(upstream.url, { publicUrl: "https://relay.example.com", basePath: "" }));
+    const page = await relay.call("/");
+    assert.equal(page.status, 200);
+    assert.match(page.headers.get("content-type")!, /^text\/html; charset=utf-8/);
+    const csp = page.headers.get("content-security-policy")!;
+    assert.match(csp, /default-src 'none'/);
+    assert.match(csp, /frame-ancestors 'none'/);
+    assert.doesNotMatch(page.text, /<(script|link|img)[^>]+(src|href)="(?!data:)/i, "no external asset");
+    for (const [tag, source] of [["script", "script-src"], ["style", "style-src"]]) {
+      const inline = new RegExp(`<${tag}>([\\s\\S]*?)</${tag}>`).exec(page.text)![1];
+      const hash = btoa(
+        String.fromCharCode(...new Uint8Array(await crypto.subtle.digest("SHA-256", encoder.encode(inline)))),
+      );
+      assert.ok(csp.includes(`${source} 'sha256-${hash}'`), `the ${tag} is allowed by its hash`);
+    }
+    assert.match(page.text, /<code data-copy="Relay URL">https:\/\/relay\.example\.com<\/code>/);
+    assert.match(page.text, /<code data-copy="baseURL">https:\/\/relay\.example\.com\/v1<\/code>/);
+    assert.ok(page.text.includes(upstream.url), "the endpoint to type into MC");
+    assert.ok(page.text.includes("?settings=https%3A%2F%2Frelay.example.com%2Fmc-settings.json"));
+    assert.ok(!page.text.includes("gpt-test"), "no model before sign-in");
+    assert.ok(!page.text.includes(CANARY_KEY) && !page.text.includes(CANARY_PASSWORD));
+    await using noPage = startRelay(testConfig(upstream.url, { page: false }));
+    assert.equal((await noPage.call("/")).status, 404);
+  });
+
+  await t.step(
+    "/mc-settings.json is MC's settings document for this relay: no credentials, CORS, nothing secret",
+    async () => {
+      await using relay = startRelay(
+        testConfig(upstream.url, {
+          publicUrl: "https://relay.example.com/relay",
+          basePath: "/relay",
+          defaultModel: "gpt-test",
+        }),
+      );
+      const settings = await relay.call("/relay/mc-settings.json", { headers: { origin: ALLOWED } });
+      assert.equal(settings.status, 200);
+      assert.equal(settings.headers.get("access-control-allow-origin"), ALLOWED);
+      assert.deepEqual(settings.json(), {
+        aiIntegration: {
+          model: "gpt-test",
+          backend: { relay: "https://relay.example.com/relay", endpoint: upstream.url },
+        },
+      });
+      await using loopback = startRelay(testConfig(upstream.url));
+      const derived = await loopback.call("/mc-settings.json");
+      assert.equal(
+        derived.json().aiIntegration.backend.relay,
+        `http://127.0.0.1:${loopback.port}`,
+        "a loopback relay knows its address",
+      );
+      await using exposed = startRelay(testConfig(upstream.url, { host: "0.0.0.0" }));
+      const unknown = await rawRequest(
+        exposed.port,
+        "GET /mc-settings.json HTTP/1.1\r\nHost: relay.attacker.example\r\nConnection: close",
+      );
+      assert.equal(unknown.status, 404);
+      assert.match(unknown.text, /public_url_unknown/);
+      assert.ok(!unknown.text.includes("attacker"), "a Host header from outside is never trusted for it");
+    },
+  );
+
+  await t.step(
+    "the deployments behind a proxy set TRUST_PROXY, and .env.example keeps the image's shutdown time",
+    async () => {
+      for (
+        const file of ["examples/kubernetes.yaml", "examples/docker-compose.yml", "examples/docker-compose.redis.yml"]
+      ) {
+        assert.match(await Deno.readTextFile(`${here}${file}`), /TRUST_PROXY/, file);
+      }
+      const dockerfile = await Deno.readTextFile(`${here}Dockerfile`);
+      const imageValue = /SHUTDOWN_TIMEOUT_SECONDS=(\d+)/.exec(dockerfile)![1];
+      assert.match(
+        await Deno.readTextFile(`${here}examples/.env.example`),
+        new RegExp(`^SHUTDOWN_TIMEOUT_SECONDS=${imageValue}$`, "m"),
+      );
+    },
+  );
 });
 
 Deno.test("no secret ever appeared in anything the relay logged or returned, in any test above", () => {
