@@ -10,7 +10,9 @@
 import assert from "node:assert/strict";
 import { type Browser, chromium, type Page } from "npm:playwright-core@1.65.1";
 import OpenAI from "npm:openai@7.57.0";
+import { parseConfig } from "./main.ts";
 import {
+  CANARY_CALLER_KEY,
   CANARY_EXTRA,
   CANARY_KEY,
   CANARY_PASSWORD,
@@ -311,6 +313,57 @@ Deno.test({
       assert.deepEqual(result, { models: ["gpt-test"], answer: "hi", streamed: "Hello from upstream" });
     });
 
+    await t.step(
+      "BYOK: the openai browser build calls a BYOK upstream, streamed, with a raw key and then a sealed one",
+      async () => {
+        const result = parseConfig({
+          UPSTREAMS_JSON: JSON.stringify([{ name: "provider", baseUrl: upstream.url, byok: true, keyPattern: "^sk-" }]),
+          SEAL_SECRET: "seal-secret-for-the-browser-test-0123456789",
+          ALLOWED_ORIGIN: allowedPage.origin,
+        });
+        assert.ok(result.ok, JSON.stringify(!result.ok && result.errors));
+        await using byokRelay = startRelay(result.config);
+        const streamed = await page.evaluate(async ({ baseURL, key }) => {
+          const { default: OpenAI } = await import("/openai/index.mjs" as string);
+          const ask = async (apiKey: string) => {
+            const client = new OpenAI({ baseURL, apiKey, dangerouslyAllowBrowser: true, maxRetries: 0 });
+            const stream = await client.chat.completions.create({
+              model: "gpt-test",
+              stream: true,
+              messages: [{ role: "user", content: "Hello" }],
+            });
+            let text = "";
+            for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? "";
+            return text;
+          };
+          const raw = await ask(key);
+          const response = await fetch(`${baseURL.slice(0, -3)}/seal`, {
+            method: "POST",
+            headers: { "content-type": "application/json" },
+            body: JSON.stringify({ key, upstream: "provider", expiresInDays: 90 }),
+          });
+          const { sealed } = await response.json();
+          // From here on the page holds only the sealed string, useless anywhere but through this relay.
+          return {
+            raw,
+            sealedLooksSealed: sealed.startsWith("mcrs1.") && !sealed.includes(key),
+            sealed: await ask(sealed),
+          };
+        }, { baseURL: `${byokRelay.url}/v1`, key: CANARY_CALLER_KEY });
+        assert.deepEqual(streamed, {
+          raw: "Hello from upstream",
+          sealedLooksSealed: true,
+          sealed: "Hello from upstream",
+        });
+        const seen = upstream.requests.slice(-2).map((request) => request.headers.get("authorization"));
+        assert.deepEqual(
+          seen,
+          [`Bearer ${CANARY_CALLER_KEY}`, `Bearer ${CANARY_CALLER_KEY}`],
+          "the upstream got the key itself both times",
+        );
+      },
+    );
+
     await t.step("examples/chat.html streams an answer through the relay", async () => {
       const chat = await browser.newPage();
       await chat.goto(`${allowedPage.origin}/chat.html`);
@@ -599,7 +652,7 @@ Deno.test("each common SDK's default call works through the relay, against the d
 Deno.test("no secret ever appeared in anything the relay logged or returned to these clients", () => {
   assert.ok(seenByClientsOrLogs.length > 10, "the tests above recorded what the relay logged");
   const everything = seenByClientsOrLogs.join("\n");
-  for (const secret of [CANARY_KEY, CANARY_EXTRA, CANARY_PASSWORD]) {
+  for (const secret of [CANARY_KEY, CANARY_EXTRA, CANARY_PASSWORD, CANARY_CALLER_KEY]) {
     assert.ok(!everything.includes(secret), "a secret leaked");
   }
 });

@@ -80,6 +80,8 @@ export const ENV_VARS = [
   "PAGE",
   "PUBLIC_URL",
   "DEFAULT_MODEL",
+  "SEAL_SECRET",
+  "SEAL_SECRETS_PREVIOUS",
 ] as const;
 
 /** The name of one environment variable the relay reads. */
@@ -162,6 +164,10 @@ export interface RelayConfig {
   publicUrl?: string;
   /** The model the one-link MC settings select (DEFAULT_MODEL). */
   defaultModel?: string;
+  /** The secret that seals callers' keys for BYOK upstreams (SEAL_SECRET); unset: no sealed keys, no /seal. */
+  sealSecret?: string;
+  /** Former seal secrets whose sealed keys still open, during a rotation (SEAL_SECRETS_PREVIOUS). */
+  sealSecretsPrevious: string[];
   /** Which reverse proxies may set X-Forwarded-For (TRUST_PROXY); none by default (it could be spoofed). */
   trustProxy: TrustedProxies;
 }
@@ -172,8 +178,12 @@ export interface Upstream {
   name: string;
   /** Base URL without a trailing slash, e.g. `https://api.openai.com/v1`. */
   baseUrl: string;
-  /** The provider key; sent to this upstream only, never to clients or logs. */
+  /** The provider key; sent to this upstream only, never to clients or logs. Empty for a BYOK upstream. */
   apiKey: string;
+  /** Bring your own key: callers send their own provider key, which goes to this upstream only (`"byok": true`). */
+  byok: boolean;
+  /** A pattern a caller's own key must match before it leaves (`keyPattern`, e.g. `^sk-`). */
+  keyPattern?: RegExp;
   /** Header that carries the key (`Authorization`, `api-key`, `x-api-key`). */
   authHeader: string;
   /** Prefix before the key in that header (`Bearer`); empty for a raw key. */
@@ -270,7 +280,8 @@ export function parseConfig(env: RelayEnv): ConfigResult {
   const read = envReader(env, errors);
   const publicAccess = read.flag("PUBLIC_ACCESS", "true (anyone may use the relay within its limits) or false");
   const upstreams = parseUpstreams(env, errors);
-  const users = parseUsers(env, errors, warnings, publicAccess);
+  const allByok = upstreams.length > 0 && upstreams.every((upstream) => upstream.byok);
+  const users = parseUsers(env, errors, warnings, publicAccess || allByok);
   const allowedOrigins = parseAllowedOrigins(env.ALLOWED_ORIGIN, errors);
   if (allowedOrigins.length === 0) {
     warnings.push(
@@ -283,6 +294,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
   const routing = parseRouting(read, errors, warnings);
   const state = parseState(read, errors, warnings);
   const presentation = parsePresentation(read, errors);
+  const sealing = parseSealing(env, upstreams, errors);
   const metricsUsers = parseMetricsUsers(read.text("METRICS"), users, errors);
   if (errors.length > 0) return { ok: false, errors };
   const config: RelayConfig = {
@@ -297,6 +309,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
     ...routing,
     ...state,
     ...presentation,
+    ...sealing,
   };
   const refusals = publicAccessProblems(config);
   if (refusals.length > 0) return { ok: false, errors: refusals };
@@ -495,6 +508,26 @@ function parseState(read: ReturnType<typeof envReader>, errors: string[], warnin
   };
 }
 
+/** SEAL_SECRET and SEAL_SECRETS_PREVIOUS: long random secrets, only with a BYOK upstream. Never repeated. */
+function parseSealing(env: RelayEnv, upstreams: Upstream[], errors: string[]) {
+  const sealSecret = env.SEAL_SECRET?.trim() || undefined;
+  const sealSecretsPrevious = (env.SEAL_SECRETS_PREVIOUS ?? "").split(",").map((entry) => entry.trim()).filter(Boolean);
+  const example = "e.g. the output of 'openssl rand -base64 32'";
+  if (sealSecret !== undefined && sealSecret.length < 32) {
+    errors.push(`SEAL_SECRET must be at least 32 characters, ${example}`);
+  }
+  if (sealSecretsPrevious.some((secret) => secret.length < 32)) {
+    errors.push(`SEAL_SECRETS_PREVIOUS entries must be at least 32 characters each, ${example}`);
+  }
+  if (sealSecretsPrevious.length > 0 && sealSecret === undefined) {
+    errors.push("SEAL_SECRETS_PREVIOUS goes with SEAL_SECRET: set the new secret in SEAL_SECRET");
+  }
+  if (sealSecret !== undefined && !upstreams.some((upstream) => upstream.byok)) {
+    errors.push('SEAL_SECRET seals keys for BYOK upstreams, and UPSTREAMS_JSON has none ("byok": true)');
+  }
+  return { sealSecret, sealSecretsPrevious };
+}
+
 /** The relay's own page and one-link MC settings: PAGE, PUBLIC_URL, DEFAULT_MODEL. */
 function parsePresentation(read: ReturnType<typeof envReader>, errors: string[]) {
   const page = read.text("PAGE") === undefined ? true : read.flag("PAGE", "true (a page at /) or false");
@@ -640,14 +673,15 @@ function riskWarnings(config: RelayConfig): string[] {
 /**
  * The users: MC_RELAY_USERNAME with MC_RELAY_PASSWORD, and the comma-separated `name:password` or
  * `name:pbkdf2-sha256:...` entries of MC_RELAY_USERS, whose name may carry token budgets of its own:
- * `alice;day=200000;month=0:...` (0: no budget for her). At least one user is required, unless PUBLIC_ACCESS.
+ * `alice;day=200000;month=0:...` (0: no budget for her). At least one user is required, unless PUBLIC_ACCESS or
+ * every upstream is BYOK.
  */
-function parseUsers(env: RelayEnv, errors: string[], warnings: string[], publicAccess: boolean): RelayUser[] {
+function parseUsers(env: RelayEnv, errors: string[], warnings: string[], usersOptional: boolean): RelayUser[] {
   const users: RelayUser[] = [];
   const username = env.MC_RELAY_USERNAME?.trim() ?? "";
   const password = env.MC_RELAY_PASSWORD ?? "";
   const listed = env.MC_RELAY_USERS?.trim() ?? "";
-  if (username || password || (!listed && !publicAccess)) {
+  if (username || password || (!listed && !usersOptional)) {
     if (!username) {
       errors.push("MC_RELAY_USERNAME is required: the name users type before the colon, e.g. 'team'");
     } else if (username.includes(":")) {
@@ -759,11 +793,13 @@ function parseUpstreams(env: RelayEnv, errors: string[]): Upstream[] {
         errors.push(`UPSTREAM_EXTRA_HEADERS_JSON is not valid JSON; it must be ${HEADERS_EXAMPLE}`);
       }
     }
-    if (baseUrl && apiKey) upstreams.push({ name: "default", baseUrl, apiKey, authHeader, authPrefix, extraHeaders });
+    if (baseUrl && apiKey) {
+      upstreams.push({ name: "default", baseUrl, apiKey, authHeader, authPrefix, extraHeaders, byok: false });
+    }
   }
   if (listed) {
     const example =
-      'a JSON array like [{"name":"openai","baseUrl":"https://api.openai.com/v1","apiKey":"sk-..."}] (optional: authHeader, authPrefix, extraHeaders)';
+      'a JSON array like [{"name":"openai","baseUrl":"https://api.openai.com/v1","apiKey":"sk-..."}] (optional: authHeader, authPrefix, extraHeaders; "byok":true and keyPattern instead of apiKey)';
     let entries: unknown;
     try {
       entries = JSON.parse(listed);
@@ -779,15 +815,26 @@ function parseUpstreams(env: RelayEnv, errors: string[]): Upstream[] {
         errors.push(`${where} must be an object with name, baseUrl and apiKey`);
         continue;
       }
-      const { name, baseUrl, apiKey, authHeader, authPrefix, extraHeaders } = entry as Record<string, unknown>;
+      const { name, baseUrl, apiKey, authHeader, authPrefix, extraHeaders, byok, keyPattern } = entry as Record<
+        string,
+        unknown
+      >;
       const text = (field: unknown) => typeof field === "string" ? field.trim() || undefined : undefined;
       if (typeof name !== "string" || !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(name)) {
         errors.push(`${where} needs a "name" of letters, digits, '.', '_' or '-', e.g. "openai"`);
       }
+      if (byok !== undefined && typeof byok !== "boolean") errors.push(`${where} "byok" must be true or false`);
+      if (byok === true && apiKey !== undefined) {
+        errors.push(`${where} is "byok": its callers bring their own key, so it has no "apiKey"; remove one of them`);
+      }
       const upstream: Upstream = {
         name: String(name),
         baseUrl: parseBaseUrl(text(baseUrl), `${where} baseUrl`, errors) ?? "",
-        apiKey: parseApiKey(typeof apiKey === "string" ? apiKey : undefined, `${where} apiKey`, errors) ?? "",
+        apiKey: byok === true
+          ? ""
+          : parseApiKey(typeof apiKey === "string" ? apiKey : undefined, `${where} apiKey`, errors) ?? "",
+        byok: byok === true,
+        keyPattern: parseKeyPattern(keyPattern, where, errors),
         authHeader: parseAuthHeader(text(authHeader), `${where} authHeader`, errors),
         authPrefix: parseAuthPrefix(
           typeof authPrefix === "string" ? authPrefix : undefined,
@@ -810,6 +857,18 @@ function parseUpstreams(env: RelayEnv, errors: string[]): Upstream[] {
     );
   }
   return upstreams;
+}
+
+/** A BYOK upstream's `keyPattern`: a regular expression a caller's key must match, e.g. "^sk-". */
+function parseKeyPattern(raw: unknown, where: string, errors: string[]): RegExp | undefined {
+  if (raw === undefined) return undefined;
+  try {
+    if (typeof raw === "string" && raw.length <= 200) return new RegExp(raw);
+  } catch {
+    // reported below
+  }
+  errors.push(`${where} "keyPattern" must be a regular expression a key must match, e.g. "^sk-"`);
+  return undefined;
 }
 
 function parseBaseUrl(raw: string | undefined, label: string, errors: string[]): string | undefined {
@@ -1125,6 +1184,7 @@ export function addressKey(address: string): string {
 /** Request headers a browser may send cross-origin, besides the `x-stainless-*` and `openai-*` families. */
 const ALLOWED_REQUEST_HEADERS = new Set([
   "authorization",
+  "x-api-key",
   "content-type",
   "accept",
   "x-relay-endpoint",
@@ -1820,6 +1880,7 @@ const ROUTES: Record<string, Route> = {
   "/mc-settings.json": { method: "GET" },
   "/health": { method: "GET" },
   "/usage": { method: "GET" },
+  "/seal": { method: "POST" },
   "/v1/models": { method: "GET", upstreamPath: "/models" },
   "/v1/chat/completions": { method: "POST", upstreamPath: "/chat/completions" },
   "/v1/completions": { method: "POST", upstreamPath: "/completions" },
@@ -1923,6 +1984,12 @@ interface RequestContext {
   route?: Route;
   /** The path inside BASE_PATH that `matchRoute` matched, e.g. `/v1/models`. */
   routePath?: string;
+  /** The key the caller brought for a BYOK upstream (raw or sealed): X-Api-Key, or a bearer token naming no user. */
+  callerKey?: string;
+  /** The auth header value for a BYOK upstream, made from the caller's key by `useCallerKey`. */
+  upstreamAuth?: string;
+  /** Masks secrets in what the upstream sends back: the relay's, plus the caller's own key for a BYOK upstream. */
+  masker?: ReturnType<typeof createSecretMasker>;
   /** The signed-in user, set by `identifyCaller`; undefined for anonymous requests (PUBLIC_ACCESS). */
   user?: string;
   /** Whom limits and budgets count for: `user:<name>`, or `address:<address>` for anonymous requests. */
@@ -2019,6 +2086,12 @@ interface Relay {
   maskSecrets(text: string): string | undefined;
   /** A response header's value, or `[REDACTED]` when it holds a configured secret in any form. */
   maskHeaderValue(value: string): string;
+  /** The configured secrets an upstream might echo: keys and extra header values. */
+  readonly upstreamSecrets: string[];
+  /** Seals and opens callers' keys (SEAL_SECRET); undefined without one. */
+  readonly sealer?: KeySealer;
+  /** True when some upstream is BYOK: then a bearer token that names no user is the caller's own key. */
+  readonly byok: boolean;
   /** Request bodies held at once (MAX_BUFFERED_BYTES). */
   readonly bodyBudget: ByteBudget;
 }
@@ -2038,6 +2111,7 @@ const STAGES: Stage[] = [
   answerHealth,
   answerMcSettings,
   answerPage,
+  answerSeal,
   identifyCaller,
   answerUsage,
   answerMetrics,
@@ -2045,6 +2119,7 @@ const STAGES: Stage[] = [
   limitConcurrency,
   readRequestBody,
   chooseUpstream,
+  useCallerKey,
   checkModel,
   capAnswerTokens,
   reserveTokens,
@@ -2091,14 +2166,16 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
   if (config.metricsUsers.length > 0) routes["/metrics"] = { method: "GET" };
   for (const path of config.disabledPaths) delete routes[path];
   if (!config.page) delete routes["/"];
+  if (config.sealSecret === undefined) delete routes["/seal"];
   const upstreams = config.upstreams.map((upstream) => ({
     ...upstream,
     host: new URL(upstream.baseUrl).host,
     authValue: upstream.authPrefix ? `${upstream.authPrefix} ${upstream.apiKey}` : upstream.apiKey,
   }));
-  const masker = createSecretMasker(
-    upstreams.flatMap((upstream) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)]),
-  );
+  const upstreamSecrets = upstreams.flatMap((upstream) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)])
+    .filter(Boolean);
+  const masker = createSecretMasker(upstreamSecrets);
+  const now = options.now ?? Date.now;
   const metrics = options.metrics ?? new RelayMetrics();
   return {
     config,
@@ -2113,11 +2190,16 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     signInRule: { capacity: config.authFailuresPerMinute, periodMs: 60_000 },
     usersByName: new Map(config.users.map((user) => [user.name, user])),
     requestLimits: requestLimits(config),
-    now: options.now ?? Date.now,
+    now,
     authenticate: createAuthenticator(config.users, metrics),
     bodyBudget: new ByteBudget(config.maxBufferedBytes),
     maskSecrets: masker.mask,
     maskHeaderValue: masker.maskHeaderValue,
+    upstreamSecrets,
+    sealer: config.sealSecret === undefined
+      ? undefined
+      : new KeySealer([config.sealSecret, ...config.sealSecretsPrevious], now),
+    byok: upstreams.some((upstream) => upstream.byok),
   };
 }
 
@@ -2420,12 +2502,20 @@ function answerHealth(relay: Relay, context: RequestContext): Response | undefin
  * password hashing is saturated. With PUBLIC_ACCESS, credentials that name no configured user are anonymous.
  */
 async function identifyCaller(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  const read = readCredentials(context.request.headers.get("authorization"));
+  const authorization = context.request.headers.get("authorization");
+  const read = readCredentials(authorization);
   const name = "credentials" in read ? read.credentials.slice(0, read.credentials.indexOf(":")) : "";
-  if (relay.config.publicAccess && !relay.usersByName.has(name)) {
-    // MC's public preset sends "Bearer " with nothing, or a key typed once for another provider: anonymous.
-    // The header is never logged or forwarded, whatever it holds.
+  const apiKeyHeader = context.request.headers.get("x-api-key")?.trim() || undefined;
+  // No relay user: with PUBLIC_ACCESS (credentials naming no configured user; MC's public preset sends "Bearer "
+  // with nothing, or a key typed once for another provider) or, with BYOK upstreams, a token without a colon (a
+  // provider key; `name:password` is always checked as relay credentials, so names cannot be told apart). Counted
+  // by address; the header is never logged, nor forwarded anywhere but to a BYOK upstream the caller chose, where
+  // `useCallerKey` checks it.
+  const anonymous = relay.config.publicAccess && !relay.usersByName.has(name);
+  if (anonymous || (relay.byok && !("credentials" in read))) {
     context.subject = `address:${addressKey(context.client)}`;
+    const token = bearerToken(authorization);
+    if (relay.byok) context.callerKey = apiKeyHeader ?? (token?.includes(":") ? undefined : token);
     return undefined;
   }
   const guessKey = `sign-in:${addressKey(context.client)}:${name.slice(0, 64)}`;
@@ -2454,6 +2544,7 @@ async function identifyCaller(relay: Relay, context: RequestContext): Promise<Re
   }
   context.user = user;
   context.subject = `user:${user}`;
+  context.callerKey = apiKeyHeader; // a signed-in user brings a key for a BYOK upstream in X-Api-Key
   return undefined;
 }
 
@@ -2848,7 +2939,8 @@ function capAnswerTokens(relay: Relay, context: RequestContext): Response | unde
  * UTC day or month ends.
  */
 async function reserveTokens(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  if (context.usageWatch === undefined) return undefined;
+  // A BYOK request spends the caller's own quota, not the operator's: no budget applies.
+  if (context.usageWatch === undefined || context.target.byok) return undefined;
   const amount = Math.ceil(context.bytesIn / 4) + (context.answerTokens ?? 0);
   const reservations: { key: string; amount: number; expiresAt: number }[] = [];
   context.reservations = reservations;
@@ -2898,13 +2990,16 @@ function requestUsage(_relay: Relay, context: RequestContext): undefined {
   return undefined;
 }
 
-/** The headers every request to `target` carries: its extra headers, its key, and the relay's own. */
-function upstreamHeaders(target: UpstreamTarget): Headers {
+/**
+ * The headers every request to `target` carries: its extra headers, its key (the caller's own for a BYOK upstream,
+ * `auth`), and the relay's own.
+ */
+function upstreamHeaders(target: UpstreamTarget, auth?: string): Headers {
   const headers = new Headers(target.extraHeaders);
   // Ask for the body as the upstream has it, so it passes through byte for byte.
   headers.set("accept-encoding", "identity");
   headers.set("user-agent", `mc-relay/${VERSION}`);
-  headers.set(target.authHeader, target.authValue);
+  headers.set(target.authHeader, auth ?? target.authValue);
   return headers;
 }
 
@@ -2915,7 +3010,7 @@ function upstreamHeaders(target: UpstreamTarget): Headers {
  */
 async function forwardRequest(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const { request, target } = context;
-  const headers = upstreamHeaders(target);
+  const headers = upstreamHeaders(target, context.upstreamAuth);
   for (const name of ["content-type", "accept"]) {
     const value = request.headers.get(name);
     if (value !== null) headers.set(name, value);
@@ -3120,7 +3215,7 @@ async function relayErrorResponse(
     return new Response(replaced, init);
   }
   const rewritten = await rewriteBody(body, (text) => {
-    const masked = relay.maskSecrets(text);
+    const masked = context.masker ? context.masker.mask(text) : relay.maskSecrets(text);
     if (masked === undefined) return undefined;
     return response.status === 429 ? explainProviderRateLimit(masked, context.target.host) : masked;
   }, replace);
@@ -3135,7 +3230,8 @@ function responseHeaders(relay: Relay, context: RequestContext, response: Respon
   // One list, so Deno validates the headers in one pass.
   const list: [string, string][] = [];
   for (const entry of response.headers) {
-    if (!isDroppedResponseHeader(entry[0], connectionTokens)) list.push([entry[0], relay.maskHeaderValue(entry[1])]);
+    if (isDroppedResponseHeader(entry[0], connectionTokens)) continue;
+    list.push([entry[0], context.masker ? context.masker.maskHeaderValue(entry[1]) : relay.maskHeaderValue(entry[1])]);
   }
   list.push(...relayHeaders(context.id, context.cors));
   return new Headers(list);
@@ -3173,7 +3269,20 @@ function passWithinDeno(
 
 /** GET /v1/models with several upstreams: every upstream's list, ids prefixed with the upstream's name. */
 async function mergedModels(relay: Relay, context: RequestContext): Promise<Response> {
-  const lists = await Promise.all(relay.upstreams.map((target) => fetchModelList(relay, target)));
+  // A caller's own key goes to the one upstream it chose, never to several: BYOK upstreams list their models
+  // only when X-Relay-Endpoint names them.
+  const keyed = relay.upstreams.filter((upstream) => !upstream.byok);
+  if (keyed.length === 0) {
+    context.outcome = "unknown_upstream";
+    return errorResponse(
+      400,
+      `name the provider whose models to list with X-Relay-Endpoint (MC's endpoint setting): one of ${
+        relay.upstreams.map((upstream) => upstream.baseUrl).join(", ")
+      }`,
+      "unknown_upstream",
+    );
+  }
+  const lists = await Promise.all(keyed.map((target) => fetchModelList(relay, target)));
   const data = lists.flatMap(({ name, models }) =>
     models.filter((entry) => typeof entry?.id === "string" && modelAllowed(relay, name, entry.id as string))
       .map((entry) => ({ ...entry, id: `${name}/${entry.id}` }))
@@ -3229,7 +3338,8 @@ async function settle(relay: Relay, context: RequestContext, usage: TokenUsage |
   for (const reservation of context.reservations?.splice(0) ?? []) {
     await relay.counters.add(reservation.key, used - reservation.amount, reservation.expiresAt);
   }
-  if (usage !== undefined) {
+  // BYOK requests spend the caller's own quota: the relay keeps no record of them.
+  if (usage !== undefined && !context.target.byok) {
     await relay.counters.recordUsage({
       day: new Date(relay.now()).toISOString().slice(0, 10),
       who: context.subject ?? `address:${addressKey(context.client)}`,
@@ -3293,8 +3403,219 @@ function account(relay: Relay, context: RequestContext): void {
     bytes_in: context.bytesIn,
     bytes_out: context.bytesOut,
     outcome: context.outcome,
-    error: context.error,
+    error: context.error && context.masker ? context.masker.mask(context.error) ?? "[REDACTED]" : context.error,
   });
+}
+
+// ---------------------------------------------------------------------------
+// Bring your own key: callers' keys and sealed keys
+// ---------------------------------------------------------------------------
+
+/** The longest key a caller may bring: Azure AD access tokens run to a few kilobytes. */
+const MAX_CALLER_KEY_LENGTH = 8192;
+
+/** Sealed keys start with this, so the relay tells them from raw provider keys. */
+const SEALED_PREFIX = "mcrs1.";
+
+/** Seals per client address per minute at POST /seal. */
+const SEALS_PER_MINUTE = 10;
+
+/** The token a caller sent as `Authorization: Bearer <token>`, if any. */
+function bearerToken(authorization: string | null): string | undefined {
+  return /^Bearer\s+(\S+)\s*$/i.exec(authorization ?? "")?.[1];
+}
+
+/** What is wrong with a key a caller brings for `target`, if anything; checked before the key leaves. */
+function callerKeyProblem(key: string | undefined, target: Upstream): string | undefined {
+  if (!key) {
+    return `send your own key for the upstream "${target.name}" as the API key (Authorization: Bearer <key>, or X-Api-Key)`;
+  }
+  if (key.length > MAX_CALLER_KEY_LENGTH) return `the key is longer than ${MAX_CALLER_KEY_LENGTH} characters`;
+  if (!/^[\x21-\x7e]+$/.test(key)) {
+    return "the key contains spaces, control or non-ASCII characters; paste the key alone";
+  }
+  if (target.keyPattern && !target.keyPattern.test(key)) {
+    return `this is not a key for the upstream "${target.name}" (its keys match ${target.keyPattern.source}); check that the endpoint and the key belong to the same provider`;
+  }
+  return undefined;
+}
+
+/** What a sealed key holds: the key, the upstream it is for, and its expiry (seconds since the epoch). */
+interface SealedContent {
+  k: string;
+  u: string;
+  e: number;
+}
+
+/**
+ * Seals callers' keys for BYOK upstreams, so that a browser can hold a string that only this relay can open, for one
+ * upstream and until a date. AES-256-GCM (WebCrypto) under a key derived from SEAL_SECRET with HKDF-SHA-256; the
+ * upstream and the expiry are inside the authenticated plaintext, so neither can be changed. Former secrets
+ * (SEAL_SECRETS_PREVIOUS) still open what they sealed; dropping a secret revokes every key sealed under it. Only
+ * the derived CryptoKeys are cached; an opened key lives as long as its request.
+ */
+export class KeySealer {
+  #keys: Promise<CryptoKey[]>;
+
+  /** `secrets`: the current one first, then former ones; `now` in milliseconds. */
+  constructor(secrets: string[], readonly now: () => number = Date.now) {
+    this.#keys = Promise.all(secrets.map(deriveSealKey));
+  }
+
+  /** Seals `key` for `upstream` until `expiresAt` (milliseconds). */
+  async seal(key: string, upstream: string, expiresAt: number): Promise<string> {
+    const iv = crypto.getRandomValues(new Uint8Array(12));
+    const content: SealedContent = { k: key, u: upstream, e: Math.floor(expiresAt / 1000) };
+    const [current] = await this.#keys;
+    const sealed = await crypto.subtle.encrypt(
+      { name: "AES-GCM", iv, additionalData: SEAL_CONTEXT },
+      current,
+      textEncoder.encode(JSON.stringify(content)),
+    );
+    const bytes = new Uint8Array(12 + sealed.byteLength);
+    bytes.set(iv);
+    bytes.set(new Uint8Array(sealed), 12);
+    return `${SEALED_PREFIX}${base64url(bytes)}`;
+  }
+
+  /** The key inside `sealed`, when it is intact, sealed under a known secret, for `upstream`, and not expired. */
+  async open(sealed: string, upstream: string): Promise<{ key: string } | { problem: string }> {
+    let bytes: Uint8Array<ArrayBuffer>;
+    try {
+      bytes = fromBase64url(sealed.slice(SEALED_PREFIX.length));
+    } catch {
+      return { problem: "the sealed key is damaged; seal your key again" };
+    }
+    let content: SealedContent | undefined;
+    for (const key of await this.#keys) {
+      try {
+        const plain = await crypto.subtle.decrypt(
+          { name: "AES-GCM", iv: bytes.subarray(0, 12), additionalData: SEAL_CONTEXT },
+          key,
+          bytes.subarray(12),
+        );
+        content = JSON.parse(new TextDecoder().decode(plain));
+        break;
+      } catch {
+        // another secret, or damaged
+      }
+    }
+    if (content === undefined) {
+      return {
+        problem:
+          "the sealed key is damaged, or was sealed under a secret this relay no longer has; seal your key again",
+      };
+    }
+    if (content.u !== upstream) {
+      return { problem: `the sealed key is for the upstream "${content.u}", not "${upstream}"` };
+    }
+    if (content.e * 1000 <= this.now()) return { problem: "the sealed key has expired; seal your key again" };
+    return { key: content.k };
+  }
+}
+
+/** Bound into every sealed key, so that a sealed key is never taken for anything else. */
+const SEAL_CONTEXT = textEncoder.encode("mc-relay sealed key v1");
+
+/** The AES-256-GCM key HKDF derives from a seal secret. */
+async function deriveSealKey(secret: string): Promise<CryptoKey> {
+  const material = await crypto.subtle.importKey("raw", textEncoder.encode(secret), "HKDF", false, ["deriveKey"]);
+  return await crypto.subtle.deriveKey(
+    { name: "HKDF", hash: "SHA-256", salt: textEncoder.encode("mc-relay seal"), info: SEAL_CONTEXT },
+    material,
+    { name: "AES-GCM", length: 256 },
+    false,
+    ["encrypt", "decrypt"],
+  );
+}
+
+/**
+ * Stage: the caller's own key. For a BYOK upstream, the key the caller brought (raw, or sealed and opened here) is
+ * checked before it leaves (401 when it is missing, malformed, or does not match the upstream's keyPattern) and
+ * goes in that upstream's auth header; it is masked in everything the upstream sends back. A keyed upstream needs
+ * relay credentials (or PUBLIC_ACCESS): a caller with only its own key gets 401, and its key goes nowhere.
+ */
+async function useCallerKey(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  const { target } = context;
+  if (!target.byok) {
+    if (context.user !== undefined || relay.config.publicAccess) return undefined;
+    context.outcome = "auth_required";
+    return errorResponse(
+      401,
+      `the upstream "${target.name}" uses this relay's own key: sign in with username:password as the API key`,
+      "invalid_api_key",
+    );
+  }
+  let key = context.callerKey;
+  if (key?.startsWith(SEALED_PREFIX)) {
+    const opened = relay.sealer === undefined
+      ? { problem: "this relay opens no sealed keys (SEAL_SECRET is not set); send the key itself" }
+      : await relay.sealer.open(key, target.name);
+    if ("problem" in opened) {
+      context.outcome = "sealed_key_refused";
+      return errorResponse(401, opened.problem, "invalid_api_key");
+    }
+    key = opened.key;
+  }
+  const problem = callerKeyProblem(key, target);
+  if (problem !== undefined) {
+    context.outcome = "caller_key_refused";
+    return errorResponse(401, problem, "invalid_api_key");
+  }
+  context.upstreamAuth = target.authPrefix ? `${target.authPrefix} ${key}` : key;
+  context.masker = createSecretMasker([...relay.upstreamSecrets, key!, context.callerKey!]);
+  return undefined;
+}
+
+/**
+ * Stage: POST /seal (with SEAL_SECRET), without relay credentials and limited per address: `{"key", "upstream",
+ * "expiresInDays"}` in, `{"sealed", "upstream", "expires_at"}` out. The key is checked like a raw one first.
+ */
+async function answerSeal(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  if (context.routePath !== "/seal") return undefined;
+  const waitFor = await relay.counters.take(`seals:${addressKey(context.client)}`, {
+    capacity: SEALS_PER_MINUTE,
+    periodMs: 60_000,
+  });
+  if (waitFor > 0) {
+    context.outcome = "seal_rate_limited";
+    return errorResponse(
+      429,
+      `at most ${SEALS_PER_MINUTE} seals a minute from one address; try again in ${waitFor} s`,
+      "relay_rate_limit_exceeded",
+      {
+        "retry-after": String(waitFor),
+      },
+    );
+  }
+  const read = await readBody(
+    context.request,
+    relay.config,
+    (bytes) => relay.bodyBudget.reserve(bytes) && ((context.heldBytes += bytes), true),
+  );
+  if ("status" in read) return errorResponse(read.status, read.message, read.code, read.headers);
+  const request = parseJson(read.body) as { key?: unknown; upstream?: unknown; expiresInDays?: unknown } | undefined;
+  const target = typeof request?.upstream === "string" ? relay.upstreamsByName.get(request.upstream) : undefined;
+  const days = request?.expiresInDays ?? 90;
+  const problem = request === undefined
+    ? 'the body must be {"key": "...", "upstream": "<name>", "expiresInDays": 90}'
+    : target === undefined || !target.byok
+    ? `"upstream" must name a BYOK upstream of this relay: ${
+      relay.upstreams.filter((u) => u.byok).map((u) => u.name).join(", ")
+    }`
+    : typeof days !== "number" || !Number.isInteger(days) || days < 1 || days > 3650
+    ? '"expiresInDays" must be a whole number of days from 1 to 3650'
+    : callerKeyProblem(typeof request.key === "string" ? request.key : undefined, target);
+  if (problem !== undefined) {
+    context.outcome = "seal_refused";
+    return errorResponse(400, problem, "invalid_seal_request");
+  }
+  const expiresAt = relay.now() + (days as number) * 86_400_000;
+  const sealed = await relay.sealer!.seal(request!.key as string, target!.name, expiresAt);
+  return jsonResponse(
+    { sealed, upstream: target!.name, expires_at: new Date(Math.floor(expiresAt / 1000) * 1000).toISOString() },
+    { headers: { "cache-control": "no-store" } },
+  );
 }
 
 // ---------------------------------------------------------------------------
@@ -4164,7 +4485,8 @@ export function createLogger(config: RelayConfig, sink: (line: string) => void =
     upstream,
   ) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)]);
   const redisSecrets = config.redisUrl === undefined ? [] : [config.redisUrl, redisPassword(config.redisUrl)];
-  const secrets = [...upstreamSecrets, ...passwords, ...redisSecrets]
+  const sealSecrets = [...(config.sealSecret ? [config.sealSecret] : []), ...config.sealSecretsPrevious];
+  const secrets = [...upstreamSecrets, ...passwords, ...redisSecrets, ...sealSecrets]
     .filter((secret) => secret.length >= 6)
     .flatMap((secret) => [secret, JSON.stringify(secret).slice(1, -1)]);
   const write = (level: LogLevel) => (msg: string, fields: Record<string, unknown> = {}) => {
@@ -4420,6 +4742,8 @@ Usage:
   mc-relay demo            run the relay in front of a built-in echo model, nothing to configure
   mc-relay healthcheck     request this relay's /health; exit 0 if it answers, 1 if not
   mc-relay hash-password   read a password on stdin, print its hash for MC_RELAY_USERS
+  mc-relay seal --upstream NAME [--days 90]
+                           seal a key (asked for on a terminal, else read from stdin) for a BYOK upstream
   mc-relay usage           the usage ledger (STATE_PATH or REDIS_URL): [--since YYYY-MM-DD]
                            [--until YYYY-MM-DD] [--by user|model|upstream|day] [--format table|csv|json]
   mc-relay --version       print the version
@@ -4429,7 +4753,8 @@ Required environment variables:
   UPSTREAM_BASE_URL            provider base URL, e.g. https://api.openai.com/v1
   UPSTREAM_API_KEY             provider API key (never sent to browsers or logged)
   (or, instead of or besides those two)
-  UPSTREAMS_JSON               several upstreams: [{"name","baseUrl","apiKey","authHeader","authPrefix","extraHeaders"}]
+  UPSTREAMS_JSON               several upstreams: [{"name","baseUrl","apiKey","authHeader","authPrefix","extraHeaders"}];
+                               "byok":true (and "keyPattern") instead of "apiKey": callers bring their own key
   MC_RELAY_USERNAME            user name; clients send "username:password" as their API key
   MC_RELAY_PASSWORD            password
   (or, instead of or besides those two)
@@ -4474,6 +4799,8 @@ Optional (default in brackets):
                                only on loopback]
   DEFAULT_MODEL                the model /mc-settings.json selects in MetaConfigurator [the first of
                                ALLOWED_MODELS, else none]
+  SEAL_SECRET                  seals callers' keys for BYOK upstreams: POST /seal, 'mc-relay seal' [unset]
+  SEAL_SECRETS_PREVIOUS        former SEAL_SECRETs whose sealed keys still open, comma-separated [none]
   METRICS                      users who may read Prometheus metrics at /metrics, e.g. admin [false]
   METRICS_PORT                 a separate port serving /metrics without auth [none]
   METRICS_HOST                 the interface METRICS_PORT listens on [127.0.0.1]
@@ -4794,6 +5121,46 @@ async function readHidden(prompt: string): Promise<string | undefined> {
   }
 }
 
+/**
+ * `mc-relay seal --upstream NAME [--days 90]`: seals a key for a BYOK upstream, as POST /seal does, with the relay's
+ * own SEAL_SECRET and UPSTREAMS_JSON. The key is asked for without echo on a terminal, else read from stdin.
+ */
+async function sealCommand(args: string[], env: RelayEnv): Promise<number> {
+  const upstreamIndex = args.indexOf("--upstream");
+  const daysIndex = args.indexOf("--days");
+  const name = upstreamIndex === -1 ? undefined : args[upstreamIndex + 1];
+  const days = daysIndex === -1 ? 90 : Number(args[daysIndex + 1]);
+  const errors: string[] = [];
+  const upstreams = parseUpstreams(env, []);
+  const sealing = parseSealing(env, upstreams, errors);
+  const target = upstreams.find((upstream) => upstream.name === name && upstream.byok);
+  if (sealing.sealSecret === undefined) errors.push("SEAL_SECRET is not set: set it as the relay has it");
+  if (target === undefined) {
+    errors.push(
+      `--upstream must name a BYOK upstream of UPSTREAMS_JSON: ${
+        upstreams.filter((u) => u.byok).map((u) => u.name).join(", ") || "none"
+      }`,
+    );
+  }
+  if (!Number.isInteger(days) || days < 1 || days > 3650) errors.push("--days takes a whole number from 1 to 3650");
+  if (errors.length > 0) {
+    for (const error of errors) console.error(`mc-relay seal: ${error}`);
+    return 2;
+  }
+  const key = Deno.stdin.isTerminal()
+    ? await readHidden(`Your key for "${target!.name}": `)
+    : (await new Response(Deno.stdin.readable).text()).trim();
+  if (key === undefined) return 130;
+  const problem = callerKeyProblem(key, target!);
+  if (problem !== undefined) {
+    console.error(`mc-relay seal: ${problem}`);
+    return 1;
+  }
+  const sealer = new KeySealer([sealing.sealSecret!]);
+  console.log(await sealer.seal(key, target!.name, Date.now() + days * 86_400_000));
+  return 0;
+}
+
 /** What `mc-relay usage` was asked for. */
 interface UsageQuery {
   since: string;
@@ -5008,6 +5375,7 @@ export async function main(argv: string[]): Promise<number> {
   if (problems.length > 0) exitWithErrors(problems);
   if (command === "healthcheck") return await healthcheck(env);
   if (command === "usage") return await usageCommand(args.slice(1), env);
+  if (command === "seal") return await sealCommand(args.slice(1), env);
   if (command === "demo") {
     await demo(env);
     return 0;

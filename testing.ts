@@ -24,6 +24,9 @@ export const CANARY_PASSWORD = "CANARY-relay-password-77e1";
 /** A recognisable fake secret in an extra upstream header. */
 export const CANARY_EXTRA = "CANARY-extra-header-value-5b0e";
 
+/** A recognisable key a caller brings for a BYOK upstream: it must reach that upstream and nothing else. */
+export const CANARY_CALLER_KEY = "sk-CANARY-caller-key-8c2e9b1f";
+
 /** The relay user name in every test. */
 export const USERNAME = "team";
 
@@ -92,6 +95,7 @@ export function testUpstream(name: string, baseUrl: string, overrides: Partial<U
     authHeader: "Authorization",
     authPrefix: "Bearer",
     extraHeaders: { "X-Title": "mc-relay tests", "X-Extra-Secret": CANARY_EXTRA },
+    byok: false,
     ...overrides,
   };
 }
@@ -126,6 +130,7 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     disabledPaths: [],
     usageRetentionDays: 400,
     page: true,
+    sealSecretsPrevious: [],
     trustProxy: { ranges: [], hops: 0 },
     ...overrides,
   };
