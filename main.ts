@@ -82,6 +82,9 @@ export const ENV_VARS = [
   "DEFAULT_MODEL",
   "SEAL_SECRET",
   "SEAL_SECRETS_PREVIOUS",
+  "MODEL_ALIASES_JSON",
+  "FAILOVER_BREAKER_FAILURES",
+  "FAILOVER_BREAKER_SECONDS",
 ] as const;
 
 /** The name of one environment variable the relay reads. */
@@ -168,6 +171,12 @@ export interface RelayConfig {
   sealSecret?: string;
   /** Former seal secrets whose sealed keys still open, during a rotation (SEAL_SECRETS_PREVIOUS). */
   sealSecretsPrevious: string[];
+  /** Model aliases (MODEL_ALIASES_JSON): an alias and its targets, `upstream/model`, tried in order. */
+  modelAliases: Record<string, string[]>;
+  /** Failures in a row that open a target's circuit breaker (FAILOVER_BREAKER_FAILURES). */
+  breakerFailures: number;
+  /** How long an open breaker skips its target, in milliseconds (FAILOVER_BREAKER_SECONDS). */
+  breakerOpenMs: number;
   /** Which reverse proxies may set X-Forwarded-For (TRUST_PROXY); none by default (it could be spoofed). */
   trustProxy: TrustedProxies;
 }
@@ -295,6 +304,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
   const state = parseState(read, errors, warnings);
   const presentation = parsePresentation(read, errors);
   const sealing = parseSealing(env, upstreams, errors);
+  const failover = parseFailover(read, upstreams, errors);
   const metricsUsers = parseMetricsUsers(read.text("METRICS"), users, errors);
   if (errors.length > 0) return { ok: false, errors };
   const config: RelayConfig = {
@@ -310,6 +320,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
     ...state,
     ...presentation,
     ...sealing,
+    ...failover,
   };
   const refusals = publicAccessProblems(config);
   if (refusals.length > 0) return { ok: false, errors: refusals };
@@ -506,6 +517,59 @@ function parseState(read: ReturnType<typeof envReader>, errors: string[], warnin
       example: "a whole number of days, e.g. 400",
     }),
   };
+}
+
+/**
+ * MODEL_ALIASES_JSON: `{"alias": ["upstream/model", ...]}`, each target a keyed upstream (a caller's own key never
+ * fails over to another provider); FAILOVER_BREAKER_FAILURES and FAILOVER_BREAKER_SECONDS.
+ */
+function parseFailover(read: ReturnType<typeof envReader>, upstreams: Upstream[], errors: string[]) {
+  const example = '{"alias-fast": ["blablador/alias-fast", "academiccloud/meta-llama-3.1-8b-instruct"]}';
+  const modelAliases: Record<string, string[]> = {};
+  const raw = read.text("MODEL_ALIASES_JSON");
+  let parsed: unknown = {};
+  try {
+    parsed = raw === undefined ? {} : JSON.parse(raw);
+  } catch {
+    errors.push(`MODEL_ALIASES_JSON is not valid JSON; it must be like ${example}`);
+  }
+  if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) {
+    errors.push(`MODEL_ALIASES_JSON must be an object of aliases to lists of upstream/model, like ${example}`);
+    parsed = {};
+  }
+  const byName = new Map(upstreams.map((upstream) => [upstream.name, upstream]));
+  for (const [alias, targets] of Object.entries(parsed as Record<string, unknown>)) {
+    const where = `MODEL_ALIASES_JSON alias "${alias.slice(0, 60)}"`;
+    if (!/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$/.test(alias)) {
+      errors.push(`${where} must be letters, digits, '.', '_', ':' or '-' (no '/'), e.g. "alias-fast"`);
+    } else if (
+      !Array.isArray(targets) || targets.length === 0 || targets.some((target) => typeof target !== "string")
+    ) {
+      errors.push(`${where} must list its targets as "upstream/model" strings, like ${example}`);
+    } else {
+      for (const target of targets as string[]) {
+        const upstream = byName.get(target.slice(0, target.indexOf("/")));
+        if (upstream === undefined || target.indexOf("/") === target.length - 1) {
+          errors.push(`${where}: "${target.slice(0, 100)}" must be a configured upstream's name, '/', and a model`);
+        } else if (upstream.byok) {
+          errors.push(`${where}: "${upstream.name}" is BYOK; aliases fail over between keyed upstreams only`);
+        }
+      }
+      modelAliases[alias] = targets as string[];
+    }
+  }
+  const breakerFailures = read.number("FAILOVER_BREAKER_FAILURES", 3, {
+    integer: true,
+    min: 1,
+    max: 1000,
+    example: "failures in a row that open a target's breaker, e.g. 3",
+  });
+  const breakerSeconds = read.number("FAILOVER_BREAKER_SECONDS", 30, {
+    min: 0.001,
+    max: 86400,
+    example: "seconds an open breaker skips its target, e.g. 30",
+  });
+  return { modelAliases, breakerFailures, breakerOpenMs: Math.round(breakerSeconds * 1000) };
 }
 
 /** SEAL_SECRET and SEAL_SECRETS_PREVIOUS: long random secrets, only with a BYOK upstream. Never repeated. */
@@ -1195,6 +1259,7 @@ const ALLOWED_REQUEST_HEADER_PREFIXES = ["x-stainless-", "openai-"];
 /** Response headers a page may read: ours, rate limits and the provider's request id. */
 const EXPOSED_RESPONSE_HEADERS = [
   "x-relay-request-id",
+  "x-relay-upstream",
   "x-request-id",
   "retry-after",
   "openai-processing-ms",
@@ -1941,8 +2006,8 @@ export function serverErrorHandler(log: Logger): (error: unknown) => Response {
 
 /** Why an upstream call ended early. */
 class RelayAbort extends Error {
-  readonly #kind: "client_gone" | "upstream_timeout";
-  constructor(kind: "client_gone" | "upstream_timeout") {
+  readonly #kind: "client_gone" | "upstream_timeout" | "breaker_open";
+  constructor(kind: "client_gone" | "upstream_timeout" | "breaker_open") {
     super(`mc-relay: upstream request ended (${kind})`);
     this.#kind = kind;
     // Deno prints the reason when it ends a response body with it: one line, no stack, no fields.
@@ -1984,6 +2049,10 @@ interface RequestContext {
   route?: Route;
   /** The path inside BASE_PATH that `matchRoute` matched, e.g. `/v1/models`. */
   routePath?: string;
+  /** The model alias the client asked for (MODEL_ALIASES_JSON), if it did. */
+  alias?: string;
+  /** Every attempt at an alias's targets, for the log line: target, outcome, milliseconds. */
+  attempts?: { target: string; outcome: string; ms: number }[];
   /** The key the caller brought for a BYOK upstream (raw or sealed): X-Api-Key, or a bearer token naming no user. */
   callerKey?: string;
   /** The auth header value for a BYOK upstream, made from the caller's key by `useCallerKey`. */
@@ -2092,6 +2161,8 @@ interface Relay {
   readonly sealer?: KeySealer;
   /** True when some upstream is BYOK: then a bearer token that names no user is the caller's own key. */
   readonly byok: boolean;
+  /** The circuit breakers of the aliases' targets. */
+  readonly breakers: CircuitBreakers;
   /** Request bodies held at once (MAX_BUFFERED_BYTES). */
   readonly bodyBudget: ByteBudget;
 }
@@ -2177,9 +2248,13 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
   const masker = createSecretMasker(upstreamSecrets);
   const now = options.now ?? Date.now;
   const metrics = options.metrics ?? new RelayMetrics();
+  const log = createLogger(config, options.log);
+  for (const targets of Object.values(config.modelAliases)) {
+    for (const label of targets) metrics.breakerOpen.set(label, 0);
+  }
   return {
     config,
-    log: createLogger(config, options.log),
+    log,
     metrics,
     counters: options.counters ?? new MemoryCounterStore(options.now),
     routes,
@@ -2200,6 +2275,11 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
       ? undefined
       : new KeySealer([config.sealSecret, ...config.sealSecretsPrevious], now),
     byok: upstreams.some((upstream) => upstream.byok),
+    breakers: new CircuitBreakers(config.breakerFailures, config.breakerOpenMs, now, (label, open) => {
+      metrics.breakerOpen.set(label, open ? 1 : 0);
+      if (open) log.warn("breaker open: target skipped", { target: label, seconds: config.breakerOpenMs / 1000 });
+      else log.info("breaker closed: target answers again", { target: label });
+    }),
   };
 }
 
@@ -2489,6 +2569,7 @@ function answerHealth(relay: Relay, context: RequestContext): Response | undefin
     ok: true,
     endpoints: relay.upstreams.length,
     state: relay.counters.state ?? "ok",
+    ...(Object.keys(relay.config.modelAliases).length > 0 && { breakers_open: relay.breakers.open() }),
   });
 }
 
@@ -2744,6 +2825,14 @@ function jsonBodyProblem(payload: JsonObject): string | undefined {
  */
 async function chooseUpstream(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const { upstreams } = relay;
+  if (context.model !== undefined && Object.hasOwn(relay.config.modelAliases, context.model)) {
+    // An alias: `forwardRequest` tries its targets in order; the first one stands for the checks until then.
+    context.alias = context.model;
+    context.attempts = [];
+    const [first] = attemptPlan(relay, context);
+    context.target = first.target;
+    return undefined;
+  }
   const endpoint = context.request.headers.get("x-relay-endpoint")?.trim().replace(/\/+$/, "");
   const serves = (upstream: UpstreamTarget) =>
     endpoint === upstream.baseUrl || endpoint!.startsWith(`${upstream.baseUrl}/`);
@@ -2790,7 +2879,10 @@ async function chooseUpstream(relay: Relay, context: RequestContext): Promise<Re
 function checkModel(relay: Relay, context: RequestContext): Response | undefined {
   if (context.payload === undefined || relay.allowedModels.size === 0) return undefined;
   const model = context.model;
-  if (model !== undefined && modelAllowed(relay, context.target.name, model)) return undefined;
+  if (context.alias !== undefined && (relay.allowedModels.has(context.alias))) return undefined;
+  if (context.alias === undefined && model !== undefined && modelAllowed(relay, context.target.name, model)) {
+    return undefined;
+  }
   context.outcome = "model_not_allowed";
   return errorResponse(
     400,
@@ -3003,55 +3095,6 @@ function upstreamHeaders(target: UpstreamTarget, auth?: string): Headers {
   return headers;
 }
 
-/**
- * Stage: forward. Calls the upstream with the client's body, Content-Type and Accept, and the upstream's key.
- * A client that leaves aborts the call (499); no response headers within REQUEST_TIMEOUT_SECONDS is 504; an
- * unreachable upstream is 502; a redirect is 502 too, since following it could carry the key elsewhere.
- */
-async function forwardRequest(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  const { request, target } = context;
-  const headers = upstreamHeaders(target, context.upstreamAuth);
-  for (const name of ["content-type", "accept"]) {
-    const value = request.headers.get(name);
-    if (value !== null) headers.set(name, value);
-  }
-  const upstreamCall = new AbortController();
-  context.upstreamCall = upstreamCall;
-  // request.signal fires when the client goes away (deno.json opts out of Deno's legacy behaviour, which also
-  // fired it after every complete response; even then the upstream body was fully read, so aborting did nothing).
-  const onClientGone = () => upstreamCall.abort(new RelayAbort("client_gone"));
-  request.signal.addEventListener("abort", onClientGone, { once: true });
-  context.stopWatchingClient = () => request.signal.removeEventListener("abort", onClientGone);
-  const timeoutMs = relay.config.requestTimeoutMs;
-  const headersTimer = setTimeout(() => upstreamCall.abort(new RelayAbort("upstream_timeout")), timeoutMs);
-  const fetchStarted = performance.now();
-  context.forwarded = true;
-  try {
-    context.upstreamResponse = await fetch(`${target.baseUrl}${context.route!.upstreamPath}${context.url.search}`, {
-      method: request.method,
-      headers,
-      body: context.body,
-      signal: upstreamCall.signal,
-      redirect: "manual",
-    });
-  } catch (error) {
-    context.stopWatchingClient();
-    return upstreamFailure(relay, context, error);
-  } finally {
-    clearTimeout(headersTimer);
-    releaseBody(relay, context);
-  }
-  const response = context.upstreamResponse;
-  context.upstreamStatus = response.status;
-  relay.metrics.observeUpstreamLatency((performance.now() - fetchStarted) / 1000);
-  if (response.status >= 300 && response.status < 400 && response.headers.has("location")) {
-    await response.body?.cancel();
-    context.stopWatchingClient();
-    return upstreamRedirect(context, response.headers.get("location")!);
-  }
-  return undefined;
-}
-
 /** Drops the request body once it has been sent: its bytes no longer count against MAX_BUFFERED_BYTES. */
 function releaseBody(relay: Relay, context: RequestContext): void {
   relay.bodyBudget.release(context.heldBytes);
@@ -3124,7 +3167,8 @@ async function relayResponse(relay: Relay, context: RequestContext): Promise<Res
     headers.set("x-accel-buffering", "no");
   }
   if (response.status >= 300) return await relayErrorResponse(relay, context, response, headers);
-  const filterModels = relay.allowedModels.size > 0 && context.route!.upstreamPath === "/models" && response.ok;
+  const filterModels = (relay.allowedModels.size > 0 || Object.keys(relay.config.modelAliases).length > 0) &&
+    context.route!.upstreamPath === "/models" && response.ok;
   const inspectUsage = context.usageWatch !== undefined && response.ok;
   const contentLength = response.headers.get("content-length");
   const init = { status: response.status, statusText: response.statusText, headers };
@@ -3142,7 +3186,7 @@ async function relayResponse(relay: Relay, context: RequestContext): Promise<Res
   let body = relayedBody(relay, context, response.body, eventStream, usage);
   if (filterModels && !response.headers.has("content-encoding")) {
     const allowed = (model: string) => modelAllowed(relay, context.target.name, model);
-    body = (await rewriteBody(body, (text) => filterModelList(text, allowed))).body;
+    body = (await rewriteBody(body, (text) => filterModelList(text, allowed, aliasModels(relay)))).body;
     headers.delete("content-length");
   }
   return new Response(body, init);
@@ -3234,6 +3278,8 @@ function responseHeaders(relay: Relay, context: RequestContext, response: Respon
     list.push([entry[0], context.masker ? context.masker.maskHeaderValue(entry[1]) : relay.maskHeaderValue(entry[1])]);
   }
   list.push(...relayHeaders(context.id, context.cors));
+  // Which upstream (for an alias: which target) answered.
+  list.push(["x-relay-upstream", context.upstream ?? context.target.name]);
   return new Headers(list);
 }
 
@@ -3283,10 +3329,13 @@ async function mergedModels(relay: Relay, context: RequestContext): Promise<Resp
     );
   }
   const lists = await Promise.all(keyed.map((target) => fetchModelList(relay, target)));
-  const data = lists.flatMap(({ name, models }) =>
-    models.filter((entry) => typeof entry?.id === "string" && modelAllowed(relay, name, entry.id as string))
-      .map((entry) => ({ ...entry, id: `${name}/${entry.id}` }))
-  );
+  const data = [
+    ...lists.flatMap(({ name, models }) =>
+      models.filter((entry) => typeof entry?.id === "string" && modelAllowed(relay, name, entry.id as string))
+        .map((entry) => ({ ...entry, id: `${name}/${entry.id}` }))
+    ),
+    ...aliasModels(relay),
+  ];
   const failed = lists.filter((list) => list.error).map((list) => `${list.name} (${list.error})`);
   if (failed.length > 0) context.error = `model lists missing: ${failed.join(", ")}`;
   if (failed.length === lists.length) {
@@ -3402,9 +3451,234 @@ function account(relay: Relay, context: RequestContext): void {
     duration_ms: Math.round((performance.now() - context.startedAt) * 10) / 10,
     bytes_in: context.bytesIn,
     bytes_out: context.bytesOut,
+    alias: context.alias,
+    attempts: context.attempts && context.attempts.length > 1 ? context.attempts : undefined,
     outcome: context.outcome,
     error: context.error && context.masker ? context.masker.mask(context.error) ?? "[REDACTED]" : context.error,
   });
+}
+
+// ---------------------------------------------------------------------------
+// Failover: model aliases, attempts, circuit breakers
+// ---------------------------------------------------------------------------
+
+/** One target a request may be sent to: an upstream and, for an alias, the model to ask it for. */
+interface Attempt {
+  target: UpstreamTarget;
+  /** The model this target is asked for; undefined keeps the body as it is. */
+  model?: string;
+  /** `upstream/model` for an alias target, else the upstream's name: in logs, metrics, breakers, X-Relay-Upstream. */
+  label: string;
+}
+
+/** An answer from the upstream that lets a request move on to the next target, when there is one. */
+const FAILOVER_STATUSES = new Set([429, 500, 502, 503, 504]);
+
+/**
+ * Circuit breakers, one per alias target, in this process: FAILOVER_BREAKER_FAILURES failures in a row open a
+ * target's breaker, and for FAILOVER_BREAKER_SECONDS requests skip it; then one request may try it (half-open): a
+ * success closes the breaker, a failure opens it again. When a breaker opens, the attempts still waiting on that
+ * target are aborted, so they move on instead of waiting for its timeout.
+ */
+class CircuitBreakers {
+  #targets = new Map<string, { failures: number; openUntil: number; probing: boolean }>();
+  #waiting = new Map<string, Set<AbortController>>();
+
+  constructor(
+    readonly failuresToOpen: number,
+    readonly openMs: number,
+    readonly now: () => number,
+    readonly onChange: (label: string, open: boolean) => void,
+  ) {}
+
+  #state(label: string) {
+    let state = this.#targets.get(label);
+    if (state === undefined) this.#targets.set(label, state = { failures: 0, openUntil: 0, probing: false });
+    return state;
+  }
+
+  /** Whether a request may try `label` now (a half-open breaker lets one probe through). */
+  admit(label: string): boolean {
+    const state = this.#state(label);
+    if (state.openUntil === 0) return true;
+    if (this.now() < state.openUntil || state.probing) return false;
+    state.probing = true;
+    return true;
+  }
+
+  /** Seconds until the first open breaker of `labels` lets a probe through. */
+  secondsToRetry(labels: string[]): number {
+    const soonest = Math.min(...labels.map((label) => this.#state(label).openUntil));
+    return Math.max(1, Math.ceil((soonest - this.now()) / 1000));
+  }
+
+  /** Watches an attempt on `label`: it is aborted if the breaker opens meanwhile. Returns the end of the watch. */
+  watch(label: string, attempt: AbortController): () => void {
+    let waiting = this.#waiting.get(label);
+    if (waiting === undefined) this.#waiting.set(label, waiting = new Set());
+    waiting.add(attempt);
+    return () => waiting.delete(attempt);
+  }
+
+  /** Records an answer from `label`: closes its breaker. */
+  succeeded(label: string): void {
+    const state = this.#state(label);
+    const wasOpen = state.openUntil !== 0;
+    Object.assign(state, { failures: 0, openUntil: 0, probing: false });
+    if (wasOpen) this.onChange(label, false);
+  }
+
+  /** Records a failure of `label`: may open its breaker, and then aborts the attempts waiting on it. */
+  failed(label: string): void {
+    const state = this.#state(label);
+    state.failures++;
+    if (!state.probing && state.failures < this.failuresToOpen) return;
+    const wasOpen = state.openUntil !== 0;
+    Object.assign(state, { openUntil: this.now() + this.openMs, probing: false });
+    if (!wasOpen) this.onChange(label, true);
+    for (const attempt of this.#waiting.get(label) ?? []) attempt.abort(new RelayAbort("breaker_open"));
+  }
+
+  /** The targets whose breakers are open now (half-open ones included). */
+  open(): string[] {
+    return [...this.#targets].filter(([, state]) => state.openUntil !== 0).map(([label]) => label);
+  }
+}
+
+/** The attempts a request may make: every target of its alias, in order, or its one upstream. */
+function attemptPlan(relay: Relay, context: RequestContext): Attempt[] {
+  const targets = context.alias === undefined ? undefined : relay.config.modelAliases[context.alias];
+  if (targets === undefined) return [{ target: context.target, label: context.target.name }];
+  return targets.map((label) => {
+    const slash = label.indexOf("/");
+    return { target: relay.upstreamsByName.get(label.slice(0, slash))!, model: label.slice(slash + 1), label };
+  });
+}
+
+/**
+ * Stage: forward. Calls the upstream with the client's body, Content-Type and Accept, and the upstream's key. For
+ * a model alias, the targets are tried in order: a connection, DNS or TLS failure, no response headers within the
+ * attempt's share of REQUEST_TIMEOUT_SECONDS, or a 429/500/502/503/504 moves on to the next target (whose breaker is
+ * not open) with the same body, model replaced; any other answer is the answer. A client that leaves aborts the call
+ * (499); with no target left the last failure is answered (502 or 504, or the last upstream answer); a redirect is
+ * 502, since following it could carry the key elsewhere.
+ */
+async function forwardRequest(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  const plan = attemptPlan(relay, context);
+  const onClientGone = () => context.upstreamCall?.abort(new RelayAbort("client_gone"));
+  context.request.signal.addEventListener("abort", onClientGone, { once: true });
+  context.stopWatchingClient = () => context.request.signal.removeEventListener("abort", onClientGone);
+  const deadline = performance.now() + relay.config.requestTimeoutMs;
+  context.forwarded = true;
+  let failure: unknown;
+  try {
+    for (const [index, attempt] of plan.entries()) {
+      if (context.request.signal.aborted) break;
+      if (plan.length > 1 && !relay.breakers.admit(attempt.label)) {
+        context.attempts?.push({ target: attempt.label, outcome: "breaker_open", ms: 0 });
+        continue;
+      }
+      // Each target left gets an equal share of the time left for the first byte.
+      const share = (deadline - performance.now()) / (plan.length - index);
+      const result = await callUpstream(relay, context, attempt, Math.max(1, share));
+      const last = index === plan.length - 1;
+      if (!("response" in result) || (FAILOVER_STATUSES.has(result.response.status) && !last)) {
+        if (plan.length > 1 && !context.request.signal.aborted) {
+          relay.breakers.failed(attempt.label);
+          relay.metrics.countFailover(attempt.label);
+        }
+        if ("response" in result) await result.response.body?.cancel();
+        failure = "error" in result ? result.error : undefined;
+        continue;
+      }
+      if (plan.length > 1) relay.breakers.succeeded(attempt.label);
+      context.upstreamResponse = result.response;
+      break;
+    }
+  } finally {
+    releaseBody(relay, context);
+  }
+  if (context.upstreamResponse === undefined) return noAnswer(relay, context, plan, failure);
+  const response = context.upstreamResponse;
+  context.upstreamStatus = response.status;
+  if (response.status >= 300 && response.status < 400 && response.headers.has("location")) {
+    await response.body?.cancel();
+    context.stopWatchingClient();
+    return upstreamRedirect(context, response.headers.get("location")!);
+  }
+  return undefined;
+}
+
+/** One attempt: the request to `attempt`'s upstream, with its own abort, within `timeoutMs` for the headers. */
+async function callUpstream(
+  relay: Relay,
+  context: RequestContext,
+  attempt: Attempt,
+  timeoutMs: number,
+): Promise<{ response: Response } | { error: unknown }> {
+  const { request } = context;
+  context.target = attempt.target;
+  context.upstream = relay.upstreams.length > 1 || attempt.model !== undefined ? attempt.label : undefined;
+  const headers = upstreamHeaders(attempt.target, context.upstreamAuth);
+  for (const name of ["content-type", "accept"]) {
+    const value = request.headers.get(name);
+    if (value !== null) headers.set(name, value);
+  }
+  if (attempt.model !== undefined) {
+    context.payload!.model = attempt.model;
+    context.body = textEncoder.encode(JSON.stringify(context.payload)) as Uint8Array<ArrayBuffer>;
+  }
+  const call = new AbortController();
+  context.upstreamCall = call;
+  const unwatch = relay.breakers.watch(attempt.label, call);
+  const timer = setTimeout(() => call.abort(new RelayAbort("upstream_timeout")), timeoutMs);
+  const started = performance.now();
+  try {
+    const response = await fetch(`${attempt.target.baseUrl}${context.route!.upstreamPath}${context.url.search}`, {
+      method: request.method,
+      headers,
+      body: context.body,
+      signal: call.signal,
+      redirect: "manual",
+    });
+    relay.metrics.observeUpstreamLatency((performance.now() - started) / 1000);
+    context.attempts?.push({
+      target: attempt.label,
+      outcome: String(response.status),
+      ms: Math.round(performance.now() - started),
+    });
+    return { response };
+  } catch (error) {
+    const reason = call.signal.reason;
+    const outcome = reason instanceof RelayAbort ? reason.kind : describeNetworkError(errorText(error));
+    context.attempts?.push({ target: attempt.label, outcome, ms: Math.round(performance.now() - started) });
+    return { error };
+  } finally {
+    clearTimeout(timer);
+    unwatch();
+  }
+}
+
+/**
+ * The answer when no target answered: 499 when the client left, 503 when every target's breaker is open, else the
+ * last failure (504 for a timeout, 502 otherwise).
+ */
+function noAnswer(relay: Relay, context: RequestContext, plan: Attempt[], failure: unknown): Response {
+  context.stopWatchingClient!();
+  const tried = context.attempts?.some((attempt) => attempt.outcome !== "breaker_open") ?? true;
+  if (!tried && !context.request.signal.aborted) {
+    const waitFor = relay.breakers.secondsToRetry(plan.map((attempt) => attempt.label));
+    context.outcome = "upstreams_unavailable";
+    return errorResponse(
+      503,
+      `every target of ${context.alias} failed just now (${
+        plan.map((attempt) => attempt.label).join(", ")
+      }); try again in ${waitFor} s`,
+      "upstreams_unavailable",
+      { "retry-after": String(waitFor) },
+    );
+  }
+  return upstreamFailure(relay, context, failure);
 }
 
 // ---------------------------------------------------------------------------
@@ -4253,12 +4527,19 @@ const RELAY_BUFFER_BYTES = 16 * 1024;
 /** The largest upstream body the relay reads to rewrite; a larger one passes through untouched. */
 const MAX_REWRITTEN_BODY_BYTES = 1024 * 1024;
 
-/** Keeps only the allowed models in an OpenAI model list; anything else passes on unchanged. */
-function filterModelList(text: string, allowed: (model: string) => boolean): string {
+/** Keeps only the allowed models in an OpenAI model list and adds `extra` (the aliases); else passes it on unchanged. */
+function filterModelList(text: string, allowed: (model: string) => boolean, extra: object[] = []): string {
   const list = parseJsonText(text) as { data?: { id?: unknown }[] } | undefined;
   if (!Array.isArray(list?.data)) return text;
-  list.data = list.data.filter((model) => typeof model?.id === "string" && allowed(model.id));
+  list.data = [...list.data.filter((model) => typeof model?.id === "string" && allowed(model.id)), ...extra];
   return JSON.stringify(list);
+}
+
+/** The model aliases a client may use, as entries of an OpenAI model list (`owned_by: "mc-relay"`). */
+function aliasModels(relay: Relay): object[] {
+  return Object.keys(relay.config.modelAliases)
+    .filter((alias) => relay.allowedModels.size === 0 || relay.allowedModels.has(alias))
+    .map((alias) => ({ id: alias, object: "model", created: 0, owned_by: "mc-relay" }));
 }
 
 /**
@@ -4360,6 +4641,14 @@ export class RelayMetrics {
   hashChecks = 0;
   /** 1 while the shared counter store is unreachable and this copy counts alone. */
   storeDegraded = 0;
+  /** Per alias target: 1 while its circuit breaker is open. */
+  breakerOpen = new Map<string, number>();
+  #failovers = new Map<string, number>();
+
+  /** Counts a failed attempt at an alias target that moved the request on. */
+  countFailover(target: string) {
+    RelayMetrics.#add(this.#failovers, { target }, 1);
+  }
 
   static #label(value: string) {
     return value.replaceAll("\\", "\\\\").replaceAll('"', '\\"').replaceAll("\n", "\\n");
@@ -4428,6 +4717,14 @@ export class RelayMetrics {
       "# HELP mc_relay_store_degraded 1 while Redis is unreachable and this copy counts limits and budgets alone.",
       "# TYPE mc_relay_store_degraded gauge",
       `mc_relay_store_degraded ${this.storeDegraded}`,
+      "# HELP mc_relay_failovers_total Failed attempts at an alias target, by target.",
+      "# TYPE mc_relay_failovers_total counter",
+      ...[...this.#failovers].map(([labels, value]) => `mc_relay_failovers_total{${labels}} ${value}`),
+      "# HELP mc_relay_breaker_open 1 while an alias target's circuit breaker is open.",
+      "# TYPE mc_relay_breaker_open gauge",
+      ...[...this.breakerOpen].map(([target, value]) =>
+        `mc_relay_breaker_open{target="${RelayMetrics.#label(target)}"} ${value}`
+      ),
       "# HELP mc_relay_open_streams Event streams being relayed now.",
       "# TYPE mc_relay_open_streams gauge",
       `mc_relay_open_streams ${this.openStreams}`,
@@ -4801,6 +5098,9 @@ Optional (default in brackets):
                                ALLOWED_MODELS, else none]
   SEAL_SECRET                  seals callers' keys for BYOK upstreams: POST /seal, 'mc-relay seal' [unset]
   SEAL_SECRETS_PREVIOUS        former SEAL_SECRETs whose sealed keys still open, comma-separated [none]
+  MODEL_ALIASES_JSON           {"alias": ["upstream/model", ...]}: an alias served by the first target that answers [none]
+  FAILOVER_BREAKER_FAILURES    failures in a row that open a target's circuit breaker [3]
+  FAILOVER_BREAKER_SECONDS     how long an open breaker skips its target [30]
   METRICS                      users who may read Prometheus metrics at /metrics, e.g. admin [false]
   METRICS_PORT                 a separate port serving /metrics without auth [none]
   METRICS_HOST                 the interface METRICS_PORT listens on [127.0.0.1]

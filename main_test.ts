@@ -17,6 +17,7 @@ import {
   readCredentials,
   type RelayConfig,
   type TrustedProxies,
+  type Upstream,
 } from "./main.ts";
 import {
   ALLOWED,
@@ -3930,6 +3931,259 @@ Deno.test("bring your own key", async (t) => {
       });
       assert.ok(!bad.ok);
       assert.match(bad.errors.join("\n"), /is "byok": its callers bring their own key, so it has no "apiKey"/);
+    },
+  );
+});
+
+// ---------------------------------------------------------------------------
+// Failover and model aliases
+// ---------------------------------------------------------------------------
+
+/** An upstream that never answers; it lets go when the relay gives up on it, so it can shut down. */
+function hangingUpstream() {
+  return startUpstream((request) =>
+    new Promise<Response>((resolve) => request.signal.addEventListener("abort", () => resolve(new Response(null))))
+  );
+}
+
+Deno.test("failover and model aliases", async (t) => {
+  /** A fake upstream that answers `status` (200: a chat answer naming itself) and counts what it got. */
+  const answering = (name: string, status = 200) =>
+    startUpstream((request, seen) =>
+      status === 200
+        ? Response.json({
+          choices: [{ message: { role: "assistant", content: `from ${name}` } }],
+          model: JSON.parse(seen.body || "{}").model,
+          usage: { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 },
+        })
+        : Response.json({ error: { message: `${name} says ${status}` } }, { status })
+    );
+  const relayWith = (
+    aliases: Record<string, string[]>,
+    upstreams: Upstream[],
+    overrides: Partial<RelayConfig> = {},
+    now?: () => number,
+  ) => startRelay(testConfig(upstreams[0].baseUrl, { upstreams, modelAliases: aliases, ...overrides }), undefined, now);
+  const ask = (relay: ReturnType<typeof startRelay>, model = "alias-fast", extra = {}) =>
+    relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+      body: chatBody({ model, ...extra }),
+    });
+  await using good = answering("good");
+
+  await t.step(
+    "every failure before the first byte moves on to the next target, with the same body and its model",
+    async () => {
+      const refusedPort = freePort();
+      const resetting = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+      const accepting = (async () => {
+        for await (const connection of resetting) connection.close();
+      })();
+      await using plainHttp = startUpstream(() => new Response("not TLS"));
+      await using hanging = hangingUpstream();
+      const failures: [string, string][] = [
+        ["connection refused", `http://127.0.0.1:${refusedPort}`],
+        ["connection reset", `http://127.0.0.1:${(resetting.addr as Deno.NetAddr).port}`],
+        ["DNS failure", "http://does-not-exist.invalid"],
+        ["TLS failure", `https://127.0.0.1:${new URL(plainHttp.url).port}`],
+        ["no response headers in time", hanging.url],
+      ];
+      for (const [kind, baseUrl] of failures) {
+        await using relay = relayWith(
+          { "alias-fast": ["broken/llama-a", "good/llama-b"] },
+          [testUpstream("broken", baseUrl), testUpstream("good", good.url)],
+          { requestTimeoutMs: 600 },
+        );
+        const before = good.requests.length;
+        const response = await ask(relay);
+        assert.equal(response.status, 200, kind);
+        assert.equal(response.json().choices[0].message.content, "from good", kind);
+        assert.equal(response.headers.get("x-relay-upstream"), "good/llama-b");
+        assert.equal(good.requests.length, before + 1);
+        const forwarded = JSON.parse(good.requests.at(-1)!.body);
+        assert.equal(forwarded.model, "llama-b", "the target's model replaces the alias");
+        assert.deepEqual(forwarded.messages, [{ role: "user", content: "Hello" }], "the same body");
+        const line = relay.requestLogs().at(-1);
+        assert.equal(line.alias, "alias-fast");
+        assert.deepEqual(line.attempts.map((attempt: { target: string }) => attempt.target), [
+          "broken/llama-a",
+          "good/llama-b",
+        ]);
+        assert.equal(line.attempts[1].outcome, "200");
+      }
+      resetting.close();
+      await accepting.catch(() => {});
+      for (const status of [429, 500, 502, 503, 504]) {
+        await using failing = answering("failing", status);
+        await using relay = relayWith(
+          { "alias-fast": ["failing/a", "good/b"] },
+          [testUpstream("failing", failing.url), testUpstream("good", good.url)],
+        );
+        const response = await ask(relay);
+        assert.equal(response.json().choices[0].message.content, "from good", String(status));
+        assert.equal(relay.requestLogs().at(-1).attempts[0].outcome, String(status));
+      }
+    },
+  );
+
+  await t.step("a 400, 401, 403, 404, 413 or 422 is the request's problem: passed on, no failover", async () => {
+    for (const status of [400, 401, 403, 404, 413, 422]) {
+      await using refusing = answering("refusing", status);
+      await using relay = relayWith(
+        { "alias-fast": ["refusing/a", "good/b"] },
+        [testUpstream("refusing", refusing.url), testUpstream("good", good.url)],
+      );
+      const before = good.requests.length;
+      const response = await ask(relay);
+      assert.equal(response.status, status);
+      assert.match(response.text, new RegExp(`refusing says ${status}`));
+      assert.equal(good.requests.length, before, `${status} did not fail over`);
+    }
+  });
+
+  await t.step(
+    "a stream that breaks after its first chunk is cut, never glued to another target's answer",
+    async () => {
+      await using breaking = startUpstream(() =>
+        new Response(
+          new ReadableStream({
+            start(controller) {
+              controller.enqueue(encoder.encode('data: {"choices":[{"delta":{"content":"half"}}]}\n\n'));
+              setTimeout(() => controller.error(new Error("gone")), 20);
+            },
+          }),
+          { headers: { "content-type": "text/event-stream" } },
+        )
+      );
+      await using relay = relayWith(
+        { "alias-fast": ["breaking/a", "good/b"] },
+        [testUpstream("breaking", breaking.url), testUpstream("good", good.url)],
+      );
+      const before = good.requests.length;
+      const response = await fetch(`${relay.url}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+        body: chatBody({ model: "alias-fast", stream: true }),
+      });
+      assert.equal(response.headers.get("x-relay-upstream"), "breaking/a");
+      const reader = response.body!.getReader();
+      let text = "";
+      await assert.rejects(async () => {
+        for (let chunk = await reader.read(); !chunk.done; chunk = await reader.read()) {
+          text += decoder.decode(chunk.value);
+        }
+      });
+      assert.match(text, /half/);
+      assert.doesNotMatch(text, /from good/);
+      assert.equal(good.requests.length, before, "no second target after the first byte");
+    },
+  );
+
+  await t.step("the breaker opens after failures in a row, skips, lets one probe through, and closes", async () => {
+    let failing = true;
+    await using flaky = startUpstream((request, seen) =>
+      failing ? new Response("down", { status: 503 }) : openAiLikeUpstream(request, seen)
+    );
+    const clock = manualClock();
+    await using relay = relayWith(
+      { "alias-fast": ["flaky/a", "good/b"] },
+      [testUpstream("flaky", flaky.url), testUpstream("good", good.url)],
+      { breakerFailures: 2, breakerOpenMs: 30_000, metricsUsers: [USERNAME] },
+      clock.now,
+    );
+    await ask(relay);
+    await ask(relay);
+    const health = await relay.call("/health");
+    assert.deepEqual(health.json().breakers_open, ["flaky/a"]);
+    const tried = flaky.requests.length;
+    assert.equal((await ask(relay)).json().choices[0].message.content, "from good");
+    assert.equal(flaky.requests.length, tried, "an open breaker skips its target");
+    assert.equal(relay.requestLogs().at(-1).attempts[0].outcome, "breaker_open");
+    const metrics = (await relay.call("/metrics", { headers: { authorization: GOOD_BEARER } })).text;
+    assert.match(metrics, /^mc_relay_breaker_open\{target="flaky\/a"\} 1$/m);
+    assert.match(metrics, /^mc_relay_failovers_total\{target="flaky\/a"\} 2$/m);
+    clock.advance(30_000);
+    await ask(relay);
+    assert.equal(flaky.requests.length, tried + 1, "half-open: one probe");
+    assert.deepEqual((await relay.call("/health")).json().breakers_open, ["flaky/a"], "the probe failed: open again");
+    clock.advance(30_000);
+    failing = false;
+    assert.equal((await ask(relay)).headers.get("x-relay-upstream"), "flaky/a", "the probe succeeded");
+    assert.deepEqual((await relay.call("/health")).json().breakers_open, []);
+  });
+
+  await t.step(
+    "requests waiting on a target that goes down move on when its breaker opens, not at their timeout",
+    async () => {
+      await using hanging = hangingUpstream();
+      await using relay = relayWith(
+        { "alias-fast": ["hanging/a", "good/b"] },
+        [testUpstream("hanging", hanging.url), testUpstream("good", good.url)],
+        { requestTimeoutMs: 2000, breakerFailures: 1 },
+      );
+      const first = ask(relay);
+      await sleep(300);
+      const later = Promise.all([ask(relay), ask(relay), ask(relay)]);
+      const answers = [await first, ...await later];
+      assert.deepEqual(answers.map((answer) => answer.status), [200, 200, 200, 200]);
+      const outcomes = relay.requestLogs().slice(-4).map((line) => line.attempts[0].outcome).sort();
+      assert.deepEqual(outcomes, ["breaker_open", "breaker_open", "breaker_open", "upstream_timeout"]);
+      const afterwards = await ask(relay);
+      assert.equal(relay.requestLogs().at(-1).attempts[0].ms, 0, "later requests skip it at once");
+      assert.equal(afterwards.status, 200);
+    },
+  );
+
+  await t.step("the whole attempt stays within REQUEST_TIMEOUT_SECONDS for the first byte", async () => {
+    await using hanging = hangingUpstream();
+    await using relay = relayWith(
+      { "alias-slow": ["one/a", "two/b", "three/c"] },
+      [testUpstream("one", hanging.url), testUpstream("two", hanging.url), testUpstream("three", hanging.url)],
+      { requestTimeoutMs: 900 },
+    );
+    const started = performance.now();
+    const response = await ask(relay, "alias-slow");
+    const took = performance.now() - started;
+    assert.equal(response.status, 504);
+    assert.ok(took >= 850 && took < 1500, `took ${took} ms`);
+    const attempts = relay.requestLogs().at(-1).attempts;
+    assert.deepEqual(attempts.map((attempt: { outcome: string }) => attempt.outcome), [
+      "upstream_timeout",
+      "upstream_timeout",
+      "upstream_timeout",
+    ]);
+  });
+
+  await t.step(
+    "aliases are listed and may be allow-listed; usage is charged to the target that answered, under the alias",
+    async () => {
+      await using failing = answering("failing", 503);
+      await using relay = relayWith(
+        { "alias-fast": ["failing/a", "good/b"] },
+        [testUpstream("failing", failing.url), testUpstream("good", good.url)],
+        { allowedModels: ["alias-fast"], tokenBudgetPerDay: 1000 },
+      );
+      const models = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+      assert.ok(
+        models.json().data.some((model: { id: string; owned_by: string }) =>
+          model.id === "alias-fast" && model.owned_by === "mc-relay"
+        ),
+      );
+      assert.equal((await ask(relay, "good/b")).status, 400, "the allow-list names the alias, not its targets");
+      assert.equal((await ask(relay)).status, 200);
+      const line = relay.requestLogs().at(-1);
+      assert.equal(line.model, "alias-fast");
+      assert.equal(line.upstream, "good/b");
+      assert.equal(line.usage.total_tokens, 5);
+      const usage = (await relay.call("/usage", { headers: { authorization: GOOD_BEARER } })).json();
+      assert.equal(usage.budgets[0].used, 5, "charged what the answering target reported");
+      const bad = parseConfig({ ...minimalEnv, MODEL_ALIASES_JSON: '{"x": ["nowhere/model"]}' });
+      assert.ok(!bad.ok);
+      assert.match(
+        bad.errors[0],
+        /MODEL_ALIASES_JSON alias "x": "nowhere\/model" must be a configured upstream's name/,
+      );
     },
   );
 });

@@ -66,7 +66,9 @@ export interface SeenRequest {
 /** A fake upstream on an ephemeral loopback port that records every request. */
 export function startUpstream(handler: (request: Request, seen: SeenRequest) => Response | Promise<Response>) {
   const requests: SeenRequest[] = [];
-  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (request) => {
+  // A fake upstream's errors are on purpose (a stream broken mid-way): they print nothing.
+  const onError = () => new Response(null, { status: 500 });
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {}, onError }, async (request) => {
     const url = new URL(request.url);
     const seen: SeenRequest = {
       method: request.method,
@@ -131,6 +133,9 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     usageRetentionDays: 400,
     page: true,
     sealSecretsPrevious: [],
+    modelAliases: {},
+    breakerFailures: 3,
+    breakerOpenMs: 30_000,
     trustProxy: { ranges: [], hops: 0 },
     ...overrides,
   };
