@@ -393,6 +393,41 @@ async function storeCosts(upstreamUrl: string, seconds: number) {
   return rows;
 }
 
+/**
+ * Throughput of GET /v1/models with 1 and 2 WORKERS (one SQLite file shared, so limits stay exact), the load
+ * generator pinned to core 1 (`taskset`) so that it does not move between the cores the relay uses.
+ */
+async function workerScaling(upstreamUrl: string, seconds: number) {
+  const folder = await Deno.makeTempDir({ prefix: "mc-relay-bench-workers-" });
+  const rows: { workers: number; rps: number }[] = [];
+  for (const workers of [1, 2]) {
+    const relay = startRelayProcess(upstreamUrl, { WORKERS: String(workers), STATE_PATH: `${folder}/w${workers}.db` });
+    await waitForHttp(`${relay.url}/health`);
+    await throughput(relay.url, 32, 1); // warm-up
+    const output = await new Deno.Command("taskset", {
+      args: [
+        "-c",
+        "1",
+        "wrk",
+        "-t1",
+        "-c32",
+        `-d${seconds}s`,
+        "-H",
+        `Authorization: ${AUTH}`,
+        `${relay.url}/v1/models`,
+      ],
+      stdout: "piped",
+      stderr: "piped",
+    }).output().catch(() => undefined);
+    const text = output ? new TextDecoder().decode(output.stdout) : "";
+    rows.push({ workers, rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(text)?.[1] ?? NaN) });
+    relay.child.kill("SIGTERM");
+    await relay.child.status;
+  }
+  await Deno.remove(folder, { recursive: true });
+  return rows;
+}
+
 /** Opens `streams` streamed chats at once; returns chunk delays (ms, send stamp to arrival) and failures. */
 async function concurrentStreams(base: string, streams: number, chunks: number, interval: number) {
   const delays: number[] = [];
@@ -551,6 +586,14 @@ async function main() {
   console.log(`- stores: non-streamed chats, 32 connections, ${sizes.seconds} s per store, every limit and budget on`);
   const stores = await storeCosts(upstream.url, sizes.seconds);
 
+  const haveTaskset = installed("taskset") && installed("wrk");
+  console.log(
+    `- workers: GET /v1/models with WORKERS=1 and 2, wrk pinned to core 1${
+      haveTaskset ? "" : " (skipped: no taskset or wrk)"
+    }`,
+  );
+  const scaling = haveTaskset ? await workerScaling(upstream.url, sizes.seconds) : [];
+
   console.log("- start-up: 5 starts of the relay process, time to the first answered /health");
   const startups: number[] = [];
   for (let i = 0; i < 5; i++) {
@@ -620,6 +663,10 @@ ${
         stores.map((row) => `| ${row.name} | ${format(row.rps)} | ${format(row.relayUs)} | ${format(row.storeUs)} |`)
           .join("\n")
       }
+
+| WORKERS (wrk pinned to core 1) | req/s, 32 connections | per worker |
+| --- | ---: | ---: |
+${scaling.map((row) => `| ${row.workers} | ${format(row.rps)} | ${format(row.rps / row.workers)} |`).join("\n")}
 `,
   );
 }

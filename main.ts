@@ -85,6 +85,7 @@ export const ENV_VARS = [
   "MODEL_ALIASES_JSON",
   "FAILOVER_BREAKER_FAILURES",
   "FAILOVER_BREAKER_SECONDS",
+  "WORKERS",
 ] as const;
 
 /** The name of one environment variable the relay reads. */
@@ -177,6 +178,8 @@ export interface RelayConfig {
   breakerFailures: number;
   /** How long an open breaker skips its target, in milliseconds (FAILOVER_BREAKER_SECONDS). */
   breakerOpenMs: number;
+  /** Threads serving the port (WORKERS: a number, or `auto` for every core). */
+  workers: number;
   /** Which reverse proxies may set X-Forwarded-For (TRUST_PROXY); none by default (it could be spoofed). */
   trustProxy: TrustedProxies;
 }
@@ -305,6 +308,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
   const presentation = parsePresentation(read, errors);
   const sealing = parseSealing(env, upstreams, errors);
   const failover = parseFailover(read, upstreams, errors);
+  const workers = parseWorkers(read.text("WORKERS"), errors);
   const metricsUsers = parseMetricsUsers(read.text("METRICS"), users, errors);
   if (errors.length > 0) return { ok: false, errors };
   const config: RelayConfig = {
@@ -321,8 +325,9 @@ export function parseConfig(env: RelayEnv): ConfigResult {
     ...presentation,
     ...sealing,
     ...failover,
+    workers,
   };
-  const refusals = publicAccessProblems(config);
+  const refusals = [...publicAccessProblems(config), ...workersProblems(config)];
   if (refusals.length > 0) return { ok: false, errors: refusals };
   return { ok: true, config, warnings: [...warnings, ...riskWarnings(config)] };
 }
@@ -613,6 +618,33 @@ function parsePresentation(read: ReturnType<typeof envReader>, errors: string[])
     }
   }
   return { page, publicUrl, defaultModel: read.text("DEFAULT_MODEL") };
+}
+
+/** WORKERS: a whole number of threads from 1, or `auto` (one per core). */
+function parseWorkers(raw: string | undefined, errors: string[]): number {
+  if (raw === undefined) return 1;
+  if (raw.toLowerCase() === "auto") return Math.max(1, navigator.hardwareConcurrency);
+  if (/^[0-9]{1,3}$/.test(raw) && Number(raw) >= 1 && Number(raw) <= 256) return Number(raw);
+  errors.push(`WORKERS must be a number of threads, e.g. 2, or auto (one per core), got "${raw}"`);
+  return 1;
+}
+
+/**
+ * Several WORKERS count limits, lockouts and budgets together only in a shared store: they need STATE_PATH (one
+ * SQLite file, each worker with its own connection) or REDIS_URL. SO_REUSEPORT, which shares the port, is POSIX only.
+ */
+function workersProblems(config: RelayConfig): string[] {
+  if (config.workers === 1) return [];
+  const problems: string[] = [];
+  if (config.statePath === undefined && config.redisUrl === undefined) {
+    problems.push(
+      `WORKERS=${config.workers} needs STATE_PATH or REDIS_URL, so that all workers count limits and budgets together, e.g. STATE_PATH=/data/state.db`,
+    );
+  }
+  if (Deno.build.os === "windows") {
+    problems.push("WORKERS above 1 needs SO_REUSEPORT, which Windows lacks; use WORKERS=1");
+  }
+  return problems;
 }
 
 /**
@@ -5186,6 +5218,8 @@ Optional (default in brackets):
   MODEL_ALIASES_JSON           {"alias": ["upstream/model", ...]}: an alias served by the first target that answers [none]
   FAILOVER_BREAKER_FAILURES    failures in a row that open a target's circuit breaker [3]
   FAILOVER_BREAKER_SECONDS     how long an open breaker skips its target [30]
+  WORKERS                      threads serving the port: a number, or auto (every core); above 1 needs
+                               STATE_PATH or REDIS_URL [1]
   METRICS                      users who may read Prometheus metrics at /metrics, e.g. admin [false]
   METRICS_PORT                 a separate port serving /metrics without auth [none]
   METRICS_HOST                 the interface METRICS_PORT listens on [127.0.0.1]
@@ -5324,7 +5358,8 @@ function listen(
 
 /**
  * Starts the relay server for a config and wires graceful shutdown; resolves when it has stopped. `announce` hears
- * the port once the relay listens (the demo prints its banner then).
+ * the port once the relay listens (the demo prints its banner then). With WORKERS above 1 the same port is served by
+ * that many threads (`startWorkers`); this one also serves METRICS_PORT and handles the signals for all.
  */
 export async function serve(
   config: RelayConfig,
@@ -5332,17 +5367,20 @@ export async function serve(
   announce?: (port: number) => void,
 ): Promise<void> {
   const log = createLogger(config);
-  const tls = await loadTls(config);
   for (const warning of warnings) log.warn(warning);
-  const metrics = new RelayMetrics();
-  const counters = await openCounterStore(config, (state, error) => {
-    metrics.storeDegraded = state === "degraded" ? 1 : 0;
-    if (state === "degraded") {
-      log.warn("counter store: Redis unreachable; each copy now counts limits and budgets alone", { error });
-    } else log.info("counter store: Redis answers again; counts are shared again");
+  let workers: Worker[] = [];
+  const { server, counters, metrics } = await startServer(config, log, (port, url) => {
+    log.info(`mc-relay ${VERSION} listening`, {
+      url,
+      upstream: new URL(config.upstreams[0].baseUrl).host,
+      ...(config.upstreams.length > 1 &&
+        { upstreams: config.upstreams.map((upstream) => `${upstream.name}=${new URL(upstream.baseUrl).host}`) }),
+      allowed_origins: config.allowedOrigins,
+      ...(config.workers > 1 && { workers: config.workers }),
+    });
+    workers = startWorkers({ ...config, port }, config.workers - 1);
+    announce?.(port);
   });
-  if ("error" in counters) exitWithErrors([counters.error]);
-  const handler = createHandler(config, { metrics, counters });
   // METRICS_PORT: /metrics without auth on its own port, for a scraper on a private network.
   const metricsServer = config.metricsPort === undefined ? undefined : listen(
     "METRICS_PORT",
@@ -5361,23 +5399,6 @@ export async function serve(
         ? metricsResponse(metrics)
         : new Response("not found", { status: 404 }),
   );
-  const server = listen("PORT", "HOST", {
-    port: config.port,
-    hostname: config.host,
-    ...tls,
-    onListen({ hostname, port }) {
-      const shown = hostname.includes(":") ? `[${hostname}]` : hostname;
-      log.info(`mc-relay ${VERSION} listening`, {
-        url: `${tls ? "https" : "http"}://${shown}:${port}`,
-        upstream: new URL(config.upstreams[0].baseUrl).host,
-        ...(config.upstreams.length > 1 &&
-          { upstreams: config.upstreams.map((upstream) => `${upstream.name}=${new URL(upstream.baseUrl).host}`) }),
-        allowed_origins: config.allowedOrigins,
-      });
-      announce?.(port);
-    },
-    onError: serverErrorHandler(log),
-  }, handler);
 
   let stopping = false;
   const stop = (signal: Deno.Signal) => {
@@ -5393,7 +5414,7 @@ export async function serve(
       Deno.exit(0);
     }, config.shutdownTimeoutMs);
     metricsServer?.shutdown();
-    server.shutdown().then(async () => {
+    Promise.all([server.shutdown(), ...workers.map(stopWorker)]).then(async () => {
       clearTimeout(deadline);
       await counters.close?.();
       log.info("stopped");
@@ -5409,6 +5430,83 @@ export async function serve(
     }
   }
   await server.finished;
+}
+
+/** One server of the relay: its counter store, metrics and handler on the configured port (shared among WORKERS). */
+async function startServer(
+  config: RelayConfig,
+  log: Logger,
+  listening: (port: number, url: string) => void,
+) {
+  const tls = await loadTls(config);
+  const metrics = new RelayMetrics();
+  const counters = await openCounterStore(config, (state, error) => {
+    metrics.storeDegraded = state === "degraded" ? 1 : 0;
+    if (state === "degraded") {
+      log.warn("counter store: Redis unreachable; each copy now counts limits and budgets alone", { error });
+    } else log.info("counter store: Redis answers again; counts are shared again");
+  });
+  if ("error" in counters) exitWithErrors([counters.error]);
+  const handler = createHandler(config, { metrics, counters });
+  const server = listen("PORT", "HOST", {
+    port: config.port,
+    hostname: config.host,
+    reusePort: config.workers > 1,
+    ...tls,
+    onListen({ hostname, port }) {
+      const shown = hostname.includes(":") ? `[${hostname}]` : hostname;
+      listening(port, `${tls ? "https" : "http"}://${shown}:${port}`);
+    },
+    onError: serverErrorHandler(log),
+  }, handler);
+  return { server, counters, metrics };
+}
+
+/** The name WORKERS threads get, so the module knows it runs in one. */
+const WORKER_NAME = "mc-relay-worker";
+
+/** Starts `count` threads that serve `config` (its port already chosen) beside this one, on the same port. */
+function startWorkers(config: RelayConfig, count: number): Worker[] {
+  return Array.from({ length: count }, () => {
+    const worker = new Worker(import.meta.url, { type: "module", name: WORKER_NAME });
+    worker.postMessage({ serve: config });
+    return worker;
+  });
+}
+
+/** Asks a worker to stop: it lets its requests finish, closes its store, and says so. */
+function stopWorker(worker: Worker): Promise<void> {
+  return new Promise((resolve) => {
+    worker.addEventListener("message", (event) => {
+      if ((event as MessageEvent).data === "stopped") {
+        worker.terminate();
+        resolve();
+      }
+    });
+    worker.postMessage("stop");
+  });
+}
+
+/** A WORKERS thread: serves the config the main thread sends, until it is told to stop. */
+function runWorker(): void {
+  const scope = globalThis as unknown as {
+    onmessage: (event: MessageEvent) => void;
+    postMessage: (message: unknown) => void;
+  };
+  let stopping: (() => Promise<void>) | undefined;
+  scope.onmessage = async (event) => {
+    if (event.data === "stop") {
+      await stopping?.();
+      scope.postMessage("stopped");
+      return;
+    }
+    const config = event.data.serve as RelayConfig;
+    const { server, counters } = await startServer(config, createLogger(config), () => {});
+    stopping = async () => {
+      await server.shutdown();
+      await counters.close?.();
+    };
+  };
 }
 
 /**
@@ -5775,6 +5873,8 @@ export async function main(argv: string[]): Promise<number> {
   return 0;
 }
 
-if (import.meta.main) {
+if ((globalThis as { name?: string }).name === WORKER_NAME) {
+  runWorker(); // a WORKERS thread (Deno sets import.meta.main in workers too)
+} else if (import.meta.main) {
   Deno.exit(await main(Deno.args));
 }

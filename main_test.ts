@@ -4188,6 +4188,60 @@ Deno.test("failover and model aliases", async (t) => {
   );
 });
 
+// ---------------------------------------------------------------------------
+// Every core: WORKERS
+// ---------------------------------------------------------------------------
+
+Deno.test("workers", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+
+  await t.step("WORKERS above 1 refuses to start without a shared store, naming both ways", async () => {
+    const refused = await runRelayProcess({ ...minimalEnv, WORKERS: "2" });
+    assert.equal(refused.code, 1);
+    assert.match(
+      refused.stderr,
+      /WORKERS=2 needs STATE_PATH or REDIS_URL, so that all workers count limits and budgets together/,
+    );
+    const bad = parseConfig({ ...minimalEnv, WORKERS: "many" });
+    assert.ok(!bad.ok);
+    assert.match(bad.errors[0], /^WORKERS must be a number of threads, e.g. 2, or auto/);
+    const auto = parseConfig({ ...minimalEnv, WORKERS: "auto", STATE_PATH: "/tmp/x.db" });
+    assert.ok(auto.ok);
+    assert.equal(auto.config.workers, navigator.hardwareConcurrency);
+  });
+
+  await t.step(
+    "two workers on one port and one SQLite file: limits stay exact, and SIGTERM stops them all",
+    async () => {
+      const folder = await Deno.makeTempDir({ prefix: "mc-relay-workers-" });
+      const relay = await spawnRelay({
+        ...minimalEnv,
+        UPSTREAM_BASE_URL: upstream.url,
+        WORKERS: "2",
+        STATE_PATH: `${folder}/state.db`,
+        RATE_LIMIT_PER_MINUTE: "10",
+      });
+      try {
+        assert.equal(relay.listening.workers, 2);
+        // Fresh connections each, so the kernel spreads them over both threads.
+        const statuses = await Promise.all(Array.from({ length: 30 }, async () => {
+          using client = Deno.createHttpClient({ poolMaxIdlePerHost: 0 });
+          const response = await fetch(`${relay.url}/v1/models`, { client, headers: { authorization: GOOD_BEARER } });
+          await response.body?.cancel();
+          return response.status;
+        }));
+        assert.equal(statuses.filter((status) => status === 200).length, 10, `statuses: ${statuses}`);
+        assert.equal(statuses.filter((status) => status === 429).length, 20);
+      } finally {
+        relay.child.kill("SIGTERM");
+        const status = await within(15_000, relay.finished(), "the relay did not stop");
+        assert.equal(status.code, 0);
+        await Deno.remove(folder, { recursive: true });
+      }
+    },
+  );
+});
+
 Deno.test("no secret ever appeared in anything the relay logged or returned, in any test above", () => {
   assert.ok(seenByClientsOrLogs.length > 100, "the other tests recorded what they saw");
   const everything = seenByClientsOrLogs.join("\n");

@@ -136,6 +136,7 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     modelAliases: {},
     breakerFailures: 3,
     breakerOpenMs: 30_000,
+    workers: 1,
     trustProxy: { ranges: [], hops: 0 },
     ...overrides,
   };
