@@ -2,32 +2,36 @@
  * mc-relay: a small, self-hosted relay between a browser app (first of all
  * MetaConfigurator) and any OpenAI-compatible LLM endpoint.
  *
- * The browser sends `username:password`; the relay checks it, adds the
- * provider key (which never leaves this process), sets CORS headers for the
- * configured origins only, and streams the upstream's answer straight back.
+ * The browser sends `username:password` (or nothing, on a public relay, or its own provider key, for a BYOK
+ * upstream); the relay checks it, adds the provider key (which never leaves this process), sets CORS headers for
+ * the configured origins only, and streams the upstream's answer straight back.
  *
- * This file is the whole relay, top to bottom: configuration, auth, CORS,
- * proxy, metrics and logging, the demo upstream and start-up. It has no third-party
- * imports on purpose: a process that holds an API key should be small enough
- * to read in one sitting.
+ * This file is the whole relay, top to bottom. Its only import from outside Deno is the official Redis client,
+ * loaded when REDIS_URL is set: a process that holds an API key should be small enough to read in one sitting.
  *
  * Sections, in file order (search for the banner text):
  * - Configuration: every environment variable, validated at once (`parseConfig`)
  * - Auth: credentials, password hashes, client addresses
  * - CORS: allowed origins, preflights
- * - Counters: the store behind every limit and lockout (`CounterStore`)
+ * - Counters: the store behind every limit, lockout and budget (`CounterStore`, `MemoryCounterStore`)
+ * - Stores: SQLite (`STATE_PATH`), Redis (`REDIS_URL`) and the fallback while Redis is down
  * - Routes and error responses: the route table, OpenAI-shaped errors
  * - Handler: one context per request, passed through the stages (`createHandler`, `STAGES`)
- * - Stages: origin, preflight, route, health, identity, limits, metrics, body, upstream choice, model,
- *   usage request, forward, relay, account
+ * - Stages: host, origin, preflight, route, health, settings, page, seal, identity, usage, metrics, limits,
+ *   concurrency, body, upstream choice, caller's key, model, answer length, budgets, usage request, forward,
+ *   relay; then `account`
+ * - Failover: model aliases, attempts, circuit breakers
+ * - Bring your own key: callers' keys and sealed keys
+ * - Page: the relay's own page at / and MC's one-link settings
  * - Bodies: reading requests, relaying answers, reading usage
- * - Metrics, Logging, Demo upstream, Start-up (the command line)
+ * - Metrics, Logging, Demo upstream, Start-up (the command line, workers)
  *
  * @module
  */
 
-import { DatabaseSync, type StatementSync } from "node:sqlite";
-import { parseEnv } from "node:util";
+// Types only: Deno's Node layer (node:sqlite, node:util) loads when STATE_PATH or --env-file asks for it, which keeps
+// the start of a relay without them fast.
+import type { DatabaseSync, StatementSync } from "node:sqlite";
 
 /** The relay's version; `--version` prints it and CHANGELOG.md's newest entry matches it. */
 export const VERSION = "0.1.0";
@@ -1340,7 +1344,7 @@ export function preflightHeaders(origin: string, request: Request): Record<strin
 }
 
 // ---------------------------------------------------------------------------
-// Counters: one store for sign-in lockouts and rate limits
+// Counters: one store for every limit, lockout and budget
 // ---------------------------------------------------------------------------
 
 /** A token bucket: `capacity` events, refilled evenly over `periodMs`; a capacity of 0 means no limit. */
@@ -1571,8 +1575,13 @@ export class SqliteCounterStore implements CounterStore {
   #lastRetention = 0;
 
   /** Opens (or creates) the file; throws when it cannot be opened or written. */
-  constructor(path: string, readonly now: () => number = Date.now, readonly retentionDays = 400) {
-    this.#db = new DatabaseSync(path);
+  static async open(path: string, now: () => number = Date.now, retentionDays = 400): Promise<SqliteCounterStore> {
+    const { DatabaseSync } = await import("node:sqlite");
+    return new SqliteCounterStore(new DatabaseSync(path), now, retentionDays);
+  }
+
+  private constructor(database: DatabaseSync, readonly now: () => number, readonly retentionDays: number) {
+    this.#db = database;
     this.#db.exec(`
       PRAGMA journal_mode = WAL;
       PRAGMA synchronous = NORMAL;
@@ -1948,7 +1957,7 @@ export async function openCounterStore(
 ): Promise<CounterStore | { error: string }> {
   if (config.statePath !== undefined) {
     try {
-      return new SqliteCounterStore(config.statePath, Date.now, config.usageRetentionDays);
+      return await SqliteCounterStore.open(config.statePath, Date.now, config.usageRetentionDays);
     } catch (error) {
       return {
         error: `STATE_PATH names "${config.statePath}", which cannot be opened and written as a SQLite file (${
@@ -5256,7 +5265,10 @@ export function takeEnvFileOptions(args: string[]): EnvFileOptions | { problem: 
  * variable wins; the real environment always wins). Files are parsed by Deno's Node layer (`node:util` parseEnv).
  * Returns notes for keys a file sets that the relay does not read (a typo shows), and problems for unreadable files.
  */
-export function readEnv(files: EnvFileOptions["files"] = []): { env: RelayEnv; notes: string[]; problems: string[] } {
+export async function readEnv(
+  files: EnvFileOptions["files"] = [],
+): Promise<{ env: RelayEnv; notes: string[]; problems: string[] }> {
+  const { parseEnv } = files.length > 0 ? await import("node:util") : { parseEnv: () => ({}) };
   const fromFiles: Record<string, string> = {};
   const notes: string[] = [];
   const problems: string[] = [];
@@ -5723,7 +5735,7 @@ async function usageCommand(args: string[], env: RelayEnv): Promise<number> {
       console.error(`mc-relay usage: STATE_PATH names "${statePath}", which does not exist`);
       return 1;
     }
-    const store = new SqliteCounterStore(statePath);
+    const store = await SqliteCounterStore.open(statePath);
     rows = store.readUsage(query.since, query.until);
     store.close();
   } else {
@@ -5854,7 +5866,7 @@ export async function main(argv: string[]): Promise<number> {
     return 0;
   }
   if (command === "hash-password") return await hashPasswordCommand();
-  const { env, notes, problems } = readEnv(options.files);
+  const { env, notes, problems } = await readEnv(options.files);
   if (problems.length > 0) exitWithErrors(problems);
   if (command === "healthcheck") return await healthcheck(env);
   if (command === "usage") return await usageCommand(args.slice(1), env);
