@@ -2683,17 +2683,9 @@ async function identifyCaller(relay: Relay, context: RequestContext): Promise<Re
   }
   if (user === undefined) {
     await relay.counters.take(guessKey, relay.signInRule);
-    // A Basic challenge makes browsers pop up a login dialog: offer it only to non-browser clients.
-    const challenge: Record<string, string> = context.origin === null
-      ? { "www-authenticate": 'Basic realm="mc-relay", charset="UTF-8"' }
-      : {};
-    const message = "problem" in read ? read.problem : "wrong username or password";
-    return errorResponse(401, message, "invalid_api_key", challenge);
+    return signInRefused(context, "problem" in read ? read.problem : "wrong username or password");
   }
-  context.user = user;
-  context.subject = `user:${user}`;
-  context.callerKey = apiKeyHeader; // a signed-in user brings a key for a BYOK upstream in X-Api-Key
-  return undefined;
+  return signedIn(context, user, apiKeyHeader);
 }
 
 /**
@@ -2711,23 +2703,38 @@ function signInWithPlainPassword(
 ): Response | undefined {
   const lockedFor = relay.counters.wait(guessKey, relay.signInRule) as number;
   if (lockedFor > 0) {
-    context.outcome = "auth_locked_out";
-    return errorResponse(
-      429,
-      `too many failed sign-ins for this user from this address; try again in ${lockedFor} s`,
-      "too_many_failed_sign_ins",
-      { "retry-after": String(lockedFor) },
-    );
+    return lockedOut(context, lockedFor);
   }
   if (!constantTimeEqual(credentials.slice(user.name.length + 1), user.password!)) {
     relay.counters.take(guessKey, relay.signInRule);
-    const challenge: Record<string, string> = context.origin === null
-      ? { "www-authenticate": 'Basic realm="mc-relay", charset="UTF-8"' }
-      : {};
-    return errorResponse(401, "wrong username or password", "invalid_api_key", challenge);
+    return signInRefused(context, "wrong username or password");
   }
-  context.user = user.name;
-  context.subject = `user:${user.name}`;
+  return signedIn(context, user.name, apiKeyHeader);
+}
+
+/** The answer while a user name's guesses from an address are used up: 429 with Retry-After. */
+function lockedOut(context: RequestContext, seconds: number): Response {
+  context.outcome = "auth_locked_out";
+  return errorResponse(
+    429,
+    `too many failed sign-ins for this user from this address; try again in ${seconds} s`,
+    "too_many_failed_sign_ins",
+    { "retry-after": String(seconds) },
+  );
+}
+
+/** A refused sign-in: 401, with a Basic challenge only for non-browser clients (a browser would pop up a dialog). */
+function signInRefused(context: RequestContext, message: string): Response {
+  const challenge: Record<string, string> = context.origin === null
+    ? { "www-authenticate": 'Basic realm="mc-relay", charset="UTF-8"' }
+    : {};
+  return errorResponse(401, message, "invalid_api_key", challenge);
+}
+
+/** Records a signed-in user; a key it brings for a BYOK upstream comes in X-Api-Key. */
+function signedIn(context: RequestContext, user: string, apiKeyHeader: string | undefined): undefined {
+  context.user = user;
+  context.subject = `user:${user}`;
   context.callerKey = apiKeyHeader;
   return undefined;
 }
@@ -2750,13 +2757,7 @@ async function admitSignInCheck(
   for (const started = performance.now(); performance.now() - started < SIGN_IN_WAIT_MS;) {
     const lockedFor = await relay.counters.wait(guessKey, rule);
     if (lockedFor > 0) {
-      context.outcome = "auth_locked_out";
-      return errorResponse(
-        429,
-        `too many failed sign-ins for this user from this address; try again in ${lockedFor} s`,
-        "too_many_failed_sign_ins",
-        { "retry-after": String(lockedFor) },
-      );
+      return lockedOut(context, lockedFor);
     }
     // A safety expiry: places held by a copy that died free themselves within a minute.
     const checking = await relay.counters.add(checkingKey, 1, relay.now() + 60_000);

@@ -804,11 +804,7 @@ Deno.test("streaming", async (t) => {
       new Response(stream.body, { headers: { "content-type": "text/event-stream" } })
     );
     await using relay = startRelay(testConfig(upstream.url));
-    const response = await fetch(`${relay.url}/v1/chat/completions`, {
-      method: "POST",
-      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-      body: chatBody({ stream: true }),
-    });
+    const response = await relay.fetchChat(chatBody({ stream: true }));
     assert.equal(response.headers.get("content-type"), "text/event-stream");
     assert.equal(response.headers.get("cache-control"), "no-cache, no-transform");
     assert.equal(response.headers.get("x-accel-buffering"), "no");
@@ -1428,12 +1424,7 @@ Deno.test("teams", async (t) => {
       MC_RELAY_PASSWORD: CANARY_PASSWORD,
       ALLOWED_MODELS: "gpt-test, gpt-other",
     });
-    const chat = (body: string) =>
-      relay.call("/v1/chat/completions", {
-        method: "POST",
-        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-        body,
-      });
+    const chat = relay.chat;
     const before = upstream.requests.length;
     const refused = await chat(chatBody({ model: "gpt-expensive" }));
     assert.equal(refused.status, 400);
@@ -2267,12 +2258,7 @@ Deno.test("security review", async (t) => {
     "a key that differs only in case is refused, and the upstream gets exactly the body that was checked",
     async () => {
       await using relay = startRelay(testConfig(upstream.url, { allowedModels: ["allowed"] }));
-      const chat = (body: string) =>
-        relay.call("/v1/chat/completions", {
-          method: "POST",
-          headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-          body,
-        });
+      const chat = relay.chat;
       const before = upstream.requests.length;
       for (
         const body of [
@@ -2480,11 +2466,7 @@ Deno.test("security review", async (t) => {
       assert.equal(responses.status, 200);
       assert.match(responses.text, /response\.completed/, "the Responses API keeps its own usage event");
 
-      const response = await fetch(`${relay.url}/v1/chat/completions`, {
-        method: "POST",
-        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-        body: chatBody({ stream: true }),
-      });
+      const response = await relay.fetchChat(chatBody({ stream: true }));
       const reader = response.body!.getReader();
       stream.send('data: {"choices":[{"delta":{"content":"a"}}]}\n\n');
       stream.send('data: {"choices":[{"delta":{"content":"b"}}]}\n\n');
@@ -2924,11 +2906,7 @@ Deno.test("public relay and budgets", async (t) => {
     assert.equal(await used(), 42);
 
     stream = controlledStream();
-    const response = await fetch(`${relay.url}/v1/chat/completions`, {
-      method: "POST",
-      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-      body: chatBody({ stream: true }),
-    });
+    const response = await relay.fetchChat(chatBody({ stream: true }));
     const reader = response.body!.getReader();
     stream.send('data: {"choices":[{"delta":{"content":"a"}}]}\n\n');
     await reader.read();

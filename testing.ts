@@ -178,6 +178,12 @@ export function startRelay(
     handler,
   );
   const url = `${tls ? "https" : "http"}://127.0.0.1:${server.addr.port}`;
+  const call = async (path: string, init: RequestInit = {}) => {
+    const response = await fetch(`${url}${path}`, init);
+    const text = await response.text();
+    seenByClientsOrLogs.push(text, JSON.stringify([...response.headers]));
+    return { status: response.status, headers: response.headers, text, json: () => JSON.parse(text) };
+  };
   return {
     url,
     port: server.addr.port,
@@ -185,12 +191,21 @@ export function startRelay(
     /** Parsed request log lines. */
     requestLogs: () => logs.map((line) => JSON.parse(line)).filter((entry) => entry.msg === "request"),
     /** Fetches from the relay, reads the whole body and records what came back. */
-    async call(path: string, init: RequestInit = {}) {
-      const response = await fetch(`${url}${path}`, init);
-      const text = await response.text();
-      seenByClientsOrLogs.push(text, JSON.stringify([...response.headers]));
-      return { status: response.status, headers: response.headers, text, json: () => JSON.parse(text) };
-    },
+    call,
+    /** POSTs a chat body with the test user's credentials and returns the response unread (for streams). */
+    fetchChat: (body: string) =>
+      fetch(`${url}/v1/chat/completions`, {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+        body,
+      }),
+    /** POSTs a chat body (text as it is) with the test user's credentials and JSON headers. */
+    chat: (body: string) =>
+      call("/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+        body,
+      }),
     server,
     [Symbol.asyncDispose]: () => server.shutdown(),
   };
