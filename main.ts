@@ -1607,6 +1607,10 @@ export class SqliteCounterStore implements CounterStore {
         "INSERT INTO usage VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?) ON CONFLICT (day, who, model, upstream) DO UPDATE SET requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens, completion_tokens = completion_tokens + excluded.completion_tokens, total_tokens = total_tokens + excluded.total_tokens, estimated_requests = estimated_requests + excluded.estimated_requests",
       ),
       readUsage: prepare("SELECT * FROM usage WHERE day >= ? AND day <= ? ORDER BY day, who, model, upstream"),
+      // Prepared once: parsing them per call cost as much as the work inside.
+      begin: prepare("BEGIN IMMEDIATE"),
+      commit: prepare("COMMIT"),
+      rollback: prepare("ROLLBACK"),
     };
     // A file that cannot be written fails here, at start-up, not at the first request.
     this.#transaction(() => this.#sweep(this.now()));
@@ -1614,19 +1618,27 @@ export class SqliteCounterStore implements CounterStore {
 
   /** Runs `work` in one IMMEDIATE transaction (a write lock across processes). */
   #transaction<T>(work: () => T): T {
-    this.#db.exec("BEGIN IMMEDIATE");
+    this.#statements.begin.run();
     try {
       const result = work();
-      this.#db.exec("COMMIT");
+      this.#statements.commit.run();
       return result;
     } catch (error) {
-      this.#db.exec("ROLLBACK");
+      this.#statements.rollback.run();
       throw error;
     }
   }
 
   /** Runs one operation on `key`'s bucket: the level before it, and whether a `take` took one. */
   #bucketOp(key: string, rule: BucketRule, op: "take" | "give" | "look"): { level: number; taken: boolean } {
+    if (op === "look") {
+      // A look writes nothing: one SELECT, no write lock, no commit.
+      const row = this.#statements.bucket.get(key) as { tokens: number; updated_at: number } | undefined;
+      return {
+        level: row === undefined ? rule.capacity : refilled(row.tokens, row.updated_at, this.now(), rule),
+        taken: false,
+      };
+    }
     return this.#transaction(() => {
       const now = this.now();
       const row = this.#statements.bucket.get(key) as { tokens: number; updated_at: number } | undefined;
