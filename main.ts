@@ -1394,10 +1394,15 @@ export interface LedgerEntry {
   day: string;
   /** `user:<name>`, or `address:<address>` for anonymous requests. */
   who: string;
+  /** The model the client asked for (an alias stays the alias). */
   model: string;
+  /** The upstream that answered. */
   upstream: string;
+  /** Prompt tokens. */
   prompt: number;
+  /** Completion tokens. */
   completion: number;
+  /** All tokens. */
   total: number;
   /** True when the relay estimated the figures because the upstream reported none. */
   estimated: boolean;
@@ -1405,13 +1410,21 @@ export interface LedgerEntry {
 
 /** The ledger's sums for one UTC day, caller, model and upstream. */
 export interface LedgerRow {
+  /** The UTC day, `YYYY-MM-DD`. */
   day: string;
+  /** `user:<name>` or `address:<address>`. */
   who: string;
+  /** The model the clients asked for. */
   model: string;
+  /** The upstream that answered. */
   upstream: string;
+  /** Requests answered. */
   requests: number;
+  /** Prompt tokens in all. */
   prompt_tokens: number;
+  /** Completion tokens in all. */
   completion_tokens: number;
+  /** All tokens. */
   total_tokens: number;
   /** Requests whose usage the relay estimated. */
   estimated_requests: number;
@@ -1725,14 +1738,22 @@ export class SqliteCounterStore implements CounterStore {
 }
 
 /** The Redis client's calls the store uses (the official `redis` package). */
-interface RedisClient {
+export interface RedisClient {
+  /** Connects, and keeps reconnecting. */
   connect(): Promise<unknown>;
+  /** Listens to the client's events ("error"). */
   on(event: string, listener: (...args: unknown[]) => void): unknown;
+  /** Runs a Lua script atomically. */
   eval(script: string, options: { keys: string[]; arguments: string[] }): Promise<unknown>;
+  /** A string value. */
   get(key: string): Promise<string | null>;
+  /** A hash's fields. */
   hGetAll(key: string): Promise<Record<string, string>>;
+  /** PONG when Redis answers. */
   ping(): Promise<string>;
+  /** Closes the connection (node-redis 5). */
   close?(): Promise<void>;
+  /** Closes the connection (older clients). */
   quit?(): Promise<unknown>;
 }
 
@@ -4804,6 +4825,7 @@ export class RelayMetrics {
   /** Counts one answered request. */
   #requestKeys = new Map<string, string>();
 
+  /** Counts one answered request. */
   countRequest(route: string, status: number, user: string) {
     // The label text is made once per route, status and user (a bounded set), not per request.
     const id = `${route}\n${status}\n${user}`;
@@ -5250,9 +5272,10 @@ Docs: https://github.com/metaconfigurator/mc-relay#readme
 `;
 
 /** The env files named on the command line, and the arguments left once they are taken out. */
-interface EnvFileOptions {
+export interface EnvFileOptions {
   /** Files to read, in order; `optional` ones may be missing (`--env-file-if-exists`). */
   files: { path: string; optional: boolean }[];
+  /** The other arguments, in order. */
   rest: string[];
 }
 
@@ -5670,10 +5693,14 @@ async function sealCommand(args: string[], env: RelayEnv): Promise<number> {
 }
 
 /** What `mc-relay usage` was asked for. */
-interface UsageQuery {
+export interface UsageQuery {
+  /** First UTC day, `YYYY-MM-DD`. */
   since: string;
+  /** Last UTC day, `YYYY-MM-DD`. */
   until: string;
+  /** The column the rows are summed by. */
   by: "user" | "model" | "upstream" | "day";
+  /** The output format. */
   format: "table" | "csv" | "json";
 }
 
