@@ -3927,7 +3927,7 @@ function hangingUpstream() {
 Deno.test("failover and model aliases", async (t) => {
   /** A fake upstream that answers `status` (200: a chat answer naming itself) and counts what it got. */
   const answering = (name: string, status = 200) =>
-    startUpstream((request, seen) =>
+    startUpstream((_request, seen) =>
       status === 200
         ? Response.json({
           choices: [{ message: { role: "assistant", content: `from ${name}` } }],
