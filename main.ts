@@ -258,6 +258,9 @@ export type ConfigResult =
   | { ok: true; config: RelayConfig; warnings: string[] }
   | { ok: false; errors: string[] };
 
+/** A host (or HOST, or Host header) that only this machine reaches: localhost, 127.x.x.x or ::1, port optional. */
+const LOOPBACK_AUTHORITY = /^(localhost|127\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[::1\]|::1)(:\d{1,5})?$/;
+
 /** A valid HTTP header name (RFC 9110 token). */
 const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 /** A header value without control characters other than tab. */
@@ -725,29 +728,28 @@ function riskWarnings(config: RelayConfig): string[] {
       "PUBLIC_ACCESS=true: anyone who can reach the relay may use it without credentials, within the request limits and token budgets per address",
     );
   }
-  const loopbackHost = (host: string) => /^(localhost|127\.[0-9.]+|::1|\[::1\])$/.test(host);
   for (const upstream of config.upstreams) {
     const url = new URL(upstream.baseUrl);
-    if (url.protocol === "http:" && !loopbackHost(url.hostname)) {
+    if (url.protocol === "http:" && !LOOPBACK_AUTHORITY.test(url.hostname)) {
       const name = upstream.name === "default" ? "UPSTREAM_BASE_URL" : `UPSTREAMS_JSON entry "${upstream.name}"`;
       warnings.push(`${name} uses http:// to ${url.host}: the provider key travels in clear text; use https://`);
     }
   }
   for (const origin of config.allowedOrigins) {
     const url = new URL(origin);
-    if (url.protocol === "http:" && !loopbackHost(url.hostname)) {
+    if (url.protocol === "http:" && !LOOPBACK_AUTHORITY.test(url.hostname)) {
       warnings.push(`ALLOWED_ORIGIN allows ${origin} over http://: anyone on its network can change that page`);
     }
   }
   if (config.authFailuresPerMinute === 0) {
     warnings.push("AUTH_FAILURES_PER_MINUTE=0 turns the sign-in lockout off: passwords can be guessed at full speed");
   }
-  if (config.trustProxy.ranges.length > 0 && !loopbackHost(config.host)) {
+  if (config.trustProxy.ranges.length > 0 && !LOOPBACK_AUTHORITY.test(config.host)) {
     warnings.push(
       `TRUST_PROXY is set while HOST=${config.host} is reachable from other machines: name the proxies' addresses in TRUST_PROXY so that nobody else can set X-Forwarded-For`,
     );
   }
-  if (config.metricsPort !== undefined && !loopbackHost(config.metricsHost)) {
+  if (config.metricsPort !== undefined && !LOOPBACK_AUTHORITY.test(config.metricsHost)) {
     warnings.push(
       `METRICS_HOST=${config.metricsHost}: /metrics on METRICS_PORT has no auth and shows user names; keep it on a private network`,
     );
@@ -2909,11 +2911,7 @@ function answerMetrics(relay: Relay, context: RequestContext): Response | undefi
  */
 async function readRequestBody(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   if (context.request.method !== "POST") return undefined;
-  const read = await readBody(context.request, relay.config, (bytes) => {
-    if (!relay.bodyBudget.reserve(bytes)) return false;
-    context.heldBytes += bytes;
-    return true;
-  });
+  const read = await readBody(context.request, relay.config, reserveBodyBytes(relay, context));
   if ("status" in read) {
     context.outcome = read.outcome;
     return errorResponse(read.status, read.message, read.code, read.headers);
@@ -3225,6 +3223,15 @@ function requestUsage(_relay: Relay, context: RequestContext): undefined {
  */
 function upstreamHeaders(target: UpstreamTarget, auth?: string): [string, string][] {
   return [...target.baseHeaders, [target.authHeader, auth ?? target.authValue]];
+}
+
+/** Counts a request's body bytes against MAX_BUFFERED_BYTES as they arrive; `releaseBody` gives them back. */
+function reserveBodyBytes(relay: Relay, context: RequestContext): (bytes: number) => boolean {
+  return (bytes) => {
+    if (!relay.bodyBudget.reserve(bytes)) return false;
+    context.heldBytes += bytes;
+    return true;
+  };
 }
 
 /** Drops the request body once it has been sent: its bytes no longer count against MAX_BUFFERED_BYTES. */
@@ -3995,11 +4002,7 @@ async function answerSeal(relay: Relay, context: RequestContext): Promise<Respon
       },
     );
   }
-  const read = await readBody(
-    context.request,
-    relay.config,
-    (bytes) => relay.bodyBudget.reserve(bytes) && ((context.heldBytes += bytes), true),
-  );
+  const read = await readBody(context.request, relay.config, reserveBodyBytes(relay, context));
   if ("status" in read) return errorResponse(read.status, read.message, read.code, read.headers);
   const request = parseJson(read.body) as { key?: unknown; upstream?: unknown; expiresInDays?: unknown } | undefined;
   const target = typeof request?.upstream === "string" ? relay.upstreamsByName.get(request.upstream) : undefined;
@@ -4028,9 +4031,6 @@ async function answerSeal(relay: Relay, context: RequestContext): Promise<Respon
 // ---------------------------------------------------------------------------
 // Page: the relay's own page at / and MC's one-link settings
 // ---------------------------------------------------------------------------
-
-/** A HOST or Host that only this machine reaches: localhost, 127.x.x.x or ::1, with an optional port. */
-const LOOPBACK_AUTHORITY = /^(localhost|127\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[::1\]|::1)(:\d{1,5})?$/;
 
 /**
  * The address users reach the relay at, BASE_PATH included: PUBLIC_URL when set. Without it, only a relay that
