@@ -3317,16 +3317,10 @@ Deno.test("first hour", async (t) => {
   const withoutTaskLine = (stderr: string) => stderr.split("\n").filter((line) => line && !/^Task /.test(line));
 
   await t.step("no command prints a warning: --version, --help, a start and the demo through the tasks", async () => {
-    for (const args of [["task", "start", "--version"], ["task", "start", "--help"]]) {
-      const output = await new Deno.Command(Deno.execPath(), {
-        args,
-        cwd: here,
-        env: processEnv({}),
-        clearEnv: true,
-        stdin: "null",
-      }).output();
+    for (const flag of ["--version", "--help"]) {
+      const output = await runRelayProcess({}, [flag], { deno: ["task", "start"] });
       assert.equal(output.code, 0);
-      assert.deepEqual(withoutTaskLine(decoder.decode(output.stderr)), [], `${args.join(" ")} printed to stderr`);
+      assert.deepEqual(withoutTaskLine(output.stderr), [], `deno task start ${flag} printed to stderr`);
     }
     const relay = await spawnRelay({
       ...minimalEnv,
@@ -3399,53 +3393,24 @@ Deno.test("first hour", async (t) => {
         "UPSTREAM_BASE_URI=typo",
       ].join("\n"),
     );
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["task", "start"],
-      cwd: folder,
-      env: processEnv({ UPSTREAM_BASE_URL: upstream.url }),
-      clearEnv: true,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    let stdout = "";
-    const reading = child.stdout.pipeThrough(new TextDecoderStream()).pipeTo(
-      new WritableStream({ write: (text) => void (stdout += text) }),
-    );
-    const stderrDone = child.stderr.pipeTo(new WritableStream());
+    // HOST and PORT come from the .env file; the real environment sets only the upstream.
+    const relay = await spawnRelay({ UPSTREAM_BASE_URL: upstream.url }, [], { cwd: folder, deno: ["task", "start"] });
     try {
-      const url = await within(
-        15_000,
-        (async () => {
-          while (!/"url":"(http:[^"]+)"/.test(stdout)) await sleep(20);
-          return /"url":"(http:[^"]+)"/.exec(stdout)![1];
-        })(),
-        "deno task start did not listen",
-      );
-      const models = await fetch(`${url}/v1/models`, { headers: { authorization: GOOD_BEARER } });
+      const models = await fetch(`${relay.url}/v1/models`, { headers: { authorization: GOOD_BEARER } });
       assert.equal(models.status, 200, "credentials from .env, upstream from the real environment");
       await models.body?.cancel();
-      assert.match(stdout, /\.env sets UPSTREAM_BASE_URI, which the relay does not read/);
+      assert.match(relay.output().stdout, /\.env sets UPSTREAM_BASE_URI, which the relay does not read/);
     } finally {
-      child.kill("SIGTERM");
-      await child.status;
-      await reading.catch(() => {});
-      await stderrDone.catch(() => {});
+      relay.child.kill("SIGTERM");
+      await relay.finished();
     }
-    seenByClientsOrLogs.push(stdout);
     const missing = await runRelayProcess({}, ["--env-file", `${folder}/nowhere.env`]);
     assert.equal(missing.code, 1);
     assert.match(missing.stderr, /--env-file names ".*nowhere\.env", which cannot be read \(NotFound\)/);
-    const unread = await new Deno.Command(Deno.execPath(), {
-      args: ["run", "-P", "--quiet", "main.ts"],
-      cwd: folder,
-      env: processEnv({}),
-      clearEnv: true,
-      stdin: "null",
-    }).output();
+    const unread = await runRelayProcess({}, [], { cwd: folder });
     assert.equal(unread.code, 1);
     assert.match(
-      decoder.decode(unread.stderr),
+      unread.stderr,
       /A \.env file is in this folder but was not read: run 'mc-relay --env-file \.env'/,
     );
     await Deno.remove(folder, { recursive: true });

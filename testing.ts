@@ -330,11 +330,25 @@ export function processEnv(env: Record<string, string>): Record<string, string> 
   return { ...keep, ...env };
 }
 
+/** The project's folder: where the relay processes of the tests run, unless told otherwise. */
+const PROJECT_FOLDER = new URL(".", import.meta.url).pathname;
+
+/** Deno's arguments for the relay, as the start task has them. */
+const START_ARGS = ["run", "-P", "--quiet", "main.ts"];
+
+/** Where and how a relay process runs: a folder and Deno's arguments (default: the project, `START_ARGS`). */
+export interface HowToRun {
+  /** The working folder. */
+  cwd?: string;
+  /** Deno's arguments before the relay's own, e.g. `["task", "start"]`. */
+  deno?: string[];
+}
+
 /** Runs `deno run -P --quiet main.ts` (the start task's flags) to completion. */
-export async function runRelayProcess(env: Record<string, string>, args: string[] = []) {
+export async function runRelayProcess(env: Record<string, string>, args: string[] = [], how: HowToRun = {}) {
   const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-P", "--quiet", "main.ts", ...args],
-    cwd: new URL(".", import.meta.url).pathname,
+    args: [...(how.deno ?? START_ARGS), ...args],
+    cwd: how.cwd ?? PROJECT_FOLDER,
     env: processEnv(env),
     clearEnv: true,
     stdin: "null",
@@ -345,12 +359,15 @@ export async function runRelayProcess(env: Record<string, string>, args: string[
   return { code: output.code, stdout, stderr };
 }
 
-/** Starts `deno run -P --quiet main.ts` (the start task's flags) and waits for its listening line. */
-export async function spawnRelay(env: Record<string, string>, args: string[] = []) {
+/**
+ * Starts `deno run -P --quiet main.ts` (the start task's flags) and waits for its listening line. HOST and PORT
+ * default to a free loopback port unless `how.deno` runs something else (a task reading its own .env).
+ */
+export async function spawnRelay(env: Record<string, string>, args: string[] = [], how: HowToRun = {}) {
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-P", "--quiet", "main.ts", ...args],
-    cwd: new URL(".", import.meta.url).pathname,
-    env: processEnv({ HOST: "127.0.0.1", PORT: "0", ...env }),
+    args: [...(how.deno ?? START_ARGS), ...args],
+    cwd: how.cwd ?? PROJECT_FOLDER,
+    env: processEnv(how.deno ? env : { HOST: "127.0.0.1", PORT: "0", ...env }),
     clearEnv: true,
     stdin: "null",
     stdout: "piped",
