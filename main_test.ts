@@ -1739,19 +1739,9 @@ Deno.test("teams", async (t) => {
   });
 
   await t.step("hash-password reads a password on stdin and prints a hash the relay accepts", async () => {
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-P", "main.ts", "hash-password"],
-      cwd: new URL(".", import.meta.url).pathname,
-      stdin: "piped",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    const writer = child.stdin.getWriter();
-    await writer.write(encoder.encode("carol-password-789\n"));
-    await writer.close();
-    const output = await child.output();
-    assert.equal(output.code, 0, decoder.decode(output.stderr));
-    const hash = decoder.decode(output.stdout).trim();
+    const output = await runRelayProcess({}, ["hash-password"], { input: "carol-password-789\n" });
+    assert.equal(output.code, 0, output.stderr);
+    const hash = output.stdout.trim();
     assert.match(hash, /^pbkdf2-sha256:600000:[A-Za-z0-9_-]{22}:[A-Za-z0-9_-]{43}$/);
     assert.ok(!hash.includes("carol-password-789"));
     await using relay = relayFromEnv({ MC_RELAY_USERS: `carol:${hash}` });
@@ -3825,21 +3815,13 @@ Deno.test("bring your own key", async (t) => {
       assert.deepEqual(new Set(statuses), new Set([200, 429]));
       assert.equal(statuses.filter((status) => status === 200).length, 7, "ten a minute, three used above");
 
-      const child = new Deno.Command(Deno.execPath(), {
-        args: ["run", "-P", "--quiet", "main.ts", "seal", "--upstream", "openai", "--days", "30"],
-        cwd: new URL(".", import.meta.url).pathname,
-        env: processEnv({ UPSTREAMS_JSON: upstreamsJson, SEAL_SECRET: sealSecret }),
-        clearEnv: true,
-        stdin: "piped",
-        stdout: "piped",
-        stderr: "piped",
-      }).spawn();
-      const writer = child.stdin.getWriter();
-      await writer.write(encoder.encode(`${CANARY_CALLER_KEY}\n`));
-      await writer.close();
-      const output = await child.output();
-      const sealed = decoder.decode(output.stdout).trim();
-      assert.equal(output.code, 0, decoder.decode(output.stderr));
+      const output = await runRelayProcess(
+        { UPSTREAMS_JSON: upstreamsJson, SEAL_SECRET: sealSecret },
+        ["seal", "--upstream", "openai", "--days", "30"],
+        { input: `${CANARY_CALLER_KEY}\n` },
+      );
+      const sealed = output.stdout.trim();
+      assert.equal(output.code, 0, output.stderr);
       assert.match(sealed, /^mcrs1\./);
       await using now = startRelay(byokConfig());
       assert.equal(

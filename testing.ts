@@ -342,17 +342,27 @@ export interface HowToRun {
   cwd?: string;
   /** Deno's arguments before the relay's own, e.g. `["task", "start"]`. */
   deno?: string[];
+  /** Text for the process's standard input (`runRelayProcess`); none by default. */
+  input?: string;
 }
 
 /** Runs `deno run -P --quiet main.ts` (the start task's flags) to completion. */
 export async function runRelayProcess(env: Record<string, string>, args: string[] = [], how: HowToRun = {}) {
-  const output = await new Deno.Command(Deno.execPath(), {
+  const child = new Deno.Command(Deno.execPath(), {
     args: [...(how.deno ?? START_ARGS), ...args],
     cwd: how.cwd ?? PROJECT_FOLDER,
     env: processEnv(env),
     clearEnv: true,
-    stdin: "null",
-  }).output();
+    stdin: how.input === undefined ? "null" : "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  if (how.input !== undefined) {
+    const writer = child.stdin.getWriter();
+    await writer.write(encoder.encode(how.input));
+    await writer.close();
+  }
+  const output = await child.output();
   const stdout = decoder.decode(output.stdout);
   const stderr = decoder.decode(output.stderr);
   seenByClientsOrLogs.push(stdout, stderr);
