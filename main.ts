@@ -13,6 +13,7 @@
  * - Configuration: every environment variable, validated at once (`parseConfig`)
  * - Auth: credentials, password hashes, client addresses
  * - CORS: allowed origins, preflights
+ * - Deadlines: one coarse timer for every request's timeouts (`DeadlineSweeper`)
  * - Counters: the store behind every limit, lockout and budget (`CounterStore`, `MemoryCounterStore`)
  * - Stores: SQLite (`STATE_PATH`), Redis (`REDIS_URL`) and the fallback while Redis is down
  * - Routes and error responses: the route table, OpenAI-shaped errors
@@ -1270,14 +1271,25 @@ export function clientAddress(request: Request, info: Deno.ServeHandlerInfo, tru
  * any number of addresses in it), an IPv4 address (or IPv4-mapped IPv6) as it is.
  */
 export function addressKey(address: string): string {
+  let key = addressKeys.get(address);
+  if (key !== undefined) return key;
   const bytes = addressBytes(address);
-  if (!bytes) return address;
-  if (bytes.subarray(0, 12).every((byte, index) => byte === (index < 10 ? 0 : 255))) {
-    return bytes.subarray(12).join(".");
+  if (!bytes) {
+    key = address;
+  } else if (bytes.subarray(0, 12).every((byte, index) => byte === (index < 10 ? 0 : 255))) {
+    key = bytes.subarray(12).join(".");
+  } else {
+    const groups = [0, 2, 4, 6].map((index) => ((bytes[index] << 8) | bytes[index + 1]).toString(16));
+    key = `${groups.join(":")}::/64`;
   }
-  const groups = [0, 2, 4, 6].map((index) => ((bytes[index] << 8) | bytes[index + 1]).toString(16));
-  return `${groups.join(":")}::/64`;
+  // Every request asks for its client's key, often twice: the recent answers are kept, at most 4,096 of them.
+  if (addressKeys.size >= 4096) addressKeys.clear();
+  addressKeys.set(address, key);
+  return key;
 }
+
+/** `addressKey`'s recent answers by address. */
+const addressKeys = new Map<string, string>();
 
 // ---------------------------------------------------------------------------
 // CORS
@@ -1344,6 +1356,63 @@ export function preflightHeaders(origin: string, request: Request): Record<strin
   }
   return headers;
 }
+
+// ---------------------------------------------------------------------------
+// Deadlines: one coarse timer for every request's timeouts
+// ---------------------------------------------------------------------------
+
+/** How late a deadline may fire: the sweeper's tick, in milliseconds. */
+const DEADLINE_TICK_MS = 25;
+
+/** A deadline the sweeper keeps: `fire` runs once, when `at` (a `performance.now()` time) has passed. */
+interface Deadline {
+  /** When it fires; a stream moves it on while it waits for a chunk, and sets Infinity between waits. */
+  at: number;
+  readonly fire: () => void;
+}
+
+/**
+ * Every timeout a request sets (its first byte, its body, a stream's silence, a shared-store call) on one interval
+ * timer instead of a timer each: setting and clearing a Deno timer costs microseconds, and a request set up to
+ * four. A deadline fires up to DEADLINE_TICK_MS late, which is nothing against REQUEST_TIMEOUT_SECONDS; the
+ * interval runs only while a deadline is pending, so an idle relay (or a finished test) holds no timer.
+ */
+class DeadlineSweeper {
+  #pending = new Set<Deadline>();
+  #interval: ReturnType<typeof setInterval> | undefined;
+
+  /** Calls `fire` in `ms` milliseconds, unless `cancel` comes first. */
+  add(ms: number, fire: () => void): Deadline {
+    const deadline = { at: performance.now() + ms, fire };
+    this.#pending.add(deadline);
+    this.#interval ??= setInterval(() => this.#sweep(), DEADLINE_TICK_MS);
+    return deadline;
+  }
+
+  /** Drops a deadline that has not fired; nothing happens for one that has. */
+  cancel(deadline: Deadline | undefined): void {
+    if (deadline === undefined || !this.#pending.delete(deadline)) return;
+    if (this.#pending.size === 0) this.#stop();
+  }
+
+  #sweep(): void {
+    const now = performance.now();
+    for (const deadline of this.#pending) {
+      if (deadline.at > now) continue;
+      this.#pending.delete(deadline);
+      deadline.fire();
+    }
+    if (this.#pending.size === 0) this.#stop();
+  }
+
+  #stop(): void {
+    clearInterval(this.#interval);
+    this.#interval = undefined;
+  }
+}
+
+/** The process's one sweeper: every relay, store and stream in it shares the tick. */
+const deadlines = new DeadlineSweeper();
 
 // ---------------------------------------------------------------------------
 // Counters: one store for every limit, lockout and budget
@@ -1747,6 +1816,8 @@ export interface RedisClient {
   on(event: string, listener: (...args: unknown[]) => void): unknown;
   /** Runs a Lua script atomically. */
   eval(script: string, options: { keys: string[]; arguments: string[] }): Promise<unknown>;
+  /** Runs a Lua script Redis already has, named by its SHA-1 (NOSCRIPT when it has not). */
+  evalSha(sha: string, options: { keys: string[]; arguments: string[] }): Promise<unknown>;
   /** A string value. */
   get(key: string): Promise<string | null>;
   /** A hash's fields. */
@@ -1802,15 +1873,35 @@ export class RedisCounterStore implements CounterStore {
       socket: { connectTimeout: 1000, reconnectStrategy: (retries: number) => Math.min(100 * 2 ** retries, 2000) },
     }) as unknown as RedisClient;
     const store = new RedisCounterStore(client, now, retentionDays);
+    for (const script of [REDIS_BUCKET_SCRIPT, REDIS_ADD_SCRIPT, REDIS_USAGE_SCRIPT]) {
+      const digest = new Uint8Array(await crypto.subtle.digest("SHA-1", textEncoder.encode(script)));
+      store.#scriptShas.set(script, Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join(""));
+    }
     client.on("error", () => {}); // the fallback store reports the state; the client reconnects by itself
     client.connect().catch(() => {});
     return store;
   }
 
+  /** Each script's SHA-1: a call sends the 40 characters, not the script, once Redis has it. */
+  #scriptShas = new Map<string, string>();
+
   private constructor(readonly client: RedisClient, readonly now: () => number, readonly retentionDays: number) {}
 
+  /** Runs one of the store's scripts by its SHA-1; the script itself only when Redis has not got it (yet, or since a restart). */
+  async #script(script: string, options: { keys: string[]; arguments: string[] }): Promise<unknown> {
+    const sha = this.#scriptShas.get(script);
+    if (sha !== undefined) {
+      try {
+        return await this.client.evalSha(sha, options);
+      } catch (error) {
+        if (!errorText(error).includes("NOSCRIPT")) throw error;
+      }
+    }
+    return await this.client.eval(script, options); // which also keeps the script in Redis for the next call
+  }
+
   async #bucketOp(key: string, rule: BucketRule, op: "take" | "give" | "look") {
-    const [level, taken] = await this.client.eval(REDIS_BUCKET_SCRIPT, {
+    const [level, taken] = await this.#script(REDIS_BUCKET_SCRIPT, {
       keys: [`mc-relay:${key}`],
       arguments: [String(rule.capacity), String(rule.periodMs), String(this.now()), op],
     }) as [string, number];
@@ -1836,7 +1927,7 @@ export class RedisCounterStore implements CounterStore {
   }
 
   async add(key: string, amount: number, expiresAt = Infinity): Promise<number> {
-    const value = await this.client.eval(REDIS_ADD_SCRIPT, {
+    const value = await this.#script(REDIS_ADD_SCRIPT, {
       keys: [`mc-relay:${key}`],
       arguments: [String(amount), Number.isFinite(expiresAt) ? String(Math.ceil(expiresAt)) : ""],
     });
@@ -1857,7 +1948,7 @@ export class RedisCounterStore implements CounterStore {
       estimated_requests: entry.estimated ? 1 : 0,
     };
     const expiresAt = Date.parse(`${entry.day}T00:00:00Z`) + (this.retentionDays + 1) * 86_400_000;
-    await this.client.eval(REDIS_USAGE_SCRIPT, {
+    await this.#script(REDIS_USAGE_SCRIPT, {
       keys: [`mc-relay:usage:${entry.day}`],
       arguments: [
         ...Object.entries(figures).flatMap(([name, value]) => [`${field}\n${name}`, String(value)]),
@@ -1930,18 +2021,18 @@ export class FallbackCounterStore implements CounterStore {
 
   async #run<T>(operation: (store: CounterStore) => T | Promise<T>): Promise<T> {
     if (!this.#degraded) {
-      let timer: ReturnType<typeof setTimeout> | undefined;
+      let deadline: Deadline | undefined;
       try {
         return await Promise.race([
           operation(this.shared),
           new Promise<never>((_, reject) => {
-            timer = setTimeout(() => reject(new Error("no answer in time")), SHARED_STORE_TIMEOUT_MS);
+            deadline = deadlines.add(SHARED_STORE_TIMEOUT_MS, () => reject(new Error("no answer in time")));
           }),
         ]);
       } catch (error) {
         this.#degrade(errorText(error));
       } finally {
-        clearTimeout(timer);
+        deadlines.cancel(deadline);
       }
     }
     return await operation(this.local);
@@ -2194,8 +2285,11 @@ type JsonObject = Record<string, unknown> & { stream_options?: { include_usage?:
 type UpstreamTarget = Upstream & {
   host: string;
   authValue: string;
-  /** The headers every request to it carries but the key: its extra headers and the relay's own, made once. */
-  baseHeaders: [string, string][];
+  /**
+   * The headers every request to it carries but the key: its extra headers and the relay's own, made once, by
+   * lower-case name. A plain record: Deno converts one without the iterator a list of pairs costs per header.
+   */
+  baseHeaders: Record<string, string>;
 };
 
 /** Options for `createHandler` that are not configuration. */
@@ -2330,11 +2424,11 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     host: new URL(upstream.baseUrl).host,
     authValue: upstream.authPrefix ? `${upstream.authPrefix} ${upstream.apiKey}` : upstream.apiKey,
     // Ask for bodies as the upstream has them, so they pass through byte for byte.
-    baseHeaders: [
-      ...Object.entries(upstream.extraHeaders),
+    baseHeaders: Object.fromEntries([
+      ...Object.entries(upstream.extraHeaders).map(([name, value]) => [name.toLowerCase(), value]),
       ["accept-encoding", "identity"],
       ["user-agent", `mc-relay/${VERSION}`],
-    ] as [string, string][],
+    ]),
   }));
   const upstreamSecrets = upstreams.flatMap((upstream) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)])
     .filter(Boolean);
@@ -3221,8 +3315,8 @@ function requestUsage(_relay: Relay, context: RequestContext): undefined {
  * The headers every request to `target` carries: its extra headers, its key (the caller's own for a BYOK upstream,
  * `auth`), and the relay's own.
  */
-function upstreamHeaders(target: UpstreamTarget, auth?: string): [string, string][] {
-  return [...target.baseHeaders, [target.authHeader, auth ?? target.authValue]];
+function upstreamHeaders(target: UpstreamTarget, auth?: string): Record<string, string> {
+  return { ...target.baseHeaders, [target.authHeader.toLowerCase()]: auth ?? target.authValue };
 }
 
 /** Counts a request's body bytes against MAX_BUFFERED_BYTES as they arrive; `releaseBody` gives them back. */
@@ -3299,11 +3393,11 @@ async function relayResponse(relay: Relay, context: RequestContext): Promise<Res
   const headers = responseHeaders(relay, context, response);
   context.headersSet = true;
   context.status = response.status;
-  const eventStream = headers.get("content-type")?.toLowerCase().startsWith("text/event-stream") ?? false;
+  const eventStream = headers["content-type"]?.toLowerCase().startsWith("text/event-stream") ?? false;
   if (eventStream) {
     // Tell reverse proxies and CDNs not to buffer or compress the stream.
-    headers.set("cache-control", "no-cache, no-transform");
-    headers.set("x-accel-buffering", "no");
+    headers["cache-control"] = "no-cache, no-transform";
+    headers["x-accel-buffering"] = "no";
   }
   if (response.status >= 300) return await relayErrorResponse(relay, context, response, headers);
   const filterModels = (relay.allowedModels.size > 0 || Object.keys(relay.config.modelAliases).length > 0) &&
@@ -3317,7 +3411,7 @@ async function relayResponse(relay: Relay, context: RequestContext): Promise<Res
   const usage = inspectUsage ? usageReader(context.usageWatch!, eventStream) : undefined;
   context.events = usage?.events;
   // Taking the usage event out shortens a stream: its length, if the upstream gave one, no longer holds.
-  if (usage && eventStream && context.usageWatch!.stripUsageEvent) headers.delete("content-length");
+  if (usage && eventStream && context.usageWatch!.stripUsageEvent) delete headers["content-length"];
   if (response.body === null) {
     context.stopWatchingClient!();
     return new Response(null, init);
@@ -3326,7 +3420,7 @@ async function relayResponse(relay: Relay, context: RequestContext): Promise<Res
   if (filterModels && !response.headers.has("content-encoding")) {
     const allowed = (model: string) => modelAllowed(relay, context.target.name, model);
     body = (await rewriteBody(body, (text) => filterModelList(text, allowed, aliasModels(relay)))).body;
-    headers.delete("content-length");
+    delete headers["content-length"];
   }
   return new Response(body, init);
 }
@@ -3368,20 +3462,20 @@ async function relayErrorResponse(
   relay: Relay,
   context: RequestContext,
   response: Response,
-  headers: Headers,
+  headers: Record<string, string>,
 ): Promise<Response> {
   const init = { status: response.status, statusText: response.statusText, headers };
   if (response.body === null) {
     context.stopWatchingClient!();
     return new Response(null, init);
   }
-  headers.delete("content-length");
+  delete headers["content-length"];
   const encoding = response.headers.get("content-encoding");
   const replace = (reason: string) => {
     context.outcome = "upstream_error_body_replaced";
     context.error = `error body replaced: ${reason}`;
-    for (const name of ["content-encoding", "content-type", "cache-control", "x-accel-buffering"]) headers.delete(name);
-    headers.set("content-type", "application/json");
+    for (const name of ["content-encoding", "cache-control", "x-accel-buffering"]) delete headers[name];
+    headers["content-type"] = "application/json";
     return JSON.stringify({
       error: {
         message:
@@ -3405,21 +3499,25 @@ async function relayErrorResponse(
   return new Response(rewritten.body, init);
 }
 
-/** The upstream's response headers without hop-by-hop, cookie and CORS headers, plus the relay's own. */
-function responseHeaders(relay: Relay, context: RequestContext, response: Response): Headers {
+/**
+ * The upstream's response headers without hop-by-hop, cookie and CORS headers, plus the relay's own, by lower-case
+ * name (as Deno lists them: one entry a name). A plain record, which Deno takes into the response without the
+ * iterator a list of pairs costs per header.
+ */
+function responseHeaders(relay: Relay, context: RequestContext, response: Response): Record<string, string> {
   const connectionTokens = new Set(
     (response.headers.get("connection") ?? "").split(",").map((token) => token.trim().toLowerCase()),
   );
-  // One list, so Deno validates the headers in one pass.
-  const list: [string, string][] = [];
-  for (const entry of response.headers) {
-    if (isDroppedResponseHeader(entry[0], connectionTokens)) continue;
-    list.push([entry[0], context.masker ? context.masker.maskHeaderValue(entry[1]) : relay.maskHeaderValue(entry[1])]);
+  // No prototype: a header the upstream names `__proto__` is a header like any other.
+  const headers: Record<string, string> = Object.create(null);
+  const mask = context.masker ? context.masker.maskHeaderValue : relay.maskHeaderValue;
+  for (const [name, value] of response.headers) {
+    if (!isDroppedResponseHeader(name, connectionTokens)) headers[name] = mask(value);
   }
-  list.push(...relayHeaders(context.id, context.cors));
+  for (const [name, value] of relayHeaders(context.id, context.cors)) headers[name] = value;
   // Which upstream (for an alias: which target) answered.
-  list.push(["x-relay-upstream", context.upstream ?? context.target.name]);
-  return new Headers(list);
+  headers["x-relay-upstream"] = context.upstream ?? context.target.name;
+  return headers;
 }
 
 /**
@@ -3434,13 +3532,13 @@ function passWithinDeno(
   length: number,
 ): ReadableStream<Uint8Array> {
   const upstreamCall = context.upstreamCall!;
-  const bodyTimer = setTimeout(
-    () => upstreamCall.abort(new RelayAbort("upstream_timeout")),
+  const bodyDeadline = deadlines.add(
     relay.config.requestTimeoutMs,
+    () => upstreamCall.abort(new RelayAbort("upstream_timeout")),
   );
   context.logWhenBodyEnds = true;
   const delivered = () => {
-    clearTimeout(bodyTimer);
+    deadlines.cancel(bodyDeadline);
     context.stopWatchingClient!();
     const reason = upstreamCall.signal.reason;
     context.outcome = reason instanceof RelayAbort ? reason.kind : "completed";
@@ -3492,7 +3590,7 @@ async function fetchModelList(
   target: UpstreamTarget,
 ): Promise<{ name: string; models: { id?: unknown }[]; error?: string }> {
   const abort = new AbortController();
-  const timer = setTimeout(() => abort.abort(), relay.config.requestTimeoutMs);
+  const deadline = deadlines.add(relay.config.requestTimeoutMs, () => abort.abort());
   try {
     const response = await fetch(`${target.baseUrl}/models`, {
       headers: upstreamHeaders(target),
@@ -3508,7 +3606,7 @@ async function fetchModelList(
   } catch (error) {
     return { name: target.name, error: describeNetworkError(errorText(error)), models: [] };
   } finally {
-    clearTimeout(timer);
+    deadlines.cancel(deadline);
   }
 }
 
@@ -3523,12 +3621,14 @@ function usageTotal(usage: TokenUsage): number {
  */
 async function settle(relay: Relay, context: RequestContext, usage: TokenUsage | undefined): Promise<void> {
   const used = usage === undefined ? 0 : usageTotal(usage);
+  // The writes are independent of each other: issued together, a shared store gets them in one round trip.
+  const writes: (void | number | Promise<void | number>)[] = [];
   for (const reservation of context.reservations?.splice(0) ?? []) {
-    await relay.counters.add(reservation.key, used - reservation.amount, reservation.expiresAt);
+    writes.push(relay.counters.add(reservation.key, used - reservation.amount, reservation.expiresAt));
   }
   // BYOK requests spend the caller's own quota: the relay keeps no record of them.
   if (usage !== undefined && !context.target.byok) {
-    await relay.counters.recordUsage({
+    writes.push(relay.counters.recordUsage({
       day: new Date(relay.now()).toISOString().slice(0, 10),
       who: context.subject ?? `address:${addressKey(context.client)}`,
       model: context.model?.slice(0, 100) ?? "",
@@ -3537,13 +3637,14 @@ async function settle(relay: Relay, context: RequestContext, usage: TokenUsage |
       completion: usage.completion_tokens ?? 0,
       total: used,
       estimated: usage.estimated === true,
-    });
+    }));
   }
   if (context.inFlightKey !== undefined) {
     const key = context.inFlightKey;
     context.inFlightKey = undefined;
-    await relay.counters.add(key, -1);
+    writes.push(relay.counters.add(key, -1));
   }
+  await Promise.all(writes);
 }
 
 /**
@@ -3748,6 +3849,9 @@ async function forwardRequest(relay: Relay, context: RequestContext): Promise<Re
   return undefined;
 }
 
+/** The client's request headers the upstream gets (every other one stays with the relay). */
+const FORWARDED_REQUEST_HEADERS = ["content-type", "accept"] as const;
+
 /** One attempt: the request to `attempt`'s upstream, with its own abort, within `timeoutMs` for the headers. */
 async function callUpstream(
   relay: Relay,
@@ -3758,11 +3862,11 @@ async function callUpstream(
   const { request } = context;
   context.target = attempt.target;
   context.upstream = relay.upstreams.length > 1 || attempt.model !== undefined ? attempt.label : undefined;
-  let headers = upstreamHeaders(attempt.target, context.upstreamAuth);
-  for (const name of ["content-type", "accept"]) {
+  const headers = upstreamHeaders(attempt.target, context.upstreamAuth);
+  for (const name of FORWARDED_REQUEST_HEADERS) {
     const value = request.headers.get(name);
     // The client's value replaces an extra header of the same name, as it always did.
-    if (value !== null) headers = [...headers.filter(([header]) => header.toLowerCase() !== name), [name, value]];
+    if (value !== null) headers[name] = value;
   }
   if (attempt.model !== undefined) {
     context.payload!.model = attempt.model;
@@ -3770,8 +3874,9 @@ async function callUpstream(
   }
   const call = new AbortController();
   context.upstreamCall = call;
-  const unwatch = relay.breakers.watch(attempt.label, call);
-  const timer = setTimeout(() => call.abort(new RelayAbort("upstream_timeout")), timeoutMs);
+  // Only an alias's targets have breakers that may abort a waiting attempt.
+  const unwatch = attempt.model === undefined ? undefined : relay.breakers.watch(attempt.label, call);
+  const deadline = deadlines.add(timeoutMs, () => call.abort(new RelayAbort("upstream_timeout")));
   const started = performance.now();
   try {
     const response = await fetch(`${attempt.target.baseUrl}${context.route!.upstreamPath}${context.url.search}`, {
@@ -3794,8 +3899,8 @@ async function callUpstream(
     context.attempts?.push({ target: attempt.label, outcome, ms: Math.round(performance.now() - started) });
     return { error };
   } finally {
-    clearTimeout(timer);
-    unwatch();
+    deadlines.cancel(deadline);
+    unwatch?.();
   }
 }
 
@@ -4505,10 +4610,10 @@ async function readBody(
 
   const reader = request.body.getReader();
   let timedOut = false;
-  const timer = setTimeout(() => {
+  const deadline = deadlines.add(timeoutMs, () => {
     timedOut = true;
     reader.cancel().catch(() => {});
-  }, timeoutMs);
+  });
   const chunks: Uint8Array<ArrayBuffer>[] = [];
   let size = 0;
   try {
@@ -4539,7 +4644,7 @@ async function readBody(
       };
     }
   } finally {
-    clearTimeout(timer);
+    deadlines.cancel(deadline);
   }
   if (timedOut) {
     return {
@@ -4602,39 +4707,27 @@ function relayBody(
   // low: the default reader hands out a view on a fresh 64 KiB buffer per chunk, kept alive until collected.
   const reader = source.getReader({ mode: "byob" });
   let buffer = new Uint8Array(RELAY_BUFFER_BYTES);
-  let waitingSince: number | null = null;
   let ended = false;
-  let timer: ReturnType<typeof setTimeout> | undefined;
+  // The stream's silence deadline: moved on when a read starts, set aside (Infinity) while the client reads.
+  const silence = deadlines.add(idleMs, () => upstream.abort(new RelayAbort("upstream_timeout")));
+  silence.at = Infinity;
 
   const end = (outcome: string, error?: string) => {
     if (ended) return;
     ended = true;
-    clearTimeout(timer);
+    deadlines.cancel(silence);
     events.onEnd(outcome, error);
   };
-  // One lazy timer per stream instead of one per chunk: it only acts when a read has been pending too long.
-  const watch = () => {
-    timer = setTimeout(() => {
-      if (ended) return;
-      const silentFor = waitingSince === null ? 0 : performance.now() - waitingSince;
-      if (silentFor >= idleMs) {
-        upstream.abort(new RelayAbort("upstream_timeout"));
-      } else {
-        watch();
-      }
-    }, waitingSince === null ? idleMs : Math.max(1, idleMs - (performance.now() - waitingSince)));
-  };
-  watch();
 
   return new ReadableStream<Uint8Array>({
     async pull(controller) {
-      waitingSince = performance.now();
+      silence.at = performance.now() + idleMs;
       try {
         let chunk: Uint8Array | undefined;
         while (chunk === undefined || chunk.byteLength === 0) {
           const { done, value } = await reader.read(buffer);
           if (done) {
-            waitingSince = null;
+            silence.at = Infinity;
             const rest = events.flush?.();
             if (rest && rest.byteLength > 0) {
               events.onChunk(rest.byteLength);
@@ -4646,13 +4739,14 @@ function relayBody(
           }
           chunk = events.transform ? events.transform(value) : value.slice();
           buffer = new Uint8Array(value.buffer);
-          waitingSince = performance.now(); // the upstream spoke, even if only part of an event
+          // The upstream spoke, even if only part of an event: the silence starts again.
+          if (chunk.byteLength === 0) silence.at = performance.now() + idleMs;
         }
-        waitingSince = null;
+        silence.at = Infinity;
         events.onChunk(chunk.byteLength);
         controller.enqueue(chunk);
       } catch (error) {
-        waitingSince = null;
+        silence.at = Infinity;
         const reason = upstream.signal.reason;
         const outcome = reason instanceof RelayAbort ? reason.kind : "upstream_stream_error";
         end(outcome, outcome === "upstream_stream_error" ? errorText(error) : undefined);
