@@ -1455,6 +1455,8 @@ export interface CounterStore {
   readonly state?: "ok" | "degraded";
   /** True when every method answers at once (never a promise): a check and its count then run as one step. */
   readonly synchronous?: boolean;
+  /** Runs the calls `work` makes as one transaction (SQLite: one commit instead of one each); all or none count. */
+  batch?<T>(work: () => T): T;
   /** Closes files and connections. */
   close?(): void | Promise<void>;
 }
@@ -1657,6 +1659,8 @@ export class SqliteCounterStore implements CounterStore {
   #statements: Record<string, StatementSync>;
   #lastSweep = 0;
   #lastRetention = 0;
+  /** True inside a transaction: the calls of a `batch` join it. */
+  #inTransaction = false;
 
   /** Opens (or creates) the file; throws when it cannot be opened or written. */
   static async open(path: string, now: () => number = Date.now, retentionDays = 400): Promise<SqliteCounterStore> {
@@ -1700,9 +1704,11 @@ export class SqliteCounterStore implements CounterStore {
     this.#transaction(() => this.#sweep(this.now()));
   }
 
-  /** Runs `work` in one IMMEDIATE transaction (a write lock across processes). */
+  /** Runs `work` in one IMMEDIATE transaction (a write lock across processes); inside a `batch`, in the batch's. */
   #transaction<T>(work: () => T): T {
+    if (this.#inTransaction) return work();
     this.#statements.begin.run();
+    this.#inTransaction = true;
     try {
       const result = work();
       this.#statements.commit.run();
@@ -1710,7 +1716,13 @@ export class SqliteCounterStore implements CounterStore {
     } catch (error) {
       this.#statements.rollback.run();
       throw error;
+    } finally {
+      this.#inTransaction = false;
     }
+  }
+
+  batch<T>(work: () => T): T {
+    return this.#transaction(work);
   }
 
   /** Runs one operation on `key`'s bucket: the level before it, and whether a `take` took one. */
@@ -2931,32 +2943,45 @@ function subjectWords(context: RequestContext): string {
 }
 
 /**
+ * Several independent store calls of one stage, together: one transaction where the store has them (SQLite), else
+ * issued at once, so a shared store (Redis) gets them in one round trip.
+ */
+function storeCalls<T>(relay: Relay, calls: () => T[]): Promise<Awaited<T>[]> {
+  return Promise.all(relay.counters.batch ? relay.counters.batch(calls) : calls());
+}
+
+/**
  * Stage: limits. RATE_LIMIT_PER_MINUTE, _HOUR and _DAY per signed-in user (so one user cannot use up a team's
  * shared address), or per client address for anonymous requests. Each window is a token bucket that refills
  * evenly; a request takes one event from each, and a refusal gives back what it took: 429 with Retry-After,
  * naming the limit, its window and when one more request is allowed.
  */
 async function applyRateLimits(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  const taken: RequestLimit[] = [];
-  for (const limit of relay.requestLimits) {
-    const key = `requests-per-${limit.window}:${context.subject}`;
-    const waitFor = await relay.counters.take(key, limit.rule);
-    if (waitFor === 0) {
-      taken.push(limit);
-      continue;
-    }
-    for (const done of taken) await relay.counters.give(`requests-per-${done.window}:${context.subject}`, done.rule);
-    context.outcome = "relay_rate_limited";
-    return errorResponse(
-      429,
-      `the relay's limit of ${limit.rule.capacity} requests per ${limit.window} (${limit.variable}) is reached for ${
-        subjectWords(context)
-      }; one more is allowed in ${waitFor} s`,
-      "relay_rate_limit_exceeded",
-      { "retry-after": String(waitFor) },
-    );
-  }
-  return undefined;
+  if (relay.requestLimits.length === 0) return undefined;
+  const key = (limit: RequestLimit) => `requests-per-${limit.window}:${context.subject}`;
+  const waits = await storeCalls(
+    relay,
+    () => relay.requestLimits.map((limit) => relay.counters.take(key(limit), limit.rule)),
+  );
+  const refused = waits.findIndex((waitFor) => waitFor > 0);
+  if (refused === -1) return undefined;
+  await storeCalls(
+    relay,
+    () =>
+      relay.requestLimits.filter((_, index) => waits[index] === 0).map((limit) =>
+        relay.counters.give(key(limit), limit.rule)
+      ),
+  );
+  const limit = relay.requestLimits[refused];
+  context.outcome = "relay_rate_limited";
+  return errorResponse(
+    429,
+    `the relay's limit of ${limit.rule.capacity} requests per ${limit.window} (${limit.variable}) is reached for ${
+      subjectWords(context)
+    }; one more is allowed in ${waits[refused]} s`,
+    "relay_rate_limit_exceeded",
+    { "retry-after": String(waits[refused]) },
+  );
 }
 
 /**
@@ -3621,30 +3646,31 @@ function usageTotal(usage: TokenUsage): number {
  */
 async function settle(relay: Relay, context: RequestContext, usage: TokenUsage | undefined): Promise<void> {
   const used = usage === undefined ? 0 : usageTotal(usage);
-  // The writes are independent of each other: issued together, a shared store gets them in one round trip.
-  const writes: (void | number | Promise<void | number>)[] = [];
-  for (const reservation of context.reservations?.splice(0) ?? []) {
-    writes.push(relay.counters.add(reservation.key, used - reservation.amount, reservation.expiresAt));
-  }
-  // BYOK requests spend the caller's own quota: the relay keeps no record of them.
-  if (usage !== undefined && !context.target.byok) {
-    writes.push(relay.counters.recordUsage({
-      day: new Date(relay.now()).toISOString().slice(0, 10),
-      who: context.subject ?? `address:${addressKey(context.client)}`,
-      model: context.model?.slice(0, 100) ?? "",
-      upstream: context.target.name,
-      prompt: usage.prompt_tokens ?? 0,
-      completion: usage.completion_tokens ?? 0,
-      total: used,
-      estimated: usage.estimated === true,
-    }));
-  }
-  if (context.inFlightKey !== undefined) {
-    const key = context.inFlightKey;
-    context.inFlightKey = undefined;
-    writes.push(relay.counters.add(key, -1));
-  }
-  await Promise.all(writes);
+  await storeCalls(relay, () => {
+    const writes: (void | number | Promise<void | number>)[] = [];
+    for (const reservation of context.reservations?.splice(0) ?? []) {
+      writes.push(relay.counters.add(reservation.key, used - reservation.amount, reservation.expiresAt));
+    }
+    // BYOK requests spend the caller's own quota: the relay keeps no record of them.
+    if (usage !== undefined && !context.target.byok) {
+      writes.push(relay.counters.recordUsage({
+        day: new Date(relay.now()).toISOString().slice(0, 10),
+        who: context.subject ?? `address:${addressKey(context.client)}`,
+        model: context.model?.slice(0, 100) ?? "",
+        upstream: context.target.name,
+        prompt: usage.prompt_tokens ?? 0,
+        completion: usage.completion_tokens ?? 0,
+        total: used,
+        estimated: usage.estimated === true,
+      }));
+    }
+    if (context.inFlightKey !== undefined) {
+      const key = context.inFlightKey;
+      context.inFlightKey = undefined;
+      writes.push(relay.counters.add(key, -1));
+    }
+    return writes;
+  });
 }
 
 /**
@@ -4706,7 +4732,7 @@ function relayBody(
   // Reading into one small buffer per stream (and passing on a right-sized copy) keeps memory per open stream
   // low: the default reader hands out a view on a fresh 64 KiB buffer per chunk, kept alive until collected.
   const reader = source.getReader({ mode: "byob" });
-  let buffer = new Uint8Array(RELAY_BUFFER_BYTES);
+  let buffer = new Uint8Array(RELAY_BUFFER_MIN_BYTES);
   let ended = false;
   // The stream's silence deadline: moved on when a read starts, set aside (Infinity) while the client reads.
   const silence = deadlines.add(idleMs, () => upstream.abort(new RelayAbort("upstream_timeout")));
@@ -4738,7 +4764,11 @@ function relayBody(
             return;
           }
           chunk = events.transform ? events.transform(value) : value.slice();
-          buffer = new Uint8Array(value.buffer);
+          // A read that fills the buffer asks for a larger one (up to RELAY_BUFFER_MAX_BYTES): a stream of small
+          // events keeps 2 KiB per stream, a large body is read in large pieces.
+          buffer = value.byteLength === value.buffer.byteLength && value.byteLength < RELAY_BUFFER_MAX_BYTES
+            ? new Uint8Array(value.byteLength * 4)
+            : new Uint8Array(value.buffer);
           // The upstream spoke, even if only part of an event: the silence starts again.
           if (chunk.byteLength === 0) silence.at = performance.now() + idleMs;
         }
@@ -4763,8 +4793,10 @@ function relayBody(
   }, { highWaterMark: 0 });
 }
 
-/** The read buffer of each relayed stream: larger chunks simply take more than one read. */
-const RELAY_BUFFER_BYTES = 16 * 1024;
+/** The read buffer each relayed stream starts with: a server-sent event of an LLM answer is far smaller. */
+const RELAY_BUFFER_MIN_BYTES = 2 * 1024;
+/** The largest read buffer a relayed body grows to; a larger chunk simply takes more than one read. */
+const RELAY_BUFFER_MAX_BYTES = 64 * 1024;
 
 /** The largest upstream body the relay reads to rewrite; a larger one passes through untouched. */
 const MAX_REWRITTEN_BODY_BYTES = 1024 * 1024;

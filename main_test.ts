@@ -697,6 +697,33 @@ Deno.test("upstream request and response", async (t) => {
     assert.equal(gzipUpstream.requests.at(-1)!.headers.get("accept-encoding"), "identity");
   });
 
+  await t.step("a body of unknown length, in chunks of every size, passes through byte for byte", async () => {
+    // From one byte to 200 KiB a chunk, so the relay's read buffer starts small, fills, and grows on the way.
+    const sizes = [1, 7, 2048, 2047, 2049, 8192, 70_000, 3, 200_000, 65_536, 131_072, 5, 300_000];
+    const chunks = sizes.map((size, index) => Uint8Array.from({ length: size }, (_, at) => (at * 31 + index) % 251));
+    await using upstream = startUpstream(() =>
+      new Response(
+        new ReadableStream<Uint8Array>({
+          start(controller) {
+            for (const chunk of chunks) controller.enqueue(chunk);
+            controller.close();
+          },
+        }),
+        { headers: { "content-type": "application/octet-stream" } },
+      )
+    );
+    await using relay = startRelay(testConfig(upstream.url));
+    const response = await fetch(`${relay.url}/v1/models`, { headers: { authorization: GOOD_BEARER } });
+    const received = new Uint8Array(await response.arrayBuffer());
+    const sent = new Uint8Array(await new Blob(chunks).arrayBuffer());
+    assert.equal(received.byteLength, sent.byteLength);
+    const digest = async (bytes: Uint8Array<ArrayBuffer>) =>
+      new Uint8Array(await crypto.subtle.digest("SHA-256", bytes)).join(",");
+    assert.equal(await digest(received), await digest(sent), "every byte arrives as the upstream sent it");
+    await sleep(20);
+    assert.equal(relay.requestLogs().at(-1)?.bytes_out, sent.byteLength);
+  });
+
   await t.step("an upstream redirect is not followed (the key must not travel elsewhere): 502", async () => {
     await using target = startUpstream(openAiLikeUpstream);
     await using redirecting = startUpstream(() =>
