@@ -11,10 +11,16 @@
  * Then the relay alone: 1,000 concurrent streamed chats, a soak of requests with 1% injected upstream
  * faults (RSS and open files before and after), and start-up time.
  *
+ * Every process is measured warm: each path, each store variant and each worker count first takes `WARM_UP_SECONDS`
+ * of load. V8 compiles a server's hot code over its first seconds under load (the relay's throughput rose from
+ * 3,400 to 5,900 req/s over its first ten seconds here), and a relay's figures are those of its steady state.
+ *
  * `deno run -A bench.ts upstream PORT FAULT_RATE` runs the fake upstream on its own.
  */
 
 const quick = Deno.args.includes("--quick");
+/** Seconds of load each process takes before it is measured. */
+const WARM_UP_SECONDS = quick ? 3 : 6;
 const USER = "bench";
 const PASSWORD = "bench-password-0123456789";
 const AUTH = `Bearer ${USER}:${PASSWORD}`;
@@ -374,7 +380,7 @@ async function storeCosts(upstreamUrl: string, seconds: number) {
   for (const variant of variants) {
     const relay = startRelayProcess(upstreamUrl, variant.env);
     await waitForHttp(`${relay.url}/health`);
-    await chatThroughput(relay.url, 32, 1); // warm-up
+    await chatThroughput(relay.url, 32, WARM_UP_SECONDS);
     const relayCpu = cpuSeconds(relay.pid);
     const redisCpu = redis && variant.name === "Redis" ? cpuSeconds(redis.pid) : 0;
     const { rps, requests } = await chatThroughput(relay.url, 32, seconds);
@@ -403,7 +409,7 @@ async function workerScaling(upstreamUrl: string, seconds: number) {
   for (const workers of [1, 2]) {
     const relay = startRelayProcess(upstreamUrl, { WORKERS: String(workers), STATE_PATH: `${folder}/w${workers}.db` });
     await waitForHttp(`${relay.url}/health`);
-    await throughput(relay.url, 32, 1); // warm-up
+    await throughput(relay.url, 32, WARM_UP_SECONDS);
     const output = await new Deno.Command("taskset", {
       args: [
         "-c",
@@ -506,6 +512,9 @@ async function main() {
   ];
   const results: Record<string, Record<string, number>> = {};
   for (const path of paths) results[path.name] = {};
+
+  console.log(`- warm-up: ${WARM_UP_SECONDS} s of GET /v1/models per path`);
+  for (const path of paths) await throughput(path.url, 32, WARM_UP_SECONDS);
 
   console.log(`- sequential latency: ${sizes.sequential} requests per path`);
   for (const path of paths) {
