@@ -1148,7 +1148,11 @@ const textEncoder = new TextEncoder();
  * depends only on the expected value's length, never on where they differ.
  */
 export function constantTimeEqual(given: string, expected: string): boolean {
-  return constantTimeBytesEqual(textEncoder.encode(given), textEncoder.encode(expected));
+  // UTF-16 code units, compared where they are: no copy of the secret per request, and no two strings that
+  // differ compare equal (encoding would turn every lone surrogate into the same replacement character).
+  let difference = given.length ^ expected.length;
+  for (let i = 0; i < expected.length; i++) difference |= (given.charCodeAt(i) || 0) ^ expected.charCodeAt(i);
+  return difference === 0;
 }
 
 /** The byte-level comparison behind `constantTimeEqual` and `verifyPasswordHash`. */
@@ -1332,8 +1336,15 @@ export function corsHeaders(origin: string): Record<string, string> {
 }
 
 /** The headers the relay adds to every response: CORS for an allowed origin, `Vary: Origin`, the request id. */
-function relayHeaders(requestId: string, cors: Record<string, string>): [string, string][] {
-  return [...Object.entries(cors), ["vary", "Origin"], ["x-relay-request-id", requestId]];
+function addRelayHeaders(
+  headers: Record<string, string>,
+  requestId: string,
+  cors: Record<string, string>,
+): Record<string, string> {
+  for (const name in cors) headers[name] = cors[name];
+  headers["vary"] = "Origin";
+  headers["x-relay-request-id"] = requestId;
+  return headers;
 }
 
 /** Answers a preflight from an allowed origin, allowing only the request headers the relay accepts. */
@@ -2136,8 +2147,11 @@ const ROUTES: Record<string, Route> = {
   "/v1/responses": { method: "POST", upstreamPath: "/responses" },
 };
 
+/** No Connection tokens. */
+const NO_TOKENS: ReadonlySet<string> = new Set();
+
 /** Response headers from the upstream that the relay drops: they describe the upstream's connection, cookies or CORS, not the answer. */
-function isDroppedResponseHeader(name: string, connectionTokens: Set<string>): boolean {
+function isDroppedResponseHeader(name: string, connectionTokens: ReadonlySet<string>): boolean {
   return HOP_BY_HOP.has(name) || connectionTokens.has(name) || name.startsWith("access-control-") ||
     name === "set-cookie" || name === "set-cookie2" || name === "alt-svc" || name === "date";
 }
@@ -2297,6 +2311,8 @@ type JsonObject = Record<string, unknown> & { stream_options?: { include_usage?:
 type UpstreamTarget = Upstream & {
   host: string;
   authValue: string;
+  /** The attempts of a request to it alone (no alias): itself, made once. */
+  plan: Attempt[];
   /**
    * The headers every request to it carries but the key: its extra headers and the relay's own, made once, by
    * lower-case name. A plain record: Deno converts one without the iterator a list of pairs costs per header.
@@ -2370,13 +2386,13 @@ const STAGES: Stage[] = [
   checkOrigin,
   answerPreflight,
   matchRoute,
-  answerHealth,
-  answerMcSettings,
-  answerPage,
-  answerSeal,
+  onRoute("/health", answerHealth),
+  onRoute("/mc-settings.json", answerMcSettings),
+  onRoute("/", answerPage),
+  onRoute("/seal", answerSeal),
   identifyCaller,
-  answerUsage,
-  answerMetrics,
+  onRoute("/usage", answerUsage),
+  onRoute("/metrics", answerMetrics),
   applyRateLimits,
   limitConcurrency,
   readRequestBody,
@@ -2391,6 +2407,14 @@ const STAGES: Stage[] = [
 ];
 
 /**
+ * A stage that answers one route of the relay's own: requests for any other path pass it without a call (and
+ * without the promise an async stage would make for them).
+ */
+function onRoute(path: string, stage: Stage): Stage {
+  return (relay, context) => context.routePath === path ? stage(relay, context) : undefined;
+}
+
+/**
  * Builds the relay's request handler from a validated config: the stages in `STAGES` over one
  * `RequestContext` per request, then `account` for the log line and metrics. An exception in a stage is
  * answered with a 500 naming the request id (the details go to the log, never to the client).
@@ -2401,8 +2425,8 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     const context = newContext(relay, request, info);
     let response: Response | undefined;
     try {
-      for (const stage of STAGES) {
-        const answer = stage(relay, context);
+      for (let index = 0; index < STAGES.length; index++) {
+        const answer = STAGES[index](relay, context);
         // Most stages decide at once: only a promise is awaited, which saves a turn of the event loop each.
         response = answer instanceof Promise ? await answer : answer;
         if (response !== undefined) break;
@@ -2417,7 +2441,8 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     if (!context.headersSet) {
       // A response the relay made itself: it carries its length (0 for none).
       context.bytesOut = Number(response.headers.get("content-length") ?? 0);
-      for (const [name, value] of relayHeaders(context.id, context.cors)) response.headers.set(name, value);
+      const added = addRelayHeaders({}, context.id, context.cors);
+      for (const name in added) response.headers.set(name, added[name]);
     }
     if (!context.logWhenBodyEnds) account(relay, context);
     return response;
@@ -2431,17 +2456,22 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
   for (const path of config.disabledPaths) delete routes[path];
   if (!config.page) delete routes["/"];
   if (config.sealSecret === undefined) delete routes["/seal"];
-  const upstreams = config.upstreams.map((upstream) => ({
-    ...upstream,
-    host: new URL(upstream.baseUrl).host,
-    authValue: upstream.authPrefix ? `${upstream.authPrefix} ${upstream.apiKey}` : upstream.apiKey,
-    // Ask for bodies as the upstream has them, so they pass through byte for byte.
-    baseHeaders: Object.fromEntries([
-      ...Object.entries(upstream.extraHeaders).map(([name, value]) => [name.toLowerCase(), value]),
-      ["accept-encoding", "identity"],
-      ["user-agent", `mc-relay/${VERSION}`],
-    ]),
-  }));
+  const upstreams = config.upstreams.map((upstream) => {
+    const target: UpstreamTarget = {
+      ...upstream,
+      host: new URL(upstream.baseUrl).host,
+      authValue: upstream.authPrefix ? `${upstream.authPrefix} ${upstream.apiKey}` : upstream.apiKey,
+      plan: [],
+      // Ask for bodies as the upstream has them, so they pass through byte for byte.
+      baseHeaders: Object.fromEntries([
+        ...Object.entries(upstream.extraHeaders).map(([name, value]) => [name.toLowerCase(), value]),
+        ["accept-encoding", "identity"],
+        ["user-agent", `mc-relay/${VERSION}`],
+      ]),
+    };
+    target.plan.push({ target, label: upstream.name });
+    return target;
+  });
   const upstreamSecrets = upstreams.flatMap((upstream) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)])
     .filter(Boolean);
   const masker = createSecretMasker(upstreamSecrets);
@@ -2494,7 +2524,7 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
     request,
     url,
     origin,
-    cors: origin !== null && relay.allowedOrigins.has(origin) ? corsHeaders(origin) : {},
+    cors: origin !== null && relay.allowedOrigins.has(origin) ? corsHeaders(origin) : NO_CORS,
     completed: info.completed,
     id: crypto.randomUUID(),
     method: request.method.slice(0, 16),
@@ -2507,8 +2537,41 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
     bytesOut: 0,
     heldBytes: 0,
     validHost,
+    // Every field a stage may set, set here: one object of one shape per request, not one grown field by field.
+    route: undefined,
+    routePath: undefined,
+    alias: undefined,
+    attempts: undefined,
+    callerKey: undefined,
+    upstreamAuth: undefined,
+    masker: undefined,
+    user: undefined,
+    subject: undefined,
+    inFlightKey: undefined,
+    answerTokens: undefined,
+    reservations: undefined,
+    body: undefined,
+    payload: undefined,
+    usageWatch: undefined,
+    upstreamCall: undefined,
+    stopWatchingClient: undefined,
+    forwarded: undefined,
+    events: undefined,
+    upstreamResponse: undefined,
+    status: undefined,
+    upstreamStatus: undefined,
+    upstream: undefined,
+    model: undefined,
+    usage: undefined,
+    outcome: undefined,
+    error: undefined,
+    logWhenBodyEnds: undefined,
+    headersSet: undefined,
   };
 }
+
+/** The CORS headers of a request from no allowed origin: none (one object, never changed). */
+const NO_CORS: Record<string, string> = Object.freeze({});
 
 /** A Host header: a name, an IPv4 address or a bracketed IPv6 address, with an optional port. */
 const VALID_HOST = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?$/;
@@ -2767,7 +2830,6 @@ function matchRoute(relay: Relay, context: RequestContext): Response | undefined
  * the counter store's `state` (`degraded` while Redis is unreachable: still 200, the relay still serves).
  */
 function answerHealth(relay: Relay, context: RequestContext): Response | undefined {
-  if (context.routePath !== "/health") return undefined;
   return jsonResponse({
     status: "ok",
     ok: true,
@@ -2947,7 +3009,11 @@ function subjectWords(context: RequestContext): string {
  * issued at once, so a shared store (Redis) gets them in one round trip.
  */
 function storeCalls<T>(relay: Relay, calls: () => T[]): Promise<Awaited<T>[]> {
-  return Promise.all(relay.counters.batch ? relay.counters.batch(calls) : calls());
+  try {
+    return Promise.all(relay.counters.batch ? relay.counters.batch(calls) : calls());
+  } catch (error) {
+    return Promise.reject(error); // a synchronous store's failure arrives like an asynchronous one's
+  }
 }
 
 /**
@@ -3015,7 +3081,6 @@ async function limitConcurrency(relay: Relay, context: RequestContext): Promise<
  * /usage, a read that does not count against the caller's request limits.
  */
 function answerMetrics(relay: Relay, context: RequestContext): Response | undefined {
-  if (context.routePath !== "/metrics") return undefined;
   if (!relay.config.metricsUsers.includes(context.user!)) {
     return errorResponse(403, "this user may not read /metrics; METRICS names who may", "metrics_not_allowed");
   }
@@ -3195,7 +3260,6 @@ function tokenBudgets(relay: Relay, context: RequestContext): TokenBudget[] {
 
 /** Stage: GET /usage: for the caller (user, or address with PUBLIC_ACCESS), every limit and budget, used and left. */
 async function answerUsage(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  if (context.routePath !== "/usage") return undefined;
   const { counters, config } = relay;
   const limits = await Promise.all(relay.requestLimits.map(async ({ variable, window, rule }) => {
     const key = `requests-per-${window}:${context.subject}`;
@@ -3530,16 +3594,18 @@ async function relayErrorResponse(
  * iterator a list of pairs costs per header.
  */
 function responseHeaders(relay: Relay, context: RequestContext, response: Response): Record<string, string> {
-  const connectionTokens = new Set(
-    (response.headers.get("connection") ?? "").split(",").map((token) => token.trim().toLowerCase()),
-  );
+  const connection = response.headers.get("connection");
+  const connectionTokens = connection === null
+    ? NO_TOKENS
+    : new Set(connection.split(",").map((token) => token.trim().toLowerCase()));
   // No prototype: a header the upstream names `__proto__` is a header like any other.
   const headers: Record<string, string> = Object.create(null);
   const mask = context.masker ? context.masker.maskHeaderValue : relay.maskHeaderValue;
-  for (const [name, value] of response.headers) {
+  // forEach, not an iterator: no object per header.
+  response.headers.forEach((value, name) => {
     if (!isDroppedResponseHeader(name, connectionTokens)) headers[name] = mask(value);
-  }
-  for (const [name, value] of relayHeaders(context.id, context.cors)) headers[name] = value;
+  });
+  addRelayHeaders(headers, context.id, context.cors);
   // Which upstream (for an alias: which target) answered.
   headers["x-relay-upstream"] = context.upstream ?? context.target.name;
   return headers;
@@ -3644,15 +3710,17 @@ function usageTotal(usage: TokenUsage): number {
  * Replaces the request's token reservations with what it used, frees its in-flight place, and adds a charged
  * request to the usage ledger (per UTC day, caller, model and upstream).
  */
-async function settle(relay: Relay, context: RequestContext, usage: TokenUsage | undefined): Promise<void> {
+function settle(relay: Relay, context: RequestContext, usage: TokenUsage | undefined): Promise<unknown> | undefined {
+  // BYOK requests spend the caller's own quota: the relay keeps no record of them.
+  const recorded = usage !== undefined && !context.target.byok;
+  if (!context.reservations?.length && !recorded && context.inFlightKey === undefined) return undefined;
   const used = usage === undefined ? 0 : usageTotal(usage);
-  await storeCalls(relay, () => {
+  return storeCalls(relay, () => {
     const writes: (void | number | Promise<void | number>)[] = [];
     for (const reservation of context.reservations?.splice(0) ?? []) {
       writes.push(relay.counters.add(reservation.key, used - reservation.amount, reservation.expiresAt));
     }
-    // BYOK requests spend the caller's own quota: the relay keeps no record of them.
-    if (usage !== undefined && !context.target.byok) {
+    if (recorded) {
       writes.push(relay.counters.recordUsage({
         day: new Date(relay.now()).toISOString().slice(0, 10),
         who: context.subject ?? `address:${addressKey(context.client)}`,
@@ -3691,7 +3759,7 @@ function account(relay: Relay, context: RequestContext): void {
   if (context.usage === undefined && charged) {
     context.usage = estimateUsage(context);
   }
-  settle(relay, context, charged ? context.usage : undefined).catch((error) =>
+  settle(relay, context, charged ? context.usage : undefined)?.catch((error) =>
     relay.log.error("counter store: could not settle a request", { request_id: context.id, error: errorText(error) })
   );
   const route = context.routePath !== undefined && Object.hasOwn(relay.routes, context.routePath)
@@ -3814,7 +3882,7 @@ class CircuitBreakers {
 /** The attempts a request may make: every target of its alias, in order, or its one upstream. */
 function attemptPlan(relay: Relay, context: RequestContext): Attempt[] {
   const targets = context.alias === undefined ? undefined : relay.config.modelAliases[context.alias];
-  if (targets === undefined) return [{ target: context.target, label: context.target.name }];
+  if (targets === undefined) return context.target.plan;
   return targets.map((label) => {
     const slash = label.indexOf("/");
     return { target: relay.upstreamsByName.get(label.slice(0, slash))!, model: label.slice(slash + 1), label };
@@ -3832,13 +3900,14 @@ function attemptPlan(relay: Relay, context: RequestContext): Attempt[] {
 async function forwardRequest(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const plan = attemptPlan(relay, context);
   const onClientGone = () => context.upstreamCall?.abort(new RelayAbort("client_gone"));
-  context.request.signal.addEventListener("abort", onClientGone, { once: true });
+  context.request.signal.addEventListener("abort", onClientGone, ONCE);
   context.stopWatchingClient = () => context.request.signal.removeEventListener("abort", onClientGone);
   const deadline = performance.now() + relay.config.requestTimeoutMs;
   context.forwarded = true;
   let failure: unknown;
   try {
-    for (const [index, attempt] of plan.entries()) {
+    for (let index = 0; index < plan.length; index++) {
+      const attempt = plan[index];
       if (context.request.signal.aborted) break;
       if (plan.length > 1 && !relay.breakers.admit(attempt.label)) {
         context.attempts?.push({ target: attempt.label, outcome: "breaker_open", ms: 0 });
@@ -3874,6 +3943,9 @@ async function forwardRequest(relay: Relay, context: RequestContext): Promise<Re
   }
   return undefined;
 }
+
+/** Listener options for a listener that runs at most once (one object for every request). */
+const ONCE = { once: true } as const;
 
 /** The client's request headers the upstream gets (every other one stays with the relay). */
 const FORWARDED_REQUEST_HEADERS = ["content-type", "accept"] as const;
@@ -4117,7 +4189,6 @@ async function useCallerKey(relay: Relay, context: RequestContext): Promise<Resp
  * "expiresInDays"}` in, `{"sealed", "upstream", "expires_at"}` out. The key is checked like a raw one first.
  */
 async function answerSeal(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  if (context.routePath !== "/seal") return undefined;
   const waitFor = await relay.counters.take(`seals:${addressKey(context.client)}`, {
     capacity: SEALS_PER_MINUTE,
     periodMs: 60_000,
@@ -4193,7 +4264,6 @@ function mcSettingsLink(base: string): string {
  * is in it. 404 when the relay does not know the address users reach it at (set PUBLIC_URL).
  */
 function answerMcSettings(relay: Relay, context: RequestContext): Response | undefined {
-  if (context.routePath !== "/mc-settings.json") return undefined;
   const base = publicBase(relay, context);
   if (base === undefined) {
     return errorResponse(
@@ -4207,7 +4277,6 @@ function answerMcSettings(relay: Relay, context: RequestContext): Response | und
 
 /** Stage: GET / (under BASE_PATH; PAGE=false turns it off): the relay's own page, without credentials. */
 async function answerPage(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  if (context.routePath !== "/") return undefined;
   const hashes = await pageHashes;
   const body = textEncoder.encode(pageHtml(relay, context));
   return new Response(body, {
