@@ -1468,8 +1468,43 @@ export interface CounterStore {
   readonly synchronous?: boolean;
   /** Runs the calls `work` makes as one transaction (SQLite: one commit instead of one each); all or none count. */
   batch?<T>(work: () => T): T;
+  /**
+   * `startCheck` in one call (Redis: one script). A store that is not `synchronous` must have it; `startCheck`
+   * composes it from the calls above for one that is.
+   */
+  startCheck?(key: string, rule: BucketRule, expiresAt: number): CheckStart | Promise<CheckStart>;
   /** Closes files and connections. */
   close?(): void | Promise<void>;
+}
+
+/** What `startCheck` found: a check started, a lockout (with the seconds it lasts), or checks that fill the allowance. */
+export type CheckStart = { started: true } | { lockedFor: number } | { busy: true };
+
+/**
+ * Starts a check that may use one of `key`'s guesses: while the bucket is empty, the lockout's seconds; while the
+ * guesses left do not outnumber the checks already running (counted in `<key>:checking`, forgotten after `expiresAt`),
+ * busy; else the check is counted as running (the caller ends it with `add(<key>:checking, -1)`). Atomic in every
+ * store: one transaction in SQLite, one script in Redis, one step in memory.
+ */
+export function startCheck(
+  counters: CounterStore,
+  key: string,
+  rule: BucketRule,
+  expiresAt: number,
+): CheckStart | Promise<CheckStart> {
+  if (counters.startCheck) return counters.startCheck(key, rule, expiresAt);
+  if (!counters.synchronous) throw new Error("a counter store that is not synchronous needs its own startCheck");
+  const checkingKey = `${key}:checking`;
+  // Every call answers at once: the steps run without a gap, in one transaction where the store has them.
+  const run = (): CheckStart => {
+    const lockedFor = counters.wait(key, rule) as number;
+    if (lockedFor > 0) return { lockedFor };
+    const checking = counters.add(checkingKey, 1, expiresAt) as number;
+    if (rule.capacity === 0 || checking <= (counters.remaining(key, rule) as number)) return { started: true };
+    counters.add(checkingKey, -1);
+    return { busy: true };
+  };
+  return counters.batch ? counters.batch(run) : run();
 }
 
 /** One answered request for the usage ledger. */
@@ -1875,6 +1910,22 @@ local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
 if ARGV[2] ~= '' and redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
 return value`;
 
+/**
+ * `startCheck`: refill the bucket (KEYS[1]) to look at its level; when a guess is left, count one more running check
+ * (KEYS[2]) and keep it only while the running checks do not outnumber the guesses left.
+ */
+const REDIS_START_CHECK_SCRIPT = `
+local capacity, period, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 't', 'u')
+local level = capacity
+if state[1] then level = math.min(capacity, tonumber(state[1]) + (now - tonumber(state[2])) * capacity / period) end
+if capacity > 0 and level < 1 then return {'locked', tostring(level)} end
+local checking = tonumber(redis.call('INCRBYFLOAT', KEYS[2], 1))
+if redis.call('PTTL', KEYS[2]) < 0 then redis.call('PEXPIREAT', KEYS[2], ARGV[4]) end
+if capacity == 0 or checking <= math.floor(level) then return {'started', tostring(level)} end
+redis.call('INCRBYFLOAT', KEYS[2], -1)
+return {'busy', tostring(level)}`;
+
 /** One ledger row: add each figure to its field of the day's hash, and keep the day for the retention. */
 const REDIS_USAGE_SCRIPT = `
 for index = 1, #ARGV - 1, 2 do redis.call('HINCRBY', KEYS[1], ARGV[index], ARGV[index + 1]) end
@@ -1896,7 +1947,7 @@ export class RedisCounterStore implements CounterStore {
       socket: { connectTimeout: 1000, reconnectStrategy: (retries: number) => Math.min(100 * 2 ** retries, 2000) },
     }) as unknown as RedisClient;
     const store = new RedisCounterStore(client, now, retentionDays);
-    for (const script of [REDIS_BUCKET_SCRIPT, REDIS_ADD_SCRIPT, REDIS_USAGE_SCRIPT]) {
+    for (const script of [REDIS_BUCKET_SCRIPT, REDIS_ADD_SCRIPT, REDIS_START_CHECK_SCRIPT, REDIS_USAGE_SCRIPT]) {
       const digest = new Uint8Array(await crypto.subtle.digest("SHA-1", textEncoder.encode(script)));
       store.#scriptShas.set(script, Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join(""));
     }
@@ -1959,6 +2010,15 @@ export class RedisCounterStore implements CounterStore {
 
   async get(key: string): Promise<number> {
     return Number(await this.client.get(`mc-relay:${key}`) ?? 0);
+  }
+
+  async startCheck(key: string, rule: BucketRule, expiresAt: number): Promise<CheckStart> {
+    const [outcome, level] = await this.#script(REDIS_START_CHECK_SCRIPT, {
+      keys: [`mc-relay:${key}`, `mc-relay:${key}:checking`],
+      arguments: [String(rule.capacity), String(rule.periodMs), String(this.now()), String(Math.ceil(expiresAt))],
+    }) as [string, string];
+    if (outcome === "started") return { started: true };
+    return outcome === "locked" ? { lockedFor: secondsToWait(Number(level), rule) } : { busy: true };
   }
 
   async recordUsage(entry: LedgerEntry): Promise<void> {
@@ -2082,6 +2142,8 @@ export class FallbackCounterStore implements CounterStore {
   add = (key: string, amount: number, expiresAt?: number) => this.#run((store) => store.add(key, amount, expiresAt));
   get = (key: string) => this.#run((store) => store.get(key));
   recordUsage = (entry: LedgerEntry) => this.#run((store) => store.recordUsage(entry));
+  startCheck = (key: string, rule: BucketRule, expiresAt: number) =>
+    this.#run((store) => startCheck(store, key, rule, expiresAt));
   readUsage = (since: string, until: string) => this.#run((store) => store.readUsage(since, until));
 
   /** Stops probing and closes the connection. */
@@ -2955,17 +3017,11 @@ async function admitSignInCheck(
   context: RequestContext,
   guessKey: string,
 ): Promise<Response | undefined> {
-  const rule = relay.signInRule;
-  const checkingKey = `${guessKey}:checking`;
   for (const started = performance.now(); performance.now() - started < SIGN_IN_WAIT_MS;) {
-    const lockedFor = await relay.counters.wait(guessKey, rule);
-    if (lockedFor > 0) {
-      return lockedOut(context, lockedFor);
-    }
     // A safety expiry: places held by a copy that died free themselves within a minute.
-    const checking = await relay.counters.add(checkingKey, 1, relay.now() + 60_000);
-    if (rule.capacity === 0 || checking <= await relay.counters.remaining(guessKey, rule)) return undefined;
-    await relay.counters.add(checkingKey, -1);
+    const start = await startCheck(relay.counters, guessKey, relay.signInRule, relay.now() + 60_000);
+    if ("started" in start) return undefined;
+    if ("lockedFor" in start) return lockedOut(context, start.lockedFor);
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
   context.outcome = "sign_in_busy";
