@@ -2340,8 +2340,10 @@ interface RequestContext {
   usageWatch?: UsageWatch;
   /** Aborts the upstream call: the client left, or the upstream was too slow. */
   upstreamCall?: AbortController;
-  /** Removes the listener that aborts the upstream call when the client leaves. */
+  /** Ends the watch that aborts the upstream call when the client leaves (`watchClient`). */
   stopWatchingClient?: () => void;
+  /** True once the client has gone (noticed by `watchClient`). */
+  clientGone?: boolean;
   /** True once the request was sent upstream: from then on it is charged, with usage or an estimate. */
   forwarded?: boolean;
   /** Server-sent events relayed, for a usage estimate when the upstream reports none. */
@@ -2617,6 +2619,7 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
     usageWatch: undefined,
     upstreamCall: undefined,
     stopWatchingClient: undefined,
+    clientGone: undefined,
     forwarded: undefined,
     events: undefined,
     upstreamResponse: undefined,
@@ -3955,16 +3958,14 @@ function attemptPlan(relay: Relay, context: RequestContext): Attempt[] {
  */
 async function forwardRequest(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const plan = attemptPlan(relay, context);
-  const onClientGone = () => context.upstreamCall?.abort(new RelayAbort("client_gone"));
-  context.request.signal.addEventListener("abort", onClientGone, ONCE);
-  context.stopWatchingClient = () => context.request.signal.removeEventListener("abort", onClientGone);
+  watchClient(context);
   const deadline = performance.now() + relay.config.requestTimeoutMs;
   context.forwarded = true;
   let failure: unknown;
   try {
     for (let index = 0; index < plan.length; index++) {
       const attempt = plan[index];
-      if (context.request.signal.aborted) break;
+      if (context.clientGone) break;
       if (plan.length > 1 && !relay.breakers.admit(attempt.label)) {
         context.attempts?.push({ target: attempt.label, outcome: "breaker_open", ms: 0 });
         continue;
@@ -3974,7 +3975,7 @@ async function forwardRequest(relay: Relay, context: RequestContext): Promise<Re
       const result = await callUpstream(relay, context, attempt, Math.max(1, share));
       const last = index === plan.length - 1;
       if (!("response" in result) || (FAILOVER_STATUSES.has(result.response.status) && !last)) {
-        if (plan.length > 1 && !context.request.signal.aborted) {
+        if (plan.length > 1 && !context.clientGone) {
           relay.breakers.failed(attempt.label);
           relay.metrics.countFailover(attempt.label);
         }
@@ -3994,7 +3995,7 @@ async function forwardRequest(relay: Relay, context: RequestContext): Promise<Re
   context.upstreamStatus = response.status;
   if (response.status >= 300 && response.status < 400 && response.headers.has("location")) {
     await response.body?.cancel();
-    context.stopWatchingClient();
+    context.stopWatchingClient!();
     return upstreamRedirect(context, response.headers.get("location")!);
   }
   return undefined;
@@ -4005,6 +4006,31 @@ const ONCE = { once: true } as const;
 
 /** The client's request headers the upstream gets (every other one stays with the relay). */
 const FORWARDED_REQUEST_HEADERS = ["content-type", "accept"] as const;
+
+/**
+ * Aborts the upstream call when the client leaves, once the call has run for DEADLINE_TICK_MS (so within two ticks,
+ * 50 ms): an answer that comes sooner never needs `request.signal`, which costs a fifth of a fast request's
+ * instructions (measured under callgrind, Deno 2.9.6). A client that left before the watch starts is noticed when it
+ * starts. A relayed stream notices a client that leaves by its own cancellation. `context.stopWatchingClient` ends
+ * the watch.
+ */
+function watchClient(context: RequestContext): void {
+  let stop = () => {};
+  const start = deadlines.add(DEADLINE_TICK_MS, () => {
+    const signal = context.request.signal;
+    const onClientGone = () => {
+      context.clientGone = true;
+      context.upstreamCall?.abort(new RelayAbort("client_gone"));
+    };
+    if (signal.aborted) return onClientGone();
+    signal.addEventListener("abort", onClientGone, ONCE);
+    stop = () => signal.removeEventListener("abort", onClientGone);
+  });
+  context.stopWatchingClient = () => {
+    deadlines.cancel(start);
+    stop();
+  };
+}
 
 /** One attempt: the request to `attempt`'s upstream, with its own abort, within `timeoutMs` for the headers. */
 async function callUpstream(
@@ -4065,7 +4091,7 @@ async function callUpstream(
 function noAnswer(relay: Relay, context: RequestContext, plan: Attempt[], failure: unknown): Response {
   context.stopWatchingClient!();
   const tried = context.attempts?.some((attempt) => attempt.outcome !== "breaker_open") ?? true;
-  if (!tried && !context.request.signal.aborted) {
+  if (!tried && !context.clientGone) {
     const waitFor = relay.breakers.secondsToRetry(plan.map((attempt) => attempt.label));
     context.outcome = "upstreams_unavailable";
     return errorResponse(
