@@ -8,6 +8,9 @@
  *   nginx   client -> nginx (same auth check, no buffering, one worker) -> upstream
  *   bare    client -> the smallest Deno proxy (fetch, pass the body on, nothing else) -> upstream:
  *           what Deno itself costs, so the difference to the relay is what is the relay's own
+ *   bare+JS the same proxy, but the body passes through the least JavaScript that can look at each chunk (one
+ *           BYOB read and one enqueue per chunk): the floor for any Deno proxy that watches a stream, as the relay
+ *           must (idle timeout, usage, byte counts), where the bare proxy lets Deno pipe the body without JavaScript
  * Then the relay alone: 1,000 concurrent streamed chats, a soak of requests with 1% injected upstream
  * faults (RSS and open files before and after), and start-up time.
  *
@@ -78,8 +81,11 @@ function runUpstream(port: number, faultRate: number) {
   });
 }
 
-/** The smallest possible Deno proxy: the platform's own cost, for comparison. */
-function runBareProxy(port: number, upstreamUrl: string) {
+/**
+ * The smallest possible Deno proxy: the platform's own cost, for comparison. With `perChunk`, the body passes
+ * through the least JavaScript that sees every chunk.
+ */
+function runBareProxy(port: number, upstreamUrl: string, perChunk = false) {
   Deno.serve({ hostname: "127.0.0.1", port, onListen() {} }, async (request) => {
     const url = new URL(request.url);
     const response = await fetch(`${upstreamUrl}${url.pathname}`, {
@@ -87,7 +93,22 @@ function runBareProxy(port: number, upstreamUrl: string) {
       headers: { authorization: "Bearer sk-bench", "content-type": "application/json" },
       body: request.body,
     });
-    return new Response(response.body, { status: response.status, headers: response.headers });
+    const init = { status: response.status, headers: response.headers };
+    if (!perChunk || response.body === null) return new Response(response.body, init);
+    const reader = response.body.getReader({ mode: "byob" });
+    let buffer = new Uint8Array(2048);
+    return new Response(
+      new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          const { done, value } = await reader.read(buffer);
+          if (done) return controller.close();
+          controller.enqueue(value.slice());
+          buffer = new Uint8Array(value.buffer);
+        },
+        cancel: (reason) => reader.cancel(reason),
+      }, { highWaterMark: 0 }),
+      init,
+    );
   });
 }
 
@@ -117,8 +138,8 @@ async function waitForHttp(url: string, init: RequestInit = {}, timeoutMs = 1500
   throw new Error(`${url} did not answer within ${timeoutMs} ms`);
 }
 
-/** Runs this file in another mode ("upstream" or "bare") on a free port, as a process of its own. */
-function startBenchProcess(mode: "upstream" | "bare", argument: string) {
+/** Runs this file in another mode ("upstream", "bare" or "bare-js") on a free port, as a process of its own. */
+function startBenchProcess(mode: "upstream" | "bare" | "bare-js", argument: string) {
   const port = freePort();
   const child = new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", `${here}bench.ts`, mode, String(port), argument],
@@ -129,7 +150,8 @@ function startBenchProcess(mode: "upstream" | "bare", argument: string) {
 }
 
 const startUpstreamProcess = (faultRate = 0) => startBenchProcess("upstream", String(faultRate));
-const startBareProcess = (upstreamUrl: string) => startBenchProcess("bare", upstreamUrl);
+const startBareProcess = (upstreamUrl: string, perChunk = false) =>
+  startBenchProcess(perChunk ? "bare-js" : "bare", upstreamUrl);
 
 function startRelayProcess(upstreamUrl: string, extraEnv: Record<string, string> = {}) {
   const port = freePort();
@@ -502,6 +524,8 @@ async function main() {
   if (nginx) await waitForHttp(`${nginx.url}/v1/models`, { headers: { authorization: AUTH } });
   const bare = startBareProcess(upstream.url);
   await waitForHttp(`${bare.url}/v1/models`);
+  const bareJs = startBareProcess(upstream.url, true);
+  await waitForHttp(`${bareJs.url}/v1/models`);
   const relayIdleMb = memoryMb(relay.pid);
 
   const paths = [
@@ -509,6 +533,7 @@ async function main() {
     { name: "relay", url: relay.url, pid: relay.pid },
     ...(nginx ? [{ name: "nginx", url: nginx.url, pid: nginx.pid }] : []),
     { name: "bare", url: bare.url, pid: bare.pid },
+    { name: "bareJs", url: bareJs.url, pid: bareJs.pid },
   ];
   const results: Record<string, Record<string, number>> = {};
   for (const path of paths) results[path.name] = {};
@@ -613,20 +638,20 @@ async function main() {
   }
   startups.sort((a, b) => a - b);
 
-  for (const process of [relay, bare, upstream, ...(nginx ? [nginx] : [])]) {
+  for (const process of [relay, bare, bareJs, upstream, ...(nginx ? [nginx] : [])]) {
     process.child.kill("SIGTERM");
     await process.child.status;
   }
   if (nginx) await Deno.remove(nginx.prefix, { recursive: true });
 
-  const names = ["direct", "relay", "nginx", "bare"];
+  const names = ["direct", "relay", "nginx", "bare", "bareJs"];
   const row = (label: string, value: (name: string) => string) =>
     `| ${label} | ${names.map((name) => (results[name] ? value(name) : "–")).join(" | ")} |`;
   const ratio = (a: number, b: number) => (haveNginx && Number.isFinite(a / b) ? format(a / b, 2) : "–");
   console.log(
     `
-| measure | direct | relay | nginx | bare Deno |
-| --- | ---: | ---: | ---: | ---: |
+| measure | direct | relay | nginx | bare Deno | Deno, JS per chunk |
+| --- | ---: | ---: | ---: | ---: | ---: |
 ${row("latency p50, sequential GET /v1/models (µs)", (name) => format(results[name].p50))}
 ${row("latency p99 (µs)", (name) => format(results[name].p99))}
 ${row("throughput, 32 connections (req/s)", (name) => format(results[name].rps32))}
@@ -654,7 +679,12 @@ ${row(`proxy RSS at peak, ${sizes.streams} streams (MB)`, (name) => format(resul
     } (256 conn.); CPU per chunk ${ratio(results.relay.cpuPerChunkUs, results.nginx?.cpuPerChunkUs)}
 - relay / bare Deno proxy: throughput ${
       format(results.relay.rps32 / results.bare.rps32, 2)
-    } (32 conn.); CPU per chunk ${format(results.relay.cpuPerChunkUs / results.bare.cpuPerChunkUs, 2)}
+    } (32 conn.); CPU per chunk ${format(results.relay.cpuPerChunkUs / results.bare.cpuPerChunkUs, 2)}; RSS ${
+      format(results.relay.peakMb / results.bare.peakMb, 2)
+    }
+- relay / Deno with JS per chunk: CPU per chunk ${
+      format(results.relay.cpuPerChunkUs / results.bareJs.cpuPerChunkUs, 2)
+    }; RSS ${format(results.relay.peakMb / results.bareJs.peakMb, 2)}
 - relay RSS: ${format(relayIdleMb, 1)} MB idle, ${format(relayPeakMb, 1)} MB at peak with ${sizes.streams} streams
 - soak: ${sizes.soak} requests in ${format(soakSeconds, 1)} s, outcomes ${
       JSON.stringify(Object.fromEntries(outcomes))
@@ -682,8 +712,8 @@ ${scaling.map((row) => `| ${row.workers} | ${format(row.rps)} | ${format(row.rps
 
 if (Deno.args[0] === "upstream") {
   runUpstream(Number(Deno.args[1]), Number(Deno.args[2] ?? 0));
-} else if (Deno.args[0] === "bare") {
-  runBareProxy(Number(Deno.args[1]), Deno.args[2]);
+} else if (Deno.args[0] === "bare" || Deno.args[0] === "bare-js") {
+  runBareProxy(Number(Deno.args[1]), Deno.args[2], Deno.args[0] === "bare-js");
 } else if (import.meta.main) {
   await main();
 }
