@@ -1155,7 +1155,7 @@ export function constantTimeEqual(given: string, expected: string): boolean {
   return difference === 0;
 }
 
-/** The byte-level comparison behind `constantTimeEqual` and `verifyPasswordHash`. */
+/** The byte-level comparison behind `verifyPasswordHash`. */
 function constantTimeBytesEqual(given: Uint8Array, expected: Uint8Array): boolean {
   let difference = given.length ^ expected.length;
   for (let i = 0; i < expected.length; i++) difference |= (given[i] ?? 0) ^ expected[i];
@@ -1335,14 +1335,17 @@ export function corsHeaders(origin: string): Record<string, string> {
   };
 }
 
-/** The headers the relay adds to every response: CORS for an allowed origin, `Vary: Origin`, the request id. */
+/**
+ * Adds the headers the relay adds to every response to `headers` (by lower-case name): CORS for an allowed origin,
+ * `Origin` in `Vary` (after what the upstream's `Vary` names), the request id.
+ */
 function addRelayHeaders(
   headers: Record<string, string>,
   requestId: string,
   cors: Record<string, string>,
 ): Record<string, string> {
   for (const name in cors) headers[name] = cors[name];
-  headers["vary"] = "Origin";
+  headers["vary"] = headers["vary"] ? `${headers["vary"]}, Origin` : "Origin";
   headers["x-relay-request-id"] = requestId;
   return headers;
 }
@@ -1961,7 +1964,7 @@ export class RedisCounterStore implements CounterStore {
 
   private constructor(readonly client: RedisClient, readonly now: () => number, readonly retentionDays: number) {}
 
-  /** Runs one of the store's scripts by its SHA-1; the script itself only when Redis has not got it (yet, or since a restart). */
+  /** Runs one of the store's scripts by its SHA-1; the script itself only when Redis lacks it (yet, or since a restart). */
   async #script(script: string, options: { keys: string[]; arguments: string[] }): Promise<unknown> {
     const sha = this.#scriptShas.get(script);
     if (sha !== undefined) {
