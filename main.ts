@@ -2943,6 +2943,9 @@ async function identifyCaller(relay: Relay, context: RequestContext): Promise<Re
   let user: Awaited<ReturnType<Relay["authenticate"]>>;
   try {
     user = "credentials" in read ? await relay.authenticate(read.credentials) : undefined;
+    // A wrong guess uses its allowance before its check ends: a check waiting for the place sees the allowance
+    // already smaller, so no more checks run than there are guesses left.
+    if (user === undefined) await relay.counters.take(guessKey, relay.signInRule);
   } finally {
     await relay.counters.add(`${guessKey}:checking`, -1);
   }
@@ -2953,7 +2956,6 @@ async function identifyCaller(relay: Relay, context: RequestContext): Promise<Re
     });
   }
   if (user === undefined) {
-    await relay.counters.take(guessKey, relay.signInRule);
     return signInRefused(context, "problem" in read ? read.problem : "wrong username or password");
   }
   return signedIn(context, user, apiKeyHeader);

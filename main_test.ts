@@ -511,6 +511,17 @@ Deno.test("cors", async (t) => {
     assert.match(response.headers.get("access-control-expose-headers")!, /x-relay-request-id/);
   });
 
+  await t.step("an upstream's own Vary is kept, with Origin added", async () => {
+    await using varying = startUpstream(() =>
+      new Response('{"data":[]}', { headers: { "content-type": "application/json", vary: "Authorization" } })
+    );
+    await using varyingRelay = startRelay(testConfig(varying.url));
+    const response = await varyingRelay.call("/v1/models", {
+      headers: { origin: ALLOWED, authorization: GOOD_BEARER },
+    });
+    assert.equal(response.headers.get("vary"), "Authorization, Origin");
+  });
+
   await t.step("errors carry CORS headers too, so the page can show them (401, 404, 405, 413, 502)", async () => {
     await using unreachable = startRelay(testConfig("http://127.0.0.1:1/v1"));
     const cases: [string, RequestInit, number][] = [
