@@ -17,6 +17,8 @@
  * Every process is measured warm: each path, each store variant and each worker count first takes `WARM_UP_SECONDS`
  * of load. V8 compiles a server's hot code over its first seconds under load (the relay's throughput rose from
  * 3,400 to 5,900 req/s over its first ten seconds here), and a relay's figures are those of its steady state.
+ * Throughputs are measured in turns: every path (store variant, worker count) in three rounds of a third of the time,
+ * the median counting, so that a machine whose speed drifts over minutes slows them alike.
  *
  * `deno run -A bench.ts upstream PORT FAULT_RATE` runs the fake upstream on its own.
  */
@@ -398,20 +400,32 @@ async function storeCosts(upstreamUrl: string, seconds: number) {
     { name: "SQLite", env: { ...limits, STATE_PATH: `${folder}/state.db` } },
     ...(redis ? [{ name: "Redis", env: { ...limits, REDIS_URL: `redis://127.0.0.1:${redisPort}` } }] : []),
   ];
-  const rows: { name: string; rps: number; relayUs: number; storeUs: number }[] = [];
-  for (const variant of variants) {
-    const relay = startRelayProcess(upstreamUrl, variant.env);
+  // Every variant runs at once and they take turns (three rounds), so a drift of the machine's speed hits them alike.
+  const relays = variants.map((variant) => ({ variant, relay: startRelayProcess(upstreamUrl, variant.env) }));
+  for (const { relay } of relays) {
     await waitForHttp(`${relay.url}/health`);
     await chatThroughput(relay.url, 32, WARM_UP_SECONDS);
-    const relayCpu = cpuSeconds(relay.pid);
-    const redisCpu = redis && variant.name === "Redis" ? cpuSeconds(redis.pid) : 0;
-    const { rps, requests } = await chatThroughput(relay.url, 32, seconds);
-    rows.push({
-      name: variant.name,
-      rps,
-      relayUs: ((cpuSeconds(relay.pid) - relayCpu) * 1e6) / requests,
-      storeUs: redis && variant.name === "Redis" ? ((cpuSeconds(redis.pid) - redisCpu) * 1e6) / requests : NaN,
-    });
+  }
+  const sums = relays.map(() => ({ rates: [] as number[], requests: 0, relayCpu: 0, storeCpu: 0 }));
+  for (let round = 0; round < 3; round++) {
+    for (const [index, { variant, relay }] of relays.entries()) {
+      const onRedis = redis !== undefined && variant.name === "Redis";
+      const relayCpu = cpuSeconds(relay.pid);
+      const redisCpu = onRedis ? cpuSeconds(redis.pid) : 0;
+      const { rps, requests } = await chatThroughput(relay.url, 32, Math.max(1, Math.round(seconds / 3)));
+      sums[index].rates.push(rps);
+      sums[index].requests += requests;
+      sums[index].relayCpu += cpuSeconds(relay.pid) - relayCpu;
+      sums[index].storeCpu += onRedis ? cpuSeconds(redis.pid) - redisCpu : NaN;
+    }
+  }
+  const rows = relays.map(({ variant }, index) => ({
+    name: variant.name,
+    rps: sums[index].rates.sort((a, b) => a - b)[1],
+    relayUs: (sums[index].relayCpu * 1e6) / sums[index].requests,
+    storeUs: (sums[index].storeCpu * 1e6) / sums[index].requests,
+  }));
+  for (const { relay } of relays) {
     relay.child.kill("SIGTERM");
     await relay.child.status;
   }
@@ -427,33 +441,36 @@ async function storeCosts(upstreamUrl: string, seconds: number) {
  */
 async function workerScaling(upstreamUrl: string, seconds: number) {
   const folder = await Deno.makeTempDir({ prefix: "mc-relay-bench-workers-" });
-  const rows: { workers: number; rps: number }[] = [];
-  for (const workers of [1, 2]) {
-    const relay = startRelayProcess(upstreamUrl, { WORKERS: String(workers), STATE_PATH: `${folder}/w${workers}.db` });
-    await waitForHttp(`${relay.url}/health`);
-    await throughput(relay.url, 32, WARM_UP_SECONDS);
+  const pinnedWrk = async (url: string, duration: number) => {
     const output = await new Deno.Command("taskset", {
-      args: [
-        "-c",
-        "1",
-        "wrk",
-        "-t1",
-        "-c32",
-        `-d${seconds}s`,
-        "-H",
-        `Authorization: ${AUTH}`,
-        `${relay.url}/v1/models`,
-      ],
+      args: ["-c", "1", "wrk", "-t1", "-c32", `-d${duration}s`, "-H", `Authorization: ${AUTH}`, `${url}/v1/models`],
       stdout: "piped",
       stderr: "piped",
     }).output().catch(() => undefined);
     const text = output ? new TextDecoder().decode(output.stdout) : "";
-    rows.push({ workers, rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(text)?.[1] ?? NaN) });
+    return Number(/Requests\/sec:\s+([\d.]+)/.exec(text)?.[1] ?? NaN);
+  };
+  // Both run at once and take turns (three rounds; the median counts), as the paths and the stores do.
+  const relays = [1, 2].map((workers) => ({
+    workers,
+    relay: startRelayProcess(upstreamUrl, { WORKERS: String(workers), STATE_PATH: `${folder}/w${workers}.db` }),
+    rates: [] as number[],
+  }));
+  for (const { relay } of relays) {
+    await waitForHttp(`${relay.url}/health`);
+    await throughput(relay.url, 32, WARM_UP_SECONDS);
+  }
+  for (let round = 0; round < 3; round++) {
+    for (const entry of relays) {
+      entry.rates.push(await pinnedWrk(entry.relay.url, Math.max(1, Math.round(seconds / 3))));
+    }
+  }
+  for (const { relay } of relays) {
     relay.child.kill("SIGTERM");
     await relay.child.status;
   }
   await Deno.remove(folder, { recursive: true });
-  return rows;
+  return relays.map(({ workers, rates }) => ({ workers, rps: rates.sort((a, b) => a - b)[1] }));
 }
 
 /** Opens `streams` streamed chats at once; returns chunk delays (ms, send stamp to arrival) and failures. */
@@ -547,11 +564,19 @@ async function main() {
     Object.assign(results[path.name], { p50, p99 });
   }
 
+  // The paths take turns, three rounds of a third of the time each, and each path's median counts: a machine whose
+  // speed drifts over minutes (a shared VM) then slows every path alike instead of the ones measured last.
   for (const connections of [32, 256]) {
-    console.log(`- throughput with ${connections} connections: ${sizes.seconds} s per path`);
-    for (const path of paths) {
-      results[path.name][`rps${connections}`] = await throughput(path.url, connections, sizes.seconds);
+    console.log(`- throughput with ${connections} connections: ${sizes.seconds} s per path, in 3 turns`);
+    const rounds: Record<string, number[]> = {};
+    for (let round = 0; round < 3; round++) {
+      for (const path of paths) {
+        (rounds[path.name] ??= []).push(
+          await throughput(path.url, connections, Math.max(1, Math.round(sizes.seconds / 3))),
+        );
+      }
     }
+    for (const path of paths) results[path.name][`rps${connections}`] = rounds[path.name].sort((a, b) => a - b)[1];
   }
 
   // 100 ms apart: 10,000 chunks a second over 1,000 streams, which the one load process can still take in
