@@ -1382,8 +1382,12 @@ const DEADLINE_TICK_MS = 25;
 interface Deadline {
   /** When it fires; a stream moves it on while it waits for a chunk, and sets Infinity between waits. */
   at: number;
-  readonly fire: () => void;
+  /** What it does; dropped once it has fired or been cancelled. */
+  fire: () => void;
 }
+
+/** The `fire` of a deadline that has fired or been cancelled. */
+const SPENT = () => {};
 
 /**
  * Every timeout a request sets (its first byte, its body, a stream's silence, a shared-store call) on one interval
@@ -1406,6 +1410,9 @@ class DeadlineSweeper {
   /** Drops a deadline that has not fired; nothing happens for one that has. */
   cancel(deadline: Deadline | undefined): void {
     if (deadline === undefined || !this.#pending.delete(deadline)) return;
+    // A deadline object can outlive its request (V8 moves long-lived kinds of objects to the old generation, where
+    // a dead one still holds what it points to until the next full collection): let go of the request at once.
+    deadline.fire = SPENT;
     if (this.#pending.size === 0) this.#stop();
   }
 
@@ -1414,7 +1421,9 @@ class DeadlineSweeper {
     for (const deadline of this.#pending) {
       if (deadline.at > now) continue;
       this.#pending.delete(deadline);
-      deadline.fire();
+      const fire = deadline.fire;
+      deadline.fire = SPENT;
+      fire();
     }
     if (this.#pending.size === 0) this.#stop();
   }
