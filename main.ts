@@ -2906,7 +2906,7 @@ function matchRoute(relay: Relay, context: RequestContext): Response | undefined
  * Stage: GET /health answers without credentials: `ok`, how many upstreams there are (as MC's relay does), and
  * the counter store's `state` (`degraded` while Redis is unreachable: still 200, the relay still serves).
  */
-function answerHealth(relay: Relay, context: RequestContext): Response | undefined {
+function answerHealth(relay: Relay, _context: RequestContext): Response | undefined {
   return jsonResponse({
     status: "ok",
     ok: true,
