@@ -2535,6 +2535,8 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
   const upstreams = config.upstreams.map((upstream) => {
     const target: UpstreamTarget = {
       ...upstream,
+      // Lower case like every other header name the relay sends, once, not per request.
+      authHeader: upstream.authHeader.toLowerCase(),
       host: new URL(upstream.baseUrl).host,
       authValue: upstream.authPrefix ? `${upstream.authPrefix} ${upstream.apiKey}` : upstream.apiKey,
       plan: [],
@@ -3478,7 +3480,7 @@ function requestUsage(_relay: Relay, context: RequestContext): undefined {
  * `auth`), and the relay's own.
  */
 function upstreamHeaders(target: UpstreamTarget, auth?: string): Record<string, string> {
-  return { ...target.baseHeaders, [target.authHeader.toLowerCase()]: auth ?? target.authValue };
+  return { ...target.baseHeaders, [target.authHeader]: auth ?? target.authValue };
 }
 
 /** Counts a request's body bytes against MAX_BUFFERED_BYTES as they arrive; `releaseBody` gives them back. */
