@@ -4902,8 +4902,7 @@ function relayBody(
   let buffer = new Uint8Array(RELAY_BUFFER_MIN_BYTES);
   let ended = false;
   // The stream's silence deadline: moved on when a read starts, set aside (Infinity) while the client reads.
-  const silence = deadlines.add(idleMs, () => upstream.abort(new RelayAbort("upstream_timeout")));
-  silence.at = Infinity;
+  const silence = deadlines.add(Infinity, () => upstream.abort(new RelayAbort("upstream_timeout")));
 
   const end = (outcome: string, error?: string) => {
     if (ended) return;
