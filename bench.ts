@@ -337,7 +337,7 @@ async function chatThroughput(
   connections: number,
   seconds: number,
 ): Promise<{ rps: number; requests: number }> {
-  const body = '{"model":"bench-model","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}';
+  const body = CHAT_BODY;
   if (installed("wrk")) {
     const script = await Deno.makeTempFile({ suffix: ".lua" });
     await Deno.writeTextFile(
@@ -372,19 +372,25 @@ async function chatThroughput(
   return { rps: done / seconds, requests: done };
 }
 
+/** Every limit and budget on, each too generous ever to refuse: the store does all its work, nobody is turned away. */
+const GENEROUS_LIMITS = {
+  RATE_LIMIT_PER_MINUTE: "100000000",
+  RATE_LIMIT_PER_HOUR: "100000000",
+  CONCURRENT_REQUESTS: "100000",
+  TOKEN_BUDGET_PER_DAY: "1000000000000",
+  MAX_TOKENS_PER_REQUEST: "1000",
+};
+
+/** The non-streamed chat every chat measurement sends. */
+const CHAT_BODY = '{"model":"bench-model","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}';
+
 /**
  * What each counter store costs per request: non-streamed chats with every limit and budget on (generous enough never
  * to refuse), through a relay keeping its counters in memory, in SQLite (STATE_PATH) and in Redis (REDIS_URL, a
  * redis-server of its own), against the same relay with no limits at all.
  */
 async function storeCosts(upstreamUrl: string, seconds: number) {
-  const limits = {
-    RATE_LIMIT_PER_MINUTE: "100000000",
-    RATE_LIMIT_PER_HOUR: "100000000",
-    CONCURRENT_REQUESTS: "100000",
-    TOKEN_BUDGET_PER_DAY: "1000000000000",
-    MAX_TOKENS_PER_REQUEST: "1000",
-  };
+  const limits = GENEROUS_LIMITS;
   const folder = await Deno.makeTempDir({ prefix: "mc-relay-bench-" });
   const redisPort = freePort();
   const redis = installed("redis-server")
@@ -436,41 +442,62 @@ async function storeCosts(upstreamUrl: string, seconds: number) {
 }
 
 /**
- * Throughput of GET /v1/models with 1 and 2 WORKERS (one SQLite file shared, so limits stay exact), the load
- * generator pinned to core 1 (`taskset`) so that it does not move between the cores the relay uses.
+ * Throughput with 1 and 2 WORKERS (one SQLite file shared, so limits stay exact), the load generator pinned to core 1
+ * (`taskset`) so that it does not move between the cores the relay uses: GET /v1/models with no limits, and
+ * non-streamed chats with every limit and budget on, where the workers take turns at the SQLite file.
  */
 async function workerScaling(upstreamUrl: string, seconds: number) {
   const folder = await Deno.makeTempDir({ prefix: "mc-relay-bench-workers-" });
-  const pinnedWrk = async (url: string, duration: number) => {
+  const script = `${folder}/chat.lua`;
+  await Deno.writeTextFile(
+    script,
+    `wrk.method = "POST"\nwrk.body = '${CHAT_BODY}'\nwrk.headers["Content-Type"] = "application/json"\n`,
+  );
+  const pinnedWrk = async (url: string, duration: number, chat: boolean) => {
     const output = await new Deno.Command("taskset", {
-      args: ["-c", "1", "wrk", "-t1", "-c32", `-d${duration}s`, "-H", `Authorization: ${AUTH}`, `${url}/v1/models`],
+      args: [
+        ...["-c", "1", "wrk", "-t1", "-c32", `-d${duration}s`, "-H", `Authorization: ${AUTH}`],
+        ...(chat ? ["-s", script, `${url}/v1/chat/completions`] : [`${url}/v1/models`]),
+      ],
       stdout: "piped",
       stderr: "piped",
     }).output().catch(() => undefined);
     const text = output ? new TextDecoder().decode(output.stdout) : "";
+    if (/Non-2xx/.test(text)) console.error(`  wrk saw non-2xx answers from ${url}:\n${text}`);
     return Number(/Requests\/sec:\s+([\d.]+)/.exec(text)?.[1] ?? NaN);
   };
-  // Both run at once and take turns (three rounds; the median counts), as the paths and the stores do.
-  const relays = [1, 2].map((workers) => ({
-    workers,
-    relay: startRelayProcess(upstreamUrl, { WORKERS: String(workers), STATE_PATH: `${folder}/w${workers}.db` }),
-    rates: [] as number[],
-  }));
-  for (const { relay } of relays) {
+  // All run at once and take turns (three rounds; the median counts), as the paths and the stores do.
+  const variants = [1, 2].flatMap((workers) =>
+    [false, true].map((chat) => ({
+      workers,
+      chat,
+      relay: startRelayProcess(upstreamUrl, {
+        WORKERS: String(workers),
+        STATE_PATH: `${folder}/w${workers}${chat ? "-chat" : ""}.db`,
+        ...(chat ? GENEROUS_LIMITS : {}),
+      }),
+      rates: [] as number[],
+    }))
+  );
+  for (const { relay, chat } of variants) {
     await waitForHttp(`${relay.url}/health`);
-    await throughput(relay.url, 32, WARM_UP_SECONDS);
+    await (chat ? chatThroughput(relay.url, 32, WARM_UP_SECONDS) : throughput(relay.url, 32, WARM_UP_SECONDS));
   }
   for (let round = 0; round < 3; round++) {
-    for (const entry of relays) {
-      entry.rates.push(await pinnedWrk(entry.relay.url, Math.max(1, Math.round(seconds / 3))));
+    for (const entry of variants) {
+      entry.rates.push(await pinnedWrk(entry.relay.url, Math.max(1, Math.round(seconds / 3)), entry.chat));
     }
   }
-  for (const { relay } of relays) {
+  for (const { relay } of variants) {
     relay.child.kill("SIGTERM");
     await relay.child.status;
   }
   await Deno.remove(folder, { recursive: true });
-  return relays.map(({ workers, rates }) => ({ workers, rps: rates.sort((a, b) => a - b)[1] }));
+  const median = (rates: number[]) => rates.sort((a, b) => a - b)[1];
+  return [1, 2].map((workers) => {
+    const of = (chat: boolean) => variants.find((entry) => entry.workers === workers && entry.chat === chat)!;
+    return { workers, models: median(of(false).rates), chat: median(of(true).rates) };
+  });
 }
 
 /** Opens `streams` streamed chats at once; returns chunk delays (ms, send stamp to arrival) and failures. */
@@ -647,7 +674,7 @@ async function main() {
 
   const haveTaskset = installed("taskset") && installed("wrk");
   console.log(
-    `- workers: GET /v1/models with WORKERS=1 and 2, wrk pinned to core 1${
+    `- workers: GET /v1/models, and chats with every limit on (SQLite), with WORKERS=1 and 2, wrk pinned to core 1${
       haveTaskset ? "" : " (skipped: no taskset or wrk)"
     }`,
   );
@@ -728,9 +755,15 @@ ${
           .join("\n")
       }
 
-| WORKERS (wrk pinned to core 1) | req/s, 32 connections | per worker |
-| --- | ---: | ---: |
-${scaling.map((row) => `| ${row.workers} | ${format(row.rps)} | ${format(row.rps / row.workers)} |`).join("\n")}
+| WORKERS (wrk pinned to core 1) | GET /v1/models req/s | per worker | chats, every limit on (SQLite), req/s | per worker |
+| --- | ---: | ---: | ---: | ---: |
+${
+        scaling.map((row) =>
+          `| ${row.workers} | ${format(row.models)} | ${format(row.models / row.workers)} | ${format(row.chat)} | ${
+            format(row.chat / row.workers)
+          } |`
+        ).join("\n")
+      }
 `,
   );
 }

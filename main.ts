@@ -1705,6 +1705,38 @@ function addToLedger(rows: Map<string, LedgerRow>, entry: LedgerEntry): void {
 }
 
 /**
+ * A lock the WORKERS threads of one process share (an Int32Array on shared memory: 0 free, 1 held): a thread that
+ * finds the SQLite file's write lock taken by a sibling would otherwise sleep in SQLite's busy handler, a millisecond
+ * and more each time, while the sibling needs it for some 20 µs. Waiting here wakes the moment it is free. It only
+ * orders the threads: SQLite's own lock still guards the file, so a wait that times out simply goes on to it.
+ */
+export class ThreadLock {
+  readonly #cell: Int32Array;
+
+  /** Shares `memory` (4 bytes of a SharedArrayBuffer, the same one in every thread). */
+  constructor(readonly memory: SharedArrayBuffer = new SharedArrayBuffer(4)) {
+    this.#cell = new Int32Array(memory, 0, 1);
+  }
+
+  /** Takes the lock, waiting for it at most `timeoutMs`; false when it was not taken (nothing to release). */
+  acquire(timeoutMs = 2000): boolean {
+    const deadline = performance.now() + timeoutMs;
+    while (Atomics.compareExchange(this.#cell, 0, 0, 1) !== 0) {
+      const left = deadline - performance.now();
+      if (left <= 0) return false;
+      Atomics.wait(this.#cell, 0, 1, left);
+    }
+    return true;
+  }
+
+  /** Gives the lock up and wakes one waiting thread. */
+  release(): void {
+    Atomics.store(this.#cell, 0, 0);
+    Atomics.notify(this.#cell, 0, 1);
+  }
+}
+
+/**
  * Counters and the usage ledger in a SQLite file (STATE_PATH), through Deno's built-in `node:sqlite`: they survive
  * restarts. WAL mode with `synchronous=NORMAL`: safe when the relay crashes; an operating-system crash may lose the
  * last second or so of counts. Each read-modify-write runs in an IMMEDIATE transaction, so several processes on one
@@ -1720,13 +1752,26 @@ export class SqliteCounterStore implements CounterStore {
   /** True inside a transaction: the calls of a `batch` join it. */
   #inTransaction = false;
 
-  /** Opens (or creates) the file; throws when it cannot be opened or written. */
-  static async open(path: string, now: () => number = Date.now, retentionDays = 400): Promise<SqliteCounterStore> {
+  /**
+   * Opens (or creates) the file; throws when it cannot be opened or written. WORKERS threads of one process pass
+   * one `ThreadLock` made from the same shared memory, so they take turns at the file without SQLite's sleeps.
+   */
+  static async open(
+    path: string,
+    now: () => number = Date.now,
+    retentionDays = 400,
+    lock?: ThreadLock,
+  ): Promise<SqliteCounterStore> {
     const { DatabaseSync } = await import("node:sqlite");
-    return new SqliteCounterStore(new DatabaseSync(path), now, retentionDays);
+    return new SqliteCounterStore(new DatabaseSync(path), now, retentionDays, lock);
   }
 
-  private constructor(database: DatabaseSync, readonly now: () => number, readonly retentionDays: number) {
+  private constructor(
+    database: DatabaseSync,
+    readonly now: () => number,
+    readonly retentionDays: number,
+    readonly lock?: ThreadLock,
+  ) {
     this.#db = database;
     this.#db.exec(`
       PRAGMA journal_mode = WAL;
@@ -1765,17 +1810,22 @@ export class SqliteCounterStore implements CounterStore {
   /** Runs `work` in one IMMEDIATE transaction (a write lock across processes); inside a `batch`, in the batch's. */
   #transaction<T>(work: () => T): T {
     if (this.#inTransaction) return work();
-    this.#statements.begin.run();
-    this.#inTransaction = true;
+    const locked = this.lock?.acquire() ?? false;
     try {
-      const result = work();
-      this.#statements.commit.run();
-      return result;
-    } catch (error) {
-      this.#statements.rollback.run();
-      throw error;
+      this.#statements.begin.run();
+      this.#inTransaction = true;
+      try {
+        const result = work();
+        this.#statements.commit.run();
+        return result;
+      } catch (error) {
+        this.#statements.rollback.run();
+        throw error;
+      } finally {
+        this.#inTransaction = false;
+      }
     } finally {
-      this.#inTransaction = false;
+      if (locked) this.lock!.release();
     }
   }
 
@@ -2177,10 +2227,11 @@ function sleepResolve<T>(ms: number, value: T): Promise<T> {
 export async function openCounterStore(
   config: RelayConfig,
   onChange: (state: "ok" | "degraded", error?: string) => void = () => {},
+  lock?: ThreadLock,
 ): Promise<CounterStore | { error: string }> {
   if (config.statePath !== undefined) {
     try {
-      return await SqliteCounterStore.open(config.statePath, Date.now, config.usageRetentionDays);
+      return await SqliteCounterStore.open(config.statePath, Date.now, config.usageRetentionDays, lock);
     } catch (error) {
       return {
         error: `STATE_PATH names "${config.statePath}", which cannot be opened and written as a SQLite file (${
@@ -5709,7 +5760,9 @@ export async function serve(
   const log = createLogger(config);
   for (const warning of warnings) log.warn(warning);
   let workers: Worker[] = [];
-  const { server, counters, metrics } = await startServer(config, log, (port, url) => {
+  // The WORKERS threads take turns at the SQLite file through one lock in shared memory (`ThreadLock`).
+  const lock = config.workers > 1 ? new ThreadLock() : undefined;
+  const { server, counters, metrics } = await startServer(config, log, lock, (port, url) => {
     log.info(`mc-relay ${VERSION} listening`, {
       url,
       upstream: new URL(config.upstreams[0].baseUrl).host,
@@ -5718,7 +5771,7 @@ export async function serve(
       allowed_origins: config.allowedOrigins,
       ...(config.workers > 1 && { workers: config.workers }),
     });
-    workers = startWorkers({ ...config, port }, config.workers - 1);
+    workers = startWorkers({ ...config, port }, config.workers - 1, lock);
     announce?.(port);
   });
   // METRICS_PORT: /metrics without auth on its own port, for a scraper on a private network.
@@ -5776,6 +5829,7 @@ export async function serve(
 async function startServer(
   config: RelayConfig,
   log: Logger,
+  lock: ThreadLock | undefined,
   listening: (port: number, url: string) => void,
 ) {
   const tls = await loadTls(config);
@@ -5785,7 +5839,7 @@ async function startServer(
     if (state === "degraded") {
       log.warn("counter store: Redis unreachable; each copy now counts limits and budgets alone", { error });
     } else log.info("counter store: Redis answers again; counts are shared again");
-  });
+  }, lock);
   if ("error" in counters) exitWithErrors([counters.error]);
   const handler = createHandler(config, { metrics, counters });
   const server = listen("PORT", "HOST", {
@@ -5806,10 +5860,10 @@ async function startServer(
 const WORKER_NAME = "mc-relay-worker";
 
 /** Starts `count` threads that serve `config` (its port already chosen) beside this one, on the same port. */
-function startWorkers(config: RelayConfig, count: number): Worker[] {
+function startWorkers(config: RelayConfig, count: number, lock?: ThreadLock): Worker[] {
   return Array.from({ length: count }, () => {
     const worker = new Worker(import.meta.url, { type: "module", name: WORKER_NAME });
-    worker.postMessage({ serve: config });
+    worker.postMessage({ serve: config, lock: lock?.memory });
     return worker;
   });
 }
@@ -5841,7 +5895,9 @@ function runWorker(): void {
       return;
     }
     const config = event.data.serve as RelayConfig;
-    const { server, counters } = await startServer(config, createLogger(config), () => {});
+    const memory = event.data.lock as SharedArrayBuffer | undefined;
+    const lock = memory === undefined ? undefined : new ThreadLock(memory);
+    const { server, counters } = await startServer(config, createLogger(config), lock, () => {});
     stopping = async () => {
       await server.shutdown();
       await counters.close?.();

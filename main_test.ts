@@ -16,6 +16,7 @@ import {
   parsePasswordHash,
   readCredentials,
   type RelayConfig,
+  ThreadLock,
   type TrustedProxies,
   type Upstream,
 } from "./main.ts";
@@ -4174,6 +4175,53 @@ Deno.test("workers", async (t) => {
     assert.ok(auto.ok);
     assert.equal(auto.config.workers, navigator.hardwareConcurrency);
   });
+
+  await t.step(
+    "threads sharing a ThreadLock take turns: a waiting thread wakes when the lock is given up, or gives up itself",
+    async () => {
+      const lock = new ThreadLock();
+      assert.ok(lock.acquire(0), "a free lock is taken at once");
+      const source = `import { ThreadLock } from ${JSON.stringify(new URL("./main.ts", import.meta.url).href)};
+        self.onmessage = (event) => {
+          const lock = new ThreadLock(event.data);
+          self.postMessage({ tookHeldLock: lock.acquire(50) });
+          const started = performance.now();
+          const took = lock.acquire(10_000);
+          self.postMessage({ took, waitedMs: performance.now() - started });
+          if (took) lock.release();
+        };`;
+      const url = URL.createObjectURL(new Blob([source], { type: "text/javascript" }));
+      const worker = new Worker(url, { type: "module" });
+      const messages: Record<string, unknown>[] = [];
+      const next = () =>
+        within(
+          10_000,
+          new Promise<Record<string, unknown>>((resolve) => (worker.onmessage = (event) => resolve(event.data))),
+          "the thread did not answer",
+        );
+      try {
+        worker.postMessage(lock.memory);
+        messages.push(await next());
+        assert.deepEqual(
+          messages[0],
+          { tookHeldLock: false },
+          "a held lock is not taken; the wait ends at its timeout",
+        );
+        const answered = next();
+        await sleep(200);
+        lock.release();
+        messages.push(await answered);
+        assert.equal(messages[1].took, true);
+        assert.ok((messages[1].waitedMs as number) >= 150, "it waited while the lock was held");
+        assert.ok((messages[1].waitedMs as number) < 5_000, "it woke when the lock was given up, not at its timeout");
+        assert.ok(lock.acquire(5_000), "the thread gave the lock up again");
+        lock.release();
+      } finally {
+        worker.terminate();
+        URL.revokeObjectURL(url);
+      }
+    },
+  );
 
   await t.step(
     "two workers on one port and one SQLite file: limits stay exact, and SIGTERM stops them all",
