@@ -18,8 +18,8 @@
  * - Stores: SQLite (`STATE_PATH`), Redis (`REDIS_URL`) and the fallback while Redis is down
  * - Routes and error responses: the route table, OpenAI-shaped errors
  * - Handler: one context per request, passed through the stages (`createHandler`, `STAGES`)
- * - Stages: host, origin, preflight, route, health, settings, page, seal, identity, usage, metrics, limits,
- *   concurrency, body, upstream choice, caller's key, model, answer length, budgets, usage request, forward,
+ * - Stages: host, origin, preflight, route, health, settings, page, seal, identity, usage, metrics, limits (rates
+ *   and concurrency), body, upstream choice, caller's key, model, answer length, budgets, usage request, forward,
  *   relay; then `account`
  * - Failover: model aliases, attempts, circuit breakers
  * - Bring your own key: callers' keys and sealed keys
@@ -2520,8 +2520,7 @@ const STAGES: Stage[] = [
   identifyCaller,
   onRoute("/usage", answerUsage),
   onRoute("/metrics", answerMetrics),
-  applyRateLimits,
-  limitConcurrency,
+  applyLimits,
   readRequestBody,
   chooseUpstream,
   useCallerKey,
@@ -3144,53 +3143,57 @@ function storeCalls<T>(relay: Relay, calls: () => T[]): Promise<Awaited<T>[]> {
 
 /**
  * Stage: limits. RATE_LIMIT_PER_MINUTE, _HOUR and _DAY per signed-in user (so one user cannot use up a team's
- * shared address), or per client address for anonymous requests. Each window is a token bucket that refills
- * evenly; a request takes one event from each, and a refusal gives back what it took: 429 with Retry-After,
- * naming the limit, its window and when one more request is allowed.
+ * shared address), or per client address for anonymous requests: each window is a token bucket that refills evenly,
+ * and a request takes one event from each. CONCURRENT_REQUESTS per user or address, open streams included: a
+ * request takes a place, held until `account` runs, when the response (or its stream) has ended. All are asked in
+ * one store call (one SQLite transaction, one Redis round trip); a refusal gives back everything it took: 429 with
+ * Retry-After, naming the limit, its window and when one more request is allowed.
  */
-async function applyRateLimits(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  if (relay.requestLimits.length === 0) return undefined;
+async function applyLimits(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  const { requestLimits } = relay;
+  const concurrency = relay.config.concurrentRequests;
+  if (requestLimits.length === 0 && concurrency === 0) return undefined;
   const key = (limit: RequestLimit) => `requests-per-${limit.window}:${context.subject}`;
-  const waits = await storeCalls(
-    relay,
-    () => relay.requestLimits.map((limit) => relay.counters.take(key(limit), limit.rule)),
-  );
-  const refused = waits.findIndex((waitFor) => waitFor > 0);
-  if (refused === -1) return undefined;
-  await storeCalls(
-    relay,
-    () =>
-      relay.requestLimits.filter((_, index) => waits[index] === 0).map((limit) =>
-        relay.counters.give(key(limit), limit.rule)
-      ),
-  );
-  const limit = relay.requestLimits[refused];
+  const inFlightKey = concurrency === 0 ? undefined : `in-flight:${context.subject}`;
+  const answers = await storeCalls(relay, () => {
+    const calls = requestLimits.map((limit) => relay.counters.take(key(limit), limit.rule));
+    // A safety expiry on the place: should a copy die holding places, they free themselves after a day.
+    if (inFlightKey !== undefined) calls.push(relay.counters.add(inFlightKey, 1, relay.now() + 86_400_000));
+    return calls;
+  });
+  const refusedRate = answers.findIndex((waitFor, index) => index < requestLimits.length && waitFor > 0);
+  const refusedPlace = inFlightKey !== undefined && answers[requestLimits.length] > concurrency;
+  if (refusedRate === -1 && !refusedPlace) {
+    context.inFlightKey = inFlightKey;
+    return undefined;
+  }
+  await storeCalls(relay, () => {
+    const calls: (unknown | Promise<unknown>)[] = requestLimits.filter((_, index) => answers[index] === 0).map((
+      limit,
+    ) => relay.counters.give(key(limit), limit.rule));
+    if (inFlightKey !== undefined) calls.push(relay.counters.add(inFlightKey, -1));
+    return calls;
+  });
+  return refusedRate === -1
+    ? tooManyInFlight(context, concurrency)
+    : rateLimited(context, requestLimits[refusedRate], answers[refusedRate]);
+}
+
+/** The answer when a request window's limit is reached: 429 with Retry-After. */
+function rateLimited(context: RequestContext, limit: RequestLimit, waitFor: number): Response {
   context.outcome = "relay_rate_limited";
   return errorResponse(
     429,
     `the relay's limit of ${limit.rule.capacity} requests per ${limit.window} (${limit.variable}) is reached for ${
       subjectWords(context)
-    }; one more is allowed in ${waits[refused]} s`,
+    }; one more is allowed in ${waitFor} s`,
     "relay_rate_limit_exceeded",
-    { "retry-after": String(waits[refused]) },
+    { "retry-after": String(waitFor) },
   );
 }
 
-/**
- * Stage: concurrency. CONCURRENT_REQUESTS per user or address, open streams included: 429 while that many are in
- * flight. The place is held until `account` runs, when the response (or its stream) has ended.
- */
-async function limitConcurrency(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  const limit = relay.config.concurrentRequests;
-  if (limit === 0) return undefined;
-  const key = `in-flight:${context.subject}`;
-  // A safety expiry: should a copy die holding places, they free themselves after a day.
-  const inFlight = await relay.counters.add(key, 1, relay.now() + 86_400_000);
-  if (inFlight <= limit) {
-    context.inFlightKey = key;
-    return undefined;
-  }
-  await relay.counters.add(key, -1);
+/** The answer when CONCURRENT_REQUESTS are in flight already: 429, try again in a second. */
+function tooManyInFlight(context: RequestContext, limit: number): Response {
   context.outcome = "relay_concurrency_limited";
   return errorResponse(
     429,

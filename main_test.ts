@@ -2954,7 +2954,7 @@ Deno.test("public relay and budgets", async (t) => {
       streams.push(stream);
       return new Response(stream.body, { headers: { "content-type": "text/event-stream" } });
     });
-    await using relay = startRelay(testConfig(streaming.url, { concurrentRequests: 2 }));
+    await using relay = startRelay(testConfig(streaming.url, { concurrentRequests: 2, rateLimitPerMinute: 10 }));
     const open = () =>
       fetch(`${relay.url}/v1/chat/completions`, {
         method: "POST",
@@ -2973,6 +2973,7 @@ Deno.test("public relay and budgets", async (t) => {
     assert.match(refused.json().error.message, /CONCURRENT_REQUESTS/);
     const usage = (await relay.call("/usage", { headers: { authorization: GOOD_BEARER } })).json();
     assert.deepEqual(usage.concurrent, { name: "CONCURRENT_REQUESTS", limit: 2, in_flight: 2 });
+    assert.equal(usage.limits[0].used, 2, "the refused request gave its request event back");
     streams[0].send("data: [DONE]\n\n");
     streams[0].close();
     await first.text();
@@ -2982,6 +2983,17 @@ Deno.test("public relay and budgets", async (t) => {
     for (const stream of streams.slice(1)) stream.close();
     await second.text();
     await third.text();
+  });
+
+  await t.step("a request over its rate limit holds no in-flight place: nothing it took is kept", async () => {
+    await using relay = startRelay(testConfig(upstream.url, { concurrentRequests: 5, rateLimitPerMinute: 1 }));
+    assert.equal((await chatAs(relay, { authorization: GOOD_BEARER })).status, 200);
+    const refused = await chatAs(relay, { authorization: GOOD_BEARER });
+    assert.equal(refused.status, 429);
+    assert.equal(refused.json().error.code, "relay_rate_limit_exceeded");
+    const usage = (await relay.call("/usage", { headers: { authorization: GOOD_BEARER } })).json();
+    assert.equal(usage.concurrent.in_flight, 0);
+    assert.equal(usage.limits[0].used, 1);
   });
 
   await t.step("MAX_TOKENS_PER_REQUEST lowers, adds when missing, and refuses values that are not counts", async () => {
