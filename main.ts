@@ -1994,6 +1994,42 @@ for index = 1, #ARGV - 1, 2 do redis.call('HINCRBY', KEYS[1], ARGV[index], ARGV[
 redis.call('PEXPIREAT', KEYS[1], ARGV[#ARGV])
 return 1`;
 
+/** The scripts a batch may hold, by the name the batch script knows them by. */
+const REDIS_BATCHED_SCRIPTS: Record<string, string> = {
+  bucket: REDIS_BUCKET_SCRIPT,
+  add: REDIS_ADD_SCRIPT,
+  usage: REDIS_USAGE_SCRIPT,
+};
+
+/**
+ * A `batch`: several of the scripts above as one, atomic like each of them. ARGV holds, per call, the script's
+ * name, its number of keys and of arguments, then the arguments; KEYS holds every call's keys in order. Each
+ * script's text runs unchanged as the body of a function whose KEYS and ARGV are its own call's.
+ */
+const REDIS_BATCH_SCRIPT = `
+local scripts = {
+${
+  Object.entries(REDIS_BATCHED_SCRIPTS).map(([name, script]) => `${name} = function(KEYS, ARGV)${script}\nend,`).join(
+    "\n",
+  )
+}
+}
+local results, k, a = {}, 1, 1
+while a <= #ARGV do
+  local script, keys, arguments = scripts[ARGV[a]], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  results[#results + 1] = script({unpack(KEYS, k, k + keys - 1)}, {unpack(ARGV, a + 3, a + 2 + arguments)})
+  k, a = k + keys, a + 3 + arguments
+end
+return results`;
+
+/** One script call a `batch` holds until it ends. */
+interface QueuedScript {
+  name: string;
+  options: { keys: string[]; arguments: string[] };
+  resolve(value: unknown): void;
+  reject(error: unknown): void;
+}
+
 /**
  * Counters and the ledger in Redis or Valkey (REDIS_URL), shared by every copy of the relay. Every update is one
  * Lua script, so N copies together never let more through than a limit. Keys start with `mc-relay:`; buckets and
@@ -2009,7 +2045,15 @@ export class RedisCounterStore implements CounterStore {
       socket: { connectTimeout: 1000, reconnectStrategy: (retries: number) => Math.min(100 * 2 ** retries, 2000) },
     }) as unknown as RedisClient;
     const store = new RedisCounterStore(client, now, retentionDays);
-    for (const script of [REDIS_BUCKET_SCRIPT, REDIS_ADD_SCRIPT, REDIS_START_CHECK_SCRIPT, REDIS_USAGE_SCRIPT]) {
+    for (
+      const script of [
+        REDIS_BUCKET_SCRIPT,
+        REDIS_ADD_SCRIPT,
+        REDIS_START_CHECK_SCRIPT,
+        REDIS_USAGE_SCRIPT,
+        REDIS_BATCH_SCRIPT,
+      ]
+    ) {
       const digest = new Uint8Array(await crypto.subtle.digest("SHA-1", textEncoder.encode(script)));
       store.#scriptShas.set(script, Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join(""));
     }
@@ -2022,6 +2066,50 @@ export class RedisCounterStore implements CounterStore {
   #scriptShas = new Map<string, string>();
 
   private constructor(readonly client: RedisClient, readonly now: () => number, readonly retentionDays: number) {}
+
+  /** The calls of the `batch` being made, while one is. */
+  #queued?: QueuedScript[];
+
+  /**
+   * The store calls `work` makes go to Redis as one script (REDIS_BATCH_SCRIPT): one command and one round trip
+   * for a stage's calls, atomic together. Each call's promise settles with its own answer, or all fail together.
+   */
+  batch<T>(work: () => T): T {
+    if (this.#queued !== undefined) return work();
+    const queued: QueuedScript[] = this.#queued = [];
+    try {
+      return work();
+    } finally {
+      this.#queued = undefined;
+      this.#sendQueued(queued);
+    }
+  }
+
+  #sendQueued(queued: QueuedScript[]): void {
+    if (queued.length === 0) return;
+    if (queued.length === 1) {
+      const [call] = queued;
+      this.#script(REDIS_BATCHED_SCRIPTS[call.name], call.options).then(call.resolve, call.reject);
+      return;
+    }
+    const keys: string[] = [];
+    const args: string[] = [];
+    for (const { name, options } of queued) {
+      keys.push(...options.keys);
+      args.push(name, String(options.keys.length), String(options.arguments.length), ...options.arguments);
+    }
+    this.#script(REDIS_BATCH_SCRIPT, { keys, arguments: args }).then(
+      (answers) => queued.forEach((call, index) => call.resolve((answers as unknown[])[index])),
+      (error) => queued.forEach((call) => call.reject(error)),
+    );
+  }
+
+  /** Runs a script a batch may hold: inside a `batch`, held for it; else at once. */
+  #batchable(name: string, options: { keys: string[]; arguments: string[] }): Promise<unknown> {
+    const queued = this.#queued;
+    if (queued === undefined) return this.#script(REDIS_BATCHED_SCRIPTS[name], options);
+    return new Promise((resolve, reject) => queued.push({ name, options, resolve, reject }));
+  }
 
   /** Runs one of the store's scripts by its SHA-1; the script itself only when Redis lacks it (yet, or since a restart). */
   async #script(script: string, options: { keys: string[]; arguments: string[] }): Promise<unknown> {
@@ -2037,7 +2125,7 @@ export class RedisCounterStore implements CounterStore {
   }
 
   async #bucketOp(key: string, rule: BucketRule, op: "take" | "give" | "look") {
-    const [level, taken] = await this.#script(REDIS_BUCKET_SCRIPT, {
+    const [level, taken] = await this.#batchable("bucket", {
       keys: [`mc-relay:${key}`],
       arguments: [String(rule.capacity), String(rule.periodMs), String(this.now()), op],
     }) as [string, number];
@@ -2063,7 +2151,7 @@ export class RedisCounterStore implements CounterStore {
   }
 
   async add(key: string, amount: number, expiresAt = Infinity): Promise<number> {
-    const value = await this.#script(REDIS_ADD_SCRIPT, {
+    const value = await this.#batchable("add", {
       keys: [`mc-relay:${key}`],
       arguments: [String(amount), Number.isFinite(expiresAt) ? String(Math.ceil(expiresAt)) : ""],
     });
@@ -2093,7 +2181,7 @@ export class RedisCounterStore implements CounterStore {
       estimated_requests: entry.estimated ? 1 : 0,
     };
     const expiresAt = Date.parse(`${entry.day}T00:00:00Z`) + (this.retentionDays + 1) * 86_400_000;
-    await this.#script(REDIS_USAGE_SCRIPT, {
+    await this.#batchable("usage", {
       keys: [`mc-relay:usage:${entry.day}`],
       arguments: [
         ...Object.entries(figures).flatMap(([name, value]) => [`${field}\n${name}`, String(value)]),
@@ -2195,6 +2283,11 @@ export class FallbackCounterStore implements CounterStore {
         this.onChange("ok");
       }
     }, 2000);
+  }
+
+  /** A batch of the shared store while Redis answers; in memory, the calls one after another. */
+  batch<T>(work: () => T): T {
+    return this.#degraded ? work() : this.shared.batch(work);
   }
 
   wait = (key: string, rule: BucketRule) => this.#run((store) => store.wait(key, rule));

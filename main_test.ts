@@ -3255,6 +3255,31 @@ Deno.test({
     assert.equal(statuses.filter((status) => status === 429).length, 20);
   });
 
+  await t.step(
+    "a stage's calls go to Redis together: per-minute, per-hour and in-flight counts stay exact across copies",
+    async () => {
+      const batcher = as("batcher", "batcher-password-1");
+      const env = {
+        ...sharedEnv,
+        MC_RELAY_USERS: `${users},batcher;day=0:batcher-password-1`,
+        RATE_LIMIT_PER_HOUR: "100",
+        CONCURRENT_REQUESTS: "50",
+      };
+      const batching = await Promise.all([0, 1, 2].map(() => spawnRelay(env)));
+      try {
+        const statuses = await Promise.all(
+          Array.from({ length: 30 }, (_, i) => chat(batching[i % batching.length].url, batcher)),
+        );
+        assert.equal(statuses.filter((status) => status === 200).length, 10, `statuses: ${statuses}`);
+        const usage = await fetch(`${batching[1].url}/usage`, { headers: batcher }).then((response) => response.json());
+        assert.deepEqual(usage.limits.map((limit: { used: number }) => limit.used), [10, 10], "refusals gave back");
+        assert.equal(usage.concurrent.in_flight, 0, "every place was given back");
+      } finally {
+        await stopAll(batching);
+      }
+    },
+  );
+
   await t.step("a token budget spent through one copy is refused by the others", async () => {
     assert.equal(await chat(copies[0].url, spender), 200);
     assert.equal(await chat(copies[0].url, spender), 200);
@@ -3278,7 +3303,7 @@ Deno.test({
     const byUser = Object.fromEntries(
       report.rows.map((row: { user: string; requests: number }) => [row.user, row.requests]),
     );
-    assert.deepEqual(byUser, { "user:spender": 2, "user:team": 10 });
+    assert.deepEqual(byUser, { "user:batcher": 10, "user:spender": 2, "user:team": 10 });
   });
 
   await t.step(
