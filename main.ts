@@ -3261,9 +3261,8 @@ async function applyLimits(relay: Relay, context: RequestContext): Promise<Respo
     return undefined;
   }
   await storeCalls(relay, () => {
-    const calls: (unknown | Promise<unknown>)[] = requestLimits.filter((_, index) => answers[index] === 0).map((
-      limit,
-    ) => relay.counters.give(key(limit), limit.rule));
+    const taken = requestLimits.filter((_, index) => answers[index] === 0);
+    const calls: unknown[] = taken.map((limit) => relay.counters.give(key(limit), limit.rule));
     if (inFlightKey !== undefined) calls.push(relay.counters.add(inFlightKey, -1));
     return calls;
   });
