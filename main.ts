@@ -1892,15 +1892,18 @@ export class SqliteCounterStore implements CounterStore {
   }
 
   recordUsage(entry: LedgerEntry): void {
-    this.#statements.addUsage.run(
-      entry.day,
-      entry.who,
-      entry.model,
-      entry.upstream,
-      entry.prompt,
-      entry.completion,
-      entry.total,
-      entry.estimated ? 1 : 0,
+    // Every write goes through #transaction, so WORKERS threads take turns at it through the ThreadLock.
+    this.#transaction(() =>
+      this.#statements.addUsage.run(
+        entry.day,
+        entry.who,
+        entry.model,
+        entry.upstream,
+        entry.prompt,
+        entry.completion,
+        entry.total,
+        entry.estimated ? 1 : 0,
+      )
     );
   }
 
