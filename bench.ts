@@ -337,13 +337,9 @@ async function chatThroughput(
   connections: number,
   seconds: number,
 ): Promise<{ rps: number; requests: number }> {
-  const body = CHAT_BODY;
   if (installed("wrk")) {
     const script = await Deno.makeTempFile({ suffix: ".lua" });
-    await Deno.writeTextFile(
-      script,
-      `wrk.method = "POST"\nwrk.body = '${body}'\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "${AUTH}"\n`,
-    );
+    await Deno.writeTextFile(script, CHAT_WRK_SCRIPT);
     const output = await new Deno.Command("wrk", {
       args: ["-t2", `-c${connections}`, `-d${seconds}s`, "-s", script, `${base}/v1/chat/completions`],
       stdout: "piped",
@@ -363,7 +359,7 @@ async function chatThroughput(
       const response = await fetch(`${base}/v1/chat/completions`, {
         method: "POST",
         headers: { authorization: AUTH, "content-type": "application/json" },
-        body,
+        body: CHAT_BODY,
       });
       await response.arrayBuffer();
       done++;
@@ -383,6 +379,10 @@ const GENEROUS_LIMITS = {
 
 /** The non-streamed chat every chat measurement sends. */
 const CHAT_BODY = '{"model":"bench-model","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}';
+
+/** A wrk script that sends CHAT_BODY, signed in. */
+const CHAT_WRK_SCRIPT =
+  `wrk.method = "POST"\nwrk.body = '${CHAT_BODY}'\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "${AUTH}"\n`;
 
 /**
  * What each counter store costs per request: non-streamed chats with every limit and budget on (generous enough never
@@ -449,10 +449,7 @@ async function storeCosts(upstreamUrl: string, seconds: number) {
 async function workerScaling(upstreamUrl: string, seconds: number) {
   const folder = await Deno.makeTempDir({ prefix: "mc-relay-bench-workers-" });
   const script = `${folder}/chat.lua`;
-  await Deno.writeTextFile(
-    script,
-    `wrk.method = "POST"\nwrk.body = '${CHAT_BODY}'\nwrk.headers["Content-Type"] = "application/json"\n`,
-  );
+  await Deno.writeTextFile(script, CHAT_WRK_SCRIPT);
   const pinnedWrk = async (url: string, duration: number, chat: boolean) => {
     const output = await new Deno.Command("taskset", {
       args: [
