@@ -1953,12 +1953,18 @@ export interface RedisClient {
   quit?(): Promise<unknown>;
 }
 
-/** A token bucket in one hash: refill, then take, give or look; returns the level before and whether it took. */
-const REDIS_BUCKET_SCRIPT = `
-local capacity, period, now, op = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+/**
+ * The level of the token bucket in the hash KEYS[1] (`t` tokens at `u`), refilled evenly up to `capacity` over
+ * `period` until `now`: the part of REDIS_BUCKET_SCRIPT and REDIS_START_CHECK_SCRIPT that looks at a bucket.
+ */
+const REDIS_REFILLED_LEVEL = `
 local state = redis.call('HMGET', KEYS[1], 't', 'u')
 local level = capacity
-if state[1] then level = math.min(capacity, tonumber(state[1]) + (now - tonumber(state[2])) * capacity / period) end
+if state[1] then level = math.min(capacity, tonumber(state[1]) + (now - tonumber(state[2])) * capacity / period) end`;
+
+/** A token bucket in one hash: refill, then take, give or look; returns the level before and whether it took. */
+const REDIS_BUCKET_SCRIPT = `
+local capacity, period, now, op = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]${REDIS_REFILLED_LEVEL}
 local taken = 0
 local tokens = nil
 if op == 'take' and level >= 1 then taken = 1; tokens = level - 1 end
@@ -1980,10 +1986,7 @@ return value`;
  * (KEYS[2]) and keep it only while the running checks do not outnumber the guesses left.
  */
 const REDIS_START_CHECK_SCRIPT = `
-local capacity, period, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 't', 'u')
-local level = capacity
-if state[1] then level = math.min(capacity, tonumber(state[1]) + (now - tonumber(state[2])) * capacity / period) end
+local capacity, period, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])${REDIS_REFILLED_LEVEL}
 if capacity > 0 and level < 1 then return {'locked', tostring(level)} end
 local checking = tonumber(redis.call('INCRBYFLOAT', KEYS[2], 1))
 if redis.call('PTTL', KEYS[2]) < 0 then redis.call('PEXPIREAT', KEYS[2], ARGV[4]) end
