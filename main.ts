@@ -2600,8 +2600,15 @@ interface Relay {
   readonly bodyBudget: ByteBudget;
 }
 
-/** One stage of the handler: a `Response` ends the request, undefined passes it to the next stage. */
-type Stage = (relay: Relay, context: RequestContext) => Response | undefined | Promise<Response | undefined>;
+/**
+ * What a stage decides: a `Response` ends the request, undefined passes it to the next stage. A stage returns a
+ * promise only when it has waiting to do (a store, a hash, a body, the upstream): each promise costs the request
+ * an allocation and a turn of the microtask queue, so a stage with nothing to do for a request decides at once.
+ */
+type StageAnswer = Response | undefined | Promise<Response | undefined>;
+
+/** One stage of the handler. */
+type Stage = (relay: Relay, context: RequestContext) => StageAnswer;
 
 /**
  * The stages every request passes, in this order. The first one that returns a `Response` ends the
@@ -2652,7 +2659,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     try {
       for (let index = 0; index < STAGES.length; index++) {
         const answer = STAGES[index](relay, context);
-        // Most stages decide at once: only a promise is awaited, which saves a turn of the event loop each.
+        // Most stages decide at once (see StageAnswer): only a promise is awaited.
         response = answer instanceof Promise ? await answer : answer;
         if (response !== undefined) break;
       }
@@ -3076,7 +3083,7 @@ function answerHealth(relay: Relay, _context: RequestContext): Response | undefi
  * allowance is used up, the right password waits too (429): otherwise guessing would simply go on. 503 when
  * password hashing is saturated. With PUBLIC_ACCESS, credentials that name no configured user are anonymous.
  */
-async function identifyCaller(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+function identifyCaller(relay: Relay, context: RequestContext): StageAnswer {
   const authorization = context.request.headers.get("authorization");
   const read = readCredentials(authorization);
   const name = "credentials" in read ? read.credentials.slice(0, read.credentials.indexOf(":")) : "";
@@ -3098,6 +3105,20 @@ async function identifyCaller(relay: Relay, context: RequestContext): Promise<Re
   if (relay.counters.synchronous && known?.password !== undefined && "credentials" in read) {
     return signInWithPlainPassword(relay, context, read.credentials, known, guessKey, apiKeyHeader);
   }
+  return checkSignIn(relay, context, read, guessKey, apiKeyHeader);
+}
+
+/**
+ * The general sign-in: admitted past the lockout (`admitSignInCheck`), the password checked (a hash takes its
+ * time), a wrong guess counted, the admission given back whatever happens.
+ */
+async function checkSignIn(
+  relay: Relay,
+  context: RequestContext,
+  read: ReturnType<typeof readCredentials>,
+  guessKey: string,
+  apiKeyHeader: string | undefined,
+): Promise<Response | undefined> {
   const refusal = await admitSignInCheck(relay, context, guessKey);
   if (refusal) return refusal;
   let user: Awaited<ReturnType<Relay["authenticate"]>>;
@@ -3248,10 +3269,15 @@ function storeCalls<T>(relay: Relay, calls: () => T[]): Promise<Awaited<T>[]> {
  * one store call (one SQLite transaction, one Redis round trip); a refusal gives back everything it took: 429 with
  * Retry-After, naming the limit, its window and when one more request is allowed.
  */
-async function applyLimits(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+function applyLimits(relay: Relay, context: RequestContext): StageAnswer {
+  if (relay.requestLimits.length === 0 && relay.config.concurrentRequests === 0) return undefined;
+  return takeLimits(relay, context);
+}
+
+/** The limits stage's store work: every limit asked at once, everything given back on a refusal. */
+async function takeLimits(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const { requestLimits } = relay;
   const concurrency = relay.config.concurrentRequests;
-  if (requestLimits.length === 0 && concurrency === 0) return undefined;
   const key = (limit: RequestLimit) => `requests-per-${limit.window}:${context.subject}`;
   const inFlightKey = concurrency === 0 ? undefined : `in-flight:${context.subject}`;
   const answers = await storeCalls(relay, () => {
@@ -3320,8 +3346,13 @@ function answerMetrics(relay: Relay, context: RequestContext): Response | undefi
  * route of the OpenAI API takes one. It is parsed once, and forwarded as the relay serialises it again, so
  * the upstream receives exactly what the relay checked and logs.
  */
-async function readRequestBody(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+function readRequestBody(relay: Relay, context: RequestContext): StageAnswer {
   if (context.request.method !== "POST") return undefined;
+  return readJsonBody(relay, context);
+}
+
+/** The body stage's reading and checking of a POST body. */
+async function readJsonBody(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const read = await readBody(context.request, relay.config, reserveBodyBytes(relay, context));
   if ("status" in read) {
     context.outcome = read.outcome;
@@ -3369,7 +3400,7 @@ function jsonBodyProblem(payload: JsonObject): string | undefined {
  * A model list with several upstreams and no choice merges every upstream's list. With a single upstream the
  * operator's configuration decides: X-Relay-Endpoint is ignored.
  */
-async function chooseUpstream(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+function chooseUpstream(relay: Relay, context: RequestContext): StageAnswer {
   const { upstreams } = relay;
   if (context.model !== undefined && Object.hasOwn(relay.config.modelAliases, context.model)) {
     // An alias: `forwardRequest` tries its targets in order; the first one stands for the checks until then.
@@ -3415,7 +3446,7 @@ async function chooseUpstream(relay: Relay, context: RequestContext): Promise<Re
     }
     context.target = byEndpoint;
   } else if (context.route!.upstreamPath === "/models") {
-    return await mergedModels(relay, context);
+    return mergedModels(relay, context);
   }
   context.upstream = context.target.name;
   return undefined;
@@ -3575,9 +3606,14 @@ function capAnswerTokens(relay: Relay, context: RequestContext): Response | unde
  * is overshot by at most one request's answer. Spent: 429 `token_budget_exceeded` with Retry-After until the
  * UTC day or month ends.
  */
-async function reserveTokens(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+function reserveTokens(relay: Relay, context: RequestContext): StageAnswer {
   // A BYOK request spends the caller's own quota, not the operator's: no budget applies.
   if (context.usageWatch === undefined || context.target.byok) return undefined;
+  return reserveBudgets(relay, context);
+}
+
+/** The budgets stage's store work: the request's estimate added to each budget, all taken back on a refusal. */
+async function reserveBudgets(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const amount = Math.ceil(context.bytesIn / 4) + (context.answerTokens ?? 0);
   const reservations: { key: string; amount: number; expiresAt: number }[] = [];
   context.reservations = reservations;
@@ -3704,7 +3740,7 @@ function upstreamRedirect(context: RequestContext, location: string): Response {
  * known length that needs no inspection goes to the client inside Deno; any other body passes chunk by chunk
  * through `relayBody` (idle timeout, usage reading), and a small error body or filtered model list is rewritten.
  */
-async function relayResponse(relay: Relay, context: RequestContext): Promise<Response> {
+function relayResponse(relay: Relay, context: RequestContext): Response | Promise<Response> {
   const response = context.upstreamResponse!;
   const headers = responseHeaders(relay, context, response);
   context.headersSet = true;
@@ -3715,7 +3751,7 @@ async function relayResponse(relay: Relay, context: RequestContext): Promise<Res
     headers["cache-control"] = "no-cache, no-transform";
     headers["x-accel-buffering"] = "no";
   }
-  if (response.status >= 300) return await relayErrorResponse(relay, context, response, headers);
+  if (response.status >= 300) return relayErrorResponse(relay, context, response, headers);
   const filterModels = (relay.allowedModels.size > 0 || Object.keys(relay.config.modelAliases).length > 0) &&
     context.route!.upstreamPath === "/models" && response.ok;
   const inspectUsage = context.usageWatch !== undefined && response.ok;
@@ -3732,13 +3768,26 @@ async function relayResponse(relay: Relay, context: RequestContext): Promise<Res
     context.stopWatchingClient!();
     return new Response(null, init);
   }
-  let body = relayedBody(relay, context, response.body, eventStream, usage);
+  const body = relayedBody(relay, context, response.body, eventStream, usage);
   if (filterModels && !response.headers.has("content-encoding")) {
-    const allowed = (model: string) => modelAllowed(relay, context.target.name, model);
-    body = (await rewriteBody(body, (text) => filterModelList(text, allowed, aliasModels(relay)))).body;
     delete headers["content-length"];
+    return filteredModelList(relay, context, body, init);
   }
   return new Response(body, init);
+}
+
+/** The upstream's model list with only the allowed models and the aliases (see `filterModelList`). */
+async function filteredModelList(
+  relay: Relay,
+  context: RequestContext,
+  body: ReadableStream<Uint8Array>,
+  init: ResponseInit,
+): Promise<Response> {
+  const allowed = (model: string) => modelAllowed(relay, context.target.name, model);
+  return new Response(
+    (await rewriteBody(body, (text) => filterModelList(text, allowed, aliasModels(relay)))).body,
+    init,
+  );
 }
 
 /** The upstream body passed on through `relayBody`, with `account` called when it ends. */
@@ -4402,7 +4451,7 @@ async function deriveSealKey(secret: string): Promise<CryptoKey> {
  * goes in that upstream's auth header; it is masked in everything the upstream sends back. A keyed upstream needs
  * relay credentials (or PUBLIC_ACCESS): a caller with only its own key gets 401, and its key goes nowhere.
  */
-async function useCallerKey(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+function useCallerKey(relay: Relay, context: RequestContext): StageAnswer {
   const { target } = context;
   if (!target.byok) {
     if (context.user !== undefined || relay.config.publicAccess) return undefined;
@@ -4413,6 +4462,12 @@ async function useCallerKey(relay: Relay, context: RequestContext): Promise<Resp
       "invalid_api_key",
     );
   }
+  return checkCallerKey(relay, context);
+}
+
+/** The caller's key for a BYOK upstream: opened when sealed, checked, and masked in everything sent back. */
+async function checkCallerKey(relay: Relay, context: RequestContext): Promise<Response | undefined> {
+  const { target } = context;
   let key = context.callerKey;
   if (key?.startsWith(SEALED_PREFIX)) {
     const opened = relay.sealer === undefined
