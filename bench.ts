@@ -538,6 +538,52 @@ async function concurrentStreams(base: string, streams: number, chunks: number, 
   return { delays, failures, completed, p50: percentile(delays, 50), p99: percentile(delays, 99) };
 }
 
+/**
+ * Memory per open stream (KB), in a fresh proxy process: its RSS with `streams` more streams open (their first event
+ * still to come) less its RSS before, per stream, after 100 streams held first have set up its pools. A fresh process
+ * leaves out the garbage earlier traffic made (and the collections that free it while one measures), so this shows
+ * what holding a stream open costs. NaN when the streams do not all open within 30 s.
+ */
+async function memoryPerOpenStream(
+  proxy: { url: string; pid: number; child: Deno.ChildProcess },
+  streams: number,
+): Promise<number> {
+  const leave = new AbortController();
+  let open = 0;
+  const hold = (count: number) =>
+    Array.from({ length: count }, async () => {
+      try {
+        const response = await fetch(`${proxy.url}/v1/chat/completions`, {
+          method: "POST",
+          signal: leave.signal,
+          headers: { authorization: AUTH, "content-type": "application/json" },
+          body: JSON.stringify({ model: "bench-model", stream: true, chunks: 1, interval: 60_000, messages: [] }),
+        });
+        open++;
+        await response.body?.getReader().read(); // ends when the bench leaves
+      } catch {
+        // left
+      }
+    });
+  const opened = async (count: number) => {
+    const started = performance.now();
+    while (open < count && performance.now() - started < 30_000) await sleep(50);
+    await sleep(1000); // the proxy settles
+    return open === count;
+  };
+  const first = hold(100);
+  const warm = await opened(100);
+  const before = memoryMb(proxy.pid);
+  const held = hold(streams);
+  const allOpen = warm && await opened(100 + streams);
+  const after = memoryMb(proxy.pid);
+  leave.abort();
+  await Promise.all([...first, ...held]);
+  proxy.child.kill("SIGTERM");
+  await proxy.child.status;
+  return allOpen ? ((after - before) * 1024) / streams : NaN;
+}
+
 const format = (value: number, digits = 0) =>
   Number.isFinite(value)
     ? value.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits })
@@ -623,6 +669,38 @@ async function main() {
     });
   }
   const relayPeakMb = results.relay.peakMb;
+
+  console.log(`- memory per open stream: ${sizes.streams} streams held open (first event 60 s away), fresh processes`);
+  const freshProxies: Record<string, () => Promise<{ url: string; pid: number; child: Deno.ChildProcess }>> = {
+    relay: async () => {
+      const fresh = startRelayProcess(upstream.url);
+      await waitForHttp(`${fresh.url}/health`);
+      return fresh;
+    },
+    bare: async () => {
+      const fresh = startBareProcess(upstream.url);
+      await waitForHttp(`${fresh.url}/v1/models`);
+      return fresh;
+    },
+    bareJs: async () => {
+      const fresh = startBareProcess(upstream.url, true);
+      await waitForHttp(`${fresh.url}/v1/models`);
+      return fresh;
+    },
+  };
+  if (haveNginx) {
+    freshProxies.nginx = async () => {
+      const fresh = await startNginx(upstream.url);
+      await waitForHttp(`${fresh.url}/v1/models`, { headers: { authorization: AUTH } });
+      const { child } = fresh;
+      // The prefix goes with the process.
+      child.status.then(() => Deno.remove(fresh.prefix, { recursive: true }).catch(() => {}));
+      return fresh;
+    };
+  }
+  for (const [name, start] of Object.entries(freshProxies)) {
+    results[name].perStreamKb = await memoryPerOpenStream(await start(), sizes.streams);
+  }
 
   console.log(`- soak: ${sizes.soak} requests through the relay with 1% injected upstream faults`);
   const faulty = startUpstreamProcess(0.01);
@@ -710,6 +788,7 @@ ${row("chunk delay p99 (ms)", (name) => format(results[name].chunkP99, 2))}
 ${row("streams completed / failed", (name) => `${results[name].streamsCompleted} / ${results[name].streamFailures}`)}
 ${row("proxy CPU per forwarded chunk (µs)", (name) => format(results[name].cpuPerChunkUs, 1))}
 ${row(`proxy RSS at peak, ${sizes.streams} streams (MB)`, (name) => format(results[name].peakMb, 1))}
+${row(`proxy memory per open stream, ${sizes.streams} held (KB)`, (name) => format(results[name].perStreamKb, 1))}
 
 - added latency p50 / p99: relay ${format(results.relay.p50 - results.direct.p50)} / ${
       format(results.relay.p99 - results.direct.p99)
@@ -730,10 +809,12 @@ ${row(`proxy RSS at peak, ${sizes.streams} streams (MB)`, (name) => format(resul
       format(results.relay.rps32 / results.bare.rps32, 2)
     } (32 conn.); CPU per chunk ${format(results.relay.cpuPerChunkUs / results.bare.cpuPerChunkUs, 2)}; RSS ${
       format(results.relay.peakMb / results.bare.peakMb, 2)
-    }
+    }; memory per open stream ${format(results.relay.perStreamKb / results.bare.perStreamKb, 2)}
 - relay / Deno with JS per chunk: CPU per chunk ${
       format(results.relay.cpuPerChunkUs / results.bareJs.cpuPerChunkUs, 2)
-    }; RSS ${format(results.relay.peakMb / results.bareJs.peakMb, 2)}
+    }; RSS ${format(results.relay.peakMb / results.bareJs.peakMb, 2)}; memory per open stream ${
+      format(results.relay.perStreamKb / results.bareJs.perStreamKb, 2)
+    }
 - relay RSS: ${format(relayIdleMb, 1)} MB idle, ${format(relayPeakMb, 1)} MB at peak with ${sizes.streams} streams
 - soak: ${sizes.soak} requests in ${format(soakSeconds, 1)} s, outcomes ${
       JSON.stringify(Object.fromEntries(outcomes))
