@@ -306,8 +306,12 @@ async function sequentialLatency(base: string, count: number) {
   return { p50: percentile(timings, 50), p99: percentile(timings, 99) };
 }
 
-/** Requests per second of GET /v1/models with `connections` open connections (wrk, else a Deno loop). */
-async function throughput(base: string, connections: number, seconds: number): Promise<number> {
+/** Requests per second (and requests made) of GET /v1/models with `connections` open connections (wrk, else a Deno loop). */
+async function throughput(
+  base: string,
+  connections: number,
+  seconds: number,
+): Promise<{ rps: number; requests: number }> {
   if (installed("wrk")) {
     const output = await new Deno.Command("wrk", {
       args: ["-t2", `-c${connections}`, `-d${seconds}s`, "-H", `Authorization: ${AUTH}`, `${base}/v1/models`],
@@ -317,7 +321,7 @@ async function throughput(base: string, connections: number, seconds: number): P
     const text = new TextDecoder().decode(output.stdout);
     const rate = /Requests\/sec:\s+([\d.]+)/.exec(text);
     if (/Non-2xx/.test(text)) console.error(`  wrk saw non-2xx answers from ${base}:\n${text}`);
-    if (rate) return Number(rate[1]);
+    if (rate) return { rps: Number(rate[1]), requests: Number(/(\d+) requests in/.exec(text)?.[1]) };
   }
   let done = 0;
   const deadline = performance.now() + seconds * 1000;
@@ -328,7 +332,7 @@ async function throughput(base: string, connections: number, seconds: number): P
       done++;
     }
   }));
-  return done / seconds;
+  return { rps: done / seconds, requests: done };
 }
 
 /** Requests per second of POST /v1/chat/completions (non-streamed) with `connections` open connections. */
@@ -639,14 +643,26 @@ async function main() {
   for (const connections of [32, 256]) {
     console.log(`- throughput with ${connections} connections: ${sizes.seconds} s per path, in 3 turns`);
     const rounds: Record<string, number[]> = {};
+    // CPU per request over all three turns: the proxy's own cost, which a drifting machine moves far less than
+    // the rate (a slower turn takes longer, not more CPU per request).
+    const cpu: Record<string, { seconds: number; requests: number }> = {};
     for (let round = 0; round < 3; round++) {
       for (const path of paths) {
-        (rounds[path.name] ??= []).push(
-          await throughput(path.url, connections, Math.max(1, Math.round(sizes.seconds / 3))),
-        );
+        const cpuBefore = cpuSeconds(path.pid);
+        const { rps, requests } = await throughput(path.url, connections, Math.max(1, Math.round(sizes.seconds / 3)));
+        const spent = (cpu[path.name] ??= { seconds: 0, requests: 0 });
+        spent.seconds += cpuSeconds(path.pid) - cpuBefore;
+        spent.requests += requests;
+        (rounds[path.name] ??= []).push(rps);
       }
     }
-    for (const path of paths) results[path.name][`rps${connections}`] = rounds[path.name].sort((a, b) => a - b)[1];
+    for (const path of paths) {
+      results[path.name][`rps${connections}`] = rounds[path.name].sort((a, b) => a - b)[1];
+      // The direct path's process is the upstream itself: no proxy to count.
+      if (path.name !== "direct") {
+        results[path.name][`cpuPerRequestUs${connections}`] = (cpu[path.name].seconds * 1e6) / cpu[path.name].requests;
+      }
+    }
   }
 
   // 100 ms apart: 10,000 chunks a second over 1,000 streams, which the one load process can still take in
@@ -783,6 +799,7 @@ ${row("latency p50, sequential GET /v1/models (µs)", (name) => format(results[n
 ${row("latency p99 (µs)", (name) => format(results[name].p99))}
 ${row("throughput, 32 connections (req/s)", (name) => format(results[name].rps32))}
 ${row("throughput, 256 connections (req/s)", (name) => format(results[name].rps256))}
+${row("proxy CPU per request, 32 connections (µs)", (name) => format(results[name].cpuPerRequestUs32))}
 ${row(`chunk delay p50, ${sizes.streams} streams (ms)`, (name) => format(results[name].chunkP50, 2))}
 ${row("chunk delay p99 (ms)", (name) => format(results[name].chunkP99, 2))}
 ${row("streams completed / failed", (name) => `${results[name].streamsCompleted} / ${results[name].streamFailures}`)}
@@ -807,7 +824,9 @@ ${row(`proxy memory per open stream, ${sizes.streams} held (KB)`, (name) => form
     } (256 conn.); CPU per chunk ${ratio(results.relay.cpuPerChunkUs, results.nginx?.cpuPerChunkUs)}
 - relay / bare Deno proxy: throughput ${
       format(results.relay.rps32 / results.bare.rps32, 2)
-    } (32 conn.); CPU per chunk ${format(results.relay.cpuPerChunkUs / results.bare.cpuPerChunkUs, 2)}; RSS ${
+    } (32 conn.); CPU per request ${
+      format(results.relay.cpuPerRequestUs32 / results.bare.cpuPerRequestUs32, 2)
+    }; CPU per chunk ${format(results.relay.cpuPerChunkUs / results.bare.cpuPerChunkUs, 2)}; RSS ${
       format(results.relay.peakMb / results.bare.peakMb, 2)
     }; memory per open stream ${format(results.relay.perStreamKb / results.bare.perStreamKb, 2)}
 - relay / Deno with JS per chunk: CPU per chunk ${
