@@ -643,8 +643,7 @@ async function main() {
   for (const connections of [32, 256]) {
     console.log(`- throughput with ${connections} connections: ${sizes.seconds} s per path, in 3 turns`);
     const rounds: Record<string, number[]> = {};
-    // CPU per request over all three turns: the proxy's own cost, which a drifting machine moves far less than
-    // the rate (a slower turn takes longer, not more CPU per request).
+    // CPU per request over all three turns: the proxy's own cost, whatever share of the cores it got.
     const cpu: Record<string, { seconds: number; requests: number }> = {};
     for (let round = 0; round < 3; round++) {
       for (const path of paths) {
