@@ -5321,7 +5321,7 @@ export class RelayMetrics {
     return model;
   }
 
-  /** Counts one answered request. */
+  /** The label text of each route, status and user seen so far (at most MAX_LABEL_SETS). */
   #requestKeys = new Map<string, string>();
 
   /** Counts one answered request. */
