@@ -542,16 +542,40 @@ async function concurrentStreams(base: string, streams: number, chunks: number, 
   return { delays, failures, completed, p50: percentile(delays, 50), p99: percentile(delays, 99) };
 }
 
+/** A proxy the bench measures, started in a process of its own. */
+type ProxyProcess = { url: string; pid: number; child: Deno.ChildProcess; prefix?: string };
+
+/** Starts a proxy of one kind in front of the upstream and waits until it answers. */
+async function startProxy(kind: "relay" | "nginx" | "bare" | "bareJs", upstreamUrl: string): Promise<ProxyProcess> {
+  if (kind === "relay") {
+    const relay = startRelayProcess(upstreamUrl);
+    await waitForHttp(`${relay.url}/health`);
+    return relay;
+  }
+  if (kind === "nginx") {
+    const nginx = await startNginx(upstreamUrl);
+    await waitForHttp(`${nginx.url}/v1/models`, { headers: { authorization: AUTH } });
+    return nginx;
+  }
+  const bare = startBareProcess(upstreamUrl, kind === "bareJs");
+  await waitForHttp(`${bare.url}/v1/models`);
+  return bare;
+}
+
+/** Stops a bench process and removes what it left on disk. */
+async function stopProcess(proxy: ProxyProcess): Promise<void> {
+  proxy.child.kill("SIGTERM");
+  await proxy.child.status;
+  if (proxy.prefix) await Deno.remove(proxy.prefix, { recursive: true });
+}
+
 /**
  * Memory per open stream (KB), in a fresh proxy process: its RSS with `streams` more streams open (their first event
  * still to come) less its RSS before, per stream, after 100 streams held first have set up its pools. A fresh process
  * leaves out the garbage earlier traffic made (and the collections that free it while one measures), so this shows
  * what holding a stream open costs. NaN when the streams do not all open within 30 s.
  */
-async function memoryPerOpenStream(
-  proxy: { url: string; pid: number; child: Deno.ChildProcess },
-  streams: number,
-): Promise<number> {
+async function memoryPerOpenStream(proxy: ProxyProcess, streams: number): Promise<number> {
   const leave = new AbortController();
   let open = 0;
   const hold = (count: number) =>
@@ -583,8 +607,7 @@ async function memoryPerOpenStream(
   const after = memoryMb(proxy.pid);
   leave.abort();
   await Promise.all([...first, ...held]);
-  proxy.child.kill("SIGTERM");
-  await proxy.child.status;
+  await stopProcess(proxy);
   return allOpen ? ((after - before) * 1024) / streams : NaN;
 }
 
@@ -609,14 +632,10 @@ async function main() {
 
   const upstream = startUpstreamProcess();
   await waitForHttp(`${upstream.url}/v1/models`);
-  const relay = startRelayProcess(upstream.url);
-  await waitForHttp(`${relay.url}/health`);
-  const nginx = haveNginx ? await startNginx(upstream.url) : undefined;
-  if (nginx) await waitForHttp(`${nginx.url}/v1/models`, { headers: { authorization: AUTH } });
-  const bare = startBareProcess(upstream.url);
-  await waitForHttp(`${bare.url}/v1/models`);
-  const bareJs = startBareProcess(upstream.url, true);
-  await waitForHttp(`${bareJs.url}/v1/models`);
+  const relay = await startProxy("relay", upstream.url);
+  const nginx = haveNginx ? await startProxy("nginx", upstream.url) : undefined;
+  const bare = await startProxy("bare", upstream.url);
+  const bareJs = await startProxy("bareJs", upstream.url);
   const relayIdleMb = memoryMb(relay.pid);
 
   const paths = [
@@ -686,35 +705,8 @@ async function main() {
   const relayPeakMb = results.relay.peakMb;
 
   console.log(`- memory per open stream: ${sizes.streams} streams held open (first event 60 s away), fresh processes`);
-  const freshProxies: Record<string, () => Promise<{ url: string; pid: number; child: Deno.ChildProcess }>> = {
-    relay: async () => {
-      const fresh = startRelayProcess(upstream.url);
-      await waitForHttp(`${fresh.url}/health`);
-      return fresh;
-    },
-    bare: async () => {
-      const fresh = startBareProcess(upstream.url);
-      await waitForHttp(`${fresh.url}/v1/models`);
-      return fresh;
-    },
-    bareJs: async () => {
-      const fresh = startBareProcess(upstream.url, true);
-      await waitForHttp(`${fresh.url}/v1/models`);
-      return fresh;
-    },
-  };
-  if (haveNginx) {
-    freshProxies.nginx = async () => {
-      const fresh = await startNginx(upstream.url);
-      await waitForHttp(`${fresh.url}/v1/models`, { headers: { authorization: AUTH } });
-      const { child } = fresh;
-      // The prefix goes with the process.
-      child.status.then(() => Deno.remove(fresh.prefix, { recursive: true }).catch(() => {}));
-      return fresh;
-    };
-  }
-  for (const [name, start] of Object.entries(freshProxies)) {
-    results[name].perStreamKb = await memoryPerOpenStream(await start(), sizes.streams);
+  for (const kind of ["relay", ...(haveNginx ? ["nginx" as const] : []), "bare", "bareJs"] as const) {
+    results[kind].perStreamKb = await memoryPerOpenStream(await startProxy(kind, upstream.url), sizes.streams);
   }
 
   console.log(`- soak: ${sizes.soak} requests through the relay with 1% injected upstream faults`);
@@ -780,11 +772,7 @@ async function main() {
   }
   startups.sort((a, b) => a - b);
 
-  for (const process of [relay, bare, bareJs, upstream, ...(nginx ? [nginx] : [])]) {
-    process.child.kill("SIGTERM");
-    await process.child.status;
-  }
-  if (nginx) await Deno.remove(nginx.prefix, { recursive: true });
+  for (const process of [relay, bare, bareJs, upstream, ...(nginx ? [nginx] : [])]) await stopProcess(process);
 
   const names = ["direct", "relay", "nginx", "bare", "bareJs"];
   const row = (label: string, value: (name: string) => string) =>
