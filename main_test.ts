@@ -987,6 +987,97 @@ Deno.test("streaming", async (t) => {
     listener.close();
   });
 
+  await t.step(
+    "a non-streamed answer that stalls after its headers gets 504 with CORS headers, never a cut 200",
+    async () => {
+      const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+      let upstreamConnection: Deno.Conn | undefined;
+      const serving = (async () => {
+        upstreamConnection = await listener.accept();
+        await upstreamConnection.read(new Uint8Array(65536));
+        await upstreamConnection.write(encoder.encode(
+          'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"partial":',
+        ));
+      })();
+      await using relay = startRelay(testConfig(`http://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`, {
+        requestTimeoutMs: 300,
+      }));
+      const response = await relay.call("/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, origin: ALLOWED, "content-type": "application/json" },
+        body: chatBody(),
+      });
+      assert.equal(response.status, 504);
+      assert.equal(response.json().error.code, "upstream_timeout");
+      assert.match(
+        response.json().error.message,
+        /did not finish its answer within 0\.3 s \(REQUEST_TIMEOUT_SECONDS\)/,
+      );
+      assert.equal(response.headers.get("access-control-allow-origin"), ALLOWED);
+      assert.equal(relay.requestLogs().at(-1)?.outcome, "upstream_timeout");
+      await serving;
+      upstreamConnection?.close();
+      listener.close();
+    },
+  );
+
+  await t.step("a non-streamed answer that breaks off before its end gets 502 upstream_stream_error", async () => {
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const serving = (async () => {
+      const connection = await listener.accept();
+      await connection.read(new Uint8Array(65536));
+      await connection.write(encoder.encode(
+        'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"partial":',
+      ));
+      await sleep(50);
+      connection.close();
+    })();
+    const port = (listener.addr as Deno.NetAddr).port;
+    await using relay = startRelay(testConfig(`http://127.0.0.1:${port}`));
+    const response = await relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER, origin: ALLOWED, "content-type": "application/json" },
+      body: chatBody(),
+    });
+    assert.equal(response.status, 502);
+    assert.equal(response.json().error.code, "upstream_stream_error");
+    assert.match(
+      response.json().error.message,
+      new RegExp(`^mc-relay: the upstream 127\\.0\\.0\\.1:${port} broke off`),
+    );
+    assert.equal(response.headers.get("access-control-allow-origin"), ALLOWED);
+    assert.equal(relay.requestLogs().at(-1)?.outcome, "upstream_stream_error");
+    await serving;
+    listener.close();
+  });
+
+  await t.step("a non-streamed answer reaches the client byte for byte, small or large, its usage read", async () => {
+    const answer = (content: string) =>
+      `{ "id": "x",\n  "choices": [{"message": {"role": "assistant", "content": ${
+        JSON.stringify(content)
+      }}}],\n  "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7} }\n`;
+    const small = answer("grüße, 世界");
+    const large = answer("x".repeat(300 * 1024)); // past the size read whole: relayed chunk by chunk
+    await using upstream = startUpstream((_request, seen) =>
+      new Response(JSON.parse(seen.body).model === "large" ? large : small, {
+        headers: { "content-type": "application/json" },
+      })
+    );
+    await using relay = startRelay(testConfig(upstream.url));
+    for (const [model, text] of [["small", small], ["large", large]]) {
+      const response = await relay.call("/v1/chat/completions", {
+        method: "POST",
+        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+        body: chatBody({ model }),
+      });
+      assert.equal(response.status, 200);
+      assert.equal(response.text, text, model);
+      assert.equal(Number(response.headers.get("content-length")), encoder.encode(text).byteLength, model);
+      assert.deepEqual(relay.requestLogs().at(-1)!.usage, { prompt_tokens: 3, completion_tokens: 4, total_tokens: 7 });
+      assert.equal(relay.requestLogs().at(-1)!.bytes_out, encoder.encode(text).byteLength, model);
+    }
+  });
+
   await t.step("an upstream that resets mid-stream ends the client's stream with an error", async () => {
     const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
     const serving = (async () => {
