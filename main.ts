@@ -3761,7 +3761,10 @@ function relayResponse(relay: Relay, context: RequestContext): Response | Promis
   if (response.body !== null && !eventStream && contentLength !== null && !filterModels && !inspectUsage) {
     return new Response(passWithinDeno(relay, context, response.body, Number(contentLength)), init);
   }
-  if (inspectUsage && !eventStream && contentLength !== null && Number(contentLength) <= WHOLE_ANSWER_MAX_BYTES) {
+  if (
+    inspectUsage && response.body !== null && !eventStream && contentLength !== null &&
+    Number(contentLength) <= WHOLE_ANSWER_MAX_BYTES
+  ) {
     return relayWholeAnswer(relay, context, response, init);
   }
   const usage = inspectUsage ? usageReader(context.usageWatch!, eventStream) : undefined;

@@ -1078,6 +1078,29 @@ Deno.test("streaming", async (t) => {
     }
   });
 
+  await t.step("an answer without a body (204, even with a Content-Length) to a POST passes on as it is", async () => {
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const serving = (async () => {
+      const connection = await listener.accept();
+      await connection.read(new Uint8Array(65536));
+      await connection.write(
+        encoder.encode("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+      );
+      connection.close();
+    })();
+    await using relay = startRelay(testConfig(`http://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`));
+    const response = await relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+      body: chatBody(),
+    });
+    assert.equal(response.status, 204);
+    assert.equal(response.text, "");
+    assert.equal(relay.requestLogs().at(-1)?.status, 204);
+    await serving;
+    listener.close();
+  });
+
   await t.step("an upstream that resets mid-stream ends the client's stream with an error", async () => {
     const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
     const serving = (async () => {
