@@ -40,6 +40,7 @@ import {
   OTHER_ALLOWED,
   processEnv,
   rawRequest,
+  rawUpstream,
   runRelayProcess,
   seenByClientsOrLogs,
   selfSignedCertificate,
@@ -836,6 +837,10 @@ Deno.test("request limits", async (t) => {
 // Streaming
 // ---------------------------------------------------------------------------
 
+/** An answer that declares 100 bytes and sends a few: the upstream then stalls, or breaks off. */
+const PARTIAL_JSON_ANSWER =
+  'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"partial":';
+
 Deno.test("streaming", async (t) => {
   await t.step("each chunk reaches the client before the upstream sends the next (no buffering)", async () => {
     const stream = controlledStream();
@@ -964,44 +969,21 @@ Deno.test("streaming", async (t) => {
   );
 
   await t.step("a body of known length that stalls is cut after the timeout too", async () => {
-    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    let upstreamConnection: Deno.Conn | undefined;
-    const serving = (async () => {
-      upstreamConnection = await listener.accept();
-      await upstreamConnection.read(new Uint8Array(65536));
-      await upstreamConnection.write(encoder.encode(
-        'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"partial":',
-      ));
-    })();
-    await using relay = startRelay(testConfig(`http://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`, {
-      requestTimeoutMs: 300,
-    }));
+    await using upstream = rawUpstream(PARTIAL_JSON_ANSWER);
+    await using relay = startRelay(testConfig(upstream.url, { requestTimeoutMs: 300 }));
     const response = await fetch(`${relay.url}/v1/models`, { headers: { authorization: GOOD_BEARER } });
     assert.equal(response.status, 200);
     const ending = await within(3000, response.text().then(() => "clean end", () => "error"), "the stalled body hung");
     assert.equal(ending, "error");
-    await serving;
     await sleep(50);
     assert.equal(relay.requestLogs().at(-1)?.outcome, "upstream_timeout");
-    upstreamConnection?.close();
-    listener.close();
   });
 
   await t.step(
     "a non-streamed answer that stalls after its headers gets 504 with CORS headers, never a cut 200",
     async () => {
-      const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-      let upstreamConnection: Deno.Conn | undefined;
-      const serving = (async () => {
-        upstreamConnection = await listener.accept();
-        await upstreamConnection.read(new Uint8Array(65536));
-        await upstreamConnection.write(encoder.encode(
-          'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"partial":',
-        ));
-      })();
-      await using relay = startRelay(testConfig(`http://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`, {
-        requestTimeoutMs: 300,
-      }));
+      await using upstream = rawUpstream(PARTIAL_JSON_ANSWER);
+      await using relay = startRelay(testConfig(upstream.url, { requestTimeoutMs: 300 }));
       const response = await relay.call("/v1/chat/completions", {
         method: "POST",
         headers: { authorization: GOOD_BEARER, origin: ALLOWED, "content-type": "application/json" },
@@ -1015,25 +997,12 @@ Deno.test("streaming", async (t) => {
       );
       assert.equal(response.headers.get("access-control-allow-origin"), ALLOWED);
       assert.equal(relay.requestLogs().at(-1)?.outcome, "upstream_timeout");
-      await serving;
-      upstreamConnection?.close();
-      listener.close();
     },
   );
 
   await t.step("a non-streamed answer that breaks off before its end gets 502 upstream_stream_error", async () => {
-    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    const serving = (async () => {
-      const connection = await listener.accept();
-      await connection.read(new Uint8Array(65536));
-      await connection.write(encoder.encode(
-        'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"partial":',
-      ));
-      await sleep(50);
-      connection.close();
-    })();
-    const port = (listener.addr as Deno.NetAddr).port;
-    await using relay = startRelay(testConfig(`http://127.0.0.1:${port}`));
+    await using upstream = rawUpstream(PARTIAL_JSON_ANSWER, 50);
+    await using relay = startRelay(testConfig(upstream.url));
     const response = await relay.call("/v1/chat/completions", {
       method: "POST",
       headers: { authorization: GOOD_BEARER, origin: ALLOWED, "content-type": "application/json" },
@@ -1043,12 +1012,10 @@ Deno.test("streaming", async (t) => {
     assert.equal(response.json().error.code, "upstream_stream_error");
     assert.match(
       response.json().error.message,
-      new RegExp(`^mc-relay: the upstream 127\\.0\\.0\\.1:${port} broke off`),
+      new RegExp(`^mc-relay: the upstream 127\\.0\\.0\\.1:${upstream.port} broke off`),
     );
     assert.equal(response.headers.get("access-control-allow-origin"), ALLOWED);
     assert.equal(relay.requestLogs().at(-1)?.outcome, "upstream_stream_error");
-    await serving;
-    listener.close();
   });
 
   await t.step("a non-streamed answer reaches the client byte for byte, small or large, its usage read", async () => {
@@ -1079,16 +1046,8 @@ Deno.test("streaming", async (t) => {
   });
 
   await t.step("an answer without a body (204, even with a Content-Length) to a POST passes on as it is", async () => {
-    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    const serving = (async () => {
-      const connection = await listener.accept();
-      await connection.read(new Uint8Array(65536));
-      await connection.write(
-        encoder.encode("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
-      );
-      connection.close();
-    })();
-    await using relay = startRelay(testConfig(`http://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`));
+    await using upstream = rawUpstream("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 0);
+    await using relay = startRelay(testConfig(upstream.url));
     const response = await relay.call("/v1/chat/completions", {
       method: "POST",
       headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
@@ -1097,23 +1056,14 @@ Deno.test("streaming", async (t) => {
     assert.equal(response.status, 204);
     assert.equal(response.text, "");
     assert.equal(relay.requestLogs().at(-1)?.status, 204);
-    await serving;
-    listener.close();
   });
 
   await t.step("an upstream that resets mid-stream ends the client's stream with an error", async () => {
-    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    const serving = (async () => {
-      const connection = await listener.accept();
-      const buffer = new Uint8Array(65536);
-      await connection.read(buffer);
-      await connection.write(encoder.encode(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\nd\r\ndata: first\n\n\r\n",
-      ));
-      await sleep(100);
-      connection.close();
-    })();
-    await using relay = startRelay(testConfig(`http://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`));
+    await using upstream = rawUpstream(
+      "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\nd\r\ndata: first\n\n\r\n",
+      100,
+    );
+    await using relay = startRelay(testConfig(upstream.url));
     const response = await fetch(`${relay.url}/v1/chat/completions`, {
       method: "POST",
       headers: { authorization: GOOD_BEARER },
@@ -1123,8 +1073,6 @@ Deno.test("streaming", async (t) => {
     assert.equal(decoder.decode((await reader.read()).value), "data: first\n\n");
     const ending = await within(3000, reader.read().then(() => "clean end", () => "error"), "the reset stream hung");
     assert.equal(ending, "error");
-    await serving;
-    listener.close();
   });
 });
 

@@ -88,6 +88,34 @@ export function startUpstream(handler: (request: Request, seen: SeenRequest) => 
   };
 }
 
+/**
+ * A raw TCP upstream for answers `Deno.serve` cannot make (a short body under a longer Content-Length, a stall, a
+ * reset): it reads the first request, writes `answer` as it is, then closes the connection after `closeAfterMs`, or
+ * holds it open until it is disposed.
+ */
+export function rawUpstream(answer: string, closeAfterMs?: number) {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  let connection: Deno.Conn | undefined;
+  const served = (async () => {
+    connection = await listener.accept();
+    await connection.read(new Uint8Array(65536));
+    await connection.write(new TextEncoder().encode(answer));
+    if (closeAfterMs === undefined) return;
+    await sleep(closeAfterMs);
+    connection.close();
+    connection = undefined;
+  })();
+  return {
+    url: `http://127.0.0.1:${port}`,
+    port,
+    async [Symbol.asyncDispose]() {
+      await served;
+      connection?.close();
+      listener.close();
+    },
+  };
+}
 /** An upstream entry with the canary key and extra headers. */
 export function testUpstream(name: string, baseUrl: string, overrides: Partial<Upstream> = {}): Upstream {
   return {
