@@ -3797,6 +3797,12 @@ async function filteredModelList(
   );
 }
 
+/** A body of known length must arrive in full within REQUEST_TIMEOUT_SECONDS of its headers, or the call is aborted. */
+function wholeBodyDeadline(relay: Relay, context: RequestContext): Deadline {
+  const upstreamCall = context.upstreamCall!;
+  return deadlines.add(relay.config.requestTimeoutMs, () => upstreamCall.abort(new RelayAbort("upstream_timeout")));
+}
+
 /** The largest non-streamed answer of known length that `relayWholeAnswer` reads whole; a larger one is relayed. */
 const WHOLE_ANSWER_MAX_BYTES = 256 * 1024;
 
@@ -3812,11 +3818,7 @@ async function relayWholeAnswer(
   response: Response,
   init: ResponseInit,
 ): Promise<Response> {
-  const upstreamCall = context.upstreamCall!;
-  const bodyDeadline = deadlines.add(
-    relay.config.requestTimeoutMs,
-    () => upstreamCall.abort(new RelayAbort("upstream_timeout")),
-  );
+  const bodyDeadline = wholeBodyDeadline(relay, context);
   let bytes: Uint8Array<ArrayBuffer>;
   try {
     bytes = await response.bytes();
@@ -3963,10 +3965,7 @@ function passWithinDeno(
   length: number,
 ): ReadableStream<Uint8Array> {
   const upstreamCall = context.upstreamCall!;
-  const bodyDeadline = deadlines.add(
-    relay.config.requestTimeoutMs,
-    () => upstreamCall.abort(new RelayAbort("upstream_timeout")),
-  );
+  const bodyDeadline = wholeBodyDeadline(relay, context);
   context.logWhenBodyEnds = true;
   const delivered = () => {
     deadlines.cancel(bodyDeadline);
