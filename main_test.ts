@@ -1335,19 +1335,11 @@ Deno.test("hardening", async (t) => {
 Deno.test("faults", async (t) => {
   // Deno's sanitizers run on this test: a timer, stream or connection the relay left behind fails it.
   await t.step("an upstream that answers with garbage gives 502", async () => {
-    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-    const serving = (async () => {
-      const connection = await listener.accept();
-      await connection.read(new Uint8Array(65536));
-      await connection.write(encoder.encode("SSH-2.0-OpenSSH_9.6\r\n\x00\x01garbage\r\n\r\n"));
-      connection.close();
-    })();
-    await using relay = startRelay(testConfig(`http://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`));
+    await using upstream = rawUpstream("SSH-2.0-OpenSSH_9.6\r\n\x00\x01garbage\r\n\r\n", 0);
+    await using relay = startRelay(testConfig(upstream.url));
     const response = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
     assert.equal(response.status, 502);
     assert.equal(response.json().error.code, "upstream_unreachable");
-    await serving;
-    listener.close();
   });
 
   await t.step("an endless upstream body stops as soon as the client leaves", async () => {
