@@ -3758,13 +3758,11 @@ function relayResponse(relay: Relay, context: RequestContext): Response | Promis
   const inspectUsage = context.usageWatch !== undefined && response.ok;
   const contentLength = response.headers.get("content-length");
   const init = { status: response.status, statusText: response.statusText, headers };
-  if (response.body !== null && !eventStream && contentLength !== null && !filterModels && !inspectUsage) {
-    return new Response(passWithinDeno(relay, context, response.body, Number(contentLength)), init);
+  const knownLength = response.body !== null && !eventStream && contentLength !== null;
+  if (knownLength && !filterModels && !inspectUsage) {
+    return new Response(passWithinDeno(relay, context, response.body!, Number(contentLength)), init);
   }
-  if (
-    inspectUsage && response.body !== null && !eventStream && contentLength !== null &&
-    Number(contentLength) <= WHOLE_ANSWER_MAX_BYTES
-  ) {
+  if (knownLength && inspectUsage && Number(contentLength) <= WHOLE_ANSWER_MAX_BYTES) {
     return relayWholeAnswer(relay, context, response, init);
   }
   const usage = inspectUsage ? usageReader(context.usageWatch!, eventStream) : undefined;
@@ -3830,7 +3828,7 @@ async function relayWholeAnswer(
     deadlines.cancel(bodyDeadline);
     context.stopWatchingClient!();
   }
-  context.usage = pickUsage(parseJsonText(new TextDecoder().decode(bytes)));
+  context.usage = pickUsage(parseJson(bytes));
   context.bytesOut = bytes.byteLength;
   context.outcome = "completed";
   return new Response(bytes, init);
