@@ -1947,6 +1947,8 @@ export interface RedisClient {
   hGetAll(key: string): Promise<Record<string, string>>;
   /** PONG when Redis answers. */
   ping(): Promise<string>;
+  /** Whether the connection is up and commands are accepted. */
+  readonly isReady: boolean;
   /** Closes the connection (node-redis 5). */
   close?(): Promise<void>;
   /** Closes the connection (older clients). */
@@ -2042,7 +2044,10 @@ interface QueuedScript {
  * counters expire by themselves, ledger days after USAGE_RETENTION_DAYS.
  */
 export class RedisCounterStore implements CounterStore {
-  /** Connects (or keeps trying, in the background) to `url`; commands fail at once while it is not connected. */
+  /**
+   * Connects to `url`, waiting up to REDIS_START_WAIT_MS for the first connection (then it keeps trying in the
+   * background, and `ready` says false); commands fail at once while it is not connected.
+   */
   static async connect(url: string, now: () => number = Date.now, retentionDays = 400): Promise<RedisCounterStore> {
     const { createClient } = await import("npm:redis@5.12.1");
     const client = createClient({
@@ -2064,8 +2069,13 @@ export class RedisCounterStore implements CounterStore {
       store.#scriptShas.set(script, Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join(""));
     }
     client.on("error", () => {}); // the fallback store reports the state; the client reconnects by itself
-    client.connect().catch(() => {});
+    await Promise.race([client.connect().catch(() => {}), sleepResolve(REDIS_START_WAIT_MS, undefined)]);
     return store;
+  }
+
+  /** Whether Redis is connected now. */
+  get ready(): boolean {
+    return this.client.isReady;
   }
 
   /** Each script's SHA-1: a call sends the 40 characters, not the script, once Redis has it. */
@@ -2237,21 +2247,31 @@ export class RedisCounterStore implements CounterStore {
 const SHARED_STORE_TIMEOUT_MS = 250;
 
 /**
+ * How long the start waits for the first Redis connection before it listens: a copy must not answer its first
+ * requests counting alone only because it listened a moment before its connection was up. Redis still down by then:
+ * the copy starts degraded (logged) and goes over to Redis when it answers.
+ */
+const REDIS_START_WAIT_MS = 3000;
+
+/**
  * A shared store with a way out: while Redis answers, every count goes there; when a call fails or takes longer
  * than SHARED_STORE_TIMEOUT_MS, the relay logs it once, reports `degraded` (in /health and the metrics) and counts in
  * this process's memory, so every copy enforces the limits alone rather than answer 5xx or wait. Every two seconds
- * it asks Redis again, and goes back to it (logged once) when it answers.
+ * it asks Redis again, and goes back to it (logged once) when it answers. It starts degraded when Redis is not
+ * connected yet.
  */
 export class FallbackCounterStore implements CounterStore {
   #degraded = false;
   #probe?: ReturnType<typeof setInterval>;
 
-  /** `onChange` hears every change of state ("ok" or "degraded"). */
+  /** `onChange` hears every change of state ("ok" or "degraded"), the degraded start too. */
   constructor(
     readonly shared: RedisCounterStore,
     readonly local: CounterStore,
     readonly onChange: (state: "ok" | "degraded", error?: string) => void,
-  ) {}
+  ) {
+    if (!shared.ready) this.#degrade(`not connected ${REDIS_START_WAIT_MS / 1000} s after the start`);
+  }
 
   /** "degraded" while counts stay in this process. */
   get state(): "ok" | "degraded" {
@@ -6345,12 +6365,7 @@ async function usageCommand(args: string[], env: RelayEnv): Promise<number> {
     store.close();
   } else {
     const store = await RedisCounterStore.connect(redisUrl!);
-    let answered = false;
-    for (let tries = 0; tries < 30 && !answered; tries++) {
-      answered = await store.ping().catch(() => false);
-      if (!answered) await sleepResolve(100, undefined);
-    }
-    if (!answered) {
+    if (!store.ready) {
       console.error("mc-relay usage: Redis at REDIS_URL does not answer");
       await store.close();
       return 1;

@@ -3395,6 +3395,34 @@ Deno.test({
   await stopAll(copies);
 
   await t.step(
+    "a copy that starts before Redis does says degraded from its first answer, then shares counts when Redis is up",
+    async () => {
+      const health = (url: string) => fetch(`${url}/health`).then((response) => response.json());
+      await redis.stop();
+      const report = await runRelayProcess({ REDIS_URL: redis.url }, ["usage"]);
+      assert.equal(report.code, 1);
+      assert.match(report.stderr, /mc-relay usage: Redis at REDIS_URL does not answer/);
+      const early = await spawnRelay(sharedEnv);
+      try {
+        assert.match(early.output().stdout, /Redis unreachable.*"error":"not connected 3 s after the start"/);
+        assert.equal((await health(early.url)).state, "degraded");
+        assert.equal(await chat(early.url, as("team", CANARY_PASSWORD)), 200, "it answers meanwhile");
+        await redis.start();
+        await within(
+          10_000,
+          (async () => {
+            while ((await health(early.url)).state !== "ok") await sleep(200);
+          })(),
+          "the copy did not go over to Redis",
+        );
+        assert.match(early.output().stdout, /Redis answers again/);
+      } finally {
+        await stopAll([early]);
+      }
+    },
+  );
+
+  await t.step(
     "200 requests at once against CONCURRENT_REQUESTS=50 across three copies: at most 50 in flight",
     async () => {
       let inFlight = 0;
