@@ -2069,7 +2069,12 @@ export class RedisCounterStore implements CounterStore {
       store.#scriptShas.set(script, Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join(""));
     }
     client.on("error", () => {}); // the fallback store reports the state; the client reconnects by itself
-    await Promise.race([client.connect().catch(() => {}), sleepResolve(REDIS_START_WAIT_MS, undefined)]);
+    let startWait: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      client.connect().catch(() => {}),
+      new Promise((resolve) => startWait = setTimeout(resolve, REDIS_START_WAIT_MS)),
+    ]);
+    clearTimeout(startWait);
     return store;
   }
 
