@@ -682,11 +682,7 @@ Deno.test("upstream request and response", async (t) => {
       Response.json(providerError, { status: 503, headers: { "retry-after": "7", "x-request-id": "req_9" } })
     );
     await using failingRelay = startRelay(testConfig(failing.url));
-    const response = await failingRelay.call("/v1/chat/completions", {
-      method: "POST",
-      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-      body: chatBody(),
-    });
+    const response = await failingRelay.chat(chatBody());
     assert.equal(response.status, 503);
     assert.deepEqual(response.json(), providerError);
     assert.equal(response.headers.get("retry-after"), "7");
@@ -758,12 +754,7 @@ Deno.test("upstream request and response", async (t) => {
 Deno.test("request limits", async (t) => {
   await using upstream = startUpstream(openAiLikeUpstream);
   await using relay = startRelay(testConfig(upstream.url, { maxRequestBytes: 1000, requestTimeoutMs: 600 }));
-  const post = (body: BodyInit, headers: Record<string, string> = {}) =>
-    relay.call("/v1/chat/completions", {
-      method: "POST",
-      headers: { authorization: GOOD_BEARER, "content-type": "application/json", ...headers },
-      body,
-    });
+  const post = relay.chat;
 
   await t.step("a body of exactly MAX_REQUEST_BYTES passes", async () => {
     const body = `{"pad":"${"x".repeat(1000 - 10)}"}`;
@@ -984,11 +975,7 @@ Deno.test("streaming", async (t) => {
     async () => {
       await using upstream = rawUpstream(PARTIAL_JSON_ANSWER);
       await using relay = startRelay(testConfig(upstream.url, { requestTimeoutMs: 300 }));
-      const response = await relay.call("/v1/chat/completions", {
-        method: "POST",
-        headers: { authorization: GOOD_BEARER, origin: ALLOWED, "content-type": "application/json" },
-        body: chatBody(),
-      });
+      const response = await relay.chat(chatBody(), { origin: ALLOWED });
       assert.equal(response.status, 504);
       assert.equal(response.json().error.code, "upstream_timeout");
       assert.match(
@@ -1003,11 +990,7 @@ Deno.test("streaming", async (t) => {
   await t.step("a non-streamed answer that breaks off before its end gets 502 upstream_stream_error", async () => {
     await using upstream = rawUpstream(PARTIAL_JSON_ANSWER, 50);
     await using relay = startRelay(testConfig(upstream.url));
-    const response = await relay.call("/v1/chat/completions", {
-      method: "POST",
-      headers: { authorization: GOOD_BEARER, origin: ALLOWED, "content-type": "application/json" },
-      body: chatBody(),
-    });
+    const response = await relay.chat(chatBody(), { origin: ALLOWED });
     assert.equal(response.status, 502);
     assert.equal(response.json().error.code, "upstream_stream_error");
     assert.match(
@@ -1032,11 +1015,7 @@ Deno.test("streaming", async (t) => {
     );
     await using relay = startRelay(testConfig(upstream.url));
     for (const [model, text] of [["small", small], ["large", large]]) {
-      const response = await relay.call("/v1/chat/completions", {
-        method: "POST",
-        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-        body: chatBody({ model }),
-      });
+      const response = await relay.chat(chatBody({ model }));
       assert.equal(response.status, 200);
       assert.equal(response.text, text, model);
       assert.equal(Number(response.headers.get("content-length")), encoder.encode(text).byteLength, model);
@@ -1048,11 +1027,7 @@ Deno.test("streaming", async (t) => {
   await t.step("an answer without a body (204, even with a Content-Length) to a POST passes on as it is", async () => {
     await using upstream = rawUpstream("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 0);
     await using relay = startRelay(testConfig(upstream.url));
-    const response = await relay.call("/v1/chat/completions", {
-      method: "POST",
-      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-      body: chatBody(),
-    });
+    const response = await relay.chat(chatBody());
     assert.equal(response.status, 204);
     assert.equal(response.text, "");
     assert.equal(relay.requestLogs().at(-1)?.status, 204);
@@ -1234,11 +1209,7 @@ Deno.test("hardening", async (t) => {
       )
     );
     await using relay = startRelay(testConfig(limited.url));
-    const response = await relay.call("/v1/chat/completions", {
-      method: "POST",
-      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-      body: chatBody(),
-    });
+    const response = await relay.chat(chatBody());
     assert.equal(response.status, 429);
     assert.equal(response.headers.get("retry-after"), "7");
     assert.equal(response.headers.get("x-ratelimit-remaining-requests"), "0");
@@ -1547,11 +1518,7 @@ Deno.test("teams", async (t) => {
     await using named = startRelay({ ...result.config, allowedModels: ["default/gpt-test"] });
     const namedModels = await named.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
     assert.deepEqual(namedModels.json().data.map((model: { id: string }) => model.id), ["gpt-test"]);
-    const chat = await named.call("/v1/chat/completions", {
-      method: "POST",
-      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-      body: chatBody({ model: "gpt-test" }),
-    });
+    const chat = await named.chat(chatBody({ model: "gpt-test" }));
     assert.equal(chat.status, 200, "the chat passes the same allow-list");
   });
 
@@ -1733,12 +1700,7 @@ Deno.test("teams", async (t) => {
     const result = parseConfig({ ...minimalEnv, UPSTREAM_BASE_URL: streaming.url });
     assert.ok(result.ok);
     await using relay = startRelay(result.config);
-    const ask = (extra: Record<string, unknown>) =>
-      relay.call("/v1/chat/completions", {
-        method: "POST",
-        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-        body: chatBody({ stream: true, ...extra }),
-      });
+    const ask = (extra: Record<string, unknown>) => relay.chat(chatBody({ stream: true, ...extra }));
 
     const plain = await ask({});
     assert.deepEqual(JSON.parse(streaming.requests.at(-1)!.body).stream_options, { include_usage: true });
@@ -1762,11 +1724,7 @@ Deno.test("teams", async (t) => {
         new Response(events.join(""), { headers: { "content-type": "text/event-stream" } })
       );
       await using relay = startRelay(testConfig(crlf.url));
-      const response = await relay.call("/v1/chat/completions", {
-        method: "POST",
-        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-        body: chatBody({ stream: true }),
-      });
+      const response = await relay.chat(chatBody({ stream: true }));
       assert.equal(response.text, events[0] + events[2]);
       assert.deepEqual(relay.requestLogs().at(-1)!.usage, { prompt_tokens: 3, completion_tokens: 4, total_tokens: 7 });
     },
@@ -2371,12 +2329,7 @@ Deno.test("security review", async (t) => {
       upstreams: [testUpstream("openai", upstream.url), testUpstream("router", second.url)],
       allowedModels: ["openai/gpt-4o", "router/cheap", "meta-llama/llama-3"],
     }));
-    const chat = (model: string) =>
-      relay.call("/v1/chat/completions", {
-        method: "POST",
-        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-        body: chatBody({ model }),
-      });
+    const chat = (model: string) => relay.chat(chatBody({ model }));
     const before = second.requests.length;
     assert.equal((await chat("router/openai/gpt-4o")).status, 400, "openai's model is not allowed on router");
     assert.equal(second.requests.length, before);
@@ -2405,11 +2358,7 @@ Deno.test("security review", async (t) => {
       duplex: "half",
     } as RequestInit);
     await sleep(100);
-    const second = await relay.call("/v1/chat/completions", {
-      method: "POST",
-      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-      body: chatBody({ pad: "y".repeat(90_000) }),
-    });
+    const second = await relay.chat(chatBody({ pad: "y".repeat(90_000) }));
     assert.equal(second.status, 503);
     assert.equal(second.headers.get("retry-after"), "1");
     assert.equal(second.json().error.code, "relay_busy");
@@ -2417,11 +2366,7 @@ Deno.test("security review", async (t) => {
     const first = await slow;
     assert.equal(first.status, 200);
     await first.body?.cancel();
-    const again = await relay.call("/v1/chat/completions", {
-      method: "POST",
-      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-      body: chatBody({ pad: "y".repeat(90_000) }),
-    });
+    const again = await relay.chat(chatBody({ pad: "y".repeat(90_000) }));
     assert.equal(again.status, 200, "the bytes are released once a body has been forwarded");
   });
 
@@ -2576,11 +2521,7 @@ Deno.test("security review", async (t) => {
         )
       );
       await using relay = startRelay(testConfig(crUpstream.url));
-      const response = await relay.call("/v1/chat/completions", {
-        method: "POST",
-        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-        body: chatBody({ stream: true }),
-      });
+      const response = await relay.chat(chatBody({ stream: true }));
       assert.equal(response.text, 'data: {"choices":[{"delta":{"content":"a"}}]}\r\rdata: [DONE]\r\r');
       assert.deepEqual(relay.requestLogs().at(-1).usage, { prompt_tokens: 2, completion_tokens: 1, total_tokens: 3 });
     },
@@ -2904,11 +2845,7 @@ Deno.test("public relay and budgets", async (t) => {
       await using relay = startRelay(testConfig(slow.url, { tokenBudgetPerDay: 1000, maxTokensPerRequest: 100 }));
       const usage = async () => (await relay.call("/usage", { headers: { authorization: GOOD_BEARER } })).json();
       const body = chatBody({ max_tokens: 500 });
-      const pending = relay.call("/v1/chat/completions", {
-        method: "POST",
-        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-        body,
-      });
+      const pending = relay.chat(body);
       await sleep(50);
       const reservation = Math.ceil(encoder.encode(body).byteLength / 4) + 100;
       assert.equal((await usage()).budgets[0].used, reservation, "prompt estimate plus the capped max_tokens");
@@ -3017,11 +2954,7 @@ Deno.test("public relay and budgets", async (t) => {
       });
     const first = await open();
     const second = await open();
-    const refused = await relay.call("/v1/chat/completions", {
-      method: "POST",
-      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-      body: chatBody({ stream: true }),
-    });
+    const refused = await relay.chat(chatBody({ stream: true }));
     assert.equal(refused.status, 429);
     assert.equal(refused.json().error.code, "relay_concurrency_limit_exceeded");
     assert.match(refused.json().error.message, /CONCURRENT_REQUESTS/);
@@ -4050,11 +3983,7 @@ Deno.test("failover and model aliases", async (t) => {
     now?: () => number,
   ) => startRelay(testConfig(upstreams[0].baseUrl, { upstreams, modelAliases: aliases, ...overrides }), undefined, now);
   const ask = (relay: ReturnType<typeof startRelay>, model = "alias-fast", extra = {}) =>
-    relay.call("/v1/chat/completions", {
-      method: "POST",
-      headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
-      body: chatBody({ model, ...extra }),
-    });
+    relay.chat(chatBody({ model, ...extra }));
   await using good = answering("good");
 
   await t.step(

@@ -227,11 +227,11 @@ export function startRelay(
         headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
         body,
       }),
-    /** POSTs a chat body (text as it is) with the test user's credentials and JSON headers. */
-    chat: (body: string) =>
+    /** POSTs a chat body (as it is) with the test user's credentials, JSON headers and any `headers` added. */
+    chat: (body: BodyInit, headers: Record<string, string> = {}) =>
       call("/v1/chat/completions", {
         method: "POST",
-        headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+        headers: { authorization: GOOD_BEARER, "content-type": "application/json", ...headers },
         body,
       }),
     server,
