@@ -2069,12 +2069,7 @@ export class RedisCounterStore implements CounterStore {
       store.#scriptShas.set(script, Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join(""));
     }
     client.on("error", () => {}); // the fallback store reports the state; the client reconnects by itself
-    let startWait: ReturnType<typeof setTimeout> | undefined;
-    await Promise.race([
-      client.connect().catch(() => {}),
-      new Promise((resolve) => startWait = setTimeout(resolve, REDIS_START_WAIT_MS)),
-    ]);
-    clearTimeout(startWait);
+    await orAfter(client.connect().catch(() => {}), REDIS_START_WAIT_MS, undefined);
     return store;
   }
 
@@ -2307,7 +2302,7 @@ export class FallbackCounterStore implements CounterStore {
     this.#degraded = true;
     this.onChange("degraded", error);
     this.#probe = setInterval(async () => {
-      const back = await Promise.race([this.shared.ping().catch(() => false), sleepResolve(1000, false)]);
+      const back = await orAfter(this.shared.ping().catch(() => false), 1000, false);
       if (back && this.#degraded) {
         this.#degraded = false;
         clearInterval(this.#probe);
@@ -2339,9 +2334,14 @@ export class FallbackCounterStore implements CounterStore {
   }
 }
 
-/** Resolves with `value` after `ms`. */
-function sleepResolve<T>(ms: number, value: T): Promise<T> {
-  return new Promise((resolve) => setTimeout(() => resolve(value), ms));
+/** What `work` resolves with, or `value` once `ms` have passed first; the timer goes when either is there. */
+async function orAfter<T, U>(work: Promise<T>, ms: number, value: U): Promise<T | U> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([work, new Promise<U>((resolve) => timer = setTimeout(() => resolve(value), ms))]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /**
