@@ -3234,6 +3234,7 @@ Deno.test({
   };
   let copies = await Promise.all([0, 1, 2].map(() => spawnRelay(sharedEnv)));
   const roundRobin = (index: number) => copies[index % copies.length].url;
+  const health = (url: string) => fetch(`${url}/health`).then((response) => response.json());
 
   await t.step("three copies on one Redis: RATE_LIMIT_PER_MINUTE=10 lets exactly 10 through in all", async () => {
     const team = as("team", CANARY_PASSWORD);
@@ -3296,7 +3297,6 @@ Deno.test({
   await t.step(
     "Redis stopped mid-run: every copy keeps answering, degraded, and shares counts again when it is back",
     async () => {
-      const health = (url: string) => fetch(`${url}/health`).then((response) => response.json());
       const metrics = (url: string) =>
         fetch(`${url}/metrics`, { headers: as("team", CANARY_PASSWORD) }).then((response) => response.text());
       await redis.stop();
@@ -3330,7 +3330,6 @@ Deno.test({
   await t.step(
     "a copy that starts before Redis does says degraded from its first answer, then shares counts when Redis is up",
     async () => {
-      const health = (url: string) => fetch(`${url}/health`).then((response) => response.json());
       await redis.stop();
       const report = await runRelayProcess({ REDIS_URL: redis.url }, ["usage"]);
       assert.equal(report.code, 1);
