@@ -2594,6 +2594,10 @@ interface Relay {
   readonly counters: CounterStore;
   readonly routes: Record<string, Route>;
   readonly allowedOrigins: Set<string>;
+  /** The host names the relay knows it serves (`servedHostNames`): only these can be its own page's origin. */
+  readonly servedHosts: Set<string>;
+  /** PUBLIC_URL's origin, e.g. `https://relay.example.com`: the relay's own page whatever Host a proxy sends. */
+  readonly publicOrigin?: string;
   readonly upstreams: UpstreamTarget[];
   readonly upstreamsByName: Map<string, UpstreamTarget>;
   /** The configured users by name. */
@@ -2747,6 +2751,8 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     counters: options.counters ?? new MemoryCounterStore(options.now),
     routes,
     allowedOrigins: new Set(config.allowedOrigins),
+    servedHosts: servedHostNames(config),
+    publicOrigin: config.publicUrl && new URL(config.publicUrl).origin,
     upstreams,
     upstreamsByName: new Map(upstreams.map((upstream) => [upstream.name, upstream])),
     allowedModels: new Set(config.allowedModels),
@@ -3027,25 +3033,51 @@ function checkHost(_relay: Relay, context: RequestContext): Response | undefined
   return errorResponse(400, "the Host header must be a host name or address with an optional port", "invalid_host");
 }
 
+/** Host names no resolver is asked about: an IPv4 address as browsers write it, or an IPv6 one in brackets. */
+const ADDRESS_LITERAL = /^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-f:.]+\])$/;
+
 /**
- * Whether the request comes from a page of the relay's own origin (its page at /): the Origin's host is the Host
- * the browser sent the request to. A browser never lets another page send that Origin.
+ * The host names the relay knows it serves, lowercased as a URL has them: the loopback names, PUBLIC_URL's host,
+ * and HOST unless it listens everywhere (0.0.0.0, ::), where it names nothing. A DNS name outside these may point
+ * at the relay for a moment only (DNS rebinding), so it is never taken for the relay's own.
  */
-function isSameOrigin(context: RequestContext): boolean {
-  try {
-    return context.origin !== null && new URL(context.origin).host === context.request.headers.get("host");
-  } catch {
-    return false;
-  }
+function servedHostNames(config: RelayConfig): Set<string> {
+  const names = new Set(["localhost", "127.0.0.1", "[::1]"]);
+  if (config.publicUrl) names.add(new URL(config.publicUrl).hostname);
+  const host = config.host.toLowerCase().replace(/^([0-9a-f:]*:[0-9a-f:.]*)$/, "[$1]");
+  if (host !== "" && host !== "0.0.0.0" && host !== "[::]") names.add(host);
+  return names;
 }
 
 /**
- * Stage: origin. A browser origin that is not in ALLOWED_ORIGIN (nor the relay's own page) gets 403 without CORS
+ * Whether the request comes from a page of the relay's own origin (its page at /). A browser never lets another page
+ * send that Origin, but the Host it sends is whatever name the page was loaded from: a page of an attacker's name
+ * that resolves to the relay a moment later (DNS rebinding) sends an Origin matching its Host too. So the Origin
+ * is the relay's own when it is PUBLIC_URL's, or when it matches the Host and that Host is a name the relay knows
+ * it serves (`servedHostNames`) or an address literal, which no DNS answer can rebind.
+ */
+function isSameOrigin(relay: Relay, context: RequestContext): boolean {
+  if (context.origin === null) return false;
+  if (context.origin === relay.publicOrigin) return true;
+  let url: URL;
+  try {
+    url = new URL(context.origin);
+  } catch {
+    return false;
+  }
+  if (url.host !== context.request.headers.get("host")?.toLowerCase()) return false;
+  return relay.servedHosts.has(url.hostname) || ADDRESS_LITERAL.test(url.hostname);
+}
+
+/**
+ * Stage: origin. A browser origin that is not in ALLOWED_ORIGIN (nor the relay's own page, `isSameOrigin`) gets 403 without CORS
  * headers, so the page cannot read it, and nothing reaches the upstream. Requests without Origin (servers, curl)
  * pass on.
  */
 function checkOrigin(relay: Relay, context: RequestContext): Response | undefined {
-  if (context.origin === null || relay.allowedOrigins.has(context.origin) || isSameOrigin(context)) return undefined;
+  if (context.origin === null || relay.allowedOrigins.has(context.origin) || isSameOrigin(relay, context)) {
+    return undefined;
+  }
   return errorResponse(
     403,
     `origin ${context.origin} is not allowed; add it to ALLOWED_ORIGIN`,
