@@ -2610,9 +2610,17 @@ interface Relay {
   readonly allowedModels: Set<string>;
   /** The token bucket of failed sign-ins (AUTH_FAILURES_PER_MINUTE). */
   readonly signInRule: BucketRule;
+  /** True when some user has a hashed password: then every failed sign-in costs a decoy hash check. */
+  readonly hashedUsers: boolean;
 
-  /** The user these `name:password` credentials belong to, if any; HASHING_BUSY when checks are saturated. */
-  authenticate(credentials: string): Promise<string | undefined | typeof HASHING_BUSY>;
+  /**
+   * The user these `name:password` credentials from `address` belong to, if any; HASHING_BUSY when checks are
+   * saturated, ADDRESS_BUSY when the address has its share of them.
+   */
+  authenticate(
+    credentials: string,
+    address: string,
+  ): Promise<string | undefined | typeof HASHING_BUSY | typeof ADDRESS_BUSY>;
   /** The text with every configured secret masked; undefined when a secret shows in a form it cannot mask. */
   maskSecrets(text: string): string | undefined;
   /** A response header's value, or `[REDACTED]` when it holds a configured secret in any form. */
@@ -2761,6 +2769,7 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     requestLimits: requestLimits(config),
     now,
     authenticate: createAuthenticator(config.users, metrics),
+    hashedUsers: config.users.some((user) => user.hash !== undefined),
     bodyBudget: new ByteBudget(config.maxBufferedBytes),
     maskSecrets: masker.mask,
     maskHeaderValue: masker.maskHeaderValue,
@@ -2928,21 +2937,34 @@ function secretForms(secret: string): string[] {
 /** What `authenticate` answers when the password hashing queue is full. */
 const HASHING_BUSY = Symbol("hashing busy");
 
+/** What `authenticate` answers when the caller's address already has its share of the hashing queue. */
+const ADDRESS_BUSY = Symbol("address busy");
+
 /** PBKDF2 checks that run at once (one per core here) and that may wait for a turn; past that, 503. */
 const HASH_CHECKS_AT_ONCE = 2;
 const HASH_CHECKS_WAITING = 32;
 
 /**
- * Checks `name:password` credentials against the users. A hashed password costs a PBKDF2 run (about 80 ms of
- * CPU): a success is remembered for this process under a salted SHA-256 of the credentials, so a signed-in user
- * pays it once and never queues behind a flood of guesses. Failures are never remembered. At most
- * HASH_CHECKS_AT_ONCE checks run at once. When hashed users exist, an unknown name costs one PBKDF2 run too, so
- * the time of an answer does not tell which names exist.
+ * One address's share of the hashing queue: at most this many of its checks in the queue (running or waiting), and
+ * this many more waiting behind them for the address's own turn; past that, 429. So one address takes at most a
+ * sixteenth of the queue, and its own burst (a team's first sign-ins behind one NAT) is checked in turn, not refused.
+ */
+const HASH_CHECKS_PER_ADDRESS = 2;
+const HASH_CHECKS_WAITING_PER_ADDRESS = 16;
+
+/**
+ * Checks `name:password` credentials, from a client address, against the users. A hashed password costs a PBKDF2
+ * run (about 80 ms of CPU): a success is remembered for this process under a salted SHA-256 of the credentials, so
+ * a signed-in user pays it once and never queues behind a flood of guesses. Failures are never remembered. At most
+ * HASH_CHECKS_AT_ONCE checks run at once, and one address holds at most HASH_CHECKS_PER_ADDRESS places of the
+ * queue, so a flood of guesses from one address cannot turn away other addresses' sign-ins. When hashed users
+ * exist, every failure costs one PBKDF2 run (an unknown name, a wrong plain password: against a decoy hash), so
+ * the time of an answer does not tell which names exist nor which have plain passwords.
  */
 function createAuthenticator(
   users: RelayUser[],
   metrics: RelayMetrics,
-): (credentials: string) => Promise<string | undefined | typeof HASHING_BUSY> {
+): (credentials: string, address: string) => Promise<string | undefined | typeof HASHING_BUSY | typeof ADDRESS_BUSY> {
   const usersByName = new Map(users.map((user) => [user.name, user]));
   const verifiedHashes = new Map<string, true>();
   const cachePepper = crypto.getRandomValues(new Uint8Array(16)).join(",");
@@ -2953,36 +2975,47 @@ function createAuthenticator(
     hash: crypto.getRandomValues(new Uint8Array(32)),
   };
   const hashChecks = new Semaphore(HASH_CHECKS_AT_ONCE, HASH_CHECKS_WAITING);
-  const checkHash = async (secret: string, hash: PasswordHash) => {
-    if (!hashChecks.tryAcquire()) return HASHING_BUSY;
-    await hashChecks.turn();
-    metrics.hashChecks++;
+  const shares = new KeyedSemaphore(HASH_CHECKS_PER_ADDRESS, HASH_CHECKS_WAITING_PER_ADDRESS);
+  const checkHash = async (secret: string, hash: PasswordHash, address: string) => {
+    if (!shares.tryAcquire(address)) return ADDRESS_BUSY;
     try {
-      return await verifyPasswordHash(secret, hash);
+      await shares.turn(address);
+      if (!hashChecks.tryAcquire()) return HASHING_BUSY;
+      await hashChecks.turn();
+      metrics.hashChecks++;
+      try {
+        return await verifyPasswordHash(secret, hash);
+      } finally {
+        hashChecks.release();
+      }
     } finally {
-      hashChecks.release();
+      shares.release(address);
     }
   };
-  return async (credentials) => {
+  /** A failed sign-in: with hashed users, one decoy check first (its answer is a failure whatever it finds). */
+  const failure = async (secret: string, address: string) => {
+    if (decoy === undefined) return undefined;
+    const checked = await checkHash(secret, decoy, address);
+    return typeof checked === "symbol" ? checked : undefined;
+  };
+  return async (credentials, address) => {
     const colon = credentials.indexOf(":");
     const name = credentials.slice(0, colon);
     const secret = credentials.slice(colon + 1);
     const user = usersByName.get(name);
     if (user === undefined) {
-      if (decoy === undefined) {
-        void constantTimeEqual(secret, cachePepper); // the cost of comparing a plain password
-        return undefined;
-      }
-      const checked = await checkHash(secret, decoy);
-      return checked === HASHING_BUSY ? HASHING_BUSY : undefined;
+      if (decoy === undefined) void constantTimeEqual(secret, cachePepper); // the cost of comparing a plain password
+      return await failure(secret, address);
     }
-    if (user.password !== undefined) return constantTimeEqual(secret, user.password) ? name : undefined;
+    if (user.password !== undefined) {
+      return constantTimeEqual(secret, user.password) ? name : await failure(secret, address);
+    }
     const digest = new Uint8Array(
       await crypto.subtle.digest("SHA-256", textEncoder.encode(`${cachePepper}:${credentials}`)),
     ).join(",");
     if (verifiedHashes.has(digest)) return name;
-    const checked = await checkHash(secret, user.hash!);
-    if (checked !== true) return checked === HASHING_BUSY ? HASHING_BUSY : undefined;
+    const checked = await checkHash(secret, user.hash!, address);
+    if (checked !== true) return typeof checked === "symbol" ? checked : undefined;
     if (verifiedHashes.size >= 10_000) verifiedHashes.delete(verifiedHashes.keys().next().value!);
     verifiedHashes.set(digest, true);
     return name;
@@ -3013,12 +3046,49 @@ class Semaphore {
     return new Promise((resolve) => this.#waiting.push(resolve));
   }
 
+  /** True when no place is reserved. */
+  get idle(): boolean {
+    return this.#reserved === 0;
+  }
+
   /** Ends a running place and lets the next waiting one run. */
   release(): void {
     this.#reserved--;
     const next = this.#waiting.shift();
     if (next) next();
     else this.#running--;
+  }
+}
+
+/**
+ * One `Semaphore` per key (a client address), made on first use and forgotten once it holds nothing: memory
+ * follows the checks in progress, not the addresses ever seen.
+ */
+class KeyedSemaphore {
+  #semaphores = new Map<string, Semaphore>();
+
+  constructor(readonly atOnce: number, readonly maxWaiting: number) {}
+
+  /** Reserves a place for `key`; false when its places are all taken. A true must be ended with `release`. */
+  tryAcquire(key: string): boolean {
+    let semaphore = this.#semaphores.get(key);
+    if (semaphore === undefined) {
+      semaphore = new Semaphore(this.atOnce, this.maxWaiting);
+      this.#semaphores.set(key, semaphore);
+    }
+    return semaphore.tryAcquire();
+  }
+
+  /** Resolves when `key`'s reserved place may run. */
+  turn(key: string): Promise<void> {
+    return this.#semaphores.get(key)!.turn();
+  }
+
+  /** Ends `key`'s place once its turn has come. */
+  release(key: string): void {
+    const semaphore = this.#semaphores.get(key)!;
+    semaphore.release();
+    if (semaphore.idle) this.#semaphores.delete(key);
   }
 }
 
@@ -3180,23 +3250,38 @@ async function checkSignIn(
   if (refusal) return refusal;
   let user: Awaited<ReturnType<Relay["authenticate"]>>;
   try {
-    user = "credentials" in read ? await relay.authenticate(read.credentials) : undefined;
+    user = "credentials" in read ? await relay.authenticate(read.credentials, addressKey(context.client)) : undefined;
     // A wrong guess uses its allowance before its check ends: a check waiting for the place sees the allowance
     // already smaller, so no more checks run than there are guesses left.
     if (user === undefined) await relay.counters.take(guessKey, relay.signInRule);
   } finally {
     await relay.counters.add(`${guessKey}:checking`, -1);
   }
-  if (user === HASHING_BUSY) {
-    context.outcome = "sign_in_busy";
-    return errorResponse(503, "too many sign-ins are being checked; try again in a second", "relay_busy", {
-      "retry-after": "1",
-    });
-  }
   if (user === undefined) {
     return signInRefused(context, "problem" in read ? read.problem : "wrong username or password");
   }
+  if (typeof user === "symbol") return hashingBusy(context, user);
   return signedIn(context, user, apiKeyHeader);
+}
+
+/**
+ * The answer when a sign-in found no place to be checked: 429 when its address has its share of the hashing queue
+ * (it is that address that sends too many), 503 when the whole queue is full.
+ */
+function hashingBusy(context: RequestContext, busy: typeof HASHING_BUSY | typeof ADDRESS_BUSY): Response {
+  if (busy === ADDRESS_BUSY) {
+    context.outcome = "sign_in_address_busy";
+    return errorResponse(
+      429,
+      "too many sign-ins from this address are being checked at once; try again in a second",
+      "too_many_sign_ins",
+      { "retry-after": "1" },
+    );
+  }
+  context.outcome = "sign_in_busy";
+  return errorResponse(503, "too many sign-ins are being checked; try again in a second", "relay_busy", {
+    "retry-after": "1",
+  });
 }
 
 /**
@@ -3211,14 +3296,19 @@ function signInWithPlainPassword(
   user: RelayUser,
   guessKey: string,
   apiKeyHeader: string | undefined,
-): Response | undefined {
+): StageAnswer {
   const lockedFor = relay.counters.wait(guessKey, relay.signInRule) as number;
   if (lockedFor > 0) {
     return lockedOut(context, lockedFor);
   }
   if (!constantTimeEqual(credentials.slice(user.name.length + 1), user.password!)) {
     relay.counters.take(guessKey, relay.signInRule);
-    return signInRefused(context, "wrong username or password");
+    if (!relay.hashedUsers) return signInRefused(context, "wrong username or password");
+    // Counted above, in the same step as the look; the answer then waits for the decoy check an unknown name
+    // costs, so a wrong plain password cannot be told from an unknown name by its time.
+    return relay.authenticate(credentials, addressKey(context.client)).then((failed) =>
+      typeof failed === "symbol" ? hashingBusy(context, failed) : signInRefused(context, "wrong username or password")
+    );
   }
   return signedIn(context, user.name, apiKeyHeader);
 }
