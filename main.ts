@@ -1564,13 +1564,14 @@ export interface LedgerRow {
 /**
  * Counters in this process's memory: lost on restart, one count per process. Memory stays bounded without
  * releasing anybody early: only buckets that have refilled (and so hold nothing worth keeping) are forgotten,
- * and when `maxKeys` buckets are all in use a new key is refused as if its bucket were empty.
+ * and when `maxKeys` buckets are all in use a new key is refused as if its bucket were empty. It keeps no usage
+ * ledger: nothing could read one (`mc-relay usage` reads STATE_PATH or REDIS_URL, and a restart would lose it),
+ * and kept it would grow by a row per day, caller and model for as long as the process runs.
  */
 export class MemoryCounterStore implements CounterStore {
   readonly synchronous = true;
   #buckets = new Map<string, { tokens: number; updatedAt: number; rule: BucketRule }>();
   #counters = new Map<string, { value: number; expiresAt: number }>();
-  #ledger = new Map<string, LedgerRow>();
   #lastSweep = 0;
 
   /** `now` returns milliseconds; tests pass a clock they control. */
@@ -1635,12 +1636,11 @@ export class MemoryCounterStore implements CounterStore {
     return counter === undefined || counter.expiresAt <= this.now() ? 0 : counter.value;
   }
 
-  recordUsage(entry: LedgerEntry): void {
-    addToLedger(this.#ledger, entry);
-  }
+  /** Keeps nothing (see the class): usage while Redis is unreachable is not in the ledger either. */
+  recordUsage(_entry: LedgerEntry): void {}
 
-  readUsage(since: string, until: string): LedgerRow[] {
-    return [...this.#ledger.values()].filter((row) => row.day >= since && row.day <= until);
+  readUsage(_since: string, _until: string): LedgerRow[] {
+    return [];
   }
 
   /** Forgets expired counters and those back at zero. True when there is room for a new one. */
@@ -1680,28 +1680,6 @@ function secondsToWait(tokens: number, rule: BucketRule): number {
 /** The UTC day (`YYYY-MM-DD`) `days` days before `day`. */
 function daysBefore(day: string, days: number): string {
   return new Date(Date.parse(`${day}T00:00:00Z`) - days * 86_400_000).toISOString().slice(0, 10);
-}
-
-/** Adds one answered request to ledger rows kept in a map (the memory store's ledger). */
-function addToLedger(rows: Map<string, LedgerRow>, entry: LedgerEntry): void {
-  const key = JSON.stringify([entry.day, entry.who, entry.model, entry.upstream]);
-  const row = rows.get(key) ?? {
-    day: entry.day,
-    who: entry.who,
-    model: entry.model,
-    upstream: entry.upstream,
-    requests: 0,
-    prompt_tokens: 0,
-    completion_tokens: 0,
-    total_tokens: 0,
-    estimated_requests: 0,
-  };
-  row.requests++;
-  row.prompt_tokens += entry.prompt;
-  row.completion_tokens += entry.completion;
-  row.total_tokens += entry.total;
-  if (entry.estimated) row.estimated_requests++;
-  rows.set(key, row);
 }
 
 /**
