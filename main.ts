@@ -6482,7 +6482,40 @@ async function usageCommand(args: string[], env: RelayEnv): Promise<number> {
   return 0;
 }
 
-/** The summed ledger as a table (with a total line), CSV or JSON. */
+/**
+ * Characters a terminal or an editor acts on rather than shows: C0 and C1 controls (ESC starts the escapes that
+ * move the cursor, retitle the window or make links), DEL, the line and paragraph separators and the bidirectional
+ * overrides (which reorder what is shown), and the backslash that starts an escape.
+ */
+// deno-lint-ignore no-control-regex -- matching control characters is the point
+const UNSHOWABLE = /[\x00-\x1f\x7f-\x9f\\\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+
+/**
+ * A name a client chose (a model, an address) as text that shows as it is: every `UNSHOWABLE` character as an
+ * escape, `\x1b` or `\u202e` (`\\` for the backslash), so names stay readable and different names stay different.
+ */
+function escapeControls(text: string): string {
+  return text.replace(UNSHOWABLE, (char) => {
+    if (char === "\\") return "\\\\";
+    const code = char.charCodeAt(0);
+    return code < 0x100 ? `\\x${code.toString(16).padStart(2, "0")}` : `\\u${code.toString(16).padStart(4, "0")}`;
+  });
+}
+
+/**
+ * A CSV cell (RFC 4180) that a spreadsheet shows and never runs: controls escaped as in the table (the CSV is
+ * printed to a terminal too), a cell that would start a formula (=, +, -, @, tab, carriage return, or those after
+ * spaces, or their full-width forms) prefixed with a single quote as OWASP's CSV-injection guidance says, and such a
+ * cell, or one with a quote or comma, quoted.
+ */
+function csvCell(text: string): string {
+  const shown = escapeControls(text);
+  const formula = /^[\s\u3000]*[=+\-@\t\r\uff1d\uff0b\uff0d\uff20]/.test(shown);
+  const cell = formula ? `'${shown}` : shown;
+  return formula || /[",]/.test(cell) ? `"${cell.replaceAll('"', '""')}"` : cell;
+}
+
+/** The summed ledger as a table (with a total line), CSV or JSON; client-chosen names are shown safely. */
 function formatUsage(sums: ReturnType<typeof summariseUsage>, query: UsageQuery): string {
   const columns = ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "estimated_requests"] as const;
   if (query.format === "json") {
@@ -6498,10 +6531,9 @@ function formatUsage(sums: ReturnType<typeof summariseUsage>, query: UsageQuery)
     );
   }
   if (query.format === "csv") {
-    const quote = (text: string) => /[",\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
     return [
       [query.by, ...columns].join(","),
-      ...sums.map((sum) => [quote(sum.key), ...columns.map((name) => sum[name])].join(",")),
+      ...sums.map((sum) => [csvCell(sum.key), ...columns.map((name) => sum[name])].join(",")),
     ].join("\n");
   }
   const total = {
@@ -6515,7 +6547,7 @@ function formatUsage(sums: ReturnType<typeof summariseUsage>, query: UsageQuery)
   for (const sum of sums) for (const name of columns) total[name] += sum[name];
   const lines = [
     [query.by, ...columns],
-    ...[...sums, total].map((sum) => [sum.key, ...columns.map((name) => String(sum[name]))]),
+    ...[...sums, total].map((sum) => [escapeControls(sum.key), ...columns.map((name) => String(sum[name]))]),
   ];
   const widths = lines[0].map((_, column) => Math.max(...lines.map((line) => line[column].length)));
   const render = (line: string[]) =>

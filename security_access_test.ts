@@ -327,7 +327,7 @@ Deno.test("[security] mc-relay usage escapes control characters in the table and
         assert.ok(keys.includes("'-2+3"));
         assert.ok(keys.includes("'+1+cmd|' /C calc'!A0"));
         assert.ok(keys.includes("'@SUM(1+1)*cmd|' /C calc'!A0"));
-        assert.ok(keys.includes("\\tTAB=1"), "a leading tab is shown as an escape");
+        assert.ok(keys.includes("\\x09TAB=1"), "a leading tab is shown as an escape");
         assert.ok(keys.includes("plain-model"), "ordinary names are unchanged");
         assert.ok(rows.slice(1).every((row) => row.length === 6 && row[1] === "1"));
       },
