@@ -1564,13 +1564,14 @@ export interface LedgerRow {
 /**
  * Counters in this process's memory: lost on restart, one count per process. Memory stays bounded without
  * releasing anybody early: only buckets that have refilled (and so hold nothing worth keeping) are forgotten,
- * and when `maxKeys` buckets are all in use a new key is refused as if its bucket were empty.
+ * and when `maxKeys` buckets are all in use a new key is refused as if its bucket were empty. It keeps no usage
+ * ledger: nothing could read one (`mc-relay usage` reads STATE_PATH or REDIS_URL, and a restart would lose it),
+ * and kept it would grow by a row per day, caller and model for as long as the process runs.
  */
 export class MemoryCounterStore implements CounterStore {
   readonly synchronous = true;
   #buckets = new Map<string, { tokens: number; updatedAt: number; rule: BucketRule }>();
   #counters = new Map<string, { value: number; expiresAt: number }>();
-  #ledger = new Map<string, LedgerRow>();
   #lastSweep = 0;
 
   /** `now` returns milliseconds; tests pass a clock they control. */
@@ -1635,12 +1636,11 @@ export class MemoryCounterStore implements CounterStore {
     return counter === undefined || counter.expiresAt <= this.now() ? 0 : counter.value;
   }
 
-  recordUsage(entry: LedgerEntry): void {
-    addToLedger(this.#ledger, entry);
-  }
+  /** Keeps nothing (see the class): usage while Redis is unreachable is not in the ledger either. */
+  recordUsage(_entry: LedgerEntry): void {}
 
-  readUsage(since: string, until: string): LedgerRow[] {
-    return [...this.#ledger.values()].filter((row) => row.day >= since && row.day <= until);
+  readUsage(_since: string, _until: string): LedgerRow[] {
+    return [];
   }
 
   /** Forgets expired counters and those back at zero. True when there is room for a new one. */
@@ -1680,28 +1680,6 @@ function secondsToWait(tokens: number, rule: BucketRule): number {
 /** The UTC day (`YYYY-MM-DD`) `days` days before `day`. */
 function daysBefore(day: string, days: number): string {
   return new Date(Date.parse(`${day}T00:00:00Z`) - days * 86_400_000).toISOString().slice(0, 10);
-}
-
-/** Adds one answered request to ledger rows kept in a map (the memory store's ledger). */
-function addToLedger(rows: Map<string, LedgerRow>, entry: LedgerEntry): void {
-  const key = JSON.stringify([entry.day, entry.who, entry.model, entry.upstream]);
-  const row = rows.get(key) ?? {
-    day: entry.day,
-    who: entry.who,
-    model: entry.model,
-    upstream: entry.upstream,
-    requests: 0,
-    prompt_tokens: 0,
-    completion_tokens: 0,
-    total_tokens: 0,
-    estimated_requests: 0,
-  };
-  row.requests++;
-  row.prompt_tokens += entry.prompt;
-  row.completion_tokens += entry.completion;
-  row.total_tokens += entry.total;
-  if (entry.estimated) row.estimated_requests++;
-  rows.set(key, row);
 }
 
 /**
@@ -2594,6 +2572,10 @@ interface Relay {
   readonly counters: CounterStore;
   readonly routes: Record<string, Route>;
   readonly allowedOrigins: Set<string>;
+  /** The host names the relay knows it serves (`servedHostNames`): only these can be its own page's origin. */
+  readonly servedHosts: Set<string>;
+  /** PUBLIC_URL's origin, e.g. `https://relay.example.com`: the relay's own page whatever Host a proxy sends. */
+  readonly publicOrigin?: string;
   readonly upstreams: UpstreamTarget[];
   readonly upstreamsByName: Map<string, UpstreamTarget>;
   /** The configured users by name. */
@@ -2606,9 +2588,17 @@ interface Relay {
   readonly allowedModels: Set<string>;
   /** The token bucket of failed sign-ins (AUTH_FAILURES_PER_MINUTE). */
   readonly signInRule: BucketRule;
+  /** True when some user has a hashed password: then every failed sign-in costs a decoy hash check. */
+  readonly hashedUsers: boolean;
 
-  /** The user these `name:password` credentials belong to, if any; HASHING_BUSY when checks are saturated. */
-  authenticate(credentials: string): Promise<string | undefined | typeof HASHING_BUSY>;
+  /**
+   * The user these `name:password` credentials from `address` belong to, if any; HASHING_BUSY when checks are
+   * saturated, ADDRESS_BUSY when the address has its share of them.
+   */
+  authenticate(
+    credentials: string,
+    address: string,
+  ): Promise<string | undefined | typeof HASHING_BUSY | typeof ADDRESS_BUSY>;
   /** The text with every configured secret masked; undefined when a secret shows in a form it cannot mask. */
   maskSecrets(text: string): string | undefined;
   /** A response header's value, or `[REDACTED]` when it holds a configured secret in any form. */
@@ -2747,6 +2737,8 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     counters: options.counters ?? new MemoryCounterStore(options.now),
     routes,
     allowedOrigins: new Set(config.allowedOrigins),
+    servedHosts: servedHostNames(config),
+    publicOrigin: config.publicUrl && new URL(config.publicUrl).origin,
     upstreams,
     upstreamsByName: new Map(upstreams.map((upstream) => [upstream.name, upstream])),
     allowedModels: new Set(config.allowedModels),
@@ -2755,6 +2747,7 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     requestLimits: requestLimits(config),
     now,
     authenticate: createAuthenticator(config.users, metrics),
+    hashedUsers: config.users.some((user) => user.hash !== undefined),
     bodyBudget: new ByteBudget(config.maxBufferedBytes),
     maskSecrets: masker.mask,
     maskHeaderValue: masker.maskHeaderValue,
@@ -2922,21 +2915,34 @@ function secretForms(secret: string): string[] {
 /** What `authenticate` answers when the password hashing queue is full. */
 const HASHING_BUSY = Symbol("hashing busy");
 
+/** What `authenticate` answers when the caller's address already has its share of the hashing queue. */
+const ADDRESS_BUSY = Symbol("address busy");
+
 /** PBKDF2 checks that run at once (one per core here) and that may wait for a turn; past that, 503. */
 const HASH_CHECKS_AT_ONCE = 2;
 const HASH_CHECKS_WAITING = 32;
 
 /**
- * Checks `name:password` credentials against the users. A hashed password costs a PBKDF2 run (about 80 ms of
- * CPU): a success is remembered for this process under a salted SHA-256 of the credentials, so a signed-in user
- * pays it once and never queues behind a flood of guesses. Failures are never remembered. At most
- * HASH_CHECKS_AT_ONCE checks run at once. When hashed users exist, an unknown name costs one PBKDF2 run too, so
- * the time of an answer does not tell which names exist.
+ * One address's share of the hashing queue: at most this many of its checks in the queue (running or waiting), and
+ * this many more waiting behind them for the address's own turn; past that, 429. So one address takes at most a
+ * sixteenth of the queue, and its own burst (a team's first sign-ins behind one NAT) is checked in turn, not refused.
+ */
+const HASH_CHECKS_PER_ADDRESS = 2;
+const HASH_CHECKS_WAITING_PER_ADDRESS = 16;
+
+/**
+ * Checks `name:password` credentials, from a client address, against the users. A hashed password costs a PBKDF2
+ * run (about 80 ms of CPU): a success is remembered for this process under a salted SHA-256 of the credentials, so
+ * a signed-in user pays it once and never queues behind a flood of guesses. Failures are never remembered. At most
+ * HASH_CHECKS_AT_ONCE checks run at once, and one address holds at most HASH_CHECKS_PER_ADDRESS places of the
+ * queue, so a flood of guesses from one address cannot turn away other addresses' sign-ins. When hashed users
+ * exist, every failure costs one PBKDF2 run (an unknown name, a wrong plain password: against a decoy hash), so
+ * the time of an answer does not tell which names exist nor which have plain passwords.
  */
 function createAuthenticator(
   users: RelayUser[],
   metrics: RelayMetrics,
-): (credentials: string) => Promise<string | undefined | typeof HASHING_BUSY> {
+): (credentials: string, address: string) => Promise<string | undefined | typeof HASHING_BUSY | typeof ADDRESS_BUSY> {
   const usersByName = new Map(users.map((user) => [user.name, user]));
   const verifiedHashes = new Map<string, true>();
   const cachePepper = crypto.getRandomValues(new Uint8Array(16)).join(",");
@@ -2947,36 +2953,47 @@ function createAuthenticator(
     hash: crypto.getRandomValues(new Uint8Array(32)),
   };
   const hashChecks = new Semaphore(HASH_CHECKS_AT_ONCE, HASH_CHECKS_WAITING);
-  const checkHash = async (secret: string, hash: PasswordHash) => {
-    if (!hashChecks.tryAcquire()) return HASHING_BUSY;
-    await hashChecks.turn();
-    metrics.hashChecks++;
+  const shares = new KeyedSemaphore(HASH_CHECKS_PER_ADDRESS, HASH_CHECKS_WAITING_PER_ADDRESS);
+  const checkHash = async (secret: string, hash: PasswordHash, address: string) => {
+    if (!shares.tryAcquire(address)) return ADDRESS_BUSY;
     try {
-      return await verifyPasswordHash(secret, hash);
+      await shares.turn(address);
+      if (!hashChecks.tryAcquire()) return HASHING_BUSY;
+      await hashChecks.turn();
+      metrics.hashChecks++;
+      try {
+        return await verifyPasswordHash(secret, hash);
+      } finally {
+        hashChecks.release();
+      }
     } finally {
-      hashChecks.release();
+      shares.release(address);
     }
   };
-  return async (credentials) => {
+  /** A failed sign-in: with hashed users, one decoy check first (its answer is a failure whatever it finds). */
+  const failure = async (secret: string, address: string) => {
+    if (decoy === undefined) return undefined;
+    const checked = await checkHash(secret, decoy, address);
+    return typeof checked === "symbol" ? checked : undefined;
+  };
+  return async (credentials, address) => {
     const colon = credentials.indexOf(":");
     const name = credentials.slice(0, colon);
     const secret = credentials.slice(colon + 1);
     const user = usersByName.get(name);
     if (user === undefined) {
-      if (decoy === undefined) {
-        void constantTimeEqual(secret, cachePepper); // the cost of comparing a plain password
-        return undefined;
-      }
-      const checked = await checkHash(secret, decoy);
-      return checked === HASHING_BUSY ? HASHING_BUSY : undefined;
+      if (decoy === undefined) void constantTimeEqual(secret, cachePepper); // the cost of comparing a plain password
+      return await failure(secret, address);
     }
-    if (user.password !== undefined) return constantTimeEqual(secret, user.password) ? name : undefined;
+    if (user.password !== undefined) {
+      return constantTimeEqual(secret, user.password) ? name : await failure(secret, address);
+    }
     const digest = new Uint8Array(
       await crypto.subtle.digest("SHA-256", textEncoder.encode(`${cachePepper}:${credentials}`)),
     ).join(",");
     if (verifiedHashes.has(digest)) return name;
-    const checked = await checkHash(secret, user.hash!);
-    if (checked !== true) return checked === HASHING_BUSY ? HASHING_BUSY : undefined;
+    const checked = await checkHash(secret, user.hash!, address);
+    if (checked !== true) return typeof checked === "symbol" ? checked : undefined;
     if (verifiedHashes.size >= 10_000) verifiedHashes.delete(verifiedHashes.keys().next().value!);
     verifiedHashes.set(digest, true);
     return name;
@@ -3007,12 +3024,49 @@ class Semaphore {
     return new Promise((resolve) => this.#waiting.push(resolve));
   }
 
+  /** True when no place is reserved. */
+  get idle(): boolean {
+    return this.#reserved === 0;
+  }
+
   /** Ends a running place and lets the next waiting one run. */
   release(): void {
     this.#reserved--;
     const next = this.#waiting.shift();
     if (next) next();
     else this.#running--;
+  }
+}
+
+/**
+ * One `Semaphore` per key (a client address), made on first use and forgotten once it holds nothing: memory
+ * follows the checks in progress, not the addresses ever seen.
+ */
+class KeyedSemaphore {
+  #semaphores = new Map<string, Semaphore>();
+
+  constructor(readonly atOnce: number, readonly maxWaiting: number) {}
+
+  /** Reserves a place for `key`; false when its places are all taken. A true must be ended with `release`. */
+  tryAcquire(key: string): boolean {
+    let semaphore = this.#semaphores.get(key);
+    if (semaphore === undefined) {
+      semaphore = new Semaphore(this.atOnce, this.maxWaiting);
+      this.#semaphores.set(key, semaphore);
+    }
+    return semaphore.tryAcquire();
+  }
+
+  /** Resolves when `key`'s reserved place may run. */
+  turn(key: string): Promise<void> {
+    return this.#semaphores.get(key)!.turn();
+  }
+
+  /** Ends `key`'s place once its turn has come. */
+  release(key: string): void {
+    const semaphore = this.#semaphores.get(key)!;
+    semaphore.release();
+    if (semaphore.idle) this.#semaphores.delete(key);
   }
 }
 
@@ -3027,25 +3081,51 @@ function checkHost(_relay: Relay, context: RequestContext): Response | undefined
   return errorResponse(400, "the Host header must be a host name or address with an optional port", "invalid_host");
 }
 
+/** Host names no resolver is asked about: an IPv4 address as browsers write it, or an IPv6 one in brackets. */
+const ADDRESS_LITERAL = /^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-f:.]+\])$/;
+
 /**
- * Whether the request comes from a page of the relay's own origin (its page at /): the Origin's host is the Host
- * the browser sent the request to. A browser never lets another page send that Origin.
+ * The host names the relay knows it serves, lowercased as a URL has them: the loopback names, PUBLIC_URL's host,
+ * and HOST unless it listens everywhere (0.0.0.0, ::), where it names nothing. A DNS name outside these may point
+ * at the relay for a moment only (DNS rebinding), so it is never taken for the relay's own.
  */
-function isSameOrigin(context: RequestContext): boolean {
-  try {
-    return context.origin !== null && new URL(context.origin).host === context.request.headers.get("host");
-  } catch {
-    return false;
-  }
+function servedHostNames(config: RelayConfig): Set<string> {
+  const names = new Set(["localhost", "127.0.0.1", "[::1]"]);
+  if (config.publicUrl) names.add(new URL(config.publicUrl).hostname);
+  const host = config.host.toLowerCase().replace(/^([0-9a-f:]*:[0-9a-f:.]*)$/, "[$1]");
+  if (host !== "" && host !== "0.0.0.0" && host !== "[::]") names.add(host);
+  return names;
 }
 
 /**
- * Stage: origin. A browser origin that is not in ALLOWED_ORIGIN (nor the relay's own page) gets 403 without CORS
+ * Whether the request comes from a page of the relay's own origin (its page at /). A browser never lets another page
+ * send that Origin, but the Host it sends is whatever name the page was loaded from: a page of an attacker's name
+ * that resolves to the relay a moment later (DNS rebinding) sends an Origin matching its Host too. So the Origin
+ * is the relay's own when it is PUBLIC_URL's, or when it matches the Host and that Host is a name the relay knows
+ * it serves (`servedHostNames`) or an address literal, which no DNS answer can rebind.
+ */
+function isSameOrigin(relay: Relay, context: RequestContext): boolean {
+  if (context.origin === null) return false;
+  if (context.origin === relay.publicOrigin) return true;
+  let url: URL;
+  try {
+    url = new URL(context.origin);
+  } catch {
+    return false;
+  }
+  if (url.host !== context.request.headers.get("host")?.toLowerCase()) return false;
+  return relay.servedHosts.has(url.hostname) || ADDRESS_LITERAL.test(url.hostname);
+}
+
+/**
+ * Stage: origin. A browser origin that is not in ALLOWED_ORIGIN (nor the relay's own page, `isSameOrigin`) gets 403 without CORS
  * headers, so the page cannot read it, and nothing reaches the upstream. Requests without Origin (servers, curl)
  * pass on.
  */
 function checkOrigin(relay: Relay, context: RequestContext): Response | undefined {
-  if (context.origin === null || relay.allowedOrigins.has(context.origin) || isSameOrigin(context)) return undefined;
+  if (context.origin === null || relay.allowedOrigins.has(context.origin) || isSameOrigin(relay, context)) {
+    return undefined;
+  }
   return errorResponse(
     403,
     `origin ${context.origin} is not allowed; add it to ALLOWED_ORIGIN`,
@@ -3148,23 +3228,38 @@ async function checkSignIn(
   if (refusal) return refusal;
   let user: Awaited<ReturnType<Relay["authenticate"]>>;
   try {
-    user = "credentials" in read ? await relay.authenticate(read.credentials) : undefined;
+    user = "credentials" in read ? await relay.authenticate(read.credentials, addressKey(context.client)) : undefined;
     // A wrong guess uses its allowance before its check ends: a check waiting for the place sees the allowance
     // already smaller, so no more checks run than there are guesses left.
     if (user === undefined) await relay.counters.take(guessKey, relay.signInRule);
   } finally {
     await relay.counters.add(`${guessKey}:checking`, -1);
   }
-  if (user === HASHING_BUSY) {
-    context.outcome = "sign_in_busy";
-    return errorResponse(503, "too many sign-ins are being checked; try again in a second", "relay_busy", {
-      "retry-after": "1",
-    });
-  }
   if (user === undefined) {
     return signInRefused(context, "problem" in read ? read.problem : "wrong username or password");
   }
+  if (typeof user === "symbol") return hashingBusy(context, user);
   return signedIn(context, user, apiKeyHeader);
+}
+
+/**
+ * The answer when a sign-in found no place to be checked: 429 when its address has its share of the hashing queue
+ * (it is that address that sends too many), 503 when the whole queue is full.
+ */
+function hashingBusy(context: RequestContext, busy: typeof HASHING_BUSY | typeof ADDRESS_BUSY): Response {
+  if (busy === ADDRESS_BUSY) {
+    context.outcome = "sign_in_address_busy";
+    return errorResponse(
+      429,
+      "too many sign-ins from this address are being checked at once; try again in a second",
+      "too_many_sign_ins",
+      { "retry-after": "1" },
+    );
+  }
+  context.outcome = "sign_in_busy";
+  return errorResponse(503, "too many sign-ins are being checked; try again in a second", "relay_busy", {
+    "retry-after": "1",
+  });
 }
 
 /**
@@ -3179,14 +3274,19 @@ function signInWithPlainPassword(
   user: RelayUser,
   guessKey: string,
   apiKeyHeader: string | undefined,
-): Response | undefined {
+): StageAnswer {
   const lockedFor = relay.counters.wait(guessKey, relay.signInRule) as number;
   if (lockedFor > 0) {
     return lockedOut(context, lockedFor);
   }
   if (!constantTimeEqual(credentials.slice(user.name.length + 1), user.password!)) {
     relay.counters.take(guessKey, relay.signInRule);
-    return signInRefused(context, "wrong username or password");
+    if (!relay.hashedUsers) return signInRefused(context, "wrong username or password");
+    // Counted above, in the same step as the look; the answer then waits for the decoy check an unknown name
+    // costs, so a wrong plain password cannot be told from an unknown name by its time.
+    return relay.authenticate(credentials, addressKey(context.client)).then((failed) =>
+      typeof failed === "symbol" ? hashingBusy(context, failed) : signInRefused(context, "wrong username or password")
+    );
   }
   return signedIn(context, user.name, apiKeyHeader);
 }
@@ -6382,7 +6482,40 @@ async function usageCommand(args: string[], env: RelayEnv): Promise<number> {
   return 0;
 }
 
-/** The summed ledger as a table (with a total line), CSV or JSON. */
+/**
+ * Characters a terminal or an editor acts on rather than shows: C0 and C1 controls (ESC starts the escapes that
+ * move the cursor, retitle the window or make links), DEL, the line and paragraph separators and the bidirectional
+ * overrides (which reorder what is shown), and the backslash that starts an escape.
+ */
+// deno-lint-ignore no-control-regex -- matching control characters is the point
+const UNSHOWABLE = /[\x00-\x1f\x7f-\x9f\\\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+
+/**
+ * A name a client chose (a model, an address) as text that shows as it is: every `UNSHOWABLE` character as an
+ * escape, `\x1b` or `\u202e` (`\\` for the backslash), so names stay readable and different names stay different.
+ */
+function escapeControls(text: string): string {
+  return text.replace(UNSHOWABLE, (char) => {
+    if (char === "\\") return "\\\\";
+    const code = char.charCodeAt(0);
+    return code < 0x100 ? `\\x${code.toString(16).padStart(2, "0")}` : `\\u${code.toString(16).padStart(4, "0")}`;
+  });
+}
+
+/**
+ * A CSV cell (RFC 4180) that a spreadsheet shows and never runs: controls escaped as in the table (the CSV is
+ * printed to a terminal too), a cell that would start a formula (=, +, -, @, tab, carriage return, or those after
+ * spaces, or their full-width forms) prefixed with a single quote as OWASP's CSV-injection guidance says, and such a
+ * cell, or one with a quote or comma, quoted.
+ */
+function csvCell(text: string): string {
+  const shown = escapeControls(text);
+  const formula = /^[\s\u3000]*[=+\-@\t\r\uff1d\uff0b\uff0d\uff20]/.test(shown);
+  const cell = formula ? `'${shown}` : shown;
+  return formula || /[",]/.test(cell) ? `"${cell.replaceAll('"', '""')}"` : cell;
+}
+
+/** The summed ledger as a table (with a total line), CSV or JSON; client-chosen names are shown safely. */
 function formatUsage(sums: ReturnType<typeof summariseUsage>, query: UsageQuery): string {
   const columns = ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "estimated_requests"] as const;
   if (query.format === "json") {
@@ -6398,10 +6531,9 @@ function formatUsage(sums: ReturnType<typeof summariseUsage>, query: UsageQuery)
     );
   }
   if (query.format === "csv") {
-    const quote = (text: string) => /[",\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
     return [
       [query.by, ...columns].join(","),
-      ...sums.map((sum) => [quote(sum.key), ...columns.map((name) => sum[name])].join(",")),
+      ...sums.map((sum) => [csvCell(sum.key), ...columns.map((name) => sum[name])].join(",")),
     ].join("\n");
   }
   const total = {
@@ -6415,7 +6547,7 @@ function formatUsage(sums: ReturnType<typeof summariseUsage>, query: UsageQuery)
   for (const sum of sums) for (const name of columns) total[name] += sum[name];
   const lines = [
     [query.by, ...columns],
-    ...[...sums, total].map((sum) => [sum.key, ...columns.map((name) => String(sum[name]))]),
+    ...[...sums, total].map((sum) => [escapeControls(sum.key), ...columns.map((name) => String(sum[name]))]),
   ];
   const widths = lines[0].map((_, column) => Math.max(...lines.map((line) => line[column].length)));
   const render = (line: string[]) =>
