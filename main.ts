@@ -1264,10 +1264,21 @@ export function clientAddress(request: Request, info: Deno.ServeHandlerInfo, tru
   const forwarded = (request.headers.get("x-forwarded-for") ?? "").split(",").map((entry) => entry.trim())
     .filter(Boolean);
   if (forwarded.length === 0) return peer;
-  if (trust.hops > 0) return forwarded[Math.max(0, forwarded.length - trust.hops)].slice(0, 64);
+  if (trust.hops > 0) return withoutPort(forwarded[Math.max(0, forwarded.length - trust.hops)]).slice(0, 64);
   let index = forwarded.length - 1;
-  while (index > 0 && inRanges(forwarded[index], trust.ranges)) index--;
-  return forwarded[index].slice(0, 64);
+  while (index > 0 && inRanges(withoutPort(forwarded[index]), trust.ranges)) index--;
+  return withoutPort(forwarded[index]).slice(0, 64);
+}
+
+/**
+ * An X-Forwarded-For entry without the port some proxies append (Azure, IIS ARR: `203.0.113.8:50001`,
+ * `[2001:db8::1]:443`): counted with it, every connection of one client would get limits and budgets of its own.
+ */
+function withoutPort(entry: string): string {
+  const bracketed = /^\[([^\]]*)\](?::\d*)?$/.exec(entry);
+  if (bracketed !== null) return bracketed[1];
+  const v4 = /^(\d{1,3}(?:\.\d{1,3}){3}):\d*$/.exec(entry);
+  return v4 !== null ? v4[1] : entry;
 }
 
 /**
