@@ -4362,6 +4362,8 @@ async function callUpstream(
     // The client's value replaces an extra header of the same name, as it always did.
     if (value !== null) headers[name] = value;
   }
+  // The body sent is the relay's own serialisation (UTF-8 JSON), whatever type and charset the client declared.
+  if (context.body !== undefined) headers["content-type"] = "application/json";
   if (attempt.model !== undefined) {
     context.payload!.model = attempt.model;
     context.body = textEncoder.encode(JSON.stringify(context.payload)) as Uint8Array<ArrayBuffer>;
