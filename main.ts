@@ -1573,26 +1573,29 @@ export interface LedgerRow {
 }
 
 /**
- * Counters in this process's memory: lost on restart, one count per process. Memory stays bounded without
- * releasing anybody early: only buckets that have refilled (and so hold nothing worth keeping) are forgotten,
- * and when `maxKeys` buckets are all in use a new key is refused as if its bucket were empty.
+ * Counters in this process's memory: lost on restart, one count per process. Memory stays bounded (`maxKeys`
+ * buckets, and as many counters) without ever turning a newcomer away: when the buckets are full, those that have
+ * refilled are forgotten first (they hold nothing), then the fullest tenth of the rest, the ones whose callers
+ * have used the least, oldest first. So a flood of callers that each made one request (100,000 IPv6 /64s with one
+ * invalid request each) is forgotten before anybody who has spent an allowance: a locked-out client or a spent
+ * budget outlives the flood unless nine in ten buckets are emptier than its own. Counters (places in flight,
+ * token budgets) are never evicted while they hold anything: a new one past `maxKeys` is refused (Infinity).
  */
 export class MemoryCounterStore implements CounterStore {
   readonly synchronous = true;
   #buckets = new Map<string, { tokens: number; updatedAt: number; rule: BucketRule }>();
   #counters = new Map<string, { value: number; expiresAt: number }>();
   #ledger = new Map<string, LedgerRow>();
-  #lastSweep = 0;
 
   /** `now` returns milliseconds; tests pass a clock they control. */
   constructor(readonly now: () => number = Date.now, readonly maxKeys = 100_000) {}
 
-  /** The bucket of `key`, refilled up to now; undefined for a new key when the store is full. */
+  /** The bucket of `key`, refilled up to now; a new one for a new key, room made for it when the store is full. */
   #bucket(key: string, rule: BucketRule) {
     const now = this.now();
     let bucket = this.#buckets.get(key);
     if (bucket === undefined) {
-      if (this.#buckets.size >= this.maxKeys && !this.#sweep(now)) return undefined;
+      if (this.#buckets.size >= this.maxKeys) this.#evict(now);
       bucket = { tokens: rule.capacity, updatedAt: now, rule };
       this.#buckets.set(key, bucket);
     }
@@ -1603,13 +1606,12 @@ export class MemoryCounterStore implements CounterStore {
 
   wait(key: string, rule: BucketRule): number {
     if (rule.capacity === 0 || !this.#buckets.has(key)) return 0;
-    return secondsToWait(this.#bucket(key, rule)!.tokens, rule);
+    return secondsToWait(this.#bucket(key, rule).tokens, rule);
   }
 
   take(key: string, rule: BucketRule): number {
     if (rule.capacity === 0) return 0;
     const bucket = this.#bucket(key, rule);
-    if (bucket === undefined) return secondsToWait(0, rule);
     if (bucket.tokens < 1) return secondsToWait(bucket.tokens, rule);
     bucket.tokens -= 1;
     return 0;
@@ -1622,7 +1624,7 @@ export class MemoryCounterStore implements CounterStore {
 
   remaining(key: string, rule: BucketRule): number {
     if (!this.#buckets.has(key)) return rule.capacity;
-    return Math.floor(this.#bucket(key, rule)!.tokens);
+    return Math.floor(this.#bucket(key, rule).tokens);
   }
 
   add(key: string, amount: number, expiresAt = Infinity): number {
@@ -1662,15 +1664,22 @@ export class MemoryCounterStore implements CounterStore {
     return this.#counters.size < this.maxKeys;
   }
 
-  /** Forgets every bucket that has refilled; at most once a second. True when there is room for a new key. */
-  #sweep(now: number): boolean {
-    if (now - this.#lastSweep >= 1000) {
-      this.#lastSweep = now;
-      for (const [key, { tokens, updatedAt, rule }] of this.#buckets) {
-        if (refilled(tokens, updatedAt, now, rule) >= rule.capacity) this.#buckets.delete(key);
-      }
+  /**
+   * Makes room for new buckets: forgets those that have refilled, then, while more than nine in ten of `maxKeys`
+   * are left, the fullest of the rest (a caller who used least loses least), the longest untouched first. Sorting
+   * once for a tenth of the store keeps a flood of new keys at a few microseconds each.
+   */
+  #evict(now: number): void {
+    const scored: { key: string; left: number; updatedAt: number }[] = [];
+    for (const [key, { tokens, updatedAt, rule }] of this.#buckets) {
+      const left = refilled(tokens, updatedAt, now, rule) / rule.capacity;
+      if (left >= 1) this.#buckets.delete(key);
+      else scored.push({ key, left, updatedAt });
     }
-    return this.#buckets.size < this.maxKeys;
+    const excess = this.#buckets.size - Math.floor(this.maxKeys * 0.9);
+    if (excess <= 0) return;
+    scored.sort((a, b) => b.left - a.left || a.updatedAt - b.updatedAt);
+    for (let index = 0; index < excess; index++) this.#buckets.delete(scored[index].key);
   }
 }
 
