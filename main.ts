@@ -119,7 +119,10 @@ export interface RelayConfig {
   metricsPort?: number;
   /** The interface METRICS_PORT listens on (METRICS_HOST, default loopback). */
   metricsHost: string;
-  /** Request bodies held in memory at once, all requests together (MAX_BUFFERED_BYTES); past it, 503. */
+  /**
+   * Request bodies held in memory at once, all requests together (MAX_BUFFERED_BYTES); past it, 503. One caller may
+   * hold a quarter of it, or one MAX_REQUEST_BYTES body if that is more.
+   */
   maxBufferedBytes: number;
   /** Exact browser origins allowed to call the relay; empty allows none. */
   allowedOrigins: string[];
@@ -1264,10 +1267,21 @@ export function clientAddress(request: Request, info: Deno.ServeHandlerInfo, tru
   const forwarded = (request.headers.get("x-forwarded-for") ?? "").split(",").map((entry) => entry.trim())
     .filter(Boolean);
   if (forwarded.length === 0) return peer;
-  if (trust.hops > 0) return forwarded[Math.max(0, forwarded.length - trust.hops)].slice(0, 64);
+  if (trust.hops > 0) return withoutPort(forwarded[Math.max(0, forwarded.length - trust.hops)]).slice(0, 64);
   let index = forwarded.length - 1;
-  while (index > 0 && inRanges(forwarded[index], trust.ranges)) index--;
-  return forwarded[index].slice(0, 64);
+  while (index > 0 && inRanges(withoutPort(forwarded[index]), trust.ranges)) index--;
+  return withoutPort(forwarded[index]).slice(0, 64);
+}
+
+/**
+ * An X-Forwarded-For entry without the port some proxies append (Azure, IIS ARR: `203.0.113.8:50001`,
+ * `[2001:db8::1]:443`): counted with it, every connection of one client would get limits and budgets of its own.
+ */
+function withoutPort(entry: string): string {
+  const bracketed = /^\[([^\]]*)\](?::\d*)?$/.exec(entry);
+  if (bracketed !== null) return bracketed[1];
+  const v4 = /^(\d{1,3}(?:\.\d{1,3}){3}):\d*$/.exec(entry);
+  return v4 !== null ? v4[1] : entry;
 }
 
 /**
@@ -1562,27 +1576,30 @@ export interface LedgerRow {
 }
 
 /**
- * Counters in this process's memory: lost on restart, one count per process. Memory stays bounded without
- * releasing anybody early: only buckets that have refilled (and so hold nothing worth keeping) are forgotten,
- * and when `maxKeys` buckets are all in use a new key is refused as if its bucket were empty. It keeps no usage
- * ledger: nothing could read one (`mc-relay usage` reads STATE_PATH or REDIS_URL, and a restart would lose it),
- * and kept it would grow by a row per day, caller and model for as long as the process runs.
+ * Counters in this process's memory: lost on restart, one count per process. Memory stays bounded (`maxKeys`
+ * buckets, and as many counters) without ever turning a newcomer away: when the buckets are full, those that have
+ * refilled are forgotten first (they hold nothing), then the fullest tenth of the rest, the ones whose callers
+ * have used the least, oldest first. So a flood of callers that each made one request (100,000 IPv6 /64s with one
+ * invalid request each) is forgotten before anybody who has spent an allowance: a locked-out client or a spent
+ * budget outlives the flood unless nine in ten buckets are emptier than its own. Counters (places in flight,
+ * token budgets) are never evicted while they hold anything: a new one past `maxKeys` is refused (Infinity).
+ * It keeps no usage ledger: nothing could read one (`mc-relay usage` reads STATE_PATH or REDIS_URL, and a restart
+ * would lose it), and kept it would grow by a row per day, caller and model for as long as the process runs.
  */
 export class MemoryCounterStore implements CounterStore {
   readonly synchronous = true;
   #buckets = new Map<string, { tokens: number; updatedAt: number; rule: BucketRule }>();
   #counters = new Map<string, { value: number; expiresAt: number }>();
-  #lastSweep = 0;
 
   /** `now` returns milliseconds; tests pass a clock they control. */
   constructor(readonly now: () => number = Date.now, readonly maxKeys = 100_000) {}
 
-  /** The bucket of `key`, refilled up to now; undefined for a new key when the store is full. */
+  /** The bucket of `key`, refilled up to now; a new one for a new key, room made for it when the store is full. */
   #bucket(key: string, rule: BucketRule) {
     const now = this.now();
     let bucket = this.#buckets.get(key);
     if (bucket === undefined) {
-      if (this.#buckets.size >= this.maxKeys && !this.#sweep(now)) return undefined;
+      if (this.#buckets.size >= this.maxKeys) this.#evict(now);
       bucket = { tokens: rule.capacity, updatedAt: now, rule };
       this.#buckets.set(key, bucket);
     }
@@ -1593,13 +1610,12 @@ export class MemoryCounterStore implements CounterStore {
 
   wait(key: string, rule: BucketRule): number {
     if (rule.capacity === 0 || !this.#buckets.has(key)) return 0;
-    return secondsToWait(this.#bucket(key, rule)!.tokens, rule);
+    return secondsToWait(this.#bucket(key, rule).tokens, rule);
   }
 
   take(key: string, rule: BucketRule): number {
     if (rule.capacity === 0) return 0;
     const bucket = this.#bucket(key, rule);
-    if (bucket === undefined) return secondsToWait(0, rule);
     if (bucket.tokens < 1) return secondsToWait(bucket.tokens, rule);
     bucket.tokens -= 1;
     return 0;
@@ -1612,7 +1628,7 @@ export class MemoryCounterStore implements CounterStore {
 
   remaining(key: string, rule: BucketRule): number {
     if (!this.#buckets.has(key)) return rule.capacity;
-    return Math.floor(this.#bucket(key, rule)!.tokens);
+    return Math.floor(this.#bucket(key, rule).tokens);
   }
 
   add(key: string, amount: number, expiresAt = Infinity): number {
@@ -1651,15 +1667,22 @@ export class MemoryCounterStore implements CounterStore {
     return this.#counters.size < this.maxKeys;
   }
 
-  /** Forgets every bucket that has refilled; at most once a second. True when there is room for a new key. */
-  #sweep(now: number): boolean {
-    if (now - this.#lastSweep >= 1000) {
-      this.#lastSweep = now;
-      for (const [key, { tokens, updatedAt, rule }] of this.#buckets) {
-        if (refilled(tokens, updatedAt, now, rule) >= rule.capacity) this.#buckets.delete(key);
-      }
+  /**
+   * Makes room for new buckets: forgets those that have refilled, then, while more than nine in ten of `maxKeys`
+   * are left, the fullest of the rest (a caller who used least loses least), the longest untouched first. Sorting
+   * once for a tenth of the store keeps a flood of new keys at a few microseconds each.
+   */
+  #evict(now: number): void {
+    const scored: { key: string; left: number; updatedAt: number }[] = [];
+    for (const [key, { tokens, updatedAt, rule }] of this.#buckets) {
+      const left = refilled(tokens, updatedAt, now, rule) / rule.capacity;
+      if (left >= 1) this.#buckets.delete(key);
+      else scored.push({ key, left, updatedAt });
     }
-    return this.#buckets.size < this.maxKeys;
+    const excess = this.#buckets.size - Math.floor(this.maxKeys * 0.9);
+    if (excess <= 0) return;
+    scored.sort((a, b) => b.left - a.left || a.updatedAt - b.updatedAt);
+    for (let index = 0; index < excess; index++) this.#buckets.delete(scored[index].key);
   }
 }
 
@@ -2469,6 +2492,8 @@ interface RequestContext {
   readonly validHost: boolean;
   /** Bytes of the request body counted against MAX_BUFFERED_BYTES until it has been sent upstream. */
   heldBytes: number;
+  /** Whose share of MAX_BUFFERED_BYTES `heldBytes` count against: `user:<name>` or `address:<key>`. */
+  bodyHolder?: string;
   /** The route matched by `matchRoute`. */
   route?: Route;
   /** The path inside BASE_PATH that `matchRoute` matched, e.g. `/v1/models`. */
@@ -2559,6 +2584,8 @@ export interface HandlerOptions {
   metrics?: RelayMetrics;
   /** Where limits and lockouts are counted; in process memory unless given. */
   counters?: CounterStore;
+  /** The longest a request body may go without a byte (10 s, BODY_IDLE_MS); tests shorten it. */
+  bodyIdleMs?: number;
 }
 
 /** A `Deno.serve` handler. */
@@ -2613,6 +2640,8 @@ interface Relay {
   readonly breakers: CircuitBreakers;
   /** Request bodies held at once (MAX_BUFFERED_BYTES). */
   readonly bodyBudget: ByteBudget;
+  /** What bounds the reading of each request body. */
+  readonly bodyLimits: BodyLimits;
 }
 
 /**
@@ -2748,7 +2777,12 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     now,
     authenticate: createAuthenticator(config.users, metrics),
     hashedUsers: config.users.some((user) => user.hash !== undefined),
-    bodyBudget: new ByteBudget(config.maxBufferedBytes),
+    bodyBudget: new ByteBudget(config.maxBufferedBytes, config.maxRequestBytes),
+    bodyLimits: {
+      maxRequestBytes: config.maxRequestBytes,
+      requestTimeoutMs: config.requestTimeoutMs,
+      idleMs: Math.min(options.bodyIdleMs ?? BODY_IDLE_MS, config.requestTimeoutMs),
+    },
     maskSecrets: masker.mask,
     maskHeaderValue: masker.maskHeaderValue,
     upstreamSecrets,
@@ -2788,6 +2822,7 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
     bytesIn: 0,
     bytesOut: 0,
     heldBytes: 0,
+    bodyHolder: undefined,
     validHost,
     // Every field a stage may set, set here: one object of one shape per request, not one grown field by field.
     route: undefined,
@@ -3466,8 +3501,9 @@ function answerMetrics(relay: Relay, context: RequestContext): Response | undefi
 }
 
 /**
- * Stage: body checks. A POST body is read whole (413 past MAX_REQUEST_BYTES, 408 when it does not arrive in
- * time, 503 when MAX_BUFFERED_BYTES are held already) and must be one JSON object (400 otherwise): every POST
+ * Stage: body checks. A POST body is read whole (413 past MAX_REQUEST_BYTES, 408 when it stalls for 10 s or does
+ * not arrive in time, 503 past MAX_BUFFERED_BYTES or the caller's share of it: see `readBody`, `ByteBudget`) and
+ * must be one JSON object (400 otherwise): every POST
  * route of the OpenAI API takes one. It is parsed once, and forwarded as the relay serialises it again, so
  * the upstream receives exactly what the relay checked and logs.
  */
@@ -3478,7 +3514,7 @@ function readRequestBody(relay: Relay, context: RequestContext): StageAnswer {
 
 /** The body stage's reading and checking of a POST body. */
 async function readJsonBody(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  const read = await readBody(context.request, relay.config, reserveBodyBytes(relay, context));
+  const read = await readBody(context.request, relay.bodyLimits, reserveBodyBytes(relay, context));
   if ("status" in read) {
     context.outcome = read.outcome;
     return errorResponse(read.status, read.message, read.code, read.headers);
@@ -3796,10 +3832,14 @@ function upstreamHeaders(target: UpstreamTarget, auth?: string): Record<string, 
   return { ...target.baseHeaders, [target.authHeader]: auth ?? target.authValue };
 }
 
-/** Counts a request's body bytes against MAX_BUFFERED_BYTES as they arrive; `releaseBody` gives them back. */
+/**
+ * Counts a request's body bytes against MAX_BUFFERED_BYTES as they arrive, and against its caller's share of it:
+ * the signed-in user, else the address (by /64 for IPv6, as the limits count it); `releaseBody` gives them back.
+ */
 function reserveBodyBytes(relay: Relay, context: RequestContext): (bytes: number) => boolean {
+  context.bodyHolder = context.user !== undefined ? `user:${context.user}` : `address:${addressKey(context.client)}`;
   return (bytes) => {
-    if (!relay.bodyBudget.reserve(bytes)) return false;
+    if (!relay.bodyBudget.reserve(context.bodyHolder!, bytes)) return false;
     context.heldBytes += bytes;
     return true;
   };
@@ -3807,7 +3847,7 @@ function reserveBodyBytes(relay: Relay, context: RequestContext): (bytes: number
 
 /** Drops the request body once it has been sent: its bytes no longer count against MAX_BUFFERED_BYTES. */
 function releaseBody(relay: Relay, context: RequestContext): void {
-  relay.bodyBudget.release(context.heldBytes);
+  if (context.bodyHolder !== undefined) relay.bodyBudget.release(context.bodyHolder, context.heldBytes);
   context.heldBytes = 0;
   context.body = undefined;
   context.payload = undefined;
@@ -4451,6 +4491,8 @@ async function callUpstream(
     // The client's value replaces an extra header of the same name, as it always did.
     if (value !== null) headers[name] = value;
   }
+  // The body sent is the relay's own serialisation (UTF-8 JSON), whatever type and charset the client declared.
+  if (context.body !== undefined) headers["content-type"] = "application/json";
   if (attempt.model !== undefined) {
     context.payload!.model = attempt.model;
     context.body = textEncoder.encode(JSON.stringify(context.payload)) as Uint8Array<ArrayBuffer>;
@@ -4695,7 +4737,7 @@ async function answerSeal(relay: Relay, context: RequestContext): Promise<Respon
       },
     );
   }
-  const read = await readBody(context.request, relay.config, reserveBodyBytes(relay, context));
+  const read = await readBody(context.request, relay.bodyLimits, reserveBodyBytes(relay, context));
   if ("status" in read) return errorResponse(read.status, read.message, read.code, read.headers);
   const request = parseJson(read.body) as { key?: unknown; upstream?: unknown; expiresInDays?: unknown } | undefined;
   const target = typeof request?.upstream === "string" ? relay.upstreamsByName.get(request.upstream) : undefined;
@@ -5162,66 +5204,65 @@ type BodyRead =
   | { body: Uint8Array<ArrayBuffer> }
   | { status: number; message: string; code: string; outcome: string; headers?: Record<string, string> };
 
+/** What bounds the reading of one request body. */
+interface BodyLimits {
+  /** MAX_REQUEST_BYTES. */
+  maxRequestBytes: number;
+  /** REQUEST_TIMEOUT_SECONDS, in milliseconds: the longest a whole body may take. */
+  requestTimeoutMs: number;
+  /** The longest a body may go without a byte arriving (BODY_IDLE_MS, or REQUEST_TIMEOUT_SECONDS when shorter). */
+  idleMs: number;
+}
+
+/**
+ * The longest an upload may go without sending a byte, 10 s: a client that is still sending gets TCP segments
+ * through in that time on any working network, while a connection that stalls on purpose would otherwise keep its
+ * bytes counted against MAX_BUFFERED_BYTES for the whole REQUEST_TIMEOUT_SECONDS (180 s by default).
+ */
+const BODY_IDLE_MS = 10_000;
+
 /**
  * Reads a request body into memory, refusing it as soon as it grows past MAX_REQUEST_BYTES (whatever
- * Content-Length claims), when `reserve` refuses the bytes (MAX_BUFFERED_BYTES, all requests together: 503),
- * or when it takes longer than REQUEST_TIMEOUT_SECONDS to arrive, so a slow or oversized upload never reaches
- * the upstream and the bodies held at once stay bounded.
+ * Content-Length claims), when `reserve` refuses the bytes (MAX_BUFFERED_BYTES, all requests together or one
+ * caller's share: 503), when no byte arrives for `idleMs` or the whole body takes longer than
+ * REQUEST_TIMEOUT_SECONDS (408), so a slow or oversized upload never reaches the upstream and the bodies held at
+ * once stay bounded. Bytes are counted as they arrive, never as declared: a Content-Length alone holds nothing,
+ * so uploads that declare a large body and stall cannot turn other requests away.
  */
 async function readBody(
   request: Request,
-  limits: { maxRequestBytes: number; requestTimeoutMs: number },
+  limits: BodyLimits,
   reserve: (bytes: number) => boolean,
 ): Promise<BodyRead> {
-  const { maxRequestBytes: maxBytes, requestTimeoutMs: timeoutMs } = limits;
-  const tooLarge: BodyRead = {
-    status: 413,
-    message: `request body is larger than ${maxBytes} bytes (MAX_REQUEST_BYTES)`,
-    code: "request_too_large",
-    outcome: "body_too_large",
-  };
-  const busy: BodyRead = {
-    status: 503,
-    message: "the relay holds as many request bodies as it may (MAX_BUFFERED_BYTES); try again in a second",
-    code: "relay_busy",
-    outcome: "body_memory_full",
-    headers: { "retry-after": "1" },
-  };
+  const { maxRequestBytes: maxBytes, requestTimeoutMs: timeoutMs, idleMs } = limits;
   const declared = Number(request.headers.get("content-length") ?? "0");
-  if (declared > maxBytes) return tooLarge;
+  if (declared > maxBytes) return bodyTooLarge(maxBytes);
   if (request.body === null) return { body: new Uint8Array(0) };
-  // A declared length is reserved at once, so two large uploads cannot both start when only one fits.
-  let reserved = Number.isSafeInteger(declared) && declared > 0 ? declared : 0;
-  if (reserved > 0 && !reserve(reserved)) return busy;
 
   const reader = request.body.getReader();
-  let timedOut = false;
-  const deadline = deadlines.add(timeoutMs, () => {
-    timedOut = true;
+  let cut: "idle" | "total" | undefined;
+  const end = performance.now() + timeoutMs;
+  // One deadline, moved on before each read: the idle limit, or the end of the whole body's time if that is sooner.
+  const deadline = deadlines.add(Math.min(idleMs, timeoutMs), () => {
+    cut = deadline.at >= end ? "total" : "idle";
     reader.cancel().catch(() => {});
   });
   const chunks: Uint8Array<ArrayBuffer>[] = [];
   let size = 0;
   try {
     while (true) {
+      deadline.at = Math.min(end, performance.now() + idleMs);
       const { done, value } = await reader.read();
       if (done) break;
       size += value.byteLength;
-      if (size > maxBytes) {
+      if (size > maxBytes || !reserve(value.byteLength)) {
         await reader.cancel().catch(() => {});
-        return tooLarge;
-      }
-      if (size > reserved) {
-        if (!reserve(size - reserved)) {
-          await reader.cancel().catch(() => {});
-          return busy;
-        }
-        reserved = size;
+        return size > maxBytes ? bodyTooLarge(maxBytes) : BODY_BUSY;
       }
       chunks.push(value);
     }
   } catch {
-    if (!timedOut) {
+    if (cut === undefined) {
       return {
         status: 400,
         message: "the request body could not be read",
@@ -5232,15 +5273,7 @@ async function readBody(
   } finally {
     deadlines.cancel(deadline);
   }
-  if (timedOut) {
-    return {
-      status: 408,
-      message: `the request body did not arrive within ${timeoutMs / 1000} s (REQUEST_TIMEOUT_SECONDS)`,
-      code: "request_timeout",
-      outcome: "body_timeout",
-      headers: { connection: "close" },
-    };
-  }
+  if (cut !== undefined) return bodyTimeout(cut, cut === "idle" ? idleMs : timeoutMs);
   if (chunks.length === 1) return { body: chunks[0] };
   const body = new Uint8Array(size);
   let offset = 0;
@@ -5251,21 +5284,72 @@ async function readBody(
   return { body };
 }
 
-/** Bytes of request bodies held in memory by all requests together, bounded by MAX_BUFFERED_BYTES. */
+/** The answer to a body past MAX_REQUEST_BYTES: 413. */
+function bodyTooLarge(maxBytes: number): BodyRead {
+  return {
+    status: 413,
+    message: `request body is larger than ${maxBytes} bytes (MAX_REQUEST_BYTES)`,
+    code: "request_too_large",
+    outcome: "body_too_large",
+  };
+}
+
+/** The answer when the bytes of a body do not fit MAX_BUFFERED_BYTES or the caller's share of it: 503. */
+const BODY_BUSY: BodyRead = {
+  status: 503,
+  message:
+    "the relay holds as many request bodies as it may (MAX_BUFFERED_BYTES), or as many as one caller may; try again in a second",
+  code: "relay_busy",
+  outcome: "body_memory_full",
+  // The rest of the body is not read: the connection cannot carry another request.
+  headers: { "retry-after": "1", connection: "close" },
+};
+
+/** The answer to a body that stalled (`idle`) or took too long as a whole (`total`): 408, the connection closed. */
+function bodyTimeout(cut: "idle" | "total", ms: number): BodyRead {
+  return {
+    status: 408,
+    message: cut === "idle"
+      ? `no byte of the request body arrived for ${ms / 1000} s; send the body without pauses`
+      : `the request body did not arrive within ${ms / 1000} s (REQUEST_TIMEOUT_SECONDS)`,
+    code: "request_timeout",
+    outcome: cut === "idle" ? "body_idle" : "body_timeout",
+    headers: { connection: "close" },
+  };
+}
+
+/**
+ * Bytes of request bodies held in memory by all requests together, bounded by MAX_BUFFERED_BYTES, and by each
+ * holder (a user, or an address for anonymous callers) within `share`: one caller, however many connections it
+ * opens, cannot take the whole allowance from everybody else.
+ */
 class ByteBudget {
   #held = 0;
-  constructor(readonly limit: number) {}
+  #byHolder = new Map<string, number>();
+  /** Each holder's share: a quarter of the limit, but always one whole MAX_REQUEST_BYTES body. */
+  readonly share: number;
 
-  /** Counts `bytes` as held; false (and nothing counted) when that would pass the limit. */
-  reserve(bytes: number): boolean {
-    if (this.#held + bytes > this.limit) return false;
+  constructor(readonly limit: number, maxRequestBytes: number) {
+    this.share = Math.min(limit, Math.max(maxRequestBytes, Math.floor(limit / 4)));
+  }
+
+  /** Counts `bytes` as held by `holder`; false (and nothing counted) when that would pass the limit or the share. */
+  reserve(holder: string, bytes: number): boolean {
+    const mine = this.#byHolder.get(holder) ?? 0;
+    if (this.#held + bytes > this.limit || mine + bytes > this.share) return false;
     this.#held += bytes;
+    this.#byHolder.set(holder, mine + bytes);
     return true;
   }
 
-  /** Counts `bytes` as no longer held. */
-  release(bytes: number): void {
+  /** Counts `bytes` of `holder` as no longer held. */
+  release(holder: string, bytes: number): void {
+    if (bytes === 0) return;
     this.#held = Math.max(0, this.#held - bytes);
+    // Only holders with bytes held are kept: the map stays as small as the requests reading bodies.
+    const mine = (this.#byHolder.get(holder) ?? 0) - bytes;
+    if (mine > 0) this.#byHolder.set(holder, mine);
+    else this.#byHolder.delete(holder);
   }
 }
 
@@ -5911,7 +5995,8 @@ Optional (default in brackets):
   HOST                         interface to listen on [${DEFAULTS.host}]
   REQUEST_TIMEOUT_SECONDS      wait for upstream headers / longest silence in a stream [${DEFAULTS.requestTimeoutSeconds}]
   MAX_REQUEST_BYTES            largest request body [${DEFAULTS.maxRequestBytes}]
-  MAX_BUFFERED_BYTES           request bodies held in memory at once, all requests; then 503 [${DEFAULTS.maxBufferedBytes}]
+  MAX_BUFFERED_BYTES           request bodies held in memory at once, all requests (one caller: a quarter,
+                               at least MAX_REQUEST_BYTES); then 503 [${DEFAULTS.maxBufferedBytes}]
   UPSTREAM_AUTH_HEADER         header carrying the provider key [${DEFAULTS.upstreamAuthHeader}]
   UPSTREAM_AUTH_PREFIX         prefix before the key; set it empty for a raw key [${DEFAULTS.upstreamAuthPrefix}]
   UPSTREAM_EXTRA_HEADERS_JSON  JSON object of extra upstream headers [none]
