@@ -3687,7 +3687,24 @@ function capAnswerTokens(relay: Relay, context: RequestContext): Response | unde
 function reserveTokens(relay: Relay, context: RequestContext): StageAnswer {
   // A BYOK request spends the caller's own quota, not the operator's: no budget applies.
   if (context.usageWatch === undefined || context.target.byok) return undefined;
-  return reserveBudgets(relay, context);
+  return refuseBackground(relay, context) ?? reserveBudgets(relay, context);
+}
+
+/**
+ * A background response (`"background": true`, Responses API) while a token budget applies: 400
+ * `background_not_allowed`. The provider answers "queued" with no usage and bills the whole answer later, where the
+ * relay never sees it: charging the reservation instead would leave an answer with no MAX_TOKENS_PER_REQUEST
+ * unbounded, so such a request is refused rather than counted wrong. Without a budget it passes.
+ */
+function refuseBackground(relay: Relay, context: RequestContext): Response | undefined {
+  const background = context.payload?.background;
+  if (background === undefined || background === null || background === false) return undefined;
+  const [budget] = tokenBudgets(relay, context);
+  if (budget === undefined) return undefined;
+  context.outcome = "background_not_allowed";
+  const message = `background responses cannot be counted against this relay's token budget (${budget.variable}): ` +
+    `their usage arrives after the request ends; send the request without "background"`;
+  return errorResponse(400, message, "background_not_allowed");
 }
 
 /** The budgets stage's store work: the request's estimate added to each budget, all taken back on a refusal. */

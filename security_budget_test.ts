@@ -22,6 +22,7 @@ import {
   startRelay,
   startUpstream,
   testConfig,
+  testUpstream,
 } from "./testing.ts";
 
 /** The three stores a budget may live in; each test below runs on every one of them that can start here. */
@@ -266,6 +267,42 @@ Deno.test("[security] a budget's reservation counts every answer a request asks 
     assert.equal(await usedToday(relay), 10, "settled with the upstream's usage");
     held = new Promise<void>((resolve) => (release = resolve));
   }
+});
+
+Deno.test("[security] a background response is refused while a token budget applies", async () => {
+  await using upstream = usageUpstream();
+  await using budgeted = startRelay(testConfig(upstream.url, { tokenBudgetPerDay: 1000 }));
+  for (const background of [true, "true", 1]) {
+    const refused = await post(budgeted, "/v1/responses", { input: "x", background });
+    assert.equal(refused.status, 400, JSON.stringify(background));
+    assert.equal(refused.json().error.code, "background_not_allowed");
+    assert.match(refused.json().error.message, /^mc-relay: .*TOKEN_BUDGET_PER_DAY.*"background"/);
+  }
+  assert.equal(await usedToday(budgeted), 0);
+  assert.equal(upstream.requests.length, 0);
+  assert.equal((await post(budgeted, "/v1/responses", { input: "x", background: false })).status, 200);
+
+  await using unbudgeted = startRelay(testConfig(upstream.url, { maxTokensPerRequest: 100 }));
+  assert.equal((await post(unbudgeted, "/v1/responses", { input: "x", background: true })).status, 200, "no budget");
+  assert.equal(upstream.forwarded().max_output_tokens, 100, "the cap still bounds it");
+
+  // A BYOK upstream spends the caller's own quota: no budget applies, so background passes.
+  await using byok = startRelay(
+    testConfig(upstream.url, {
+      tokenBudgetPerDay: 1000,
+      upstreams: [testUpstream("default", upstream.url, { byok: true, apiKey: "" })],
+    }),
+  );
+  const own = await byok.call("/v1/responses", {
+    method: "POST",
+    headers: {
+      authorization: GOOD_BEARER,
+      "x-api-key": "sk-caller-own-key-123456",
+      "content-type": "application/json",
+    },
+    body: JSON.stringify({ model: "gpt-test", input: "x", background: true }),
+  });
+  assert.equal(own.status, 200, own.text);
 });
 
 Deno.test("no secret ever appeared in anything the relay logged or returned, in any budget test above", () => {
