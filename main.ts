@@ -3480,9 +3480,18 @@ function chooseUpstream(relay: Relay, context: RequestContext): StageAnswer {
   return undefined;
 }
 
-/** Stage: model allow-list. With ALLOWED_MODELS, a body without an allowed model gets 400 before the upstream. */
+/**
+ * Stage: model allow-list. With ALLOWED_MODELS, a body without an allowed model gets 400 before the upstream, and so
+ * does one whose OpenRouter `models` (the fallbacks OpenRouter tries when `model` fails) names a model that is not
+ * allowed on every upstream the request may go to. `route` only says how OpenRouter uses `models`: it passes.
+ */
 function checkModel(relay: Relay, context: RequestContext): Response | undefined {
   if (context.payload === undefined || relay.allowedModels.size === 0) return undefined;
+  const fallbacks = fallbackModelsProblem(relay, context);
+  if (fallbacks !== undefined) {
+    context.outcome = "model_not_allowed";
+    return errorResponse(400, fallbacks, "model_not_allowed");
+  }
   const model = context.model;
   if (context.alias !== undefined && (relay.allowedModels.has(context.alias))) return undefined;
   if (context.alias === undefined && model !== undefined && modelAllowed(relay, context.target.name, model)) {
@@ -3498,6 +3507,28 @@ function checkModel(relay: Relay, context: RequestContext): Response | undefined
       }`,
     "model_not_allowed",
   );
+}
+
+/**
+ * What is wrong with the body's OpenRouter `models` under ALLOWED_MODELS, if anything: it must be a list of names,
+ * each allowed on every upstream the request may be sent to (each target of an alias), since OpenRouter may answer
+ * with any of them instead of `model`.
+ */
+function fallbackModelsProblem(relay: Relay, context: RequestContext): string | undefined {
+  const models = context.payload!.models;
+  if (models === undefined || models === null) return undefined;
+  const allowed = relay.config.allowedModels.join(", ");
+  if (!Array.isArray(models)) {
+    return `"models" must be a list of model names (ALLOWED_MODELS is set; allowed: ${allowed})`;
+  }
+  const targets = attemptPlan(relay, context).map((attempt) => attempt.target.name);
+  const refused = models.find((model) =>
+    typeof model !== "string" || !targets.every((target) => modelAllowed(relay, target, model))
+  );
+  if (refused === undefined) return undefined;
+  return `"models" names ${
+    JSON.stringify(String(refused).slice(0, 100))
+  }, which is not allowed here; allowed: ${allowed}`;
 }
 
 /** One token budget that applies now: its variable, its UTC window, its counter and when the window ends. */
