@@ -5948,7 +5948,7 @@ Optional (default in brackets):
   CONCURRENT_REQUESTS          requests in flight at once per user or address, streams included [0]
   TOKEN_BUDGET_PER_DAY         tokens per user or address per UTC day (real usage, else an estimate) [0]
   TOKEN_BUDGET_PER_MONTH       tokens per user or address per UTC calendar month [0]
-  MAX_TOKENS_PER_REQUEST       cap on max_tokens / max_completion_tokens / max_output_tokens [0]
+  MAX_TOKENS_PER_REQUEST       answer tokens per request, all its answers (n, best_of, prompts) together [0]
   TRUST_PROXY                  proxies whose X-Forwarded-For counts: their addresses/CIDRs, or true / a
                                number of proxies on loopback or private addresses [false]
   ALLOWED_MODELS               comma-separated models clients may use; others get 400 [any]
