@@ -3710,7 +3710,7 @@ function capAnswerTokens(relay: Relay, context: RequestContext): Response | unde
 
 /**
  * Stage: token budgets. A request is charged a reservation when it starts (about four bytes a token of its body,
- * plus the answer length it may get) on every budget that applies, and the real usage replaces it in `account`.
+ * plus the answer tokens it may get, all its answers counted) on every budget that applies, and the real usage replaces it in `account`.
  * It may start while the budget is not spent; so together with the reservations of requests in flight, a budget
  * is overshot by at most one request's answer. Spent: 429 `token_budget_exceeded` with Retry-After until the
  * UTC day or month ends.
