@@ -2514,7 +2514,10 @@ interface RequestContext {
   subject?: string;
   /** The in-flight counter this request holds (CONCURRENT_REQUESTS), released by `account`. */
   inFlightKey?: string;
-  /** The largest answer this request may get, in tokens, after MAX_TOKENS_PER_REQUEST; undefined when unbounded. */
+  /**
+   * The most answer tokens this request may get, all its answers (`n`, `best_of`, prompts) together, after
+   * MAX_TOKENS_PER_REQUEST; undefined when unbounded.
+   */
   answerTokens?: number;
   /** Token budget counters charged with a reservation, settled by `account` with the real usage. */
   reservations?: { key: string; amount: number; expiresAt: number }[];
@@ -3613,9 +3616,18 @@ function chooseUpstream(relay: Relay, context: RequestContext): StageAnswer {
   return undefined;
 }
 
-/** Stage: model allow-list. With ALLOWED_MODELS, a body without an allowed model gets 400 before the upstream. */
+/**
+ * Stage: model allow-list. With ALLOWED_MODELS, a body without an allowed model gets 400 before the upstream, and so
+ * does one whose OpenRouter `models` (the fallbacks OpenRouter tries when `model` fails) names a model that is not
+ * allowed on every upstream the request may go to. `route` only says how OpenRouter uses `models`: it passes.
+ */
 function checkModel(relay: Relay, context: RequestContext): Response | undefined {
   if (context.payload === undefined || relay.allowedModels.size === 0) return undefined;
+  const fallbacks = fallbackModelsProblem(relay, context);
+  if (fallbacks !== undefined) {
+    context.outcome = "model_not_allowed";
+    return errorResponse(400, fallbacks, "model_not_allowed");
+  }
   const model = context.model;
   if (context.alias !== undefined && (relay.allowedModels.has(context.alias))) return undefined;
   if (context.alias === undefined && model !== undefined && modelAllowed(relay, context.target.name, model)) {
@@ -3631,6 +3643,28 @@ function checkModel(relay: Relay, context: RequestContext): Response | undefined
       }`,
     "model_not_allowed",
   );
+}
+
+/**
+ * What is wrong with the body's OpenRouter `models` under ALLOWED_MODELS, if anything: it must be a list of names,
+ * each allowed on every upstream the request may be sent to (each target of an alias), since OpenRouter may answer
+ * with any of them instead of `model`.
+ */
+function fallbackModelsProblem(relay: Relay, context: RequestContext): string | undefined {
+  const models = context.payload!.models;
+  if (models === undefined || models === null) return undefined;
+  const allowed = relay.config.allowedModels.join(", ");
+  if (!Array.isArray(models)) {
+    return `"models" must be a list of model names (ALLOWED_MODELS is set; allowed: ${allowed})`;
+  }
+  const targets = attemptPlan(relay, context).map((attempt) => attempt.target.name);
+  const refused = models.find((model) =>
+    typeof model !== "string" || !targets.every((target) => modelAllowed(relay, target, model))
+  );
+  if (refused === undefined) return undefined;
+  return `"models" names ${
+    JSON.stringify(String(refused).slice(0, 100))
+  }, which is not allowed here; allowed: ${allowed}`;
 }
 
 /** One token budget that applies now: its variable, its UTC window, its counter and when the window ends. */
@@ -3728,41 +3762,91 @@ const ANSWER_TOKEN_FIELDS: Record<string, string[]> = {
 };
 
 /**
+ * The longest answer a request may ask for, per answer: far above every model's output limit (the largest take
+ * about 128,000 tokens), so no provider takes more, and small enough that a reservation made of it stays an exact
+ * integer. Larger values (1e300, 1e21) are refused rather than lowered: added to a budget's counter they used to
+ * drown it in floating point, and taking them back reset a spent budget to 0.
+ */
+const MAX_ANSWER_TOKENS = 1_000_000;
+
+/** The most answers `n` and `best_of` may ask for per prompt: OpenAI's own limit for `n`. */
+const MAX_ANSWERS_PER_PROMPT = 128;
+
+/**
+ * How many answers a request asks for: its prompts (a completion's `prompt` may be a list of them; a list of token
+ * numbers is one prompt) times the larger of `n` and `best_of` (best_of answers are generated, and billed, to
+ * return n). A text when `n` or `best_of` is not a whole number from 1 to MAX_ANSWERS_PER_PROMPT.
+ */
+function answerCount(path: string, payload: JsonObject): number | string {
+  let perPrompt = 1;
+  for (const field of ["n", "best_of"]) {
+    const value = payload[field];
+    if (value === undefined || value === null) continue;
+    if (typeof value !== "number" || !Number.isInteger(value) || value < 1 || value > MAX_ANSWERS_PER_PROMPT) {
+      return `"${field}" must be a whole number from 1 to ${MAX_ANSWERS_PER_PROMPT}`;
+    }
+    perPrompt = Math.max(perPrompt, value);
+  }
+  const prompt = payload.prompt;
+  const listed = path === "/completions" && Array.isArray(prompt) && prompt.some((item) => typeof item !== "number");
+  return (listed ? Math.max(1, (prompt as unknown[]).length) : 1) * perPrompt;
+}
+
+/**
  * Stage: answer length. `max_tokens`, `max_completion_tokens` (chat) and `max_output_tokens` (Responses API)
- * must be whole numbers above 0 (400 otherwise) and are lowered to MAX_TOKENS_PER_REQUEST. When a request names
- * none, the cap is added as the field its upstream takes: `max_completion_tokens` for OpenAI and Azure OpenAI
- * (their reasoning models refuse `max_tokens`), `max_tokens` for every other chat upstream (most OpenAI-compatible
- * servers know only that one).
+ * must be whole numbers from 1 to MAX_ANSWER_TOKENS (400 `invalid_max_tokens` otherwise, before anything is
+ * counted). MAX_TOKENS_PER_REQUEST bounds all the answers of a request together (`answerCount`): each answer gets
+ * its share, and a request asking for more answers than the cap has tokens gets 400 `invalid_answer_count`.
+ * Values above the share are lowered to it; when a request names none, the share is added as the field its
+ * upstream takes: `max_completion_tokens` for OpenAI and Azure OpenAI (their reasoning models refuse `max_tokens`),
+ * `max_tokens` for every other chat upstream (most OpenAI-compatible servers know only that one).
  */
 function capAnswerTokens(relay: Relay, context: RequestContext): Response | undefined {
-  const fields = ANSWER_TOKEN_FIELDS[context.route!.upstreamPath ?? ""];
+  const path = context.route!.upstreamPath ?? "";
+  const fields = ANSWER_TOKEN_FIELDS[path];
   const { payload } = context;
   if (fields === undefined || payload === undefined) return undefined;
   const cap = relay.config.maxTokensPerRequest;
+  const answers = answerCount(path, payload);
+  if (typeof answers === "string" || (cap > 0 && answers > cap)) {
+    context.outcome = "invalid_body";
+    const tooMany = `this request asks for ${answers} answers (n, best_of, prompts), more than the ${cap} tokens ` +
+      `per request of MAX_TOKENS_PER_REQUEST can hold; ask for at most ${cap}`;
+    return errorResponse(400, typeof answers === "string" ? answers : tooMany, "invalid_answer_count");
+  }
+  const share = cap > 0 ? Math.floor(cap / answers) : MAX_ANSWER_TOKENS;
   let answer: number | undefined;
   for (const field of fields) {
     const value = payload[field];
     if (value === undefined || value === null) continue;
-    if (typeof value !== "number" || !Number.isInteger(value) || value <= 0) {
+    if (typeof value !== "number" || !Number.isInteger(value) || value < 1 || value > MAX_ANSWER_TOKENS) {
       context.outcome = "invalid_body";
-      return errorResponse(400, `"${field}" must be a whole number greater than 0`, "invalid_max_tokens");
+      return errorResponse(
+        400,
+        `"${field}" must be a whole number from 1 to ${MAX_ANSWER_TOKENS}; no model answers at more length`,
+        "invalid_max_tokens",
+      );
     }
-    const capped = cap > 0 ? Math.min(value, cap) : value;
+    const capped = Math.min(value, share);
     payload[field] = capped;
     answer = Math.max(answer ?? 0, capped);
   }
   if (answer === undefined && cap > 0) {
     const openAi = /(^|\.)openai\.com(:\d+)?$|\.openai\.azure\.com(:\d+)?$/.test(context.target.host);
-    payload[fields.length === 2 && openAi ? fields[1] : fields[0]] = cap;
-    answer = cap;
+    payload[fields.length === 2 && openAi ? fields[1] : fields[0]] = share;
+    answer = share;
   }
-  context.answerTokens = answer;
+  // Every answer may be that long: the reservation counts them all. Bounded so that it stays an exact integer in
+  // the counters whatever a list of prompts holds; a reservation of that size spends any budget already.
+  context.answerTokens = answer === undefined
+    ? undefined
+    : Math.min(answer * answers, MAX_ANSWER_TOKENS * MAX_ANSWERS_PER_PROMPT);
   return undefined;
 }
 
 /**
  * Stage: token budgets. A request is charged a reservation when it starts (about four bytes a token of its body,
- * plus the answer length it may get) on every budget that applies, and the real usage replaces it in `account`.
+ * plus the answer tokens it may get, all its answers counted) on every budget that applies, and the real usage replaces it in `account`.
  * It may start while the budget is not spent; so together with the reservations of requests in flight, a budget
  * is overshot by at most one request's answer. Spent: 429 `token_budget_exceeded` with Retry-After until the
  * UTC day or month ends.
@@ -3770,7 +3854,24 @@ function capAnswerTokens(relay: Relay, context: RequestContext): Response | unde
 function reserveTokens(relay: Relay, context: RequestContext): StageAnswer {
   // A BYOK request spends the caller's own quota, not the operator's: no budget applies.
   if (context.usageWatch === undefined || context.target.byok) return undefined;
-  return reserveBudgets(relay, context);
+  return refuseBackground(relay, context) ?? reserveBudgets(relay, context);
+}
+
+/**
+ * A background response (`"background": true`, Responses API) while a token budget applies: 400
+ * `background_not_allowed`. The provider answers "queued" with no usage and bills the whole answer later, where the
+ * relay never sees it: charging the reservation instead would leave an answer with no MAX_TOKENS_PER_REQUEST
+ * unbounded, so such a request is refused rather than counted wrong. Without a budget it passes.
+ */
+function refuseBackground(relay: Relay, context: RequestContext): Response | undefined {
+  const background = context.payload?.background;
+  if (background === undefined || background === null || background === false) return undefined;
+  const [budget] = tokenBudgets(relay, context);
+  if (budget === undefined) return undefined;
+  context.outcome = "background_not_allowed";
+  const message = `background responses cannot be counted against this relay's token budget (${budget.variable}): ` +
+    `their usage arrives after the request ends; send the request without "background"`;
+  return errorResponse(400, message, "background_not_allowed");
 }
 
 /** The budgets stage's store work: the request's estimate added to each budget, all taken back on a refusal. */
@@ -5070,23 +5171,43 @@ const USAGE_OBJECT = /"usage"\s*:\s*\{/;
 const MAX_USAGE_BODY_BYTES = 4 * 1024 * 1024;
 
 /**
+ * The most tokens one answer's usage may report, per figure: a hundred times the largest context windows, so an
+ * honest report never comes near it, and far below where sums of such figures stop being exact integers.
+ */
+const MAX_REPORTED_TOKENS = 1_000_000_000;
+
+/**
  * The token usage in an answer or event: `usage` at the top (chat, completions, embeddings) or in `response`
- * (the Responses API's final event), with the Responses API's `input_tokens`/`output_tokens` names too.
+ * (the Responses API's final event), with the Responses API's `input_tokens`/`output_tokens` names too. Undefined
+ * when a figure is not a whole number from 0 to MAX_REPORTED_TOKENS (a buggy or hostile upstream): then the answer
+ * is charged an estimate, as one without usage is.
  */
 function pickUsage(value: unknown): TokenUsage | undefined {
   const container = value as { usage?: unknown; response?: { usage?: unknown } } | undefined;
   const usage = (container?.usage ?? container?.response?.usage) as Record<string, unknown> | undefined | null;
   if (typeof usage !== "object" || usage === null) return undefined;
+  let believable = true;
   const count = (...names: string[]) => {
-    for (const name of names) if (typeof usage[name] === "number") return usage[name] as number;
+    for (const name of names) {
+      const value = usage[name];
+      if (value === undefined || value === null) continue;
+      // Added to budget counters and the ledger: a count no answer can have (1e300, negative, a fraction, a text)
+      // would break them or give tokens back, so the whole report is set aside and the answer is estimated instead.
+      if (typeof value !== "number" || !Number.isInteger(value) || value < 0 || value > MAX_REPORTED_TOKENS) {
+        believable = false;
+      }
+      return value as number;
+    }
     return undefined;
   };
   const prompt = count("prompt_tokens", "input_tokens");
   const completion = count("completion_tokens", "output_tokens");
+  const total = count("total_tokens");
+  if (!believable) return undefined;
   return {
     prompt_tokens: prompt,
     completion_tokens: completion,
-    total_tokens: count("total_tokens") ?? (prompt ?? 0) + (completion ?? 0),
+    total_tokens: total ?? (prompt ?? 0) + (completion ?? 0),
   };
 }
 
@@ -6012,7 +6133,7 @@ Optional (default in brackets):
   CONCURRENT_REQUESTS          requests in flight at once per user or address, streams included [0]
   TOKEN_BUDGET_PER_DAY         tokens per user or address per UTC day (real usage, else an estimate) [0]
   TOKEN_BUDGET_PER_MONTH       tokens per user or address per UTC calendar month [0]
-  MAX_TOKENS_PER_REQUEST       cap on max_tokens / max_completion_tokens / max_output_tokens [0]
+  MAX_TOKENS_PER_REQUEST       answer tokens per request, all its answers (n, best_of, prompts) together [0]
   TRUST_PROXY                  proxies whose X-Forwarded-For counts: their addresses/CIDRs, or true / a
                                number of proxies on loopback or private addresses [false]
   ALLOWED_MODELS               comma-separated models clients may use; others get 400 [any]
