@@ -4351,9 +4351,22 @@ const FAILOVER_STATUSES = new Set([429, 500, 502, 503, 504]);
  * target's breaker, and for FAILOVER_BREAKER_SECONDS requests skip it; then one request may try it (half-open): a
  * success closes the breaker, a failure opens it again. When a breaker opens, the attempts still waiting on that
  * target are aborted, so they move on instead of waiting for its timeout.
+ *
+ * A timeout (no response headers within the attempt's share, or a 504 from a gateway in front of the target) counts
+ * only together with timeouts of other callers: among the failures in a row, timeouts open the breaker only once at
+ * least two callers (users, or addresses for anonymous requests) had them, and a probe that times out for one caller
+ * alone neither opens nor closes it (the next request probes again). The reason: how long an answer takes is the
+ * caller's to decide (a huge prompt, a long answer that is not streamed), so one caller's timeouts say nothing about
+ * the target, and one caller could otherwise open every breaker of an alias and turn everybody away. A target that
+ * hangs for everyone still opens as soon as a second caller times out on it. Refused connections, DNS and TLS
+ * failures, and 429/500/502/503 answers count whoever sent the request. The cost: on a relay with a single caller, a
+ * target that hangs is not skipped; each request waits its share on it, then moves on.
  */
 class CircuitBreakers {
-  #targets = new Map<string, { failures: number; openUntil: number; probing: boolean }>();
+  #targets = new Map<
+    string,
+    { failures: number; openUntil: number; probing: boolean; hard: boolean; timedOutFor: Set<string> }
+  >();
   #waiting = new Map<string, Set<AbortController>>();
 
   constructor(
@@ -4365,7 +4378,10 @@ class CircuitBreakers {
 
   #state(label: string) {
     let state = this.#targets.get(label);
-    if (state === undefined) this.#targets.set(label, state = { failures: 0, openUntil: 0, probing: false });
+    if (state === undefined) {
+      state = { failures: 0, openUntil: 0, probing: false, hard: false, timedOutFor: new Set() };
+      this.#targets.set(label, state);
+    }
     return state;
   }
 
@@ -4396,17 +4412,32 @@ class CircuitBreakers {
   succeeded(label: string): void {
     const state = this.#state(label);
     const wasOpen = state.openUntil !== 0;
-    Object.assign(state, { failures: 0, openUntil: 0, probing: false });
+    Object.assign(state, { failures: 0, openUntil: 0, probing: false, hard: false });
+    state.timedOutFor.clear();
     if (wasOpen) this.onChange(label, false);
   }
 
-  /** Records a failure of `label`: may open its breaker, and then aborts the attempts waiting on it. */
-  failed(label: string): void {
+  /**
+   * Records a failure of `label` for `caller`, a timeout or not: may open its breaker, and then aborts the attempts
+   * waiting on it.
+   */
+  failed(label: string, caller: string, timeout: boolean): void {
     const state = this.#state(label);
     state.failures++;
+    // Two callers are all it takes: the set never holds more (a flood of addresses cannot grow it).
+    if (timeout && state.timedOutFor.size < 2) state.timedOutFor.add(caller);
+    else state.hard = true;
+    // Only after failures that are not all one caller's timeouts: see the class's comment.
+    const telling = state.hard || state.timedOutFor.size >= 2;
+    if (!telling) {
+      state.probing = false;
+      return;
+    }
     if (!state.probing && state.failures < this.failuresToOpen) return;
     const wasOpen = state.openUntil !== 0;
-    Object.assign(state, { openUntil: this.now() + this.openMs, probing: false });
+    // A probe's failure is judged on its own: evidence that opened the breaker once does not reopen it.
+    Object.assign(state, { openUntil: this.now() + this.openMs, probing: false, hard: false });
+    state.timedOutFor.clear();
     if (!wasOpen) this.onChange(label, true);
     for (const attempt of this.#waiting.get(label) ?? []) attempt.abort(new RelayAbort("breaker_open"));
   }
@@ -4454,10 +4485,7 @@ async function forwardRequest(relay: Relay, context: RequestContext): Promise<Re
       const result = await callUpstream(relay, context, attempt, Math.max(1, share));
       const last = index === plan.length - 1;
       if (!("response" in result) || (FAILOVER_STATUSES.has(result.response.status) && !last)) {
-        if (plan.length > 1 && !context.clientGone) {
-          relay.breakers.failed(attempt.label);
-          relay.metrics.countFailover(attempt.label);
-        }
+        if (plan.length > 1 && !context.clientGone) countFailure(relay, context, attempt, result);
         if ("response" in result) await result.response.body?.cancel();
         failure = "error" in result ? result.error : undefined;
         continue;
@@ -4478,6 +4506,25 @@ async function forwardRequest(relay: Relay, context: RequestContext): Promise<Re
     return upstreamRedirect(context, response.headers.get("location")!);
   }
   return undefined;
+}
+
+/**
+ * A failed attempt on an alias target, for its breaker (as the caller's timeout or a failure of the target, see
+ * `CircuitBreakers`) and the metrics. An attempt cut because the breaker opened meanwhile is no new failure.
+ */
+function countFailure(
+  relay: Relay,
+  context: RequestContext,
+  attempt: Attempt,
+  result: { response: Response } | { error: unknown },
+): void {
+  relay.metrics.countFailover(attempt.label);
+  const reason = context.upstreamCall!.signal.reason;
+  if (reason instanceof RelayAbort && reason.kind === "breaker_open") return;
+  const timeout = "response" in result
+    ? result.response.status === 504
+    : reason instanceof RelayAbort && reason.kind === "upstream_timeout";
+  relay.breakers.failed(attempt.label, context.subject ?? `address:${addressKey(context.client)}`, timeout);
 }
 
 /** Listener options for a listener that runs at most once (one object for every request). */
