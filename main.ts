@@ -3796,6 +3796,11 @@ function capAnswerTokens(relay: Relay, context: RequestContext): Response | unde
  * It may start while the budget is not spent; so together with the reservations of requests in flight, a budget
  * is overshot by at most one request's answer. Spent: 429 `token_budget_exceeded` with Retry-After until the
  * UTC day or month ends.
+ *
+ * Budgets count tokens only. What a provider bills per call of a hosted tool on the Responses API (web search, code
+ * interpreter, file search: a fee per call or per session, not tokens) is outside them, and the relay does not refuse
+ * such tools: it cannot price them across providers, and an operator who must bound that spend limits the paths
+ * (DISABLED_PATHS=/v1/responses) or the provider key's own spending limit does.
  */
 function reserveTokens(relay: Relay, context: RequestContext): StageAnswer {
   // A BYOK request spends the caller's own quota, not the operator's: no budget applies.
