@@ -1501,6 +1501,34 @@ export interface CounterStore {
   startCheck?(key: string, rule: BucketRule, expiresAt: number): CheckStart | Promise<CheckStart>;
   /** Closes files and connections. */
   close?(): void | Promise<void>;
+  /** A store made of two (FallbackCounterStore): runs `call` on the one that counts now and says which. */
+  hold?<T>(
+    call: (store: CounterStore) => T,
+    undo?: (store: CounterStore, value: Awaited<T>) => unknown,
+  ): Promise<Held<Awaited<T>>>;
+  /** A store made of two: gives back to `store`, one of its two, what `hold` took there. */
+  giveBack?(store: CounterStore, call: (store: CounterStore) => unknown): Promise<void>;
+}
+
+/**
+ * Takes something that must be given back later (a place, a reservation, a sign-in check): `call` runs on the
+ * store that counts now, and the answer says which, for `giveBack`. `undo` gives it back should a shared store carry
+ * out a call the relay had given up on. A plain store answers with itself, at once when it is synchronous.
+ */
+export function hold<T>(
+  counters: CounterStore,
+  call: (store: CounterStore) => T,
+  undo?: (store: CounterStore, value: Awaited<T>) => unknown,
+): Held<Awaited<T>> | Promise<Held<Awaited<T>>> {
+  if (counters.hold) return counters.hold(call, undo);
+  const value = call(counters);
+  if (value instanceof Promise) return value.then((answer) => ({ value: answer, store: counters }));
+  return { value: value as Awaited<T>, store: counters };
+}
+
+/** Gives back to `store`, the one `hold` named, what was taken there: never to the other store of a pair. */
+export function giveBack<T>(counters: CounterStore, store: CounterStore, call: (store: CounterStore) => T): unknown {
+  return counters.giveBack ? counters.giveBack(store, call) : call(store);
 }
 
 /** What `startCheck` found: a check started, a lockout (with the seconds it lasts), or checks that fill the allowance. */
@@ -1944,6 +1972,8 @@ export interface RedisClient {
   evalSha(sha: string, options: { keys: string[]; arguments: string[] }): Promise<unknown>;
   /** A string value. */
   get(key: string): Promise<string | null>;
+  /** How many of the keys exist (1 or 0 for one). */
+  exists(key: string): Promise<number>;
   /** A hash's fields. */
   hGetAll(key: string): Promise<Record<string, string>>;
   /** PONG when Redis answers. */
@@ -2244,8 +2274,20 @@ export class RedisCounterStore implements CounterStore {
   }
 }
 
-/** How long one Redis call may take before the relay counts in memory instead. */
+/**
+ * How long Redis may stay silent (no answer to any call of this copy) while a call waits, before the relay counts
+ * in memory instead. Silence, not a call's own wait: under a flood of requests calls queue on the one connection
+ * and each waits longer, but Redis keeps answering, and a copy that went over to memory for that would split its
+ * counts between two stores for no outage at all.
+ */
 const SHARED_STORE_TIMEOUT_MS = 250;
+
+/**
+ * How many give-backs (places, reservations' settlements) a copy keeps for Redis while it does not answer, to send
+ * when it does. Beyond that the oldest are dropped: the counters they would correct expire by themselves (a place
+ * after a day, a budget when its day or month ends).
+ */
+const MAX_OWED_TO_SHARED = 10_000;
 
 /**
  * How long the start waits for the first Redis connection before it listens: a copy must not answer its first
@@ -2254,16 +2296,32 @@ const SHARED_STORE_TIMEOUT_MS = 250;
  */
 const REDIS_START_WAIT_MS = 3000;
 
+/** What a count answered, and the store that now holds what it took: the one to give it back to. */
+export interface Held<T> {
+  value: T;
+  store: CounterStore;
+}
+
 /**
- * A shared store with a way out: while Redis answers, every count goes there; when a call fails or takes longer
- * than SHARED_STORE_TIMEOUT_MS, the relay logs it once, reports `degraded` (in /health and the metrics) and counts in
- * this process's memory, so every copy enforces the limits alone rather than answer 5xx or wait. Every two seconds
- * it asks Redis again, and goes back to it (logged once) when it answers. It starts degraded when Redis is not
- * connected yet.
+ * A shared store with a way out: while Redis answers, every count goes there; when a call fails, or Redis stays
+ * silent for SHARED_STORE_TIMEOUT_MS while a call waits, the relay logs it once, reports `degraded` (in /health and
+ * the metrics) and counts in this process's memory, so every copy enforces the limits alone rather than answer 5xx
+ * or wait. Every two seconds it asks Redis again, and goes back to it (logged once) when it answers. It starts
+ * degraded when Redis is not connected yet.
+ *
+ * What a request takes (a place, a budget reservation, a sign-in check) is given back to the store it was taken
+ * from, whatever the state is by then (`hold` says where, `giveBack` goes there): a reservation made in memory during
+ * an outage is settled in memory, never against a budget in Redis it was not added to; a place taken in Redis is
+ * freed in Redis, at once or, while Redis does not answer, as soon as it does (`#owed`). A call given up on that Redis
+ * carries out later anyway is undone there.
  */
 export class FallbackCounterStore implements CounterStore {
   #degraded = false;
   #probe?: ReturnType<typeof setInterval>;
+  /** When Redis last answered a call (performance.now()). */
+  #lastAnswer = 0;
+  /** Give-backs for Redis that wait for it to answer again. */
+  #owed: ((store: CounterStore) => unknown)[] = [];
 
   /** `onChange` hears every change of state ("ok" or "degraded"), the degraded start too. */
   constructor(
@@ -2279,23 +2337,103 @@ export class FallbackCounterStore implements CounterStore {
     return this.#degraded ? "degraded" : "ok";
   }
 
-  async #run<T>(operation: (store: CounterStore) => T | Promise<T>): Promise<T> {
+  /** Give-backs waiting for Redis to answer again. */
+  get owed(): number {
+    return this.#owed.length;
+  }
+
+  /**
+   * `call` on Redis, settled with its answer, or rejected when it fails or Redis stays silent for
+   * SHARED_STORE_TIMEOUT_MS meanwhile. `abandoned` hears the answer of a call given up on that Redis carried out later.
+   */
+  #onShared<T>(call: (store: CounterStore) => T, abandoned?: (value: Awaited<T>) => void): Promise<Awaited<T>> {
+    const started = performance.now();
+    let deadline: Deadline | undefined;
+    let gaveUp = false;
+    const answer = Promise.resolve(call(this.shared)).then((value) => {
+      this.#lastAnswer = performance.now();
+      if (gaveUp) abandoned?.(value);
+      return value;
+    });
+    const silence = new Promise<never>((_, reject) => {
+      const check = () => {
+        const quietFor = performance.now() - Math.max(started, this.#lastAnswer);
+        if (quietFor < SHARED_STORE_TIMEOUT_MS) {
+          deadline = deadlines.add(SHARED_STORE_TIMEOUT_MS - quietFor, check);
+          return;
+        }
+        gaveUp = true;
+        reject(new Error(`no answer for ${SHARED_STORE_TIMEOUT_MS} ms`));
+      };
+      deadline = deadlines.add(SHARED_STORE_TIMEOUT_MS, check);
+    });
+    answer.catch(() => {}); // a failure after the silence is nobody's to hear
+    return Promise.race([answer, silence]).finally(() => deadlines.cancel(deadline));
+  }
+
+  /**
+   * Runs `call` where counts go now and says which store answered: what it took must be given back there. `undo`
+   * gives it back in Redis should a call given up on be carried out there after all.
+   */
+  async hold<T>(
+    call: (store: CounterStore) => T,
+    undo?: (store: CounterStore, value: Awaited<T>) => unknown,
+  ): Promise<Held<Awaited<T>>> {
     if (!this.#degraded) {
-      let deadline: Deadline | undefined;
       try {
-        return await Promise.race([
-          operation(this.shared),
-          new Promise<never>((_, reject) => {
-            deadline = deadlines.add(SHARED_STORE_TIMEOUT_MS, () => reject(new Error("no answer in time")));
-          }),
-        ]);
+        return {
+          value: await this.#onShared(call, undo && ((value) => this.giveBack(this.shared, (s) => undo(s, value)))),
+          store: this.shared,
+        };
       } catch (error) {
         this.#degrade(errorText(error));
-      } finally {
-        deadlines.cancel(deadline);
       }
     }
-    return await operation(this.local);
+    return { value: await call(this.local), store: this.local };
+  }
+
+  /**
+   * Gives back to `store` (Redis or memory) what was taken there. For Redis while it does not answer: kept, and sent
+   * when it answers again; never counted in memory, where nothing was taken.
+   */
+  async giveBack(store: CounterStore, call: (store: CounterStore) => unknown): Promise<void> {
+    if (store !== this.shared) return void await call(store);
+    if (this.#degraded) return this.#owe(call);
+    try {
+      // Silence is no failure here: the call is on its way and Redis will carry it out or reject it.
+      await this.#onShared(call).catch((error) => {
+        if (!errorText(error).startsWith("no answer for")) throw error;
+      });
+    } catch (error) {
+      this.#owe(call);
+      this.#degrade(errorText(error));
+    }
+  }
+
+  #owe(call: (store: CounterStore) => unknown): void {
+    if (this.#owed.push(call) > MAX_OWED_TO_SHARED) this.#owed.shift();
+  }
+
+  /**
+   * Sends the give-backs kept for Redis; those that fail stay kept. True when none is left. A counter Redis no longer
+   * has (it restarted without its data, or the counter expired) took nothing to give back: it is left alone, else a
+   * place or a reservation freed twice would let a caller past its limit.
+   */
+  async #payOwed(): Promise<boolean> {
+    const owed = this.#owed.splice(0);
+    const shared = this.shared;
+    const add = async (key: string, amount: number, expiresAt?: number) =>
+      await shared.client.exists(`mc-relay:${key}`) ? await shared.add(key, amount, expiresAt) : 0;
+    const stillThere = new Proxy(shared, {
+      get: (target, name) => name === "add" ? add : Reflect.get(target, name, target)?.bind?.(target),
+    });
+    const results = await Promise.allSettled(owed.map((call) => call(stillThere)));
+    results.forEach((result, index) => result.status === "rejected" && this.#owed.push(owed[index]));
+    return this.#owed.length === 0;
+  }
+
+  async #run<T>(operation: (store: CounterStore) => T | Promise<T>): Promise<T> {
+    return (await this.hold(operation)).value as T;
   }
 
   #degrade(error: string): void {
@@ -2304,7 +2442,8 @@ export class FallbackCounterStore implements CounterStore {
     this.onChange("degraded", error);
     this.#probe = setInterval(async () => {
       const back = await orAfter(this.shared.ping().catch(() => false), 1000, false);
-      if (back && this.#degraded) {
+      // What Redis is owed goes first: a count taken there and freed meanwhile must not hold a place any longer.
+      if (back && this.#degraded && await this.#payOwed()) {
         this.#degraded = false;
         clearInterval(this.#probe);
         this.onChange("ok");
@@ -2514,13 +2653,15 @@ interface RequestContext {
   subject?: string;
   /** The in-flight counter this request holds (CONCURRENT_REQUESTS), released by `account`. */
   inFlightKey?: string;
+  /** The store that holds the place: where `account` gives it back (`hold`). */
+  inFlightStore?: CounterStore;
   /**
    * The most answer tokens this request may get, all its answers (`n`, `best_of`, prompts) together, after
    * MAX_TOKENS_PER_REQUEST; undefined when unbounded.
    */
   answerTokens?: number;
   /** Token budget counters charged with a reservation, settled by `account` with the real usage. */
-  reservations?: { key: string; amount: number; expiresAt: number }[];
+  reservations?: { key: string; amount: number; expiresAt: number; store: CounterStore }[];
   /** The request body as read by `readRequestBody`. */
   body?: Uint8Array<ArrayBuffer>;
   /** The body parsed as a JSON object, when a stage needs to look inside it. */
@@ -2838,6 +2979,7 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
     user: undefined,
     subject: undefined,
     inFlightKey: undefined,
+    inFlightStore: undefined,
     answerTokens: undefined,
     reservations: undefined,
     body: undefined,
@@ -3262,8 +3404,8 @@ async function checkSignIn(
   guessKey: string,
   apiKeyHeader: string | undefined,
 ): Promise<Response | undefined> {
-  const refusal = await admitSignInCheck(relay, context, guessKey);
-  if (refusal) return refusal;
+  const admitted = await admitSignInCheck(relay, context, guessKey);
+  if (admitted instanceof Response) return admitted;
   let user: Awaited<ReturnType<Relay["authenticate"]>>;
   try {
     user = "credentials" in read ? await relay.authenticate(read.credentials, addressKey(context.client)) : undefined;
@@ -3271,7 +3413,7 @@ async function checkSignIn(
     // already smaller, so no more checks run than there are guesses left.
     if (user === undefined) await relay.counters.take(guessKey, relay.signInRule);
   } finally {
-    await relay.counters.add(`${guessKey}:checking`, -1);
+    await giveBack(relay.counters, admitted, (store) => store.add(`${guessKey}:checking`, -1));
   }
   if (user === undefined) {
     return signInRefused(context, "problem" in read ? read.problem : "wrong username or password");
@@ -3361,18 +3503,22 @@ const SIGN_IN_WAIT_MS = 2000;
 
 /**
  * Lets a sign-in check start when the guesses left for its name and address outnumber the checks already
- * running (counted in `<key>:checking`, which the caller decrements afterwards); waits while only running
- * checks fill the allowance. A used-up allowance answers 429 with Retry-After.
+ * running (counted in `<key>:checking`, which the caller gives back, to the store this answers, afterwards); waits
+ * while only running checks fill the allowance. A used-up allowance answers 429 with Retry-After.
  */
 async function admitSignInCheck(
   relay: Relay,
   context: RequestContext,
   guessKey: string,
-): Promise<Response | undefined> {
+): Promise<Response | CounterStore> {
   for (const started = performance.now(); performance.now() - started < SIGN_IN_WAIT_MS;) {
     // A safety expiry: places held by a copy that died free themselves within a minute.
-    const start = await startCheck(relay.counters, guessKey, relay.signInRule, relay.now() + 60_000);
-    if ("started" in start) return undefined;
+    const { value: start, store } = await hold(
+      relay.counters,
+      (counters) => startCheck(counters, guessKey, relay.signInRule, relay.now() + 60_000),
+      (counters, start) => "started" in start ? counters.add(`${guessKey}:checking`, -1) : undefined,
+    );
+    if ("started" in start) return store;
     if ("lockedFor" in start) return lockedOut(context, start.lockedFor);
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
@@ -3443,22 +3589,42 @@ async function takeLimits(relay: Relay, context: RequestContext): Promise<Respon
   const concurrency = relay.config.concurrentRequests;
   const key = (limit: RequestLimit) => `requests-per-${limit.window}:${context.subject}`;
   const inFlightKey = concurrency === 0 ? undefined : `in-flight:${context.subject}`;
-  const answers = await storeCalls(relay, () => {
-    const calls = requestLimits.map((limit) => relay.counters.take(key(limit), limit.rule));
+  const { counters } = relay;
+  const held = await storeCalls(relay, () => {
+    const calls = requestLimits.map((limit) =>
+      hold(counters, (store) => store.take(key(limit), limit.rule), (store, waitFor) => {
+        if (waitFor === 0) return store.give(key(limit), limit.rule);
+      })
+    );
     // A safety expiry on the place: should a copy die holding places, they free themselves after a day.
-    if (inFlightKey !== undefined) calls.push(relay.counters.add(inFlightKey, 1, relay.now() + 86_400_000));
+    if (inFlightKey !== undefined) {
+      calls.push(hold(
+        counters,
+        (store) => store.add(inFlightKey, 1, relay.now() + 86_400_000),
+        (store) => store.add(inFlightKey, -1),
+      ));
+    }
     return calls;
   });
+  const answers = held.map(({ value }) => value);
   const refusedRate = answers.findIndex((waitFor, index) => index < requestLimits.length && waitFor > 0);
   const refusedPlace = inFlightKey !== undefined && answers[requestLimits.length] > concurrency;
   if (refusedRate === -1 && !refusedPlace) {
     context.inFlightKey = inFlightKey;
+    context.inFlightStore = held[requestLimits.length]?.store;
     return undefined;
   }
+  // Everything goes back to the store that gave it, even when Redis came or went meanwhile.
   await storeCalls(relay, () => {
-    const taken = requestLimits.filter((_, index) => answers[index] === 0);
-    const calls: unknown[] = taken.map((limit) => relay.counters.give(key(limit), limit.rule));
-    if (inFlightKey !== undefined) calls.push(relay.counters.add(inFlightKey, -1));
+    const calls: unknown[] = [];
+    requestLimits.forEach((limit, index) => {
+      if (answers[index] === 0) {
+        calls.push(giveBack(counters, held[index].store, (s) => s.give(key(limit), limit.rule)));
+      }
+    });
+    if (inFlightKey !== undefined) {
+      calls.push(giveBack(counters, held[requestLimits.length].store, (store) => store.add(inFlightKey, -1)));
+    }
     return calls;
   });
   return refusedRate === -1
@@ -3850,6 +4016,11 @@ function capAnswerTokens(relay: Relay, context: RequestContext): Response | unde
  * It may start while the budget is not spent; so together with the reservations of requests in flight, a budget
  * is overshot by at most one request's answer. Spent: 429 `token_budget_exceeded` with Retry-After until the
  * UTC day or month ends.
+ *
+ * Budgets count tokens only. What a provider bills per call of a hosted tool on the Responses API (web search, code
+ * interpreter, file search: a fee per call or per session, not tokens) is outside them, and the relay does not refuse
+ * such tools: it cannot price them across providers, and an operator who must bound that spend limits the paths
+ * (DISABLED_PATHS=/v1/responses) or the provider key's own spending limit does.
  */
 function reserveTokens(relay: Relay, context: RequestContext): StageAnswer {
   // A BYOK request spends the caller's own quota, not the operator's: no budget applies.
@@ -3877,18 +4048,27 @@ function refuseBackground(relay: Relay, context: RequestContext): Response | und
 /** The budgets stage's store work: the request's estimate added to each budget, all taken back on a refusal. */
 async function reserveBudgets(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const amount = Math.ceil(context.bytesIn / 4) + (context.answerTokens ?? 0);
-  const reservations: { key: string; amount: number; expiresAt: number }[] = [];
+  const reservations: NonNullable<RequestContext["reservations"]> = [];
   context.reservations = reservations;
   for (const budget of tokenBudgets(relay, context)) {
     const expiresAt = budget.resetsAt + 3_600_000;
-    const total = await relay.counters.add(budget.key, amount, expiresAt);
+    const { value: total, store } = await hold(
+      relay.counters,
+      (counters) => counters.add(budget.key, amount, expiresAt),
+      (counters) => counters.add(budget.key, -amount, expiresAt),
+    );
     if (total - amount < budget.budget) {
-      reservations.push({ key: budget.key, amount, expiresAt });
+      reservations.push({ key: budget.key, amount, expiresAt, store });
       continue;
     }
-    await relay.counters.add(budget.key, -amount, expiresAt);
+    // Each reservation goes back to the store it was added to (memory during a Redis outage, Redis else).
+    await giveBack(relay.counters, store, (counters) => counters.add(budget.key, -amount, expiresAt));
     for (const reservation of reservations.splice(0)) {
-      await relay.counters.add(reservation.key, -reservation.amount, reservation.expiresAt);
+      await giveBack(
+        relay.counters,
+        reservation.store,
+        (counters) => counters.add(reservation.key, -reservation.amount, reservation.expiresAt),
+      );
     }
     context.outcome = "token_budget_exceeded";
     const waitFor = Math.max(1, Math.ceil((budget.resetsAt - relay.now()) / 1000));
@@ -4319,9 +4499,10 @@ function settle(relay: Relay, context: RequestContext, usage: TokenUsage | undef
   if (!context.reservations?.length && !recorded && context.inFlightKey === undefined) return undefined;
   const used = usage === undefined ? 0 : usageTotal(usage);
   return storeCalls(relay, () => {
-    const writes: (void | number | Promise<void | number>)[] = [];
-    for (const reservation of context.reservations?.splice(0) ?? []) {
-      writes.push(relay.counters.add(reservation.key, used - reservation.amount, reservation.expiresAt));
+    const writes: unknown[] = [];
+    // The real usage replaces each reservation in the store that holds it, whichever store counts by now.
+    for (const { key, amount, expiresAt, store } of context.reservations?.splice(0) ?? []) {
+      writes.push(giveBack(relay.counters, store, (counters) => counters.add(key, used - amount, expiresAt)));
     }
     if (recorded) {
       writes.push(relay.counters.recordUsage({
@@ -4338,7 +4519,7 @@ function settle(relay: Relay, context: RequestContext, usage: TokenUsage | undef
     if (context.inFlightKey !== undefined) {
       const key = context.inFlightKey;
       context.inFlightKey = undefined;
-      writes.push(relay.counters.add(key, -1));
+      writes.push(giveBack(relay.counters, context.inFlightStore ?? relay.counters, (store) => store.add(key, -1)));
     }
     return writes;
   });
@@ -4416,9 +4597,22 @@ const FAILOVER_STATUSES = new Set([429, 500, 502, 503, 504]);
  * target's breaker, and for FAILOVER_BREAKER_SECONDS requests skip it; then one request may try it (half-open): a
  * success closes the breaker, a failure opens it again. When a breaker opens, the attempts still waiting on that
  * target are aborted, so they move on instead of waiting for its timeout.
+ *
+ * A timeout (no response headers within the attempt's share, or a 504 from a gateway in front of the target) counts
+ * only together with timeouts of other callers: among the failures in a row, timeouts open the breaker only once at
+ * least two callers (users, or addresses for anonymous requests) had them, and a probe that times out for one caller
+ * alone neither opens nor closes it (the next request probes again). The reason: how long an answer takes is the
+ * caller's to decide (a huge prompt, a long answer that is not streamed), so one caller's timeouts say nothing about
+ * the target, and one caller could otherwise open every breaker of an alias and turn everybody away. A target that
+ * hangs for everyone still opens as soon as a second caller times out on it. Refused connections, DNS and TLS
+ * failures, and 429/500/502/503 answers count whoever sent the request. The cost: on a relay with a single caller, a
+ * target that hangs is not skipped; each request waits its share on it, then moves on.
  */
 class CircuitBreakers {
-  #targets = new Map<string, { failures: number; openUntil: number; probing: boolean }>();
+  #targets = new Map<
+    string,
+    { failures: number; openUntil: number; probing: boolean; hard: boolean; timedOutFor: Set<string> }
+  >();
   #waiting = new Map<string, Set<AbortController>>();
 
   constructor(
@@ -4430,7 +4624,10 @@ class CircuitBreakers {
 
   #state(label: string) {
     let state = this.#targets.get(label);
-    if (state === undefined) this.#targets.set(label, state = { failures: 0, openUntil: 0, probing: false });
+    if (state === undefined) {
+      state = { failures: 0, openUntil: 0, probing: false, hard: false, timedOutFor: new Set() };
+      this.#targets.set(label, state);
+    }
     return state;
   }
 
@@ -4461,17 +4658,32 @@ class CircuitBreakers {
   succeeded(label: string): void {
     const state = this.#state(label);
     const wasOpen = state.openUntil !== 0;
-    Object.assign(state, { failures: 0, openUntil: 0, probing: false });
+    Object.assign(state, { failures: 0, openUntil: 0, probing: false, hard: false });
+    state.timedOutFor.clear();
     if (wasOpen) this.onChange(label, false);
   }
 
-  /** Records a failure of `label`: may open its breaker, and then aborts the attempts waiting on it. */
-  failed(label: string): void {
+  /**
+   * Records a failure of `label` for `caller`, a timeout or not: may open its breaker, and then aborts the attempts
+   * waiting on it.
+   */
+  failed(label: string, caller: string, timeout: boolean): void {
     const state = this.#state(label);
     state.failures++;
+    // Two callers are all it takes: the set never holds more (a flood of addresses cannot grow it).
+    if (timeout && state.timedOutFor.size < 2) state.timedOutFor.add(caller);
+    else state.hard = true;
+    // Only after failures that are not all one caller's timeouts: see the class's comment.
+    const telling = state.hard || state.timedOutFor.size >= 2;
+    if (!telling) {
+      state.probing = false;
+      return;
+    }
     if (!state.probing && state.failures < this.failuresToOpen) return;
     const wasOpen = state.openUntil !== 0;
-    Object.assign(state, { openUntil: this.now() + this.openMs, probing: false });
+    // A probe's failure is judged on its own: evidence that opened the breaker once does not reopen it.
+    Object.assign(state, { openUntil: this.now() + this.openMs, probing: false, hard: false });
+    state.timedOutFor.clear();
     if (!wasOpen) this.onChange(label, true);
     for (const attempt of this.#waiting.get(label) ?? []) attempt.abort(new RelayAbort("breaker_open"));
   }
@@ -4519,10 +4731,7 @@ async function forwardRequest(relay: Relay, context: RequestContext): Promise<Re
       const result = await callUpstream(relay, context, attempt, Math.max(1, share));
       const last = index === plan.length - 1;
       if (!("response" in result) || (FAILOVER_STATUSES.has(result.response.status) && !last)) {
-        if (plan.length > 1 && !context.clientGone) {
-          relay.breakers.failed(attempt.label);
-          relay.metrics.countFailover(attempt.label);
-        }
+        if (plan.length > 1 && !context.clientGone) countFailure(relay, context, attempt, result);
         if ("response" in result) await result.response.body?.cancel();
         failure = "error" in result ? result.error : undefined;
         continue;
@@ -4543,6 +4752,25 @@ async function forwardRequest(relay: Relay, context: RequestContext): Promise<Re
     return upstreamRedirect(context, response.headers.get("location")!);
   }
   return undefined;
+}
+
+/**
+ * A failed attempt on an alias target, for its breaker (as the caller's timeout or a failure of the target, see
+ * `CircuitBreakers`) and the metrics. An attempt cut because the breaker opened meanwhile is no new failure.
+ */
+function countFailure(
+  relay: Relay,
+  context: RequestContext,
+  attempt: Attempt,
+  result: { response: Response } | { error: unknown },
+): void {
+  relay.metrics.countFailover(attempt.label);
+  const reason = context.upstreamCall!.signal.reason;
+  if (reason instanceof RelayAbort && reason.kind === "breaker_open") return;
+  const timeout = "response" in result
+    ? result.response.status === 504
+    : reason instanceof RelayAbort && reason.kind === "upstream_timeout";
+  relay.breakers.failed(attempt.label, context.subject ?? `address:${addressKey(context.client)}`, timeout);
 }
 
 /** Listener options for a listener that runs at most once (one object for every request). */

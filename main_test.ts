@@ -4130,18 +4130,29 @@ Deno.test("failover and model aliases", async (t) => {
     "requests waiting on a target that goes down move on when its breaker opens, not at their timeout",
     async () => {
       await using hanging = hangingUpstream();
+      // Timeouts open a breaker only when two callers have them (a caller's own timeouts say nothing of the target).
+      const other = { name: "other", password: "other-password-1" };
       await using relay = relayWith(
         { "alias-fast": ["hanging/a", "good/b"] },
         [testUpstream("hanging", hanging.url), testUpstream("good", good.url)],
-        { requestTimeoutMs: 2000, breakerFailures: 1 },
+        { requestTimeoutMs: 2000, breakerFailures: 1, users: [{ name: USERNAME, password: CANARY_PASSWORD }, other] },
       );
-      const first = ask(relay);
+      const first = [
+        ask(relay),
+        relay.chat(chatBody({ model: "alias-fast" }), { authorization: "Bearer other:other-password-1" }),
+      ];
       await sleep(300);
       const later = Promise.all([ask(relay), ask(relay), ask(relay)]);
-      const answers = [await first, ...await later];
-      assert.deepEqual(answers.map((answer) => answer.status), [200, 200, 200, 200]);
-      const outcomes = relay.requestLogs().slice(-4).map((line) => line.attempts[0].outcome).sort();
-      assert.deepEqual(outcomes, ["breaker_open", "breaker_open", "breaker_open", "upstream_timeout"]);
+      const answers = [...await Promise.all(first), ...await later];
+      assert.deepEqual(answers.map((answer) => answer.status), [200, 200, 200, 200, 200]);
+      const outcomes = relay.requestLogs().slice(-5).map((line) => line.attempts[0].outcome).sort();
+      assert.deepEqual(outcomes, [
+        "breaker_open",
+        "breaker_open",
+        "breaker_open",
+        "upstream_timeout",
+        "upstream_timeout",
+      ]);
       const afterwards = await ask(relay);
       assert.equal(relay.requestLogs().at(-1).attempts[0].ms, 0, "later requests skip it at once");
       assert.equal(afterwards.status, 200);
