@@ -156,7 +156,7 @@ Deno.test("[security] an answer length no provider takes is refused before anyth
 
 Deno.test("[security] counters stay exact integers whatever usage the upstream reports", async (t) => {
   await using upstream = usageUpstream();
-  await onEveryStore(t, "1e300, negative and fractional usage", async (store) => {
+  await onEveryStore(t, "1e300, negative and fractional usage", async (store, name) => {
     await using relay = startRelay(testConfig(upstream.url, { tokenBudgetPerDay: 100_000 }), undefined, undefined, {
       counters: store,
     });
@@ -186,7 +186,9 @@ Deno.test("[security] counters stay exact integers whatever usage the upstream r
     assert.ok(!relay.logs.some((line) => line.includes("could not settle")), "every settle reached the store");
     const today = new Date().toISOString().slice(0, 10);
     const rows = await store.readUsage(today, today);
-    assert.equal(rows.reduce((sum, row) => sum + row.requests, 0), 6, "every answer is in the ledger");
+    // The memory store keeps no ledger (nothing could read it); the durable ones hold every answer.
+    const expected = name === "memory" ? 0 : 6;
+    assert.equal(rows.reduce((sum, row) => sum + row.requests, 0), expected, "every answer is in the ledger");
     for (const row of rows) {
       for (const figure of [row.prompt_tokens, row.completion_tokens, row.total_tokens]) {
         assert.ok(Number.isSafeInteger(figure) && figure >= 0, `the ledger holds exact counts: ${JSON.stringify(row)}`);
