@@ -1,7 +1,7 @@
 /**
  * Fixtures shared by the test files: a fake upstream, the relay on an ephemeral port (in-process or as
  * a real `deno run -P main.ts` process), canary secrets, and small helpers. Nothing here asserts
- * behaviour of its own; the specification is in main_test.ts and browser_test.ts.
+ * behaviour of its own; the specification is in test/*_test.ts, one file per area.
  *
  * @module
  */
@@ -10,8 +10,10 @@ import {
   createHandler,
   createLogger,
   type HandlerOptions,
+  parseConfig,
   type RelayConfig,
   serverErrorHandler,
+  type TrustedProxies,
   type Upstream,
 } from "./main.ts";
 
@@ -42,7 +44,10 @@ export const OTHER_ALLOWED = "https://metaconfigurator.github.io";
 /** An origin that is not allowed. */
 export const EVIL = "https://evil.example";
 
-/** Everything the relay logged or returned in this file, for the canary test at the end. */
+/**
+ * Everything the relay logged or returned in this file, for the canary test at the end. Deno runs each test file in
+ * an isolate of its own, so each file has its own copy of this list.
+ */
 export const seenByClientsOrLogs: string[] = [];
 
 /** Shared text encoder. */
@@ -146,7 +151,7 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     maxRequestBytes: 1024 * 1024,
     logLevel: "debug",
     shutdownTimeoutMs: 1000,
-    // Off here, so tests that fail sign-ins on purpose do not lock each other out; "hardening" turns them on.
+    // Off here, so tests that fail sign-ins on purpose do not lock each other out; the lockout tests turn them on.
     authFailuresPerMinute: 0,
     rateLimitPerMinute: 0,
     rateLimitPerHour: 0,
@@ -340,6 +345,26 @@ export async function within<T>(ms: number, promise: Promise<T>, message: string
 export const chatBody = (extra: Record<string, unknown> = {}) =>
   JSON.stringify({ model: "gpt-test", messages: [{ role: "user", content: "Hello" }], ...extra });
 
+/** A clock the test moves by hand, for the per-minute limits. */
+export function manualClock() {
+  let now = 1_000_000;
+  return { now: () => now, advance: (ms: number) => void (now += ms) };
+}
+
+/** A streamed chat answer as OpenAI sends it: one chunk event per piece of content, then [DONE]. */
+export function streamedAnswer(pieces: string[]): Response {
+  const events = pieces.map((content) =>
+    `data: ${
+      JSON.stringify({
+        id: "c1",
+        object: "chat.completion.chunk",
+        choices: [{ index: 0, delta: { content }, finish_reason: null }],
+      })
+    }\n\n`
+  );
+  return new Response(events.join("") + "data: [DONE]\n\n", { headers: { "content-type": "text/event-stream" } });
+}
+
 /** The four required variables, with canary secrets. */
 export const minimalEnv = {
   UPSTREAM_BASE_URL: "https://api.openai.com/v1/",
@@ -347,6 +372,13 @@ export const minimalEnv = {
   MC_RELAY_USERNAME: USERNAME,
   MC_RELAY_PASSWORD: CANARY_PASSWORD,
 };
+
+/** TRUST_PROXY as parseConfig reads it. */
+export function parseTrustProxyForTest(value: string): TrustedProxies {
+  const result = parseConfig({ ...minimalEnv, TRUST_PROXY: value });
+  assert.ok(result.ok);
+  return result.config.trustProxy;
+}
 
 /** Environment for a relay subprocess: nothing inherited but what Deno needs to run. */
 export function processEnv(env: Record<string, string>): Record<string, string> {

@@ -1,0 +1,434 @@
+/**
+ * Who is calling: sign-in with username:password, several users and password hashes, and the lockout
+ * after failed sign-ins, counted per user name and client address.
+ *
+ * Proved through the real HTTP surface (see testing.ts); the last test checks that no secret leaked.
+ */
+import assert from "node:assert/strict";
+import {
+  constantTimeEqual,
+  hashPassword,
+  MemoryCounterStore,
+  parseConfig,
+  parsePasswordHash,
+  readCredentials,
+  type RelayConfig,
+} from "../main.ts";
+import {
+  ALLOWED,
+  CANARY_CALLER_KEY,
+  CANARY_EXTRA,
+  CANARY_KEY,
+  CANARY_PASSWORD,
+  chatBody,
+  decoder,
+  encoder,
+  GOOD_BEARER,
+  installed,
+  manualClock,
+  openAiLikeUpstream,
+  parseTrustProxyForTest,
+  processEnv,
+  runRelayProcess,
+  seenByClientsOrLogs,
+  sleep,
+  startRelay,
+  startUpstream,
+  testConfig,
+  USERNAME,
+} from "../testing.ts";
+
+Deno.test("identity: sign-in", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  await using relay = startRelay(testConfig(upstream.url));
+  const models = (headers: Record<string, string>) => relay.call("/v1/models", { headers });
+
+  await t.step("Bearer username:password is accepted (what MC and OpenAI SDKs send)", async () => {
+    assert.equal((await models({ authorization: GOOD_BEARER })).status, 200);
+  });
+
+  await t.step("Basic base64(username:password) is accepted", async () => {
+    const basic = `Basic ${btoa(`${USERNAME}:${CANARY_PASSWORD}`)}`;
+    assert.equal((await models({ authorization: basic })).status, 200);
+  });
+
+  await t.step("the scheme is case-insensitive", async () => {
+    assert.equal((await models({ authorization: `bearer ${USERNAME}:${CANARY_PASSWORD}` })).status, 200);
+    assert.equal((await models({ authorization: `BASIC ${btoa(`${USERNAME}:${CANARY_PASSWORD}`)}` })).status, 200);
+  });
+
+  await t.step(
+    "missing credentials get 401 in OpenAI's shape with a Basic challenge for non-browser clients",
+    async () => {
+      const response = await models({});
+      assert.equal(response.status, 401);
+      assert.deepEqual(Object.keys(response.json().error).sort(), ["code", "message", "type"]);
+      assert.equal(response.json().error.code, "invalid_api_key");
+      assert.match(response.json().error.message, /username>:<password/);
+      assert.match(response.headers.get("www-authenticate") ?? "", /^Basic realm="mc-relay"/);
+    },
+  );
+
+  await t.step("browser requests (with Origin) get no Basic challenge, so no login dialog pops up", async () => {
+    const response = await models({ origin: ALLOWED, authorization: "Bearer team:wrong" });
+    assert.equal(response.status, 401);
+    assert.equal(response.headers.get("www-authenticate"), null);
+  });
+
+  await t.step("a wrong password or a wrong user name gets 401", async () => {
+    for (
+      const authorization of [
+        `Bearer ${USERNAME}:wrong`,
+        `Bearer other:${CANARY_PASSWORD}`,
+        `Bearer ${USERNAME}:${CANARY_PASSWORD}x`,
+        `Bearer ${USERNAME}:`,
+      ]
+    ) {
+      const response = await models({ authorization });
+      assert.equal(response.status, 401, authorization);
+      assert.equal(response.json().error.message, "mc-relay: wrong username or password");
+    }
+  });
+
+  await t.step("malformed credentials get 401, never 500", async () => {
+    const malformed = [
+      "Bearer",
+      "Bearer ",
+      `Bearer ${CANARY_PASSWORD}`,
+      "Basic !!!not-base64!!!",
+      `Basic ${btoa("no-colon")}`,
+      "Basic /w==",
+      "Digest username=x",
+      `Token ${USERNAME}:${CANARY_PASSWORD}`,
+      `Bearer ${USERNAME}:${CANARY_PASSWORD} extra`,
+      "x".repeat(8000),
+    ];
+    for (const authorization of malformed) {
+      const response = await models({ authorization });
+      assert.equal(response.status, 401, authorization);
+      assert.equal(response.json().error.code, "invalid_api_key");
+    }
+  });
+
+  await t.step("a password containing a colon works with Bearer and Basic", async () => {
+    await using colonRelay = startRelay(
+      testConfig(upstream.url, { users: [{ name: USERNAME, password: `${CANARY_PASSWORD}:with:colons` }] }),
+    );
+    const credentials = `${USERNAME}:${CANARY_PASSWORD}:with:colons`;
+    assert.equal(
+      (await colonRelay.call("/v1/models", { headers: { authorization: `Bearer ${credentials}` } })).status,
+      200,
+    );
+    assert.equal(
+      (await colonRelay.call("/v1/models", { headers: { authorization: `Basic ${btoa(credentials)}` } })).status,
+      200,
+    );
+  });
+
+  await t.step("failed authentication never reaches the upstream", async () => {
+    const before = upstream.requests.length;
+    await models({ authorization: "Bearer team:wrong" });
+    await relay.call("/v1/chat/completions", { method: "POST", body: chatBody() });
+    assert.equal(upstream.requests.length, before);
+  });
+
+  await t.step("the comparison helpers behave as specified", () => {
+    assert.ok(constantTimeEqual("a:b", "a:b"));
+    assert.ok(!constantTimeEqual("a:b", "a:c"));
+    assert.ok(!constantTimeEqual("a:bc", "a:b"));
+    assert.ok(!constantTimeEqual("", "a:b"));
+    assert.deepEqual(readCredentials("Bearer a:b:c"), { credentials: "a:b:c" });
+    assert.ok("problem" in readCredentials(null));
+  });
+});
+
+Deno.test("identity: users and password hashes", async (t) => {
+  await using upstream = startUpstream((request, seen) =>
+    seen.path === "/embeddings"
+      ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
+      : openAiLikeUpstream(request, seen)
+  );
+  const bobHash = await hashPassword("bob-password-456", 2000);
+  /** A relay configured through parseConfig, as the real process is. */
+  const relayFromEnv = (env: Record<string, string>, overrides: Partial<RelayConfig> = {}) => {
+    const result = parseConfig({ UPSTREAM_BASE_URL: upstream.url, UPSTREAM_API_KEY: CANARY_KEY, ...env });
+    assert.ok(result.ok, JSON.stringify(!result.ok && result.errors));
+    return startRelay({ ...result.config, authFailuresPerMinute: 0, ...overrides });
+  };
+  const here = new URL("..", import.meta.url).pathname;
+
+  await t.step(
+    "every user of MC_RELAY_USERS signs in (plain or hashed), and each request is logged with its user",
+    async () => {
+      await using relay = relayFromEnv({ MC_RELAY_USERS: `alice:alice-password-123, bob:${bobHash}` });
+      const as = (credentials: string) =>
+        relay.call("/v1/models", { headers: { authorization: `Bearer ${credentials}` } });
+      assert.equal((await as("alice:alice-password-123")).status, 200);
+      assert.equal((await as("bob:bob-password-456")).status, 200);
+      assert.equal((await as("bob:bob-password-456")).status, 200, "the second time from the remembered check");
+      assert.equal((await as("bob:bob-password-45")).status, 401, "a wrong password after a right one still fails");
+      assert.equal((await as("alice:bob-password-456")).status, 401);
+      assert.equal((await as("carol:alice-password-123")).status, 401);
+      assert.deepEqual(relay.requestLogs().map((entry) => entry.user ?? null), [
+        "alice",
+        "bob",
+        "bob",
+        null,
+        null,
+        null,
+      ]);
+    },
+  );
+
+  await t.step("MC_RELAY_USERNAME/MC_RELAY_PASSWORD and MC_RELAY_USERS work together", async () => {
+    await using relay = relayFromEnv({
+      MC_RELAY_USERNAME: USERNAME,
+      MC_RELAY_PASSWORD: CANARY_PASSWORD,
+      MC_RELAY_USERS: "alice:alice-password-123",
+    });
+    assert.equal((await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } })).status, 200);
+    assert.equal(
+      (await relay.call("/v1/models", { headers: { authorization: "Bearer alice:alice-password-123" } })).status,
+      200,
+    );
+  });
+
+  await t.step("hash-password reads a password on stdin and prints a hash the relay accepts", async () => {
+    const output = await runRelayProcess({}, ["hash-password"], { input: "carol-password-789\n" });
+    assert.equal(output.code, 0, output.stderr);
+    const hash = output.stdout.trim();
+    assert.match(hash, /^pbkdf2-sha256:600000:[A-Za-z0-9_-]{22}:[A-Za-z0-9_-]{43}$/);
+    assert.ok(!hash.includes("carol-password-789"));
+    await using relay = relayFromEnv({ MC_RELAY_USERS: `carol:${hash}` });
+    const response = await relay.call("/v1/models", { headers: { authorization: "Bearer carol:carol-password-789" } });
+    assert.equal(response.status, 200);
+  });
+
+  await t.step({
+    name: "hash-password on a terminal asks twice without echo, and refuses two different passwords",
+    ignore: !installed("script"),
+    fn: async () => {
+      const run = async (first: string, second: string) => {
+        const child = new Deno.Command("script", {
+          args: ["-qec", `${Deno.execPath()} run -P --quiet main.ts hash-password`, "/dev/null"],
+          cwd: here,
+          env: processEnv({}),
+          clearEnv: true,
+          stdin: "piped",
+          stdout: "piped",
+          stderr: "piped",
+        }).spawn();
+        const writer = child.stdin.getWriter();
+        await sleep(1500);
+        await writer.write(encoder.encode(`${first}\r`));
+        await sleep(300);
+        await writer.write(encoder.encode(`${second}\r`));
+        const output = await child.output();
+        await writer.close().catch(() => {});
+        return { code: output.code, text: decoder.decode(output.stdout) };
+      };
+      const same = await run("terminal-password-42", "terminal-password-42");
+      assert.equal(same.code, 0, same.text);
+      assert.match(same.text, /Password for MC_RELAY_USERS: /);
+      assert.match(same.text, /The same password again: /);
+      assert.match(same.text, /pbkdf2-sha256:600000:/);
+      assert.ok(!same.text.includes("terminal-password-42"), "the password is never echoed");
+      const differ = await run("terminal-password-42", "terminal-password-43");
+      assert.notEqual(differ.code, 0);
+      assert.match(differ.text, /the two passwords differ; nothing was printed/);
+      assert.doesNotMatch(differ.text, /pbkdf2-sha256:/);
+    },
+  });
+});
+
+Deno.test("identity: lockout and client addresses [security]", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  const hashedUser = async (name: string, password: string) => ({
+    name,
+    hash: parsePasswordHash(await hashPassword(password, 20_000))!,
+  });
+  const metricValue = (text: string, name: string) => Number(new RegExp(`^${name} (\\d+)$`, "m").exec(text)?.[1]);
+
+  await t.step(
+    "failed sign-ins are limited per user name and address: then 429 with Retry-After, before the password is checked",
+    async () => {
+      const clock = manualClock();
+      const users = [{ name: USERNAME, password: CANARY_PASSWORD }, {
+        name: "neighbour",
+        password: "neighbour-pass-123",
+      }];
+      await using relay = startRelay(
+        testConfig(upstream.url, { authFailuresPerMinute: 3, users }),
+        undefined,
+        clock.now,
+      );
+      const wrong = { authorization: `Bearer ${USERNAME}:guess` };
+      for (let i = 0; i < 3; i++) assert.equal((await relay.call("/v1/models", { headers: wrong })).status, 401);
+      const locked = await relay.call("/v1/models", { headers: wrong });
+      assert.equal(locked.status, 429);
+      assert.equal(locked.headers.get("retry-after"), "20");
+      assert.deepEqual(locked.json().error, {
+        message: "mc-relay: too many failed sign-ins for this user from this address; try again in 20 s",
+        type: "rate_limit_error",
+        code: "too_many_failed_sign_ins",
+      });
+
+      const before = upstream.requests.length;
+      const right = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+      assert.equal(right.status, 429, "a correct password for a locked-out name from that address still waits");
+      assert.equal(upstream.requests.length, before);
+      const neighbour = await relay.call("/v1/models", {
+        headers: { authorization: "Bearer neighbour:neighbour-pass-123" },
+      });
+      assert.equal(neighbour.status, 200, "another user behind the same address is not locked out");
+
+      clock.advance(20_000);
+      assert.equal((await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } })).status, 200);
+    },
+  );
+
+  await t.step(
+    "X-Forwarded-For is ignored without TRUST_PROXY, so nobody escapes the lockout by forging it",
+    async () => {
+      await using relay = startRelay(testConfig(upstream.url, { authFailuresPerMinute: 2 }));
+      for (const forged of ["10.0.0.1", "10.0.0.2", "10.0.0.3"]) {
+        await relay.call("/v1/models", { headers: { authorization: "Bearer team:guess", "x-forwarded-for": forged } });
+      }
+      const response = await relay.call("/v1/models", {
+        headers: { authorization: GOOD_BEARER, "x-forwarded-for": "10.9.9.9" },
+      });
+      assert.equal(response.status, 429);
+    },
+  );
+
+  await t.step(
+    "with TRUST_PROXY the address is the proxy's X-Forwarded-For entry; entries left of it are not trusted",
+    async () => {
+      await using relay = startRelay(
+        testConfig(upstream.url, { authFailuresPerMinute: 2, trustProxy: parseTrustProxyForTest("true") }),
+      );
+      const attempt = (forwardedFor: string, authorization = "Bearer team:guess") =>
+        relay.call("/v1/models", { headers: { authorization, "x-forwarded-for": forwardedFor } });
+      await attempt("forged-1, 203.0.113.7");
+      await attempt("forged-2, 203.0.113.7");
+      assert.equal((await attempt("forged-3, 203.0.113.7", GOOD_BEARER)).status, 429);
+      assert.equal((await attempt("203.0.113.8", GOOD_BEARER)).status, 200, "another client is not locked out");
+      assert.ok(relay.requestLogs().some((entry) => entry.client === "203.0.113.7"));
+    },
+  );
+
+  await t.step(
+    "60 wrong passwords at once for a hashed user: only the allowance is checked, and the right one still waits",
+    async () => {
+      const users = [await hashedUser("hashed", "the-right-password-1"), { name: "admin", password: CANARY_PASSWORD }];
+      await using relay = startRelay(
+        testConfig(upstream.url, { users, authFailuresPerMinute: 10, metricsUsers: ["admin"] }),
+      );
+      const attempt = (password: string) =>
+        relay.call("/v1/models", { headers: { authorization: `Bearer hashed:${password}` } });
+      const statuses = (await Promise.all(Array.from({ length: 60 }, (_, i) => attempt(`guess-${i}`))))
+        .map((response) => response.status);
+      assert.equal(statuses.filter((status) => status === 401).length, 10, `statuses: ${statuses}`);
+      assert.equal(statuses.filter((status) => status === 429).length, 50);
+      assert.equal((await attempt("the-right-password-1")).status, 429);
+      const metrics = await relay.call("/metrics", { headers: { authorization: `Bearer admin:${CANARY_PASSWORD}` } });
+      assert.equal(metricValue(metrics.text, "mc_relay_password_hash_checks_total"), 10, "ten checks, not sixty");
+    },
+  );
+
+  await t.step("an unknown user name costs one password hash check, like a known one", async () => {
+    const users = [await hashedUser("hashed", "the-right-password-1"), { name: "admin", password: CANARY_PASSWORD }];
+    await using relay = startRelay(testConfig(upstream.url, { users, metricsUsers: ["admin"] }));
+    const checks = async () =>
+      metricValue(
+        (await relay.call("/metrics", { headers: { authorization: `Bearer admin:${CANARY_PASSWORD}` } })).text,
+        "mc_relay_password_hash_checks_total",
+      );
+    assert.equal((await relay.call("/v1/models", { headers: { authorization: "Bearer hashed:wrong" } })).status, 401);
+    assert.equal(await checks(), 1);
+    assert.equal((await relay.call("/v1/models", { headers: { authorization: "Bearer nobody:wrong" } })).status, 401);
+    assert.equal(await checks(), 2, "the unknown name ran a decoy check");
+  });
+
+  await t.step(
+    "a flood of sign-ins from many addresses is bounded (503) and never holds up a signed-in user",
+    async () => {
+      const users = [await hashedUser("hashed", "the-right-password-1")];
+      const trustProxy = parseTrustProxyForTest("127.0.0.1");
+      await using relay = startRelay(testConfig(upstream.url, { users, authFailuresPerMinute: 10, trustProxy }));
+      const signedIn = { authorization: "Bearer hashed:the-right-password-1" };
+      assert.equal((await relay.call("/v1/models", { headers: signedIn })).status, 200, "signed in once: remembered");
+      let floodDone = false;
+      const flood = Promise.all(
+        Array.from({ length: 150 }, (_, i) =>
+          relay.call("/v1/models", {
+            headers: { authorization: `Bearer hashed:guess-${i}`, "x-forwarded-for": `198.51.100.${i}` },
+          }).then((response) => response.status)),
+      ).then((statuses) => {
+        floodDone = true;
+        return statuses;
+      });
+      await sleep(5);
+      assert.equal((await relay.call("/v1/models", { headers: signedIn })).status, 200);
+      assert.equal(floodDone, false, "the signed-in user was answered while the flood was still being checked");
+      const statuses = await flood;
+      assert.ok(statuses.includes(503), "checks past the queue are refused at once");
+      assert.deepEqual([...new Set(statuses)].sort(), [401, 503]);
+    },
+  );
+
+  await t.step(
+    "IPv6 clients are counted by /64, and X-Forwarded-For counts only from TRUST_PROXY's addresses",
+    async () => {
+      const viaProxy = parseTrustProxyForTest("127.0.0.1");
+      await using relay = startRelay(testConfig(upstream.url, { authFailuresPerMinute: 2, trustProxy: viaProxy }));
+      const attempt = (address: string, authorization = "Bearer team:guess") =>
+        relay.call("/v1/models", { headers: { authorization, "x-forwarded-for": address } });
+      await attempt("2001:db8:1:2::1");
+      await attempt("2001:db8:1:2::2");
+      assert.equal((await attempt("2001:db8:1:2:ffff::99", GOOD_BEARER)).status, 429, "same /64");
+      assert.equal((await attempt("2001:db8:1:3::1", GOOD_BEARER)).status, 200, "another /64");
+
+      const otherProxy = parseTrustProxyForTest("10.0.0.0/8");
+      await using direct = startRelay(testConfig(upstream.url, { authFailuresPerMinute: 2, trustProxy: otherProxy }));
+      for (const forged of ["203.0.113.1", "203.0.113.2"]) {
+        await direct.call("/v1/models", { headers: { authorization: "Bearer team:guess", "x-forwarded-for": forged } });
+      }
+      const locked = await direct.call("/v1/models", {
+        headers: { authorization: GOOD_BEARER, "x-forwarded-for": "203.0.113.3" },
+      });
+      assert.equal(locked.status, 429, "a peer that is not a named proxy is counted as itself");
+    },
+  );
+
+  await t.step("a full counter store never releases a locked-out client early", async () => {
+    const clock = manualClock();
+    const counters = new MemoryCounterStore(clock.now, 50);
+    const trustProxy = parseTrustProxyForTest("127.0.0.1");
+    await using relay = startRelay(
+      testConfig(upstream.url, { authFailuresPerMinute: 2, trustProxy }),
+      undefined,
+      clock.now,
+      { counters },
+    );
+    const attempt = (address: string, authorization = "Bearer team:guess") =>
+      relay.call("/v1/models", { headers: { authorization, "x-forwarded-for": address } });
+    await attempt("192.0.2.1");
+    await attempt("192.0.2.1");
+    for (let i = 0; i < 120; i++) await attempt(`198.51.100.${i}`);
+    assert.equal((await attempt("192.0.2.1", GOOD_BEARER)).status, 429, "the victim's lockout outlived the flood");
+    clock.advance(60_000);
+    assert.equal((await attempt("192.0.2.1", GOOD_BEARER)).status, 200);
+  });
+});
+
+Deno.test("no secret ever appeared in anything the relay logged or returned, in any test above", () => {
+  // Each test file runs in an isolate of its own, so this is what this file's tests saw.
+  assert.ok(seenByClientsOrLogs.length > 500, "the other tests recorded what they saw");
+  const everything = seenByClientsOrLogs.join("\n");
+  assert.ok(!everything.includes(CANARY_KEY), "the provider key leaked");
+  assert.ok(!everything.includes(CANARY_EXTRA), "an extra upstream header value leaked");
+  // Clients send the password themselves; the relay must never send it back or log it.
+  assert.ok(!everything.includes(CANARY_PASSWORD), "the relay password leaked");
+  assert.ok(!everything.includes(CANARY_CALLER_KEY), "a caller's own key leaked");
+});
