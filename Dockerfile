@@ -10,6 +10,8 @@ FROM --platform=$BUILDPLATFORM denoland/deno:2.9.6 AS build
 ARG TARGETARCH
 WORKDIR /src
 COPY deno.json deno.lock main.ts ./
+# The relay's modules (main.ts is the entry and imports them; the compile task bundles them into the binary).
+COPY src/ ./src/
 RUN case "$TARGETARCH" in \
       amd64) target=x86_64-unknown-linux-gnu ;; \
       arm64) target=aarch64-unknown-linux-gnu ;; \

@@ -250,6 +250,15 @@ Deno.test("process: commands and .env files", async (t) => {
     for (const file of ["deno.json", "deno.lock", "main.ts"]) {
       await Deno.copyFile(`${here}${file}`, `${folder}/${file}`);
     }
+    // main.ts is the entry; the relay's modules are under src/ (the test files there are not needed).
+    const copyModules = async (from: string, to: string): Promise<void> => {
+      await Deno.mkdir(to, { recursive: true });
+      for await (const entry of Deno.readDir(from)) {
+        if (entry.isDirectory) await copyModules(`${from}/${entry.name}`, `${to}/${entry.name}`);
+        else if (!entry.name.endsWith("_test.ts")) await Deno.copyFile(`${from}/${entry.name}`, `${to}/${entry.name}`);
+      }
+    };
+    await copyModules(`${here}src`, `${folder}/src`);
     await Deno.writeTextFile(
       `${folder}/.env`,
       [

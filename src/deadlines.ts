@@ -1,0 +1,67 @@
+/**
+ * One coarse timer for every request's timeouts (`DeadlineSweeper`, and the process's one `deadlines`).
+ *
+ * @module
+ */
+
+/** How late a deadline may fire: the sweeper's tick, in milliseconds. */
+export const DEADLINE_TICK_MS = 25;
+
+/** A deadline the sweeper keeps: `fire` runs once, when `at` (a `performance.now()` time) has passed. */
+export interface Deadline {
+  /** When it fires; a stream moves it on while it waits for a chunk, and sets Infinity between waits. */
+  at: number;
+  /** What it does; dropped once it has fired or been cancelled. */
+  fire: () => void;
+}
+
+/** The `fire` of a deadline that has fired or been cancelled. */
+const SPENT = () => {};
+
+/**
+ * Every timeout a request sets (its first byte, its body, a stream's silence, a shared-store call) on one interval
+ * timer instead of a timer each: setting and clearing a Deno timer costs microseconds, and a request set up to
+ * four. A deadline fires up to DEADLINE_TICK_MS late, which is nothing against REQUEST_TIMEOUT_SECONDS; the
+ * interval runs only while a deadline is pending, so an idle relay (or a finished test) holds no timer.
+ */
+class DeadlineSweeper {
+  #pending = new Set<Deadline>();
+  #interval: ReturnType<typeof setInterval> | undefined;
+
+  /** Calls `fire` in `ms` milliseconds, unless `cancel` comes first. */
+  add(ms: number, fire: () => void): Deadline {
+    const deadline = { at: performance.now() + ms, fire };
+    this.#pending.add(deadline);
+    this.#interval ??= setInterval(() => this.#sweep(), DEADLINE_TICK_MS);
+    return deadline;
+  }
+
+  /** Drops a deadline that has not fired; nothing happens for one that has. */
+  cancel(deadline: Deadline | undefined): void {
+    if (deadline === undefined || !this.#pending.delete(deadline)) return;
+    // A deadline object can outlive its request (V8 moves long-lived kinds of objects to the old generation, where
+    // a dead one still holds what it points to until the next full collection): let go of the request at once.
+    deadline.fire = SPENT;
+    if (this.#pending.size === 0) this.#stop();
+  }
+
+  #sweep(): void {
+    const now = performance.now();
+    for (const deadline of this.#pending) {
+      if (deadline.at > now) continue;
+      this.#pending.delete(deadline);
+      const fire = deadline.fire;
+      deadline.fire = SPENT;
+      fire();
+    }
+    if (this.#pending.size === 0) this.#stop();
+  }
+
+  #stop(): void {
+    clearInterval(this.#interval);
+    this.#interval = undefined;
+  }
+}
+
+/** The process's one sweeper: every relay, store and stream in it shares the tick. */
+export const deadlines = new DeadlineSweeper();

@@ -1,0 +1,257 @@
+/**
+ * The request handler: `STAGES` (the table of contents of a request), `createHandler` (one `RequestContext` per
+ * request through the stages, then `account`), and `createRelay` (what is built once from the config).
+ *
+ * @module
+ */
+
+import { clientAddress, createAuthenticator } from "./auth.ts";
+import { CircuitBreakers } from "./breakers.ts";
+import { KeySealer } from "./byok.ts";
+import { type Route, ROUTES } from "./config/routes.ts";
+import { type RelayConfig, VERSION } from "./config/variables.ts";
+import type { Relay, RequestContext, Stage, UpstreamTarget } from "./context.ts";
+import { addRelayHeaders, corsHeaders, errorResponse } from "./http.ts";
+import { createLogger, RelayMetrics } from "./observe.ts";
+import { answerMcSettings, answerPage } from "./page.ts";
+import { createSecretMasker } from "./secrets.ts";
+import { account } from "./stages/account.ts";
+import { answerSeal, useCallerKey } from "./stages/byok.ts";
+import { checkModel, chooseUpstream, readRequestBody } from "./stages/choose.ts";
+import { forwardRequest, requestUsage } from "./stages/forward.ts";
+import { answerHealth, answerPreflight, checkHost, checkOrigin, matchRoute, servedHostNames } from "./stages/gate.ts";
+import { answerMetrics, identifyCaller } from "./stages/identity.ts";
+import { answerUsage, applyLimits, capAnswerTokens, requestLimits, reserveTokens } from "./stages/limits.ts";
+import { relayResponse } from "./stages/respond.ts";
+import type { CounterStore } from "./stores/counter.ts";
+import { MemoryCounterStore } from "./stores/memory.ts";
+import { BODY_IDLE_MS, ByteBudget } from "./streams.ts";
+import { errorText } from "./text.ts";
+
+/** Options for `createHandler` that are not configuration. */
+export interface HandlerOptions {
+  /** Receives each finished log line (JSON, no trailing newline); defaults to stdout. */
+  log?: (line: string) => void;
+  /** The clock for rate limits, in milliseconds; tests pass one they control. */
+  now?: () => number;
+  /** Where the handler counts; pass one to serve it elsewhere too (METRICS_PORT). */
+  metrics?: RelayMetrics;
+  /** Where limits and lockouts are counted; in process memory unless given. */
+  counters?: CounterStore;
+  /** The longest a request body may go without a byte (10 s, BODY_IDLE_MS); tests shorten it. */
+  bodyIdleMs?: number;
+}
+
+/** A `Deno.serve` handler. */
+export type RelayHandler = (request: Request, info: Deno.ServeHandlerInfo) => Promise<Response>;
+
+/**
+ * The stages every request passes, in this order. The first one that returns a `Response` ends the
+ * request; `relayResponse` always does. `account` runs after the last, or when a relayed body ends.
+ */
+const STAGES: Stage[] = [
+  checkHost,
+  checkOrigin,
+  answerPreflight,
+  matchRoute,
+  onRoute("/health", answerHealth),
+  onRoute("/mc-settings.json", answerMcSettings),
+  onRoute("/", answerPage),
+  onRoute("/seal", answerSeal),
+  identifyCaller,
+  onRoute("/usage", answerUsage),
+  onRoute("/metrics", answerMetrics),
+  applyLimits,
+  readRequestBody,
+  chooseUpstream,
+  useCallerKey,
+  checkModel,
+  capAnswerTokens,
+  reserveTokens,
+  requestUsage,
+  forwardRequest,
+  relayResponse,
+];
+
+/**
+ * A stage that answers one route of the relay's own: requests for any other path pass it without a call (and
+ * without the promise an async stage would make for them).
+ */
+function onRoute(path: string, stage: Stage): Stage {
+  return (relay, context) => context.routePath === path ? stage(relay, context) : undefined;
+}
+
+/**
+ * Builds the relay's request handler from a validated config: the stages in `STAGES` over one
+ * `RequestContext` per request, then `account` for the log line and metrics. An exception in a stage is
+ * answered with a 500 naming the request id (the details go to the log, never to the client).
+ */
+export function createHandler(config: RelayConfig, options: HandlerOptions = {}): RelayHandler {
+  const relay = createRelay(config, options);
+  return async (request, info) => {
+    const context = newContext(relay, request, info);
+    let response: Response | undefined;
+    try {
+      for (let index = 0; index < STAGES.length; index++) {
+        const answer = STAGES[index](relay, context);
+        // Most stages decide at once (see StageAnswer): only a promise is awaited.
+        response = answer instanceof Promise ? await answer : answer;
+        if (response !== undefined) break;
+      }
+    } catch (error) {
+      context.error = errorText(error);
+      context.outcome = "relay_error";
+      response = undefined;
+    }
+    response ??= errorResponse(500, `internal error (request id ${context.id}); see the relay's log`, "relay_error");
+    context.status = response.status;
+    if (!context.headersSet) {
+      // A response the relay made itself: it carries its length (0 for none).
+      context.bytesOut = Number(response.headers.get("content-length") ?? 0);
+      const added = addRelayHeaders({}, context.id, context.cors);
+      for (const name in added) response.headers.set(name, added[name]);
+    }
+    if (!context.logWhenBodyEnds) account(relay, context);
+    return response;
+  };
+}
+
+/** Builds what the stages share from the config: routes, upstream targets, sign-in checks, counters. */
+function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
+  const routes: Record<string, Route> = { ...ROUTES };
+  if (config.metricsUsers.length > 0) routes["/metrics"] = { method: "GET" };
+  for (const path of config.disabledPaths) delete routes[path];
+  if (!config.page) delete routes["/"];
+  if (config.sealSecret === undefined) delete routes["/seal"];
+  const upstreams = config.upstreams.map((upstream) => {
+    const target: UpstreamTarget = {
+      ...upstream,
+      // Lower case like every other header name the relay sends, once, not per request.
+      authHeader: upstream.authHeader.toLowerCase(),
+      host: new URL(upstream.baseUrl).host,
+      authValue: upstream.authPrefix ? `${upstream.authPrefix} ${upstream.apiKey}` : upstream.apiKey,
+      plan: [],
+      // Ask for bodies as the upstream has them, so they pass through byte for byte.
+      baseHeaders: Object.fromEntries([
+        ...Object.entries(upstream.extraHeaders).map(([name, value]) => [name.toLowerCase(), value]),
+        ["accept-encoding", "identity"],
+        ["user-agent", `mc-relay/${VERSION}`],
+      ]),
+    };
+    target.plan.push({ target, label: upstream.name });
+    return target;
+  });
+  const upstreamSecrets = upstreams.flatMap((upstream) => [upstream.apiKey, ...Object.values(upstream.extraHeaders)])
+    .filter(Boolean);
+  const masker = createSecretMasker(upstreamSecrets);
+  const now = options.now ?? Date.now;
+  const metrics = options.metrics ?? new RelayMetrics();
+  const log = createLogger(config, options.log);
+  for (const targets of Object.values(config.modelAliases)) {
+    for (const label of targets) metrics.breakerOpen.set(label, 0);
+  }
+  return {
+    config,
+    log,
+    metrics,
+    counters: options.counters ?? new MemoryCounterStore(options.now),
+    routes,
+    allowedOrigins: new Set(config.allowedOrigins),
+    servedHosts: servedHostNames(config),
+    publicOrigin: config.publicUrl && new URL(config.publicUrl).origin,
+    upstreams,
+    upstreamsByName: new Map(upstreams.map((upstream) => [upstream.name, upstream])),
+    allowedModels: new Set(config.allowedModels),
+    signInRule: { capacity: config.authFailuresPerMinute, periodMs: 60_000 },
+    usersByName: new Map(config.users.map((user) => [user.name, user])),
+    requestLimits: requestLimits(config),
+    now,
+    authenticate: createAuthenticator(config.users, metrics),
+    hashedUsers: config.users.some((user) => user.hash !== undefined),
+    bodyBudget: new ByteBudget(config.maxBufferedBytes, config.maxRequestBytes),
+    bodyLimits: {
+      maxRequestBytes: config.maxRequestBytes,
+      requestTimeoutMs: config.requestTimeoutMs,
+      idleMs: Math.min(options.bodyIdleMs ?? BODY_IDLE_MS, config.requestTimeoutMs),
+    },
+    maskSecrets: masker.mask,
+    maskHeaderValue: masker.maskHeaderValue,
+    upstreamSecrets,
+    sealer: config.sealSecret === undefined
+      ? undefined
+      : new KeySealer([config.sealSecret, ...config.sealSecretsPrevious], now),
+    byok: upstreams.some((upstream) => upstream.byok),
+    breakers: new CircuitBreakers(config.breakerFailures, config.breakerOpenMs, now, (label, open) => {
+      metrics.breakerOpen.set(label, open ? 1 : 0);
+      if (open) log.warn("breaker open: target skipped", { target: label, seconds: config.breakerOpenMs / 1000 });
+      else log.info("breaker closed: target answers again", { target: label });
+    }),
+  };
+}
+
+/** A fresh context for one request: its id, its client's address, and the CORS headers its origin gets. */
+function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo): RequestContext {
+  const host = request.headers.get("host");
+  const validHost = host === null || VALID_HOST.test(host);
+  // Deno builds request.url from Host and the request target: only a valid Host keeps the path the target's.
+  const url = new URL(validHost ? request.url : "http://invalid-host/");
+  const path = url.pathname;
+  const origin = request.headers.get("origin");
+  return {
+    request,
+    url,
+    origin,
+    cors: origin !== null && relay.allowedOrigins.has(origin) ? corsHeaders(origin) : NO_CORS,
+    completed: info.completed,
+    id: crypto.randomUUID(),
+    method: request.method.slice(0, 16),
+    path: path.length > 200 ? `${path.slice(0, 200)}...` : path,
+    client: clientAddress(request, info, relay.config.trustProxy),
+    startedAt: performance.now(),
+    bodyChanged: false,
+    target: relay.upstreams[0],
+    bytesIn: 0,
+    bytesOut: 0,
+    heldBytes: 0,
+    bodyHolder: undefined,
+    validHost,
+    // Every field a stage may set, set here: one object of one shape per request, not one grown field by field.
+    route: undefined,
+    routePath: undefined,
+    alias: undefined,
+    attempts: undefined,
+    callerKey: undefined,
+    upstreamAuth: undefined,
+    masker: undefined,
+    user: undefined,
+    subject: undefined,
+    inFlightKey: undefined,
+    inFlightStore: undefined,
+    answerTokens: undefined,
+    reservations: undefined,
+    body: undefined,
+    payload: undefined,
+    usageWatch: undefined,
+    upstreamCall: undefined,
+    stopWatchingClient: undefined,
+    clientGone: undefined,
+    forwarded: undefined,
+    events: undefined,
+    upstreamResponse: undefined,
+    status: undefined,
+    upstreamStatus: undefined,
+    upstream: undefined,
+    model: undefined,
+    usage: undefined,
+    outcome: undefined,
+    error: undefined,
+    logWhenBodyEnds: undefined,
+    headersSet: undefined,
+  };
+}
+
+/** The CORS headers of a request from no allowed origin: none (one object, never changed). */
+const NO_CORS: Record<string, string> = Object.freeze({});
+
+/** A Host header: a name, an IPv4 address or a bracketed IPv6 address, with an optional port. */
+const VALID_HOST = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?$/;
