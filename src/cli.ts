@@ -8,6 +8,7 @@
 import { hashPassword } from "./auth.ts";
 import { callerKeyProblem, KeySealer } from "./byok.ts";
 import { parseSealing, parseUpstreams } from "./config/parse.ts";
+import { variablesHelp } from "./config/render.ts";
 import { DEFAULTS, ENV_VARS, type RelayEnv, VERSION } from "./config/variables.ts";
 import type { LedgerRow } from "./stores/counter.ts";
 import { RedisCounterStore } from "./stores/redis.ts";
@@ -31,69 +32,12 @@ Usage:
   mc-relay --version       print the version
   mc-relay --help          print this help
 
-Required environment variables:
-  UPSTREAM_BASE_URL            provider base URL, e.g. https://api.openai.com/v1
-  UPSTREAM_API_KEY             provider API key (never sent to browsers or logged)
-  (or, instead of or besides those two)
-  UPSTREAMS_JSON               several upstreams: [{"name","baseUrl","apiKey","authHeader","authPrefix","extraHeaders"}];
-                               "byok":true (and "keyPattern") instead of "apiKey": callers bring their own key
-  MC_RELAY_USERNAME            user name; clients send "username:password" as their API key
-  MC_RELAY_PASSWORD            password
-  (or, instead of or besides those two)
-  MC_RELAY_USERS               more users: name:password or name:pbkdf2-sha256:... entries, comma-separated;
-                               a name may carry its own token budgets: alice;day=200000;month=0:...
-  (or none of these, with PUBLIC_ACCESS=true)
+Required: an upstream (UPSTREAM_BASE_URL and UPSTREAM_API_KEY, or UPSTREAMS_JSON) and who may use it
+(MC_RELAY_USERNAME and MC_RELAY_PASSWORD, or MC_RELAY_USERS, or PUBLIC_ACCESS=true, or BYOK upstreams only).
+Every variable, by group (default in brackets):
 
-Optional (default in brackets):
-  ALLOWED_ORIGIN               comma-separated exact browser origins [none allowed]
-  PORT                         port to listen on [${DEFAULTS.port}]
-  HOST                         interface to listen on [${DEFAULTS.host}]
-  REQUEST_TIMEOUT_SECONDS      wait for upstream headers / longest silence in a stream [${DEFAULTS.requestTimeoutSeconds}]
-  MAX_REQUEST_BYTES            largest request body [${DEFAULTS.maxRequestBytes}]
-  MAX_BUFFERED_BYTES           request bodies held in memory at once, all requests (one caller: a quarter,
-                               at least MAX_REQUEST_BYTES); then 503 [${DEFAULTS.maxBufferedBytes}]
-  UPSTREAM_AUTH_HEADER         header carrying the provider key [${DEFAULTS.upstreamAuthHeader}]
-  UPSTREAM_AUTH_PREFIX         prefix before the key; set it empty for a raw key [${DEFAULTS.upstreamAuthPrefix}]
-  UPSTREAM_EXTRA_HEADERS_JSON  JSON object of extra upstream headers [none]
-  LOG_LEVEL                    debug, info, warn or error [${DEFAULTS.logLevel}]
-  TLS_CERT_FILE, TLS_KEY_FILE  PEM files; both set makes the relay serve HTTPS itself [unset]
-  SHUTDOWN_TIMEOUT_SECONDS     how long in-flight requests may finish after SIGTERM [${DEFAULTS.shutdownTimeoutSeconds}]
-  AUTH_FAILURES_PER_MINUTE     failed sign-ins per client address per minute, then 429; 0 = no limit [${DEFAULTS.authFailuresPerMinute}]
-  PUBLIC_ACCESS                true: requests without credentials pass, limited and budgeted per address;
-                               needs ALLOWED_ORIGIN, a request limit and a token budget [false]
-  RATE_LIMIT_PER_MINUTE        requests per user (anonymous: per address) per minute; 0 = no limit [0]
-  RATE_LIMIT_PER_HOUR          the same per hour [0]
-  RATE_LIMIT_PER_DAY           the same per day [0]
-  CONCURRENT_REQUESTS          requests in flight at once per user or address, streams included [0]
-  TOKEN_BUDGET_PER_DAY         tokens per user or address per UTC day (real usage, else an estimate) [0]
-  TOKEN_BUDGET_PER_MONTH       tokens per user or address per UTC calendar month [0]
-  MAX_TOKENS_PER_REQUEST       answer tokens per request, all its answers (n, best_of, prompts) together [0]
-  TRUST_PROXY                  proxies whose X-Forwarded-For counts: their addresses/CIDRs, or true / a
-                               number of proxies on loopback or private addresses [false]
-  ALLOWED_MODELS               comma-separated models clients may use; others get 400 [any]
-  DISABLED_PATHS               routes to switch off, e.g. /v1/models,/v1/embeddings [none]
-  ALLOWED_PATHS                no longer needed: every route is on [all]
-  BASE_PATH                    serve every route under this prefix, e.g. /relay [none]
-  STATE_PATH                   SQLite file for limits, budgets and the usage ledger, e.g. /data/state.db [memory]
-  REDIS_URL                    redis:// or rediss:// URL: the same, shared by every copy [memory]
-  USAGE_RETENTION_DAYS         ledger days kept [400]
-  PAGE                         false turns the relay's own page at / off [true]
-  PUBLIC_URL                   the address users reach the relay at, for the page and /mc-settings.json [derived
-                               only on loopback]
-  DEFAULT_MODEL                the model /mc-settings.json selects in MetaConfigurator [the first of
-                               ALLOWED_MODELS, else none]
-  SEAL_SECRET                  seals callers' keys for BYOK upstreams: POST /seal, 'mc-relay seal' [unset]
-  SEAL_SECRETS_PREVIOUS        former SEAL_SECRETs whose sealed keys still open, comma-separated [none]
-  MODEL_ALIASES_JSON           {"alias": ["upstream/model", ...]}: an alias served by the first target that answers [none]
-  FAILOVER_BREAKER_FAILURES    failures in a row that open a target's circuit breaker [3]
-  FAILOVER_BREAKER_SECONDS     how long an open breaker skips its target [30]
-  WORKERS                      threads serving the port: a number, or auto (every core); above 1 needs
-                               STATE_PATH or REDIS_URL [1]
-  METRICS                      users who may read Prometheus metrics at /metrics, e.g. admin [false]
-  METRICS_PORT                 a separate port serving /metrics without auth [none]
-  METRICS_HOST                 the interface METRICS_PORT listens on [127.0.0.1]
-
-Docs: https://github.com/metaconfigurator/mc-relay#readme
+${variablesHelp()}Docs: https://github.com/metaconfigurator/mc-relay#readme
+Every variable in full: https://github.com/metaconfigurator/mc-relay/blob/main/docs/configuration.md
 `;
 
 /** The env files named on the command line, and the arguments left once they are taken out. */
