@@ -305,6 +305,33 @@ export function openAiLikeUpstream(request: Request, seen: SeenRequest): Respons
   }, { headers: { "x-request-id": "req_upstream_1", "openai-processing-ms": "12" } });
 }
 
+/** An upstream that answers every POST like OpenAI, reporting whatever usage `reported` holds at the time. */
+export function usageUpstream() {
+  const state: { reported: Record<string, unknown> } = {
+    reported: { prompt_tokens: 9, completion_tokens: 1, total_tokens: 10 },
+  };
+  const upstream = startUpstream(() =>
+    Response.json({
+      id: "chatcmpl-1",
+      object: "chat.completion",
+      choices: [{ index: 0, message: { role: "assistant", content: "hi" }, finish_reason: "stop" }],
+      usage: state.reported,
+    })
+  );
+  return Object.assign(upstream, { state, forwarded: () => JSON.parse(upstream.requests.at(-1)!.body) });
+}
+
+/** A relay started by `startRelay`. */
+export type Relay = ReturnType<typeof startRelay>;
+
+/** POSTs `body` as JSON (model gpt-test unless it names one) to `path` with the test user's credentials. */
+export const post = (relay: Relay, path: string, body: Record<string, unknown>) =>
+  relay.call(path, {
+    method: "POST",
+    headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+    body: JSON.stringify({ model: "gpt-test", ...body }),
+  });
+
 /** A streamed body whose chunks the test releases one by one. */
 export function controlledStream() {
   const releases: (() => void)[] = [];
