@@ -25,7 +25,7 @@ import {
   testUpstream,
   usageUpstream,
   USERNAME,
-} from "../testing.ts";
+} from "./testing.ts";
 
 Deno.test("choose: upstreams", async (t) => {
   {

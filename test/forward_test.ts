@@ -29,7 +29,7 @@ import {
   testUpstream,
   USERNAME,
   within,
-} from "../testing.ts";
+} from "./testing.ts";
 
 /** An upstream that never answers; it lets go when the relay gives up on it, so it can shut down. */
 function hangingUpstream() {

@@ -24,7 +24,7 @@ import {
   startUpstream,
   testConfig,
   USERNAME,
-} from "../testing.ts";
+} from "./testing.ts";
 
 /** A small deterministic pseudo-random generator (mulberry32), so a failing fuzz run can be repeated. */
 function seededRandom(seed: number): () => number {

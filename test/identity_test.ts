@@ -38,7 +38,7 @@ import {
   startUpstream,
   testConfig,
   USERNAME,
-} from "../testing.ts";
+} from "./testing.ts";
 
 /** A user with a PBKDF2 hash of `iterations` (the decoy check costs as much as the slowest hash). */
 async function hashedUser(name: string, password: string, iterations = 20_000) {

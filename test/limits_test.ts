@@ -45,7 +45,7 @@ import {
   usageUpstream,
   USERNAME,
   within,
-} from "../testing.ts";
+} from "./testing.ts";
 
 /** A public relay's settings (the guard rails PUBLIC_ACCESS requires), behind a proxy on loopback. */
 function publicSettings(overrides: Partial<RelayConfig> = {}): Partial<RelayConfig> {

@@ -34,7 +34,7 @@ import {
   testConfig,
   USERNAME,
   within,
-} from "../testing.ts";
+} from "./testing.ts";
 
 /** The project's folder, where `deno task` finds deno.json and the lock files. */
 const PROJECT = new URL("..", import.meta.url).pathname;

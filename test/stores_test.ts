@@ -27,7 +27,7 @@ import {
   testConfig,
   USERNAME,
   within,
-} from "../testing.ts";
+} from "./testing.ts";
 
 /** Makes Redis answer nothing for `ms` (CLIENT PAUSE): an outage that keeps Redis's data, unlike a restart. */
 async function pauseRedis(port: number, ms: number): Promise<void> {

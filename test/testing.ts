@@ -15,7 +15,7 @@ import {
   serverErrorHandler,
   type TrustedProxies,
   type Upstream,
-} from "./main.ts";
+} from "../main.ts";
 
 /** A recognisable fake provider key: it must never show up in anything the relay prints or returns. */
 export const CANARY_KEY = "sk-CANARY-upstream-key-4f1d2c9a";
@@ -418,7 +418,7 @@ export function processEnv(env: Record<string, string>): Record<string, string> 
 }
 
 /** The project's folder: where the relay processes of the tests run, unless told otherwise. */
-const PROJECT_FOLDER = new URL(".", import.meta.url).pathname;
+const PROJECT_FOLDER = new URL("..", import.meta.url).pathname;
 
 /** Deno's arguments for the relay, as the start task has them. */
 const START_ARGS = ["run", "-P", "--quiet", "main.ts"];
