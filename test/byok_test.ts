@@ -20,7 +20,7 @@ import {
   startRelay,
   startUpstream,
   USERNAME,
-} from "../testing.ts";
+} from "./testing.ts";
 
 Deno.test("byok: bring your own key [security]", async (t) => {
   /** Answers as the model in the body says: ok, or a failure that echoes the caller's key in some form. */

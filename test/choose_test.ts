@@ -17,13 +17,15 @@ import {
   GOOD_BEARER,
   minimalEnv,
   openAiLikeUpstream,
+  post,
   seenByClientsOrLogs,
   startRelay,
   startUpstream,
   testConfig,
   testUpstream,
+  usageUpstream,
   USERNAME,
-} from "../testing.ts";
+} from "./testing.ts";
 
 Deno.test("choose: upstreams", async (t) => {
   {
@@ -266,6 +268,34 @@ Deno.test("choose: ALLOWED_MODELS [security]", async (t) => {
       },
     );
   }
+
+  await t.step(
+    "[security] with ALLOWED_MODELS, every model OpenRouter's `models` names must be allowed too",
+    async () => {
+      await using upstream = usageUpstream();
+      await using relay = startRelay(testConfig(upstream.url, { allowedModels: ["gpt-test", "gpt-cheap"] }));
+      const allowed = await post(relay, "/v1/chat/completions", {
+        messages: [],
+        models: ["gpt-test", "gpt-cheap"],
+        route: "fallback",
+      });
+      assert.equal(allowed.status, 200);
+      assert.deepEqual(upstream.forwarded().models, ["gpt-test", "gpt-cheap"]);
+      assert.equal(upstream.forwarded().route, "fallback", "route only says how to use `models`: it passes");
+      const sent = upstream.requests.length;
+      for (const models of [["gpt-test", "gpt-expensive"], ["gpt-expensive"], "gpt-expensive", [42], [null]]) {
+        const refused = await post(relay, "/v1/chat/completions", { messages: [], models });
+        assert.equal(refused.status, 400, JSON.stringify(models));
+        assert.equal(refused.json().error.code, "model_not_allowed");
+        assert.match(refused.json().error.message, /^mc-relay: .*"models"/);
+      }
+      assert.equal(upstream.requests.length, sent);
+
+      await using open = startRelay(testConfig(upstream.url));
+      const any = await post(open, "/v1/chat/completions", { messages: [], models: ["anything", "else"] });
+      assert.equal(any.status, 200, "without ALLOWED_MODELS, `models` is the provider's business");
+    },
+  );
 });
 
 Deno.test("choose: model aliases", async (t) => {

@@ -24,7 +24,7 @@ import {
   testConfig,
   USERNAME,
   within,
-} from "../testing.ts";
+} from "./testing.ts";
 
 const API_KEY = `${USERNAME}:${CANARY_PASSWORD}`;
 

@@ -20,7 +20,7 @@ import {
   spawnRelay,
   startUpstream,
   USERNAME,
-} from "../testing.ts";
+} from "./testing.ts";
 
 Deno.test("config: variables, defaults and errors", async (t) => {
   await t.step("a minimal environment gets the documented defaults", () => {

@@ -29,7 +29,7 @@ import {
   testUpstream,
   USERNAME,
   within,
-} from "../testing.ts";
+} from "./testing.ts";
 
 /** An upstream that never answers; it lets go when the relay gives up on it, so it can shut down. */
 function hangingUpstream() {
@@ -108,6 +108,20 @@ Deno.test("forward: what reaches the upstream and where [security]", async (t) =
     assert.match(response.json().error.message, /redirected to 127\.0\.0\.1:\d+; set UPSTREAM_BASE_URL/);
     assert.equal(target.requests.length, 0);
   });
+
+  await t.step(
+    "the body is forwarded as application/json, the type of what the relay serialised, whatever the client said",
+    async () => {
+      await using relay = startRelay(testConfig(upstream.url));
+      for (const type of ["text/plain;charset=iso-8859-1", "application/x-www-form-urlencoded", "application/json"]) {
+        const response = await relay.chat(chatBody({ note: "caf\u00e9" }), { "content-type": type });
+        assert.equal(response.status, 200);
+        const seen = upstream.requests.at(-1)!;
+        assert.equal(seen.headers.get("content-type"), "application/json", type);
+        assert.equal(JSON.parse(seen.body).note, "caf\u00e9");
+      }
+    },
+  );
 });
 
 Deno.test("forward: upstream failures and timeouts", async (t) => {
@@ -416,6 +430,30 @@ Deno.test("forward: failover and breakers", async (t) => {
       "upstream_timeout",
       "upstream_timeout",
     ]);
+  });
+});
+
+Deno.test("forward: failover and breakers [security]", async (t) => {
+  await t.step("[security] one caller's slow requests do not open the breakers of an alias for everybody", async () => {
+    // A request that asks for a long answer, not streamed: its headers come only when the whole answer is ready.
+    await using slow = startUpstream(async (request, seen) => {
+      if (seen.body.includes("LONG")) await sleep(1500);
+      return request.signal.aborted ? new Response(null) : openAiLikeUpstream(request, seen);
+    });
+    const other = { name: "other", password: "other-password-1" };
+    await using relay = startRelay(testConfig(slow.url, {
+      upstreams: [testUpstream("one", slow.url), testUpstream("two", slow.url)],
+      modelAliases: { fast: ["one/a", "two/b"] },
+      requestTimeoutMs: 800,
+      breakerFailures: 3,
+      users: [{ name: USERNAME, password: CANARY_PASSWORD }, other],
+    }));
+    for (let index = 0; index < 3; index++) {
+      assert.equal((await relay.chat(chatBody({ model: "fast", user: "LONG" }))).status, 504);
+    }
+    assert.deepEqual((await relay.call("/health")).json().breakers_open, [], "no breaker is open");
+    const theirs = await relay.chat(chatBody({ model: "fast" }), { authorization: "Bearer other:other-password-1" });
+    assert.equal(theirs.status, 200, theirs.text);
   });
 });
 

@@ -24,7 +24,7 @@ import {
   startUpstream,
   testConfig,
   USERNAME,
-} from "../testing.ts";
+} from "./testing.ts";
 
 /** A small deterministic pseudo-random generator (mulberry32), so a failing fuzz run can be repeated. */
 function seededRandom(seed: number): () => number {
@@ -426,6 +426,94 @@ Deno.test("gate: disallowed origins [security]", async (t) => {
       assert.equal(upstream.requests.length, 0);
     },
   );
+
+  await t.step("[security] the relay's own origin", async (t) => {
+    await using upstream = startUpstream(openAiLikeUpstream);
+    /** GET /v1/models over raw HTTP with this Host and Origin (fetch will not set Host), signed in. */
+    const listModels = (port: number, host: string, origin: string) =>
+      rawRequest(
+        port,
+        [
+          "GET /v1/models HTTP/1.1",
+          `Host: ${host}`,
+          `Origin: ${origin}`,
+          `Authorization: ${GOOD_BEARER}`,
+          "Connection: close",
+        ].join("\r\n"),
+      );
+
+    await t.step(
+      "[security] a page on a rebound name (Host and Origin agree, but the relay never served that name) gets 403 and reaches nothing",
+      async () => {
+        for (const host of ["127.0.0.1", "0.0.0.0"]) {
+          await using relay = startRelay(testConfig(upstream.url, { host }));
+          const before = upstream.requests.length;
+          const name = `rebind.attacker.test:${relay.port}`;
+          const response = await listModels(relay.port, name, `http://${name}`);
+          assert.equal(response.status, 403, `HOST=${host}: ${response.text}`);
+          assert.match(response.text, /mc-relay: origin http:\/\/rebind\.attacker\.test:\d+ is not allowed/);
+          assert.match(response.text, /origin_not_allowed/);
+          assert.doesNotMatch(response.text, /access-control-allow-origin/i);
+          assert.equal(upstream.requests.length, before, "nothing was forwarded");
+        }
+      },
+    );
+
+    await t.step("[security] a rebound name with PUBLIC_URL and a named HOST set is refused too", async () => {
+      await using relay = startRelay(
+        testConfig(upstream.url, { host: "relay.lan", publicUrl: "https://relay.example.org/mc" }),
+      );
+      for (const name of [`rebind.attacker.test:${relay.port}`, "relay.example.org.attacker.test", "lan"]) {
+        const response = await listModels(relay.port, name, `http://${name}`);
+        assert.equal(response.status, 403, `${name}: ${response.text}`);
+      }
+    });
+
+    await t.step("the relay's page on a loopback name keeps working: 127.0.0.1, localhost, [::1]", async () => {
+      await using relay = startRelay(testConfig(upstream.url, { host: "0.0.0.0" }));
+      for (const name of ["127.0.0.1", "localhost", "LocalHost", "[::1]"]) {
+        const host = `${name}:${relay.port}`;
+        const response = await listModels(relay.port, host, `http://${host.toLowerCase()}`);
+        assert.equal(response.status, 200, `${host}: ${response.text}`);
+        assert.match(response.text, /"gpt-test"/);
+      }
+    });
+
+    await t.step("the relay's page on PUBLIC_URL's host, or on HOST when it names one, keeps working", async () => {
+      await using relay = startRelay(
+        testConfig(upstream.url, { host: "relay.lan", publicUrl: "https://relay.example.org/mc" }),
+      );
+      const cases: [host: string, origin: string][] = [
+        ["relay.example.org", "https://relay.example.org"],
+        [`relay.lan:${relay.port}`, `http://relay.lan:${relay.port}`],
+        // A proxy that rewrites Host (nginx's default): the Origin is PUBLIC_URL's own, so it is the relay's page.
+        [`127.0.0.1:${relay.port}`, "https://relay.example.org"],
+      ];
+      for (const [host, origin] of cases) {
+        const response = await listModels(relay.port, host, origin);
+        assert.equal(response.status, 200, `${host} ${origin}: ${response.text}`);
+      }
+    });
+
+    await t.step(
+      "an address typed as such (no name to rebind) is the relay's own, so its page works on a LAN address",
+      async () => {
+        await using relay = startRelay(testConfig(upstream.url, { host: "0.0.0.0" }));
+        for (const address of ["192.0.2.7", "[2001:db8::7]"]) {
+          const host = `${address}:${relay.port}`;
+          const response = await listModels(relay.port, host, `http://${host}`);
+          assert.equal(response.status, 200, `${host}: ${response.text}`);
+        }
+      },
+    );
+
+    await t.step("an origin in ALLOWED_ORIGIN passes whatever the Host, with CORS headers", async () => {
+      await using relay = startRelay(testConfig(upstream.url));
+      const response = await listModels(relay.port, `rebind.attacker.test:${relay.port}`, ALLOWED);
+      assert.equal(response.status, 200, response.text);
+      assert.match(response.text, new RegExp(`access-control-allow-origin: ${ALLOWED}`, "i"));
+    });
+  });
 });
 
 Deno.test("gate: BASE_PATH and DISABLED_PATHS", async (t) => {

@@ -7,12 +7,14 @@
 import assert from "node:assert/strict";
 import {
   constantTimeEqual,
+  type CounterStore,
   hashPassword,
   MemoryCounterStore,
   parseConfig,
   parsePasswordHash,
   readCredentials,
   type RelayConfig,
+  startCheck,
 } from "../main.ts";
 import {
   ALLOWED,
@@ -36,7 +38,33 @@ import {
   startUpstream,
   testConfig,
   USERNAME,
-} from "../testing.ts";
+} from "./testing.ts";
+
+/** A user with a PBKDF2 hash of `iterations` (the decoy check costs as much as the slowest hash). */
+async function hashedUser(name: string, password: string, iterations = 20_000) {
+  return { name, hash: parsePasswordHash(await hashPassword(password, iterations))! };
+}
+
+/** A number from the Prometheus text, e.g. `mc_relay_password_hash_checks_total`. */
+function metricValue(text: string, name: string): number {
+  return Number(new RegExp(`^${name} (\\d+)$`, "m").exec(text)?.[1]);
+}
+
+/** A memory store that answers like a remote one (not `synchronous`), so sign-ins take the general path. */
+function remoteLikeStore(): CounterStore {
+  const memory = new MemoryCounterStore();
+  return {
+    wait: (key, rule) => Promise.resolve(memory.wait(key, rule)),
+    take: (key, rule) => Promise.resolve(memory.take(key, rule)),
+    give: (key, rule) => Promise.resolve(memory.give(key, rule)),
+    remaining: (key, rule) => Promise.resolve(memory.remaining(key, rule)),
+    add: (key, amount, expiresAt) => Promise.resolve(memory.add(key, amount, expiresAt)),
+    get: (key) => Promise.resolve(memory.get(key)),
+    recordUsage: (entry) => Promise.resolve(memory.recordUsage(entry)),
+    readUsage: (since, until) => Promise.resolve(memory.readUsage(since, until)),
+    startCheck: (key, rule, expiresAt) => Promise.resolve(startCheck(memory, key, rule, expiresAt)),
+  };
+}
 
 Deno.test("identity: sign-in", async (t) => {
   await using upstream = startUpstream(openAiLikeUpstream);
@@ -243,11 +271,6 @@ Deno.test("identity: users and password hashes", async (t) => {
 
 Deno.test("identity: lockout and client addresses [security]", async (t) => {
   await using upstream = startUpstream(openAiLikeUpstream);
-  const hashedUser = async (name: string, password: string) => ({
-    name,
-    hash: parsePasswordHash(await hashPassword(password, 20_000))!,
-  });
-  const metricValue = (text: string, name: string) => Number(new RegExp(`^${name} (\\d+)$`, "m").exec(text)?.[1]);
 
   await t.step(
     "failed sign-ins are limited per user name and address: then 429 with Retry-After, before the password is checked",
@@ -419,6 +442,112 @@ Deno.test("identity: lockout and client addresses [security]", async (t) => {
     assert.equal((await attempt("192.0.2.1", GOOD_BEARER)).status, 429, "the victim's lockout outlived the flood");
     clock.advance(60_000);
     assert.equal((await attempt("192.0.2.1", GOOD_BEARER)).status, 200);
+  });
+
+  await t.step(
+    "[security] a flood of unknown user names from one address leaves hashed sign-ins from other addresses working",
+    async () => {
+      await using upstream = startUpstream(openAiLikeUpstream);
+      // A slow hash, as in production: each decoy check of the flood costs this much.
+      const users = [await hashedUser("hashed", "the-right-password-1", 300_000)];
+      await using relay = startRelay(
+        testConfig(upstream.url, { users, trustProxy: parseTrustProxyForTest("127.0.0.1") }),
+      );
+      const fromAttacker = (i: number) =>
+        relay.call("/v1/models", {
+          headers: { authorization: `Bearer nobody-${i}:guess`, "x-forwarded-for": "198.51.100.66" },
+        });
+      const flood = Promise.all(Array.from({ length: 60 }, (_, i) => fromAttacker(i)));
+      await sleep(30);
+      const user = await relay.call("/v1/models", {
+        headers: { authorization: "Bearer hashed:the-right-password-1", "x-forwarded-for": "203.0.113.5" },
+      });
+      assert.equal(user.status, 200, `the user from another address: ${user.text}`);
+      const answers = await flood;
+      const statuses = answers.map((answer) => answer.status);
+      assert.deepEqual([...new Set(statuses)].sort(), [401, 429], `statuses: ${statuses}`);
+      const refused = answers.find((answer) => answer.status === 429)!;
+      assert.match(refused.json().error.message, /^mc-relay: too many sign-ins from this address/);
+      assert.equal(refused.headers.get("retry-after"), "1");
+    },
+  );
+
+  await t.step(
+    "a dozen wrong passwords at once from one address are all checked: past its share of the hashing queue they wait",
+    async () => {
+      await using upstream = startUpstream(openAiLikeUpstream);
+      const users = [await hashedUser("hashed", "the-right-password-1"), { name: "admin", password: CANARY_PASSWORD }];
+      await using relay = startRelay(testConfig(upstream.url, { users, metricsUsers: ["admin"] }));
+      const statuses = await Promise.all(
+        Array.from(
+          { length: 12 },
+          (_, i) =>
+            relay.call("/v1/models", { headers: { authorization: `Bearer hashed:guess-${i}` } }).then((r) => r.status),
+        ),
+      );
+      assert.deepEqual(statuses, Array(12).fill(401), "a dozen at once from one address are all checked");
+      const metrics = await relay.call("/metrics", { headers: { authorization: `Bearer admin:${CANARY_PASSWORD}` } });
+      assert.equal(metricValue(metrics.text, "mc_relay_password_hash_checks_total"), 12);
+    },
+  );
+
+  await t.step(
+    "[security] with hashed users, a wrong plain password costs the same decoy hash check as an unknown name",
+    async (t) => {
+      await using upstream = startUpstream(openAiLikeUpstream);
+      const users = [await hashedUser("hashed", "the-right-password-1"), { name: "admin", password: CANARY_PASSWORD }];
+      for (const [store, counters] of [["memory", undefined], ["a remote store", remoteLikeStore()]] as const) {
+        await t.step(`counted in ${store}`, async () => {
+          const config: RelayConfig = testConfig(upstream.url, { users, metricsUsers: ["admin"] });
+          await using relay = startRelay(config, undefined, undefined, { counters });
+          const checks = async () =>
+            metricValue(
+              (await relay.call("/metrics", { headers: { authorization: `Bearer admin:${CANARY_PASSWORD}` } })).text,
+              "mc_relay_password_hash_checks_total",
+            );
+          const signIn = (credentials: string) =>
+            relay.call("/v1/models", { headers: { authorization: `Bearer ${credentials}` } });
+          assert.equal(await checks(), 0);
+          assert.equal((await signIn("nobody:wrong")).status, 401);
+          assert.equal(await checks(), 1, "an unknown name: one decoy check");
+          assert.equal((await signIn("admin:wrong")).status, 401);
+          assert.equal(await checks(), 2, "a wrong plain password: one decoy check too");
+          assert.equal((await signIn(`admin:${CANARY_PASSWORD}`)).status, 200);
+          assert.equal(await checks(), 2, "the right plain password costs none");
+        });
+      }
+    },
+  );
+
+  await t.step("without hashed users, a wrong plain password costs no hash check", async () => {
+    await using upstream = startUpstream(openAiLikeUpstream);
+    await using relay = startRelay(testConfig(upstream.url, { metricsUsers: ["team"] }));
+    assert.equal((await relay.call("/v1/models", { headers: { authorization: "Bearer team:wrong" } })).status, 401);
+    const metrics = await relay.call("/metrics", { headers: { authorization: GOOD_BEARER } });
+    assert.equal(metricValue(metrics.text, "mc_relay_password_hash_checks_total"), 0);
+  });
+
+  await t.step("[security] an X-Forwarded-For entry with a port is counted by its address alone", async () => {
+    for (const trust of ["127.0.0.1", "true"]) {
+      await using relay = startRelay(
+        testConfig(upstream.url, { authFailuresPerMinute: 2, trustProxy: parseTrustProxyForTest(trust) }),
+      );
+      const attempt = (forwardedFor: string, authorization = "Bearer team:guess") =>
+        relay.call("/v1/models", { headers: { authorization, "x-forwarded-for": forwardedFor } });
+      for (
+        const [first, second, third, address] of [
+          ["203.0.113.8:50001", "203.0.113.8:50002", "203.0.113.8", "203.0.113.8"],
+          ["[2001:db8::1]:443", "[2001:db8::1]:444", "2001:db8::1", "2001:db8::1"],
+          ["[2001:db8:5::7]", "2001:db8:5::7", "[2001:db8:5::8]:8443", "2001:db8:5::7"],
+        ]
+      ) {
+        await attempt(first);
+        await attempt(second);
+        assert.equal((await attempt(third, GOOD_BEARER)).status, 429, `${first}, ${second}, ${third} (${trust})`);
+        assert.ok(relay.requestLogs().some((entry) => entry.client === address), address);
+      }
+      assert.equal((await attempt("203.0.113.9:50001", GOOD_BEARER)).status, 200, "another address is not locked");
+    }
   });
 });
 

@@ -5,7 +5,14 @@
  * Proved through the real HTTP surface (see testing.ts); the last test checks that no secret leaked.
  */
 import assert from "node:assert/strict";
-import { hashPassword, parseConfig, type RelayConfig } from "../main.ts";
+import {
+  type CounterStore,
+  hashPassword,
+  MemoryCounterStore,
+  openCounterStore,
+  parseConfig,
+  type RelayConfig,
+} from "../main.ts";
 import {
   ALLOWED,
   CANARY_CALLER_KEY,
@@ -17,21 +24,147 @@ import {
   decoder,
   encoder,
   GOOD_BEARER,
+  IN_CI,
+  installed,
   manualClock,
   minimalEnv,
   openAiLikeUpstream,
   parseTrustProxyForTest,
+  post,
   rawRequest,
+  type Relay,
   runRelayProcess,
   seenByClientsOrLogs,
   sleep,
   spawnRelay,
+  startRedis,
   startRelay,
   startUpstream,
   testConfig,
+  testUpstream,
+  usageUpstream,
   USERNAME,
   within,
-} from "../testing.ts";
+} from "./testing.ts";
+
+/** A public relay's settings (the guard rails PUBLIC_ACCESS requires), behind a proxy on loopback. */
+function publicSettings(overrides: Partial<RelayConfig> = {}): Partial<RelayConfig> {
+  return {
+    publicAccess: true,
+    allowedOrigins: [ALLOWED],
+    rateLimitPerDay: 1000,
+    tokenBudgetPerDay: 1_000_000,
+    trustProxy: parseTrustProxyForTest("127.0.0.1"),
+    ...overrides,
+  };
+}
+
+/**
+ * An upload over a raw connection that sends its head and `sent`, then nothing: what a slow or hostile client does.
+ * `answer` reads the relay's response (head and Content-Length body), or what arrived when `ms` have passed.
+ */
+async function stalledUpload(port: number, head: string, sent: string) {
+  const connection = await Deno.connect({ hostname: "127.0.0.1", port });
+  await connection.write(encoder.encode(`${head}\r\n\r\n${sent}`));
+  let open = true;
+  const close = () => {
+    if (!open) return;
+    open = false;
+    connection.close();
+  };
+  return {
+    async answer(ms: number): Promise<string> {
+      let text = "";
+      const timer = setTimeout(close, ms);
+      try {
+        const buffer = new Uint8Array(16384);
+        for (let reads = 0; reads < 1000 && !complete(text); reads++) {
+          const read = await connection.read(buffer);
+          if (read === null) break;
+          text += decoder.decode(buffer.subarray(0, read));
+        }
+      } catch {
+        // closed by the timer or reset by the relay: what arrived is the answer
+      } finally {
+        clearTimeout(timer);
+      }
+      seenByClientsOrLogs.push(text);
+      return text;
+    },
+    [Symbol.dispose]: close,
+  };
+}
+
+/** Whether `text` holds a whole response with a Content-Length body. */
+function complete(text: string): boolean {
+  const headEnd = text.indexOf("\r\n\r\n");
+  const length = /\r\ncontent-length: *(\d+)/i.exec(text.slice(0, headEnd));
+  return headEnd !== -1 && length !== null && encoder.encode(text.slice(headEnd + 4)).byteLength >= Number(length[1]);
+}
+
+/** A POST head with a declared length, from `address` (the proxy's X-Forwarded-For). */
+const uploadHead = (address: string, length: number, path = "/v1/chat/completions") =>
+  `POST ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nX-Forwarded-For: ${address}\r\n` +
+  `Content-Length: ${length}`;
+
+/** The three stores a budget may live in; `onEveryStore` runs its steps on every one of them that can start here. */
+const STORES: { name: string; open: (config: RelayConfig) => Promise<CounterStore & { close?(): unknown }> }[] = [
+  { name: "memory", open: () => Promise.resolve(new MemoryCounterStore()) },
+  {
+    name: "SQLite",
+    open: async (config) => {
+      const folder = await Deno.makeTempDir({ prefix: "mc-relay-budget-" });
+      const store = await openCounterStore({ ...config, statePath: `${folder}/state.db` });
+      if ("error" in store) throw new Error(store.error);
+      const close = (store as { close(): void }).close.bind(store);
+      return Object.assign(store, {
+        async close() {
+          close();
+          await Deno.remove(folder, { recursive: true });
+        },
+      });
+    },
+  },
+];
+
+const usedToday = async (relay: Relay) =>
+  (await relay.call("/usage", { headers: { authorization: GOOD_BEARER } })).json().budgets[0].used as number;
+
+/** Runs `steps` once per store: memory, SQLite in a temporary folder, and Redis when redis-server is installed. */
+async function onEveryStore(
+  t: Deno.TestContext,
+  what: string,
+  steps: (store: CounterStore, name: string) => Promise<void>,
+) {
+  const stores = [...STORES];
+  let redis: Awaited<ReturnType<typeof startRedis>> | undefined;
+  if (installed("redis-server") || IN_CI) {
+    redis = await startRedis();
+    const url = redis.url;
+    stores.push({
+      name: "Redis",
+      open: async (config) => {
+        const store = await openCounterStore({ ...config, redisUrl: url });
+        if ("error" in store) throw new Error(store.error);
+        return store;
+      },
+    });
+  }
+  try {
+    for (const { name, open } of stores) {
+      await t.step(`${what} (${name} store)`, async () => {
+        const store = await open(testConfig("http://127.0.0.1:9"));
+        try {
+          await steps(store, name);
+        } finally {
+          await store.close?.();
+        }
+      });
+    }
+  } finally {
+    await redis?.stop();
+  }
+}
 
 Deno.test("limits: request body size", async (t) => {
   await using upstream = startUpstream(openAiLikeUpstream);
@@ -179,6 +312,60 @@ Deno.test("limits: bounds against abuse [security]", async (t) => {
     assert.equal((await relay.call("/health")).status, 200, "health checks are not limited");
     clock.advance(30_000);
     assert.equal((await models()).status, 200);
+  });
+
+  await t.step(
+    "[security] two uploads that declare 32 MB and stall do not turn away another caller's POST, and get 408 once idle for the idle limit (10 s)",
+    async () => {
+      await using relay = startRelay(
+        testConfig(upstream.url, publicSettings({ maxRequestBytes: 32 * 1024 * 1024, requestTimeoutMs: 30_000 })),
+        undefined,
+        undefined,
+        { bodyIdleMs: 600 },
+      );
+      using first = await stalledUpload(relay.port, uploadHead("203.0.113.1", 33_554_432), '{"model":"gpt-');
+      using second = await stalledUpload(relay.port, uploadHead("203.0.113.2", 33_554_432), '{"model":"gpt-');
+      const started = performance.now();
+      const other = await relay.call("/v1/chat/completions", {
+        method: "POST",
+        headers: { "content-type": "application/json", "x-forwarded-for": "198.51.100.9" },
+        body: chatBody(),
+      });
+      assert.equal(other.status, 200, other.text);
+      for (const upload of [first, second]) {
+        const text = await upload.answer(5000);
+        assert.match(text, /^HTTP\/1\.1 408/, "a stalled body is answered once it has been idle too long");
+        assert.match(text, /connection: close/i);
+        assert.match(text, /request_timeout/);
+      }
+      // 30 s is REQUEST_TIMEOUT_SECONDS here: the idle limit (0.6 s) cut them long before it.
+      assert.ok(performance.now() - started < 5000);
+      assert.ok(relay.requestLogs().some((entry) => entry.outcome === "body_idle"));
+    },
+  );
+
+  await t.step("[security] one address holds at most its share of MAX_BUFFERED_BYTES", async () => {
+    await using relay = startRelay(
+      testConfig(upstream.url, publicSettings({ maxRequestBytes: 100_000, maxBufferedBytes: 400_000 })),
+    );
+    const pad = "x".repeat(60_000);
+    // 203.0.113.5 sends 60,000 bytes of one body and stalls: within its share (a whole MAX_REQUEST_BYTES body).
+    using first = await stalledUpload(relay.port, uploadHead("203.0.113.5", 90_000), `{"pad":"${pad}`);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    // Its second body would take it past its share: refused, although the relay as a whole has room.
+    using second = await stalledUpload(relay.port, uploadHead("203.0.113.5", 90_000), `{"pad":"${pad}`);
+    const refused = await second.answer(3000);
+    assert.match(refused, /^HTTP\/1\.1 503/, refused.slice(0, 200));
+    assert.match(refused, /relay_busy/);
+    assert.match(refused, /retry-after: 1/i);
+    // Another address still has room.
+    const other = await relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { "content-type": "application/json", "x-forwarded-for": "198.51.100.5" },
+      body: chatBody({ pad: "y".repeat(90_000) }),
+    });
+    assert.equal(other.status, 200, other.text);
+    first[Symbol.dispose]();
   });
 });
 
@@ -676,6 +863,247 @@ Deno.test("limits: public relay [security]", async (t) => {
       assert.ok(!relay.logs.join("\n").includes("LEFTOVER"), "the leftover key is in no log line");
     },
   );
+
+  await t.step(
+    "[security] invalid requests from more addresses than the memory store holds do not turn away a new caller",
+    async () => {
+      const now = 1_000_000;
+      const counters = new MemoryCounterStore(() => now, 50);
+      await using relay = startRelay(
+        testConfig(upstream.url, publicSettings({ rateLimitPerDay: 3 })),
+        undefined,
+        () => now,
+        { counters },
+      );
+      const post = (address: string, body: string) =>
+        relay.call("/v1/chat/completions", {
+          method: "POST",
+          headers: { "content-type": "application/json", "x-forwarded-for": address },
+          body,
+        });
+      // A caller who spent its day's requests before the flood.
+      for (let i = 0; i < 3; i++) assert.equal((await post("192.0.2.1", chatBody())).status, 200);
+      assert.equal((await post("192.0.2.1", chatBody())).status, 429);
+      // 120 /64s, one invalid request each: more than the 50 keys the store holds.
+      for (let i = 0; i < 120; i++) {
+        assert.equal((await post(`2001:db8:${i.toString(16)}::1`, "{")).status, 400);
+      }
+      const newcomer = await post("203.0.113.77", chatBody());
+      assert.equal(newcomer.status, 200, newcomer.text);
+      const another = await post("2001:db8:ffff::1", chatBody());
+      assert.equal(another.status, 200, another.text);
+      assert.equal((await post("192.0.2.1", chatBody())).status, 429, "the flood did not release a spent caller");
+    },
+  );
+});
+
+Deno.test("limits: token budgets [security]", async (t) => {
+  await t.step("[security] a spent budget stays spent whatever answer length the client asks for", async (t) => {
+    await using upstream = usageUpstream();
+    await onEveryStore(t, "huge max_tokens, max_completion_tokens and max_output_tokens get 400", async (store) => {
+      await using relay = startRelay(testConfig(upstream.url, { tokenBudgetPerDay: 1000 }), undefined, undefined, {
+        counters: store,
+      });
+      upstream.state.reported = { prompt_tokens: 900, completion_tokens: 100, total_tokens: 1000 };
+      assert.equal((await post(relay, "/v1/chat/completions", { messages: [] })).status, 200);
+      assert.equal((await post(relay, "/v1/chat/completions", { messages: [] })).status, 429, "the budget is spent");
+      const sent = upstream.requests.length;
+      for (
+        const [path, field, value] of [
+          ["/v1/chat/completions", "max_tokens", 1e300],
+          ["/v1/chat/completions", "max_completion_tokens", 1e21],
+          ["/v1/responses", "max_output_tokens", 1e300],
+          ["/v1/completions", "max_tokens", 1e300],
+          ["/v1/chat/completions", "max_tokens", 2 ** 53],
+          ["/v1/chat/completions", "max_tokens", 1_000_001],
+        ] as const
+      ) {
+        const refused = await post(relay, path, { messages: [], input: "x", prompt: "x", [field]: value });
+        assert.equal(refused.status, 400, `${field}: ${value}`);
+        assert.equal(refused.json().error.code, "invalid_max_tokens");
+        assert.match(
+          refused.json().error.message,
+          new RegExp(`^mc-relay: "${field}" must be a whole number from 1 to`),
+        );
+        assert.equal(await usedToday(relay), 1000, `${field}: ${value} left the spent budget as it was`);
+      }
+      assert.equal(upstream.requests.length, sent, "none of them reached the upstream");
+      assert.equal((await post(relay, "/v1/chat/completions", { messages: [] })).status, 429, "still spent");
+    });
+  });
+
+  await t.step("[security] an answer length no provider takes is refused before anything is counted", async () => {
+    await using upstream = usageUpstream();
+    await using relay = startRelay(testConfig(upstream.url, { tokenBudgetPerDay: 1000 }));
+    for (const value of [1e300, 1e21, -1e300, -5, 0, 1.5, 2 ** 53 + 2, "1e300", true, [100], { n: 1 }]) {
+      const refused = await post(relay, "/v1/chat/completions", { messages: [], max_tokens: value });
+      assert.equal(refused.status, 400, JSON.stringify(value));
+      assert.equal(refused.json().error.code, "invalid_max_tokens");
+    }
+    assert.equal(await usedToday(relay), 0, "a refused request reserves nothing");
+    assert.equal(upstream.requests.length, 0);
+    const largest = await post(relay, "/v1/chat/completions", { messages: [], max_tokens: 1_000_000 });
+    assert.equal(largest.status, 200, "the ceiling itself is a length a client may ask for");
+  });
+
+  await t.step("[security] counters stay exact integers whatever usage the upstream reports", async (t) => {
+    await using upstream = usageUpstream();
+    await onEveryStore(t, "1e300, negative and fractional usage", async (store, name) => {
+      await using relay = startRelay(testConfig(upstream.url, { tokenBudgetPerDay: 100_000 }), undefined, undefined, {
+        counters: store,
+      });
+      upstream.state.reported = { prompt_tokens: 9, completion_tokens: 1, total_tokens: 10 };
+      assert.equal((await post(relay, "/v1/chat/completions", { messages: [] })).status, 200);
+      let used = await usedToday(relay);
+      assert.equal(used, 10);
+      for (
+        const reported of [
+          { prompt_tokens: 1e300, completion_tokens: 1e300, total_tokens: 1e300 },
+          { prompt_tokens: 9, completion_tokens: 1, total_tokens: -1e12 },
+          { prompt_tokens: -1e300, completion_tokens: 1 },
+          { prompt_tokens: 2.5, completion_tokens: 1e21 },
+          { input_tokens: 1e300, output_tokens: 1e300 },
+        ]
+      ) {
+        upstream.state.reported = reported;
+        assert.equal((await post(relay, "/v1/chat/completions", { messages: [] })).status, 200);
+        // account settles after the answer has gone out: give the store a moment.
+        await sleep(50);
+        const now = await usedToday(relay);
+        assert.ok(Number.isSafeInteger(now), `${JSON.stringify(reported)}: ${now} is an exact integer`);
+        assert.ok(now > used, `${JSON.stringify(reported)}: an estimate was charged, nothing given back (${now})`);
+        assert.ok(now < used + 1000, `${JSON.stringify(reported)}: charged an estimate, not the claim (${now})`);
+        used = now;
+      }
+      assert.ok(!relay.logs.some((line) => line.includes("could not settle")), "every settle reached the store");
+      const today = new Date().toISOString().slice(0, 10);
+      const rows = await store.readUsage(today, today);
+      // The memory store keeps no ledger (nothing could read it); the durable ones hold every answer.
+      const expected = name === "memory" ? 0 : 6;
+      assert.equal(rows.reduce((sum, row) => sum + row.requests, 0), expected, "every answer is in the ledger");
+      for (const row of rows) {
+        for (const figure of [row.prompt_tokens, row.completion_tokens, row.total_tokens]) {
+          assert.ok(
+            Number.isSafeInteger(figure) && figure >= 0,
+            `the ledger holds exact counts: ${JSON.stringify(row)}`,
+          );
+        }
+      }
+    });
+  });
+
+  await t.step(
+    "[security] n, best_of and prompt arrays count every answer against MAX_TOKENS_PER_REQUEST",
+    async () => {
+      await using upstream = usageUpstream();
+      await using relay = startRelay(testConfig(upstream.url, { maxTokensPerRequest: 100 }));
+      const cases: [string, Record<string, unknown>, number][] = [
+        ["/v1/chat/completions", { messages: [], n: 20 }, 5],
+        ["/v1/chat/completions", { messages: [], n: 20, max_tokens: 1000 }, 5],
+        ["/v1/chat/completions", { messages: [], n: 3, max_tokens: 10 }, 10],
+        ["/v1/completions", { prompt: "x", best_of: 20 }, 5],
+        ["/v1/completions", { prompt: "x", best_of: 20, n: 2 }, 5],
+        ["/v1/completions", { prompt: Array(20).fill("x") }, 5],
+        ["/v1/completions", { prompt: Array(20).fill([1, 2]) }, 5],
+        ["/v1/completions", { prompt: [1, 2, 3, 4] }, 100],
+        ["/v1/completions", { prompt: ["a", "b", "c", "d"], n: 5 }, 5],
+        ["/v1/completions", { prompt: ["a", "b", "c"], n: 7 }, 4],
+      ];
+      for (const [path, body, perAnswer] of cases) {
+        const answer = await post(relay, path, body);
+        assert.equal(answer.status, 200, JSON.stringify(body));
+        assert.equal(upstream.forwarded().max_tokens, perAnswer, JSON.stringify(body));
+      }
+      const sent = upstream.requests.length;
+      for (
+        const [path, body] of [
+          ["/v1/chat/completions", { messages: [], n: 101 }],
+          ["/v1/completions", { prompt: Array(11).fill("x"), n: 10 }],
+          ["/v1/completions", { prompt: "x", best_of: 1e300 }],
+          ["/v1/chat/completions", { messages: [], n: 0 }],
+          ["/v1/chat/completions", { messages: [], n: 2.5 }],
+          ["/v1/chat/completions", { messages: [], n: "20" }],
+          ["/v1/chat/completions", { messages: [], n: -1 }],
+        ] as const
+      ) {
+        const refused = await post(relay, path, body);
+        assert.equal(refused.status, 400, JSON.stringify(body));
+        assert.match(refused.json().error.message, /^mc-relay: /);
+        assert.equal(refused.json().error.code, "invalid_answer_count", JSON.stringify(body));
+      }
+      assert.equal(upstream.requests.length, sent, "none of them reached the upstream");
+    },
+  );
+
+  await t.step("[security] a budget's reservation counts every answer a request asks for", async () => {
+    let release!: () => void;
+    let held = new Promise<void>((resolve) => (release = resolve));
+    await using upstream = startUpstream(async () => {
+      await held;
+      return Response.json({ choices: [], usage: { prompt_tokens: 9, completion_tokens: 1, total_tokens: 10 } });
+    });
+    for (
+      const [cap, body, answers] of [
+        [100, { messages: [], n: 20 }, 100],
+        [0, { messages: [], n: 20, max_tokens: 100 }, 2000],
+        [0, { prompt: ["a", "b", "c"], best_of: 4, max_tokens: 50 }, 600],
+      ] as const
+    ) {
+      await using relay = startRelay(
+        testConfig(upstream.url, { tokenBudgetPerDay: 1_000_000, maxTokensPerRequest: cap }),
+      );
+      const path = "messages" in body ? "/v1/chat/completions" : "/v1/completions";
+      const text = JSON.stringify({ model: "gpt-test", ...body });
+      const pending = post(relay, path, body);
+      try {
+        await sleep(50);
+        const reservation = Math.ceil(encoder.encode(text).byteLength / 4) + answers;
+        assert.equal(await usedToday(relay), reservation, `${JSON.stringify(body)}, cap ${cap}`);
+      } finally {
+        release();
+      }
+      assert.equal((await pending).status, 200);
+      await sleep(50);
+      assert.equal(await usedToday(relay), 10, "settled with the upstream's usage");
+      held = new Promise<void>((resolve) => (release = resolve));
+    }
+  });
+
+  await t.step("[security] a background response is refused while a token budget applies", async () => {
+    await using upstream = usageUpstream();
+    await using budgeted = startRelay(testConfig(upstream.url, { tokenBudgetPerDay: 1000 }));
+    for (const background of [true, "true", 1]) {
+      const refused = await post(budgeted, "/v1/responses", { input: "x", background });
+      assert.equal(refused.status, 400, JSON.stringify(background));
+      assert.equal(refused.json().error.code, "background_not_allowed");
+      assert.match(refused.json().error.message, /^mc-relay: .*TOKEN_BUDGET_PER_DAY.*"background"/);
+    }
+    assert.equal(await usedToday(budgeted), 0);
+    assert.equal(upstream.requests.length, 0);
+    assert.equal((await post(budgeted, "/v1/responses", { input: "x", background: false })).status, 200);
+
+    await using unbudgeted = startRelay(testConfig(upstream.url, { maxTokensPerRequest: 100 }));
+    assert.equal((await post(unbudgeted, "/v1/responses", { input: "x", background: true })).status, 200, "no budget");
+    assert.equal(upstream.forwarded().max_output_tokens, 100, "the cap still bounds it");
+
+    // A BYOK upstream spends the caller's own quota: no budget applies, so background passes.
+    await using byok = startRelay(
+      testConfig(upstream.url, {
+        tokenBudgetPerDay: 1000,
+        upstreams: [testUpstream("default", upstream.url, { byok: true, apiKey: "" })],
+      }),
+    );
+    const own = await byok.call("/v1/responses", {
+      method: "POST",
+      headers: {
+        authorization: GOOD_BEARER,
+        "x-api-key": "sk-caller-own-key-123456",
+        "content-type": "application/json",
+      },
+      body: JSON.stringify({ model: "gpt-test", input: "x", background: true }),
+    });
+    assert.equal(own.status, 200, own.text);
+  });
 });
 
 Deno.test("no secret ever appeared in anything the relay logged or returned, in any test above", () => {

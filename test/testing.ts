@@ -15,7 +15,7 @@ import {
   serverErrorHandler,
   type TrustedProxies,
   type Upstream,
-} from "./main.ts";
+} from "../main.ts";
 
 /** A recognisable fake provider key: it must never show up in anything the relay prints or returns. */
 export const CANARY_KEY = "sk-CANARY-upstream-key-4f1d2c9a";
@@ -305,6 +305,33 @@ export function openAiLikeUpstream(request: Request, seen: SeenRequest): Respons
   }, { headers: { "x-request-id": "req_upstream_1", "openai-processing-ms": "12" } });
 }
 
+/** An upstream that answers every POST like OpenAI, reporting whatever usage `reported` holds at the time. */
+export function usageUpstream() {
+  const state: { reported: Record<string, unknown> } = {
+    reported: { prompt_tokens: 9, completion_tokens: 1, total_tokens: 10 },
+  };
+  const upstream = startUpstream(() =>
+    Response.json({
+      id: "chatcmpl-1",
+      object: "chat.completion",
+      choices: [{ index: 0, message: { role: "assistant", content: "hi" }, finish_reason: "stop" }],
+      usage: state.reported,
+    })
+  );
+  return Object.assign(upstream, { state, forwarded: () => JSON.parse(upstream.requests.at(-1)!.body) });
+}
+
+/** A relay started by `startRelay`. */
+export type Relay = ReturnType<typeof startRelay>;
+
+/** POSTs `body` as JSON (model gpt-test unless it names one) to `path` with the test user's credentials. */
+export const post = (relay: Relay, path: string, body: Record<string, unknown>) =>
+  relay.call(path, {
+    method: "POST",
+    headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+    body: JSON.stringify({ model: "gpt-test", ...body }),
+  });
+
 /** A streamed body whose chunks the test releases one by one. */
 export function controlledStream() {
   const releases: (() => void)[] = [];
@@ -391,7 +418,7 @@ export function processEnv(env: Record<string, string>): Record<string, string> 
 }
 
 /** The project's folder: where the relay processes of the tests run, unless told otherwise. */
-const PROJECT_FOLDER = new URL(".", import.meta.url).pathname;
+const PROJECT_FOLDER = new URL("..", import.meta.url).pathname;
 
 /** Deno's arguments for the relay, as the start task has them. */
 const START_ARGS = ["run", "-P", "--quiet", "main.ts"];
