@@ -5,7 +5,7 @@
  * @module
  */
 
-import { type Deadline, deadlines } from "../deadlines.ts";
+import { type Deadline, DEADLINE_TICK_MS, deadlines } from "../deadlines.ts";
 import { type BucketRule, type CounterStore, type Held, type LedgerEntry, startCheck } from "./counter.ts";
 import { orAfter, REDIS_START_WAIT_MS, type RedisCounterStore } from "./redis.ts";
 import { errorText } from "../text.ts";
@@ -79,10 +79,21 @@ export class FallbackCounterStore implements CounterStore {
       return value;
     });
     const silence = new Promise<never>((_, reject) => {
+      // Silence is judged twice, a timer tick apart: a process too busy to run its timers on time (a flood of
+      // requests on a loaded machine) has not read the answers waiting in its socket either, so the first sight of
+      // silence may be its own. The loop turn between the two looks reads them; only a Redis that is still silent
+      // after it is given up on.
+      let seenSilent = false;
       const check = () => {
         const quietFor = performance.now() - Math.max(started, this.#lastAnswer);
         if (quietFor < SHARED_STORE_TIMEOUT_MS) {
+          seenSilent = false;
           deadline = deadlines.add(SHARED_STORE_TIMEOUT_MS - quietFor, check);
+          return;
+        }
+        if (!seenSilent) {
+          seenSilent = true;
+          deadline = deadlines.add(DEADLINE_TICK_MS, check);
           return;
         }
         gaveUp = true;
