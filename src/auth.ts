@@ -118,7 +118,7 @@ export function clientAddress(request: Request, info: Deno.ServeHandlerInfo, tru
  * An X-Forwarded-For entry without the port some proxies append (Azure, IIS ARR: `203.0.113.8:50001`,
  * `[2001:db8::1]:443`): counted with it, every connection of one client would get limits and budgets of its own.
  */
-function withoutPort(entry: string): string {
+export function withoutPort(entry: string): string {
   const bracketed = /^\[([^\]]*)\](?::\d*)?$/.exec(entry);
   if (bracketed !== null) return bracketed[1];
   const v4 = /^(\d{1,3}(?:\.\d{1,3}){3}):\d*$/.exec(entry);

@@ -61,7 +61,7 @@ export function createSecretMasker(rawSecrets: string[]) {
 }
 
 /** The forms a secret may take in text: as it is, JSON- and URL-escaped, and base64 (standard and URL-safe). */
-function secretForms(secret: string): string[] {
+export function secretForms(secret: string): string[] {
   const forms = [secret, JSON.stringify(secret).slice(1, -1), secret.replaceAll("/", "\\/")];
   const encoded = encodeURIComponent(secret);
   forms.push(encoded, encoded.replace(/%[0-9A-F]{2}/g, (escape) => escape.toLowerCase()));

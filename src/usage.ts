@@ -35,7 +35,7 @@ const MAX_USAGE_BODY_BYTES = 4 * 1024 * 1024;
  * The most tokens one answer's usage may report, per figure: a hundred times the largest context windows, so an
  * honest report never comes near it, and far below where sums of such figures stop being exact integers.
  */
-const MAX_REPORTED_TOKENS = 1_000_000_000;
+export const MAX_REPORTED_TOKENS = 1_000_000_000;
 
 /**
  * The token usage in an answer or event: `usage` at the top (chat, completions, embeddings) or in `response`
@@ -164,7 +164,7 @@ export function usageReader(watch: UsageWatch, eventStream: boolean) {
 }
 
 /** Whether bytes end with a blank line (`\n\n` or `\r\n\r\n`): no event and no character is left incomplete. */
-function endsAtEventBoundary(bytes: Uint8Array): boolean {
+export function endsAtEventBoundary(bytes: Uint8Array): boolean {
   const n = bytes.length;
   return n >= 2 && bytes[n - 1] === 10 &&
     (bytes[n - 2] === 10 || (n >= 4 && bytes[n - 2] === 13 && bytes[n - 3] === 10));

@@ -455,7 +455,7 @@ function publicAccessProblems(config: RelayConfig): string[] {
  * from loopback and private addresses only), or the proxies' addresses and CIDR ranges (trusted from those only,
  * every trusted entry of X-Forwarded-For walked past).
  */
-function parseTrustProxy(raw: string | undefined, errors: string[]): TrustedProxies {
+export function parseTrustProxy(raw: string | undefined, errors: string[]): TrustedProxies {
   const text = raw?.toLowerCase();
   if (text === undefined || text === "false") return { ranges: [], hops: 0 };
   const privateRanges = () => PRIVATE_RANGES.map((range) => parseAddressRange(range)!);
