@@ -573,7 +573,9 @@ function parseUsers(env: RelayEnv, errors: string[], warnings: string[], usersOp
     const secret = entry.slice(colon + 1);
     // Entries are named by position: their text contains a password or hash, never repeated here.
     const where = `MC_RELAY_USERS entry ${index + 1}`;
-    const tokenBudgets = parseUserBudgets(options, where, errors);
+    // Without a colon the whole entry may be a password typed with ';' for ':' (one key apart): nothing of it is read
+    // as budgets, so nothing of it is quoted back.
+    const tokenBudgets = colon < 1 ? undefined : parseUserBudgets(options, where, errors);
     if (colon < 1 || !name || !secret) {
       errors.push(`${where} must be name:password or name:pbkdf2-sha256:... (from 'mc-relay hash-password')`);
     } else if (secret.startsWith("pbkdf2-sha256:")) {
@@ -598,9 +600,13 @@ function parseUserBudgets(options: string[], where: string, errors: string[]): R
   for (const option of options) {
     const match = /^(day|month)=([0-9]{1,15})$/.exec(option);
     if (match) budgets[match[1] as "day" | "month"] = Number(match[2]);
-    else {errors.push(
-        `${where} has "${option.slice(0, 30)}" after its name; use e.g. alice;day=200000;month=3000000:...`,
-      );}
+    else {
+      // Quoted only when it has an option's shape (`week=5`): an entry's text may hold a password anywhere.
+      const shown = /^[a-z]{1,10}=[0-9]{0,15}$/i.test(option)
+        ? `"${option}"`
+        : "an option that is not day=N or month=N";
+      errors.push(`${where} has ${shown} after its name; use e.g. alice;day=200000;month=3000000:...`);
+    }
   }
   return budgets;
 }
