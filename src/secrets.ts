@@ -19,7 +19,7 @@ export function createSecretMasker(rawSecrets: string[]) {
   const anyForm = forms.length === 0
     ? undefined
     : new RegExp(forms.map((form) => form.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")).join("|"));
-  const replaceForms = (text: string) => forms.reduce((masked, form) => masked.replaceAll(form, "[REDACTED]"), text);
+  const replaceForms = (text: string) => maskRanges(text, forms);
   const maskValue = (value: unknown): unknown => {
     if (typeof value === "string") return replaceForms(value);
     if (Array.isArray(value)) return value.map(maskValue);
@@ -58,6 +58,33 @@ export function createSecretMasker(rawSecrets: string[]) {
       return hidden || anyForm.test(value) ? "[REDACTED]" : value;
     },
   };
+}
+
+/**
+ * `text` with every place any of `forms` stands replaced by `[REDACTED]`. The places are found first and overlapping
+ * ones joined, so where two secrets overlap (the end of one is the start of another) no part of either is left, as
+ * one replacement after another would leave it.
+ */
+function maskRanges(text: string, forms: string[]): string {
+  const ranges: [number, number][] = [];
+  for (const form of forms) {
+    for (let at = text.indexOf(form); at >= 0; at = text.indexOf(form, at + 1)) ranges.push([at, at + form.length]);
+  }
+  if (ranges.length === 0) return text;
+  ranges.sort((a, b) => a[0] - b[0]);
+  let out = "";
+  let done = 0;
+  let [start, end] = ranges[0];
+  for (const [from, to] of ranges.slice(1)) {
+    if (from < end) {
+      end = Math.max(end, to);
+      continue;
+    }
+    out += `${text.slice(done, start)}[REDACTED]`;
+    done = end;
+    [start, end] = [from, to];
+  }
+  return `${out}${text.slice(done, start)}[REDACTED]${text.slice(end)}`;
 }
 
 /** The forms a secret may take in text: as it is, JSON- and URL-escaped, and base64 (standard and URL-safe). */
