@@ -10,6 +10,7 @@ import type { CircuitBreakers } from "./breakers.ts";
 import type { KeySealer } from "./byok.ts";
 import type { Route } from "./config/routes.ts";
 import type { EnvVar, RelayConfig, RelayUser, Upstream } from "./config/variables.ts";
+import { errorResponse } from "./http.ts";
 import type { Logger, RelayMetrics } from "./observe.ts";
 import type { createSecretMasker } from "./secrets.ts";
 import type { BucketRule, CounterStore } from "./stores/counter.ts";
@@ -199,4 +200,20 @@ export interface Attempt {
   model?: string;
   /** `upstream/model` for an alias target, else the upstream's name: in logs, metrics, breakers, X-Relay-Upstream. */
   label: string;
+}
+
+/**
+ * A refusal: records why in the request's log line (`outcome`) and answers with the OpenAI-shaped `mc-relay:` error
+ * (`errorResponse`). Every stage that turns a request away answers through it, so the log and the answer agree.
+ */
+export function refuse(
+  context: RequestContext,
+  outcome: string,
+  status: number,
+  message: string,
+  code: string,
+  headers?: Record<string, string>,
+): Response {
+  context.outcome = outcome;
+  return errorResponse(status, message, code, headers);
 }

@@ -7,7 +7,7 @@
 
 import { addressKey } from "../auth.ts";
 import { callerKeyProblem, SEALED_PREFIX } from "../byok.ts";
-import type { Relay, RequestContext, StageAnswer } from "../context.ts";
+import { refuse, type Relay, type RequestContext, type StageAnswer } from "../context.ts";
 import { errorResponse, jsonResponse } from "../http.ts";
 import { createSecretMasker } from "../secrets.ts";
 import { reserveBodyBytes } from "./choose.ts";
@@ -26,8 +26,9 @@ export function useCallerKey(relay: Relay, context: RequestContext): StageAnswer
   const { target } = context;
   if (!target.byok) {
     if (context.user !== undefined || relay.config.publicAccess) return undefined;
-    context.outcome = "auth_required";
-    return errorResponse(
+    return refuse(
+      context,
+      "auth_required",
       401,
       `the upstream "${target.name}" uses this relay's own key: sign in with username:password as the API key`,
       "invalid_api_key",
@@ -45,15 +46,13 @@ async function checkCallerKey(relay: Relay, context: RequestContext): Promise<Re
       ? { problem: "this relay opens no sealed keys (SEAL_SECRET is not set); send the key itself" }
       : await relay.sealer.open(key, target.name);
     if ("problem" in opened) {
-      context.outcome = "sealed_key_refused";
-      return errorResponse(401, opened.problem, "invalid_api_key");
+      return refuse(context, "sealed_key_refused", 401, opened.problem, "invalid_api_key");
     }
     key = opened.key;
   }
   const problem = callerKeyProblem(key, target);
   if (problem !== undefined) {
-    context.outcome = "caller_key_refused";
-    return errorResponse(401, problem, "invalid_api_key");
+    return refuse(context, "caller_key_refused", 401, problem, "invalid_api_key");
   }
   context.upstreamAuth = target.authPrefix ? `${target.authPrefix} ${key}` : key;
   context.masker = createSecretMasker([...relay.upstreamSecrets, key!, context.callerKey!]);
@@ -70,8 +69,9 @@ export async function answerSeal(relay: Relay, context: RequestContext): Promise
     periodMs: 60_000,
   });
   if (waitFor > 0) {
-    context.outcome = "seal_rate_limited";
-    return errorResponse(
+    return refuse(
+      context,
+      "seal_rate_limited",
       429,
       `at most ${SEALS_PER_MINUTE} seals a minute from one address; try again in ${waitFor} s`,
       "relay_rate_limit_exceeded",
@@ -95,8 +95,7 @@ export async function answerSeal(relay: Relay, context: RequestContext): Promise
     ? '"expiresInDays" must be a whole number of days from 1 to 3650'
     : callerKeyProblem(typeof request.key === "string" ? request.key : undefined, target);
   if (problem !== undefined) {
-    context.outcome = "seal_refused";
-    return errorResponse(400, problem, "invalid_seal_request");
+    return refuse(context, "seal_refused", 400, problem, "invalid_seal_request");
   }
   const expiresAt = relay.now() + (days as number) * 86_400_000;
   const sealed = await relay.sealer!.seal(request!.key as string, target!.name, expiresAt);

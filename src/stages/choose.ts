@@ -6,9 +6,16 @@
  */
 
 import { addressKey } from "../auth.ts";
-import type { Attempt, Relay, RequestContext, StageAnswer, UpstreamTarget } from "../context.ts";
+import {
+  type Attempt,
+  refuse,
+  type Relay,
+  type RequestContext,
+  type StageAnswer,
+  type UpstreamTarget,
+} from "../context.ts";
 import { deadlines } from "../deadlines.ts";
-import { describeNetworkError, errorResponse, jsonResponse } from "../http.ts";
+import { describeNetworkError, jsonResponse } from "../http.ts";
 import { type JsonObject, parseJson, readBody } from "../streams.ts";
 import { errorText } from "../text.ts";
 
@@ -41,15 +48,13 @@ export function readRequestBody(relay: Relay, context: RequestContext): StageAns
 async function readJsonBody(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const read = await readBody(context.request, relay.bodyLimits, reserveBodyBytes(relay, context));
   if ("status" in read) {
-    context.outcome = read.outcome;
-    return errorResponse(read.status, read.message, read.code, read.headers);
+    return refuse(context, read.outcome, read.status, read.message, read.code, read.headers);
   }
   context.bytesIn = read.body.byteLength;
   const payload = parseJson(read.body);
   const problem = payload === undefined ? "the body must be one JSON object" : jsonBodyProblem(payload);
   if (problem !== undefined) {
-    context.outcome = "invalid_body";
-    return errorResponse(400, problem, "invalid_request_body");
+    return refuse(context, "invalid_body", 400, problem, "invalid_request_body");
   }
   context.payload = payload;
   context.bodyChanged = true;
@@ -101,8 +106,9 @@ export function chooseUpstream(relay: Relay, context: RequestContext): StageAnsw
     endpoint === upstream.baseUrl || endpoint!.startsWith(`${upstream.baseUrl}/`);
   if (upstreams.length === 1) {
     if (!endpoint || serves(upstreams[0])) return undefined;
-    context.outcome = "unknown_upstream";
-    return errorResponse(
+    return refuse(
+      context,
+      "unknown_upstream",
       400,
       `X-Relay-Endpoint ${JSON.stringify(endpoint.slice(0, 200))} is not the endpoint this relay serves (${
         upstreams[0].baseUrl
@@ -121,8 +127,9 @@ export function chooseUpstream(relay: Relay, context: RequestContext): StageAnsw
   } else if (endpoint) {
     const byEndpoint = upstreams.find(serves);
     if (!byEndpoint) {
-      context.outcome = "unknown_upstream";
-      return errorResponse(
+      return refuse(
+        context,
+        "unknown_upstream",
         400,
         `X-Relay-Endpoint ${JSON.stringify(endpoint.slice(0, 200))} matches none of this relay's upstreams (${
           upstreams.map((upstream) => upstream.name).join(", ")
@@ -147,16 +154,16 @@ export function checkModel(relay: Relay, context: RequestContext): Response | un
   if (context.payload === undefined || relay.allowedModels.size === 0) return undefined;
   const fallbacks = fallbackModelsProblem(relay, context);
   if (fallbacks !== undefined) {
-    context.outcome = "model_not_allowed";
-    return errorResponse(400, fallbacks, "model_not_allowed");
+    return refuse(context, "model_not_allowed", 400, fallbacks, "model_not_allowed");
   }
   const model = context.model;
   if (context.alias !== undefined && (relay.allowedModels.has(context.alias))) return undefined;
   if (context.alias === undefined && model !== undefined && modelAllowed(relay, context.target.name, model)) {
     return undefined;
   }
-  context.outcome = "model_not_allowed";
-  return errorResponse(
+  return refuse(
+    context,
+    "model_not_allowed",
     400,
     model === undefined
       ? 'this relay needs a JSON body with a "model" (ALLOWED_MODELS is set)'
@@ -224,8 +231,9 @@ async function mergedModels(relay: Relay, context: RequestContext): Promise<Resp
   // only when X-Relay-Endpoint names them.
   const keyed = relay.upstreams.filter((upstream) => !upstream.byok);
   if (keyed.length === 0) {
-    context.outcome = "unknown_upstream";
-    return errorResponse(
+    return refuse(
+      context,
+      "unknown_upstream",
       400,
       `name the provider whose models to list with X-Relay-Endpoint (MC's endpoint setting): one of ${
         relay.upstreams.map((upstream) => upstream.baseUrl).join(", ")
@@ -244,8 +252,13 @@ async function mergedModels(relay: Relay, context: RequestContext): Promise<Resp
   const failed = lists.filter((list) => list.error).map((list) => `${list.name} (${list.error})`);
   if (failed.length > 0) context.error = `model lists missing: ${failed.join(", ")}`;
   if (failed.length === lists.length) {
-    context.outcome = "upstream_unreachable";
-    return errorResponse(502, `no upstream answered for its model list: ${failed.join(", ")}`, "upstream_unreachable");
+    return refuse(
+      context,
+      "upstream_unreachable",
+      502,
+      `no upstream answered for its model list: ${failed.join(", ")}`,
+      "upstream_unreachable",
+    );
   }
   context.outcome = failed.length > 0 ? "partial" : "completed";
   context.upstreamStatus = 200;

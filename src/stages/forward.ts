@@ -6,9 +6,9 @@
  */
 
 import { addressKey } from "../auth.ts";
-import type { Attempt, Relay, RequestContext } from "../context.ts";
+import { type Attempt, refuse, type Relay, type RequestContext } from "../context.ts";
 import { DEADLINE_TICK_MS, deadlines } from "../deadlines.ts";
-import { describeNetworkError, errorResponse, RelayAbort } from "../http.ts";
+import { describeNetworkError, RelayAbort } from "../http.ts";
 import { attemptPlan, releaseBody, upstreamHeaders } from "./choose.ts";
 import { errorText, textEncoder } from "../text.ts";
 
@@ -38,12 +38,12 @@ export function upstreamFailure(relay: Relay, context: RequestContext, error: un
   const reason = context.upstreamCall!.signal.reason;
   const host = context.target.host;
   if (reason instanceof RelayAbort && reason.kind === "client_gone") {
-    context.outcome = "client_gone";
-    return errorResponse(499, "the client closed the request", "client_closed_request");
+    return refuse(context, "client_gone", 499, "the client closed the request", "client_closed_request");
   }
   if (reason instanceof RelayAbort && reason.kind === "upstream_timeout") {
-    context.outcome = "upstream_timeout";
-    return errorResponse(
+    return refuse(
+      context,
+      "upstream_timeout",
       504,
       `the upstream ${host} sent no response within ${
         relay.config.requestTimeoutMs / 1000
@@ -51,9 +51,10 @@ export function upstreamFailure(relay: Relay, context: RequestContext, error: un
       "upstream_timeout",
     );
   }
-  context.outcome = "upstream_unreachable";
   context.error = errorText(error);
-  return errorResponse(
+  return refuse(
+    context,
+    "upstream_unreachable",
     502,
     `could not reach the upstream ${host}: ${
       describeNetworkError(context.error)
@@ -64,14 +65,15 @@ export function upstreamFailure(relay: Relay, context: RequestContext, error: un
 
 /** The answer to an upstream redirect: 502 naming the target's host, never following it. */
 function upstreamRedirect(context: RequestContext, location: string): Response {
-  context.outcome = "upstream_redirect";
   let redirectTarget = "another location";
   try {
     redirectTarget = new URL(location, context.target.baseUrl).host;
   } catch {
     // keep the generic wording
   }
-  return errorResponse(
+  return refuse(
+    context,
+    "upstream_redirect",
     502,
     `the upstream ${context.target.host} redirected to ${redirectTarget}; set ${
       context.target.name === "default" ? "UPSTREAM_BASE_URL" : `the baseUrl of upstream "${context.target.name}"`
@@ -246,8 +248,9 @@ function noAnswer(relay: Relay, context: RequestContext, plan: Attempt[], failur
   const tried = context.attempts?.some((attempt) => attempt.outcome !== "breaker_open") ?? true;
   if (!tried && !context.clientGone) {
     const waitFor = relay.breakers.secondsToRetry(plan.map((attempt) => attempt.label));
-    context.outcome = "upstreams_unavailable";
-    return errorResponse(
+    return refuse(
+      context,
+      "upstreams_unavailable",
       503,
       `every target of ${context.alias} failed just now (${
         plan.map((attempt) => attempt.label).join(", ")

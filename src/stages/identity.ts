@@ -8,7 +8,7 @@
 import { ADDRESS_BUSY, addressKey, constantTimeEqual, type HASHING_BUSY, readCredentials } from "../auth.ts";
 import { bearerToken } from "../byok.ts";
 import type { RelayUser } from "../config/variables.ts";
-import type { Relay, RequestContext, StageAnswer } from "../context.ts";
+import { refuse, type Relay, type RequestContext, type StageAnswer } from "../context.ts";
 import { errorResponse } from "../http.ts";
 import { metricsResponse } from "../observe.ts";
 import { type CounterStore, giveBack, hold, startCheck } from "../stores/counter.ts";
@@ -82,18 +82,25 @@ async function checkSignIn(
  */
 function hashingBusy(context: RequestContext, busy: typeof HASHING_BUSY | typeof ADDRESS_BUSY): Response {
   if (busy === ADDRESS_BUSY) {
-    context.outcome = "sign_in_address_busy";
-    return errorResponse(
+    return refuse(
+      context,
+      "sign_in_address_busy",
       429,
       "too many sign-ins from this address are being checked at once; try again in a second",
       "too_many_sign_ins",
       { "retry-after": "1" },
     );
   }
-  context.outcome = "sign_in_busy";
-  return errorResponse(503, "too many sign-ins are being checked; try again in a second", "relay_busy", {
-    "retry-after": "1",
-  });
+  return refuse(
+    context,
+    "sign_in_busy",
+    503,
+    "too many sign-ins are being checked; try again in a second",
+    "relay_busy",
+    {
+      "retry-after": "1",
+    },
+  );
 }
 
 /**
@@ -127,8 +134,9 @@ function signInWithPlainPassword(
 
 /** The answer while a user name's guesses from an address are used up: 429 with Retry-After. */
 function lockedOut(context: RequestContext, seconds: number): Response {
-  context.outcome = "auth_locked_out";
-  return errorResponse(
+  return refuse(
+    context,
+    "auth_locked_out",
     429,
     `too many failed sign-ins for this user from this address; try again in ${seconds} s`,
     "too_many_failed_sign_ins",
@@ -176,10 +184,16 @@ async function admitSignInCheck(
     if ("lockedFor" in start) return lockedOut(context, start.lockedFor);
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
-  context.outcome = "sign_in_busy";
-  return errorResponse(503, "too many sign-ins are being checked; try again in a second", "relay_busy", {
-    "retry-after": "1",
-  });
+  return refuse(
+    context,
+    "sign_in_busy",
+    503,
+    "too many sign-ins are being checked; try again in a second",
+    "relay_busy",
+    {
+      "retry-after": "1",
+    },
+  );
 }
 
 /**

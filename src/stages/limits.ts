@@ -6,8 +6,8 @@
  */
 
 import type { RelayConfig } from "../config/variables.ts";
-import type { Relay, RequestContext, RequestLimit, StageAnswer } from "../context.ts";
-import { errorResponse, jsonResponse } from "../http.ts";
+import { refuse, type Relay, type RequestContext, type RequestLimit, type StageAnswer } from "../context.ts";
+import { jsonResponse } from "../http.ts";
 import { giveBack, hold } from "../stores/counter.ts";
 import type { JsonObject } from "../streams.ts";
 
@@ -110,8 +110,9 @@ async function takeLimits(relay: Relay, context: RequestContext): Promise<Respon
 
 /** The answer when a request window's limit is reached: 429 with Retry-After. */
 function rateLimited(context: RequestContext, limit: RequestLimit, waitFor: number): Response {
-  context.outcome = "relay_rate_limited";
-  return errorResponse(
+  return refuse(
+    context,
+    "relay_rate_limited",
     429,
     `the relay's limit of ${limit.rule.capacity} requests per ${limit.window} (${limit.variable}) is reached for ${
       subjectWords(context)
@@ -123,8 +124,9 @@ function rateLimited(context: RequestContext, limit: RequestLimit, waitFor: numb
 
 /** The answer when CONCURRENT_REQUESTS are in flight already: 429, try again in a second. */
 function tooManyInFlight(context: RequestContext, limit: number): Response {
-  context.outcome = "relay_concurrency_limited";
-  return errorResponse(
+  return refuse(
+    context,
+    "relay_concurrency_limited",
     429,
     `${
       subjectWords(context)
@@ -276,10 +278,15 @@ export function capAnswerTokens(relay: Relay, context: RequestContext): Response
   const cap = relay.config.maxTokensPerRequest;
   const answers = answerCount(path, payload);
   if (typeof answers === "string" || (cap > 0 && answers > cap)) {
-    context.outcome = "invalid_body";
     const tooMany = `this request asks for ${answers} answers (n, best_of, prompts), more than the ${cap} tokens ` +
       `per request of MAX_TOKENS_PER_REQUEST can hold; ask for at most ${cap}`;
-    return errorResponse(400, typeof answers === "string" ? answers : tooMany, "invalid_answer_count");
+    return refuse(
+      context,
+      "invalid_body",
+      400,
+      typeof answers === "string" ? answers : tooMany,
+      "invalid_answer_count",
+    );
   }
   const share = cap > 0 ? Math.floor(cap / answers) : MAX_ANSWER_TOKENS;
   let answer: number | undefined;
@@ -287,8 +294,9 @@ export function capAnswerTokens(relay: Relay, context: RequestContext): Response
     const value = payload[field];
     if (value === undefined || value === null) continue;
     if (typeof value !== "number" || !Number.isInteger(value) || value < 1 || value > MAX_ANSWER_TOKENS) {
-      context.outcome = "invalid_body";
-      return errorResponse(
+      return refuse(
+        context,
+        "invalid_body",
         400,
         `"${field}" must be a whole number from 1 to ${MAX_ANSWER_TOKENS}; no model answers at more length`,
         "invalid_max_tokens",
@@ -340,10 +348,9 @@ function refuseBackground(relay: Relay, context: RequestContext): Response | und
   if (background === undefined || background === null || background === false) return undefined;
   const [budget] = tokenBudgets(relay, context);
   if (budget === undefined) return undefined;
-  context.outcome = "background_not_allowed";
   const message = `background responses cannot be counted against this relay's token budget (${budget.variable}): ` +
     `their usage arrives after the request ends; send the request without "background"`;
-  return errorResponse(400, message, "background_not_allowed");
+  return refuse(context, "background_not_allowed", 400, message, "background_not_allowed");
 }
 
 /** The budgets stage's store work: the request's estimate added to each budget, all taken back on a refusal. */
@@ -371,9 +378,10 @@ async function reserveBudgets(relay: Relay, context: RequestContext): Promise<Re
         (counters) => counters.add(reservation.key, -reservation.amount, reservation.expiresAt),
       );
     }
-    context.outcome = "token_budget_exceeded";
     const waitFor = Math.max(1, Math.ceil((budget.resetsAt - relay.now()) / 1000));
-    return errorResponse(
+    return refuse(
+      context,
+      "token_budget_exceeded",
       429,
       `the token budget of ${budget.budget} tokens per UTC ${budget.window} (${budget.variable}) is used up for ${
         subjectWords(context)

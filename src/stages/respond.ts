@@ -5,16 +5,9 @@
  * @module
  */
 
-import type { Relay, RequestContext } from "../context.ts";
+import { refuse, type Relay, type RequestContext } from "../context.ts";
 import { type Deadline, deadlines } from "../deadlines.ts";
-import {
-  addRelayHeaders,
-  errorResponse,
-  explainProviderRateLimit,
-  isDroppedResponseHeader,
-  NO_TOKENS,
-  RelayAbort,
-} from "../http.ts";
+import { addRelayHeaders, explainProviderRateLimit, isDroppedResponseHeader, NO_TOKENS, RelayAbort } from "../http.ts";
 import { account } from "./account.ts";
 import { aliasModels, modelAllowed } from "./choose.ts";
 import { upstreamFailure } from "./forward.ts";
@@ -127,8 +120,9 @@ function answerCutOff(relay: Relay, context: RequestContext, error: unknown): Re
   if (reason instanceof RelayAbort && reason.kind === "client_gone") return upstreamFailure(relay, context, error);
   const host = context.target.host;
   if (reason instanceof RelayAbort && reason.kind === "upstream_timeout") {
-    context.outcome = "upstream_timeout";
-    return errorResponse(
+    return refuse(
+      context,
+      "upstream_timeout",
       504,
       `the upstream ${host} did not finish its answer within ${
         relay.config.requestTimeoutMs / 1000
@@ -136,9 +130,14 @@ function answerCutOff(relay: Relay, context: RequestContext, error: unknown): Re
       "upstream_timeout",
     );
   }
-  context.outcome = "upstream_stream_error";
   context.error = errorText(error);
-  return errorResponse(502, `the upstream ${host} broke off its answer before its end`, "upstream_stream_error");
+  return refuse(
+    context,
+    "upstream_stream_error",
+    502,
+    `the upstream ${host} broke off its answer before its end`,
+    "upstream_stream_error",
+  );
 }
 
 /** The upstream body passed on through `relayBody`, with `account` called when it ends. */
