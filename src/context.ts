@@ -37,10 +37,15 @@ export interface RequestContext {
   readonly startedAt: number;
   /** False when the Host header could change the path; `checkHost` answers 400. */
   readonly validHost: boolean;
+  /**
+   * What the request holds (a place in flight, budget reservations, body bytes, the client watch), each with what
+   * gives it back: registered by the stage that takes it, at the moment it takes it, and run by `finish`.
+   */
+  readonly releases: Releases;
   /** Bytes of the request body counted against MAX_BUFFERED_BYTES until it has been sent upstream. */
   heldBytes: number;
-  /** Whose share of MAX_BUFFERED_BYTES `heldBytes` count against: `user:<name>` or `address:<key>`. */
-  bodyHolder?: string;
+  /** Gives the body's bytes back as soon as it has been sent upstream, before `finish` (which then skips it). */
+  releaseBody?: () => unknown;
   /** The route matched by `matchRoute`. */
   route?: Route;
   /** The path inside BASE_PATH that `matchRoute` matched, e.g. `/v1/models`. */
@@ -59,17 +64,11 @@ export interface RequestContext {
   user?: string;
   /** Whom limits and budgets count for: `user:<name>`, or `address:<address>` for anonymous requests. */
   subject?: string;
-  /** The in-flight counter this request holds (CONCURRENT_REQUESTS), released by `account`. */
-  inFlightKey?: string;
-  /** The store that holds the place: where `account` gives it back (`hold`). */
-  inFlightStore?: CounterStore;
   /**
    * The most answer tokens this request may get, all its answers (`n`, `best_of`, prompts) together, after
    * MAX_TOKENS_PER_REQUEST; undefined when unbounded.
    */
   answerTokens?: number;
-  /** Token budget counters charged with a reservation, settled by `account` with the real usage. */
-  reservations?: { key: string; amount: number; expiresAt: number; store: CounterStore }[];
   /** The request body as read by `readRequestBody`. */
   body?: Uint8Array<ArrayBuffer>;
   /** The body parsed as a JSON object, when a stage needs to look inside it. */
@@ -82,8 +81,6 @@ export interface RequestContext {
   usageWatch?: UsageWatch;
   /** Aborts the upstream call: the client left, or the upstream was too slow. */
   upstreamCall?: AbortController;
-  /** Ends the watch that aborts the upstream call when the client leaves (`watchClient`). */
-  stopWatchingClient?: () => void;
   /** True once the client has gone (noticed by `watchClient`). */
   clientGone?: boolean;
   /** True once the request was sent upstream: from then on it is charged, with usage or an estimate. */
@@ -104,8 +101,6 @@ export interface RequestContext {
   usage?: TokenUsage;
   outcome?: string;
   error?: string;
-  /** True while an upstream body is relayed: `account` runs when it ends. */
-  logWhenBodyEnds?: boolean;
   /** True when the response already carries the relay's own headers. */
   headersSet?: boolean;
 }
@@ -216,4 +211,70 @@ export function refuse(
 ): Response {
   context.outcome = outcome;
   return errorResponse(status, message, code, headers);
+}
+
+/**
+ * Gives back one thing a request took. `used` is the tokens the request is charged in the end (0 when it is charged
+ * nothing): a budget reservation is settled with it, anything else ignores it. May return a store write's promise.
+ */
+export type Release = (used: number) => unknown;
+
+/**
+ * What a request holds, as the releases that give it back, and the parts of its answer still under way (the
+ * handler's, and a body relayed after the handler returned). A stage registers a release where it takes the thing
+ * (`add`); `finish` runs every release once, when the last part is over: the stages are done and the relayed body
+ * (if any) has ended, been cut or lost its client. Like a Go `defer`: whatever way the request ends, a refusal, an
+ * exception, a client that leaves, nothing taken is lost and nothing is given back twice.
+ */
+export class Releases {
+  /** Releases of what lives in this process (body bytes, the client watch); undefined once run. */
+  #local: (Release | undefined)[] = [];
+  /** Releases that write to the counter store (places, reservations): `finish` runs them in one store call. */
+  #store: (Release | undefined)[] = [];
+  #parts = 1;
+  #finished = false;
+
+  /**
+   * Registers `release` for what was just taken (`store`: it writes to the counter store). The function returned
+   * runs it now instead, at most once (a refusal that gives back at once, a body freed once it has been sent);
+   * `finish` then skips it.
+   */
+  add(release: Release, store = false): (used?: number) => unknown {
+    const list = store ? this.#store : this.#local;
+    const index = list.push(release) - 1;
+    return (used = 0) => {
+      const pending = list[index];
+      list[index] = undefined;
+      return pending?.(used);
+    };
+  }
+
+  /** One more part of the answer to wait for: a body relayed to the client after the handler has returned. */
+  waitForBody(): void {
+    this.#parts++;
+  }
+
+  /** The answer will have no more parts (a stage threw: a relayed body, if any, is never sent). */
+  waitForNothing(): void {
+    this.#parts = 1;
+  }
+
+  /** Ends one part of the answer; true (once) when it was the last: the request is over. */
+  partEnded(): boolean {
+    if (this.#finished || --this.#parts > 0) return false;
+    this.#finished = true;
+    return true;
+  }
+
+  /** The releases not run yet, of the process or of the store, the last taken first (as Go runs its defers). */
+  take(store: boolean): Release[] {
+    const list = store ? this.#store : this.#local;
+    const taken: Release[] = [];
+    for (let index = list.length - 1; index >= 0; index--) {
+      const release = list[index];
+      list[index] = undefined;
+      if (release !== undefined) taken.push(release);
+    }
+    return taken;
+  }
 }

@@ -1,6 +1,6 @@
 /**
  * The request handler: `STAGES` (the table of contents of a request), `createHandler` (one `RequestContext` per
- * request through the stages, then `account`), and `createRelay` (what is built once from the config).
+ * request through the stages, then `finish`), and `createRelay` (what is built once from the config).
  *
  * @module
  */
@@ -10,14 +10,14 @@ import { CircuitBreakers } from "./breakers.ts";
 import { KeySealer } from "./byok.ts";
 import { type Route, ROUTES } from "./config/routes.ts";
 import { type RelayConfig, VERSION } from "./config/variables.ts";
-import type { Relay, RequestContext, Stage, UpstreamTarget } from "./context.ts";
+import { type Relay, Releases, type RequestContext, type Stage, type UpstreamTarget } from "./context.ts";
 import { addRelayHeaders, corsHeaders, errorResponse } from "./http.ts";
 import { createLogger, RelayMetrics } from "./observe.ts";
 import { answerMcSettings, answerPage } from "./page.ts";
 import { createSecretMasker } from "./secrets.ts";
-import { account } from "./stages/account.ts";
 import { answerSeal, useCallerKey } from "./stages/byok.ts";
 import { checkModel, chooseUpstream, readRequestBody } from "./stages/choose.ts";
+import { finish } from "./stages/finish.ts";
 import { forwardRequest, requestUsage } from "./stages/forward.ts";
 import { answerHealth, answerPreflight, checkHost, checkOrigin, matchRoute, servedHostNames } from "./stages/gate.ts";
 import { answerMetrics, identifyCaller } from "./stages/identity.ts";
@@ -47,7 +47,7 @@ export type RelayHandler = (request: Request, info: Deno.ServeHandlerInfo) => Pr
 
 /**
  * The stages every request passes, in this order. The first one that returns a `Response` ends the
- * request; `relayResponse` always does. `account` runs after the last, or when a relayed body ends.
+ * request; `relayResponse` always does. `finish` runs after the last, or when a relayed body ends.
  */
 const STAGES: Stage[] = [
   checkHost,
@@ -83,7 +83,7 @@ function onRoute(path: string, stage: Stage): Stage {
 
 /**
  * Builds the relay's request handler from a validated config: the stages in `STAGES` over one
- * `RequestContext` per request, then `account` for the log line and metrics. An exception in a stage is
+ * `RequestContext` per request, then `finish`: what the stages took given back, the log line and metrics. An exception in a stage is
  * answered with a 500 naming the request id (the details go to the log, never to the client).
  */
 export function createHandler(config: RelayConfig, options: HandlerOptions = {}): RelayHandler {
@@ -102,6 +102,8 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       context.error = errorText(error);
       context.outcome = "relay_error";
       response = undefined;
+      // The stage's answer is dropped, and with it any body it was relaying: that body never ends.
+      context.releases.waitForNothing();
     }
     response ??= errorResponse(500, `internal error (request id ${context.id}); see the relay's log`, "relay_error");
     context.status = response.status;
@@ -111,7 +113,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
       const added = addRelayHeaders({}, context.id, context.cors);
       for (const name in added) response.headers.set(name, added[name]);
     }
-    if (!context.logWhenBodyEnds) account(relay, context);
+    finish(relay, context);
     return response;
   };
 }
@@ -212,8 +214,9 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
     target: relay.upstreams[0],
     bytesIn: 0,
     bytesOut: 0,
+    releases: new Releases(),
     heldBytes: 0,
-    bodyHolder: undefined,
+    releaseBody: undefined,
     validHost,
     // Every field a stage may set, set here: one object of one shape per request, not one grown field by field.
     route: undefined,
@@ -225,15 +228,11 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
     masker: undefined,
     user: undefined,
     subject: undefined,
-    inFlightKey: undefined,
-    inFlightStore: undefined,
     answerTokens: undefined,
-    reservations: undefined,
     body: undefined,
     payload: undefined,
     usageWatch: undefined,
     upstreamCall: undefined,
-    stopWatchingClient: undefined,
     clientGone: undefined,
     forwarded: undefined,
     events: undefined,
@@ -245,7 +244,6 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
     usage: undefined,
     outcome: undefined,
     error: undefined,
-    logWhenBodyEnds: undefined,
     headersSet: undefined,
   };
 }

@@ -206,23 +206,22 @@ export function upstreamHeaders(target: UpstreamTarget, auth?: string): Record<s
 
 /**
  * Counts a request's body bytes against MAX_BUFFERED_BYTES as they arrive, and against its caller's share of it:
- * the signed-in user, else the address (by /64 for IPv6, as the limits count it); `releaseBody` gives them back.
+ * the signed-in user, else the address (by /64 for IPv6, as the limits count it). They are given back once the body
+ * has been sent (`context.releaseBody`), or when the request is over, whichever comes first.
  */
 export function reserveBodyBytes(relay: Relay, context: RequestContext): (bytes: number) => boolean {
-  context.bodyHolder = context.user !== undefined ? `user:${context.user}` : `address:${addressKey(context.client)}`;
+  const holder = context.user !== undefined ? `user:${context.user}` : `address:${addressKey(context.client)}`;
+  context.releaseBody = context.releases.add(() => {
+    relay.bodyBudget.release(holder, context.heldBytes);
+    context.heldBytes = 0;
+    context.body = undefined;
+    context.payload = undefined;
+  });
   return (bytes) => {
-    if (!relay.bodyBudget.reserve(context.bodyHolder!, bytes)) return false;
+    if (!relay.bodyBudget.reserve(holder, bytes)) return false;
     context.heldBytes += bytes;
     return true;
   };
-}
-
-/** Drops the request body once it has been sent: its bytes no longer count against MAX_BUFFERED_BYTES. */
-export function releaseBody(relay: Relay, context: RequestContext): void {
-  if (context.bodyHolder !== undefined) relay.bodyBudget.release(context.bodyHolder, context.heldBytes);
-  context.heldBytes = 0;
-  context.body = undefined;
-  context.payload = undefined;
 }
 
 /** GET /v1/models with several upstreams: every upstream's list, ids prefixed with the upstream's name. */

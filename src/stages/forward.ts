@@ -9,7 +9,7 @@ import { addressKey } from "../auth.ts";
 import { type Attempt, refuse, type Relay, type RequestContext } from "../context.ts";
 import { DEADLINE_TICK_MS, deadlines } from "../deadlines.ts";
 import { describeNetworkError, RelayAbort } from "../http.ts";
-import { attemptPlan, releaseBody, upstreamHeaders } from "./choose.ts";
+import { attemptPlan, upstreamHeaders } from "./choose.ts";
 import { errorText, textEncoder } from "../text.ts";
 
 /**
@@ -122,14 +122,14 @@ export async function forwardRequest(relay: Relay, context: RequestContext): Pro
       break;
     }
   } finally {
-    releaseBody(relay, context);
+    // Sent (or never to be): its bytes no longer count against MAX_BUFFERED_BYTES, however long the answer takes.
+    context.releaseBody?.();
   }
   if (context.upstreamResponse === undefined) return noAnswer(relay, context, plan, failure);
   const response = context.upstreamResponse;
   context.upstreamStatus = response.status;
   if (response.status >= 300 && response.status < 400 && response.headers.has("location")) {
     await response.body?.cancel();
-    context.stopWatchingClient!();
     return upstreamRedirect(context, response.headers.get("location")!);
   }
   return undefined;
@@ -164,8 +164,8 @@ const FORWARDED_REQUEST_HEADERS = ["content-type", "accept"] as const;
  * Aborts the upstream call when the client leaves, once the call has run for DEADLINE_TICK_MS (so within two ticks,
  * 50 ms): an answer that comes sooner never needs `request.signal`, which costs a fifth of a fast request's
  * instructions (measured under callgrind, Deno 2.9.6). A client that left before the watch starts is noticed when it
- * starts. A relayed stream notices a client that leaves by its own cancellation. `context.stopWatchingClient` ends
- * the watch.
+ * starts. A relayed stream notices a client that leaves by its own cancellation. The watch ends when the request is
+ * over (its release, run by `finish`).
  */
 function watchClient(context: RequestContext): void {
   let stop = () => {};
@@ -179,10 +179,10 @@ function watchClient(context: RequestContext): void {
     signal.addEventListener("abort", onClientGone, ONCE);
     stop = () => signal.removeEventListener("abort", onClientGone);
   });
-  context.stopWatchingClient = () => {
+  context.releases.add(() => {
     deadlines.cancel(start);
     stop();
-  };
+  });
 }
 
 /** One attempt: the request to `attempt`'s upstream, with its own abort, within `timeoutMs` for the headers. */
@@ -244,7 +244,6 @@ async function callUpstream(
  * last failure (504 for a timeout, 502 otherwise).
  */
 function noAnswer(relay: Relay, context: RequestContext, plan: Attempt[], failure: unknown): Response {
-  context.stopWatchingClient!();
   const tried = context.attempts?.some((attempt) => attempt.outcome !== "breaker_open") ?? true;
   if (!tried && !context.clientGone) {
     const waitFor = relay.breakers.secondsToRetry(plan.map((attempt) => attempt.label));

@@ -50,7 +50,7 @@ export function storeCalls<T>(relay: Relay, calls: () => T[]): Promise<Awaited<T
  * Stage: limits. RATE_LIMIT_PER_MINUTE, _HOUR and _DAY per signed-in user (so one user cannot use up a team's
  * shared address), or per client address for anonymous requests: each window is a token bucket that refills evenly,
  * and a request takes one event from each. CONCURRENT_REQUESTS per user or address, open streams included: a
- * request takes a place, held until `account` runs, when the response (or its stream) has ended. All are asked in
+ * request takes a place, held until `finish` gives it back, when the response (or its stream) has ended. All are asked in
  * one store call (one SQLite transaction, one Redis round trip); a refusal gives back everything it took: 429 with
  * Retry-After, naming the limit, its window and when one more request is allowed.
  */
@@ -86,8 +86,11 @@ async function takeLimits(relay: Relay, context: RequestContext): Promise<Respon
   const refusedRate = answers.findIndex((waitFor, index) => index < requestLimits.length && waitFor > 0);
   const refusedPlace = inFlightKey !== undefined && answers[requestLimits.length] > concurrency;
   if (refusedRate === -1 && !refusedPlace) {
-    context.inFlightKey = inFlightKey;
-    context.inFlightStore = held[requestLimits.length]?.store;
+    if (inFlightKey !== undefined) {
+      // The place is held until the request is over, given back to the store that gave it.
+      const { store } = held[requestLimits.length];
+      context.releases.add(() => giveBack(counters, store, (counters) => counters.add(inFlightKey, -1)), true);
+    }
     return undefined;
   }
   // Everything goes back to the store that gave it, even when Redis came or went meanwhile.
@@ -321,7 +324,8 @@ export function capAnswerTokens(relay: Relay, context: RequestContext): Response
 
 /**
  * Stage: token budgets. A request is charged a reservation when it starts (about four bytes a token of its body,
- * plus the answer tokens it may get, all its answers counted) on every budget that applies, and the real usage replaces it in `account`.
+ * plus the answer tokens it may get, all its answers counted) on every budget that applies, and the real usage
+ * replaces it when the request is over (the reservation's release, run by `finish`).
  * It may start while the budget is not spent; so together with the reservations of requests in flight, a budget
  * is overshot by at most one request's answer. Spent: 429 `token_budget_exceeded` with Retry-After until the
  * UTC day or month ends.
@@ -356,8 +360,7 @@ function refuseBackground(relay: Relay, context: RequestContext): Response | und
 /** The budgets stage's store work: the request's estimate added to each budget, all taken back on a refusal. */
 async function reserveBudgets(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const amount = Math.ceil(context.bytesIn / 4) + (context.answerTokens ?? 0);
-  const reservations: NonNullable<RequestContext["reservations"]> = [];
-  context.reservations = reservations;
+  const settlements: ((used?: number) => unknown)[] = [];
   for (const budget of tokenBudgets(relay, context)) {
     const expiresAt = budget.resetsAt + 3_600_000;
     const { value: total, store } = await hold(
@@ -365,19 +368,15 @@ async function reserveBudgets(relay: Relay, context: RequestContext): Promise<Re
       (counters) => counters.add(budget.key, amount, expiresAt),
       (counters) => counters.add(budget.key, -amount, expiresAt),
     );
-    if (total - amount < budget.budget) {
-      reservations.push({ key: budget.key, amount, expiresAt, store });
-      continue;
-    }
-    // Each reservation goes back to the store it was added to (memory during a Redis outage, Redis else).
-    await giveBack(relay.counters, store, (counters) => counters.add(budget.key, -amount, expiresAt));
-    for (const reservation of reservations.splice(0)) {
-      await giveBack(
-        relay.counters,
-        reservation.store,
-        (counters) => counters.add(reservation.key, -reservation.amount, reservation.expiresAt),
-      );
-    }
+    // Settled when the request is over: the tokens it used replace the reservation, in the store that holds it
+    // (memory during a Redis outage, Redis else), whichever store counts by then.
+    settlements.push(context.releases.add(
+      (used) => giveBack(relay.counters, store, (counters) => counters.add(budget.key, used - amount, expiresAt)),
+      true,
+    ));
+    if (total - amount < budget.budget) continue;
+    // Refused: every reservation made goes back now, whole, before the answer.
+    for (const settle of settlements) await settle(0);
     const waitFor = Math.max(1, Math.ceil((budget.resetsAt - relay.now()) / 1000));
     return refuse(
       context,

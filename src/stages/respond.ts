@@ -8,7 +8,7 @@
 import { refuse, type Relay, type RequestContext } from "../context.ts";
 import { type Deadline, deadlines } from "../deadlines.ts";
 import { addRelayHeaders, explainProviderRateLimit, isDroppedResponseHeader, NO_TOKENS, RelayAbort } from "../http.ts";
-import { account } from "./account.ts";
+import { finish } from "./finish.ts";
 import { aliasModels, modelAllowed } from "./choose.ts";
 import { upstreamFailure } from "./forward.ts";
 import { filterModelList, parseJson, relayBody, rewriteBody } from "../streams.ts";
@@ -49,10 +49,7 @@ export function relayResponse(relay: Relay, context: RequestContext): Response |
   context.events = usage?.events;
   // Taking the usage event out shortens a stream: its length, if the upstream gave one, no longer holds.
   if (usage && eventStream && context.usageWatch!.stripUsageEvent) delete headers["content-length"];
-  if (response.body === null) {
-    context.stopWatchingClient!();
-    return new Response(null, init);
-  }
+  if (response.body === null) return new Response(null, init);
   const body = relayedBody(relay, context, response.body, eventStream, usage);
   if (filterModels && !response.headers.has("content-encoding")) {
     delete headers["content-length"];
@@ -106,7 +103,6 @@ async function relayWholeAnswer(
     return answerCutOff(relay, context, error);
   } finally {
     deadlines.cancel(bodyDeadline);
-    context.stopWatchingClient!();
   }
   context.usage = pickUsage(parseJson(bytes));
   context.bytesOut = bytes.byteLength;
@@ -140,7 +136,7 @@ function answerCutOff(relay: Relay, context: RequestContext, error: unknown): Re
   );
 }
 
-/** The upstream body passed on through `relayBody`, with `account` called when it ends. */
+/** The upstream body passed on through `relayBody`: the request finishes when it ends (`finish`). */
 function relayedBody(
   relay: Relay,
   context: RequestContext,
@@ -149,7 +145,7 @@ function relayedBody(
   usage?: ReturnType<typeof usageReader>,
 ): ReadableStream<Uint8Array> {
   if (eventStream) relay.metrics.openStreams++;
-  context.logWhenBodyEnds = true;
+  context.releases.waitForBody();
   return relayBody(source, context.upstreamCall!, relay.config.requestTimeoutMs, {
     transform: usage?.transform,
     flush: usage?.flush,
@@ -157,12 +153,11 @@ function relayedBody(
       context.bytesOut += bytes;
     },
     onEnd(outcome, error) {
-      context.stopWatchingClient!();
       if (eventStream) relay.metrics.openStreams--;
       context.outcome ??= outcome;
       if (error) context.error = error;
       context.usage = usage?.result();
-      account(relay, context);
+      finish(relay, context);
     },
   });
 }
@@ -180,10 +175,7 @@ async function relayErrorResponse(
   headers: Record<string, string>,
 ): Promise<Response> {
   const init = { status: response.status, statusText: response.statusText, headers };
-  if (response.body === null) {
-    context.stopWatchingClient!();
-    return new Response(null, init);
-  }
+  if (response.body === null) return new Response(null, init);
   delete headers["content-length"];
   const encoding = response.headers.get("content-encoding");
   const replace = (reason: string) => {
@@ -239,8 +231,8 @@ function responseHeaders(relay: Relay, context: RequestContext, response: Respon
 
 /**
  * A body of known length (a model list, a non-streamed answer) goes to the client inside Deno, without a
- * JavaScript step per chunk. It must arrive within REQUEST_TIMEOUT_SECONDS of its headers; the log line is
- * written when Deno has sent it.
+ * JavaScript step per chunk. It must arrive within REQUEST_TIMEOUT_SECONDS of its headers; the request finishes
+ * (`finish`) when Deno has sent it.
  */
 function passWithinDeno(
   relay: Relay,
@@ -250,14 +242,13 @@ function passWithinDeno(
 ): ReadableStream<Uint8Array> {
   const upstreamCall = context.upstreamCall!;
   const bodyDeadline = wholeBodyDeadline(relay, context);
-  context.logWhenBodyEnds = true;
+  context.releases.waitForBody();
   const delivered = () => {
     deadlines.cancel(bodyDeadline);
-    context.stopWatchingClient!();
     const reason = upstreamCall.signal.reason;
     context.outcome = reason instanceof RelayAbort ? reason.kind : "completed";
     if (context.outcome === "completed") context.bytesOut = length;
-    account(relay, context);
+    finish(relay, context);
   };
   // Deno resolves `completed` however the response ended; should it ever reject, the line is still written.
   context.completed.then(delivered, delivered);

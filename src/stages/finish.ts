@@ -1,15 +1,14 @@
 /**
- * `account`: what runs once a request is over (after the last stage, or when a relayed body ends): the log line, the
- * metrics, the token budgets settled with the real usage, the places and bytes given back.
+ * `finish`: what runs once a request is over (after the last stage, or when a relayed body ends): what its stages took
+ * given back (the token budgets settled with the real usage, places, body bytes, the client watch), the ledger, the
+ * metrics, the log line.
  *
  * @module
  */
 
 import { addressKey } from "../auth.ts";
 import type { Relay, RequestContext } from "../context.ts";
-import { releaseBody } from "./choose.ts";
 import { storeCalls } from "./limits.ts";
-import { giveBack } from "../stores/counter.ts";
 import { errorText } from "../text.ts";
 import type { TokenUsage } from "../usage.ts";
 
@@ -19,19 +18,33 @@ function usageTotal(usage: TokenUsage): number {
 }
 
 /**
- * Replaces the request's token reservations with what it used, frees its in-flight place, and adds a charged
- * request to the usage ledger (per UTC day, caller, model and upstream).
+ * Runs what the request holds back to the store and the process: first its releases of what lives in the process
+ * (the client watch, body bytes), then, in one store call (one SQLite transaction, one Redis round trip), its
+ * releases that write to the store (reservations settled with `usage`, the place in flight freed) and the ledger row
+ * of a charged request (per UTC day, caller, model and upstream). Each release runs once; an error in one is logged
+ * and the others still run.
  */
-function settle(relay: Relay, context: RequestContext, usage: TokenUsage | undefined): Promise<unknown> | undefined {
+function giveBackAll(relay: Relay, context: RequestContext, usage: TokenUsage | undefined): void {
+  const used = usage === undefined ? 0 : usageTotal(usage);
+  for (const release of context.releases.take(false)) {
+    try {
+      release(used);
+    } catch (error) {
+      relay.log.error("could not give back what a request held", { request_id: context.id, error: errorText(error) });
+    }
+  }
+  const releases = context.releases.take(true);
   // BYOK requests spend the caller's own quota: the relay keeps no record of them.
   const recorded = usage !== undefined && !context.target.byok;
-  if (!context.reservations?.length && !recorded && context.inFlightKey === undefined) return undefined;
-  const used = usage === undefined ? 0 : usageTotal(usage);
-  return storeCalls(relay, () => {
+  if (releases.length === 0 && !recorded) return;
+  storeCalls(relay, () => {
     const writes: unknown[] = [];
-    // The real usage replaces each reservation in the store that holds it, whichever store counts by now.
-    for (const { key, amount, expiresAt, store } of context.reservations?.splice(0) ?? []) {
-      writes.push(giveBack(relay.counters, store, (counters) => counters.add(key, used - amount, expiresAt)));
+    for (const release of releases) {
+      try {
+        writes.push(release(used));
+      } catch (error) {
+        writes.push(Promise.reject(error));
+      }
     }
     if (recorded) {
       writes.push(relay.counters.recordUsage({
@@ -45,13 +58,10 @@ function settle(relay: Relay, context: RequestContext, usage: TokenUsage | undef
         estimated: usage.estimated === true,
       }));
     }
-    if (context.inFlightKey !== undefined) {
-      const key = context.inFlightKey;
-      context.inFlightKey = undefined;
-      writes.push(giveBack(relay.counters, context.inFlightStore ?? relay.counters, (store) => store.add(key, -1)));
-    }
     return writes;
-  });
+  }).catch((error) =>
+    relay.log.error("counter store: could not settle a request", { request_id: context.id, error: errorText(error) })
+  );
 }
 
 /**
@@ -65,16 +75,24 @@ function estimateUsage(context: RequestContext): TokenUsage {
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion, estimated: true };
 }
 
-/** Stage: account. Counts the request in the metrics and writes its log line (when info is logged). */
-export function account(relay: Relay, context: RequestContext): void {
-  releaseBody(relay, context);
+/**
+ * The end of a request: called by the handler when the stages are done, and by a body relayed after that when it
+ * ends, is cut, or loses its client. The last of these calls (`Releases.partEnded`) finishes the request, once: the
+ * usage it is charged (reported, or estimated when it never arrived), every release its stages registered
+ * (`giveBackAll`), then its metrics and log line (`account`).
+ */
+export function finish(relay: Relay, context: RequestContext): void {
+  if (!context.releases.partEnded()) return;
   const charged = context.usageWatch !== undefined && context.forwarded && !((context.upstreamStatus ?? 0) >= 300);
   if (context.usage === undefined && charged) {
     context.usage = estimateUsage(context);
   }
-  settle(relay, context, charged ? context.usage : undefined)?.catch((error) =>
-    relay.log.error("counter store: could not settle a request", { request_id: context.id, error: errorText(error) })
-  );
+  giveBackAll(relay, context, charged ? context.usage : undefined);
+  account(relay, context);
+}
+
+/** Counts the finished request in the metrics and writes its log line (when info is logged). */
+function account(relay: Relay, context: RequestContext): void {
   const route = context.routePath !== undefined && Object.hasOwn(relay.routes, context.routePath)
     ? context.routePath
     : "other";
