@@ -99,17 +99,17 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
         if (response !== undefined) break;
       }
     } catch (error) {
-      context.error = errorText(error);
-      context.outcome = "relay_error";
+      context.log.error = errorText(error);
+      context.log.outcome = "relay_error";
       response = undefined;
       // The stage's answer is dropped, and with it any body it was relaying: that body never ends.
       context.releases.waitForNothing();
     }
     response ??= errorResponse(500, `internal error (request id ${context.id}); see the relay's log`, "relay_error");
-    context.status = response.status;
-    if (!context.headersSet) {
+    context.log.status = response.status;
+    if (!context.upstream.relayed) {
       // A response the relay made itself: it carries its length (0 for none).
-      context.bytesOut = Number(response.headers.get("content-length") ?? 0);
+      context.log.bytesOut = Number(response.headers.get("content-length") ?? 0);
       const added = addRelayHeaders({}, context.id, context.cors);
       for (const name in added) response.headers.set(name, added[name]);
     }
@@ -199,6 +199,7 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
   const url = new URL(validHost ? request.url : "http://invalid-host/");
   const path = url.pathname;
   const origin = request.headers.get("origin");
+  // Every field a stage may set, set here: objects of one shape per request, not grown field by field.
   return {
     request,
     url,
@@ -208,43 +209,50 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
     id: crypto.randomUUID(),
     method: request.method.slice(0, 16),
     path: path.length > 200 ? `${path.slice(0, 200)}...` : path,
-    client: clientAddress(request, info, relay.config.trustProxy),
     startedAt: performance.now(),
-    bodyChanged: false,
-    target: relay.upstreams[0],
-    bytesIn: 0,
-    bytesOut: 0,
-    releases: new Releases(),
-    heldBytes: 0,
-    releaseBody: undefined,
     validHost,
-    // Every field a stage may set, set here: one object of one shape per request, not one grown field by field.
     route: undefined,
     routePath: undefined,
-    alias: undefined,
-    attempts: undefined,
-    callerKey: undefined,
-    upstreamAuth: undefined,
-    masker: undefined,
-    user: undefined,
-    subject: undefined,
-    answerTokens: undefined,
-    body: undefined,
-    payload: undefined,
-    usageWatch: undefined,
-    upstreamCall: undefined,
-    clientGone: undefined,
-    forwarded: undefined,
-    events: undefined,
-    upstreamResponse: undefined,
-    status: undefined,
-    upstreamStatus: undefined,
-    upstream: undefined,
-    model: undefined,
-    usage: undefined,
-    outcome: undefined,
-    error: undefined,
-    headersSet: undefined,
+    caller: {
+      address: clientAddress(request, info, relay.config.trustProxy),
+      user: undefined,
+      subject: undefined,
+      key: undefined,
+    },
+    body: {
+      bytes: undefined,
+      payload: undefined,
+      changed: false,
+      held: 0,
+      release: undefined,
+      model: undefined,
+      answerTokens: undefined,
+    },
+    upstream: {
+      target: relay.upstreams[0],
+      label: undefined,
+      alias: undefined,
+      attempts: undefined,
+      auth: undefined,
+      masker: undefined,
+      call: undefined,
+      clientGone: undefined,
+      forwarded: undefined,
+      response: undefined,
+      status: undefined,
+      relayed: undefined,
+    },
+    log: {
+      status: undefined,
+      outcome: undefined,
+      error: undefined,
+      bytesIn: 0,
+      bytesOut: 0,
+      usageWatch: undefined,
+      usage: undefined,
+      events: undefined,
+    },
+    releases: new Releases(),
   };
 }
 

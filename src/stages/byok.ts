@@ -23,9 +23,9 @@ const SEALS_PER_MINUTE = 10;
  * relay credentials (or PUBLIC_ACCESS): a caller with only its own key gets 401, and its key goes nowhere.
  */
 export function useCallerKey(relay: Relay, context: RequestContext): StageAnswer {
-  const { target } = context;
+  const { target } = context.upstream;
   if (!target.byok) {
-    if (context.user !== undefined || relay.config.publicAccess) return undefined;
+    if (context.caller.user !== undefined || relay.config.publicAccess) return undefined;
     return refuse(
       context,
       "auth_required",
@@ -39,8 +39,8 @@ export function useCallerKey(relay: Relay, context: RequestContext): StageAnswer
 
 /** The caller's key for a BYOK upstream: opened when sealed, checked, and masked in everything sent back. */
 async function checkCallerKey(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  const { target } = context;
-  let key = context.callerKey;
+  const { target } = context.upstream;
+  let key = context.caller.key;
   if (key?.startsWith(SEALED_PREFIX)) {
     const opened = relay.sealer === undefined
       ? { problem: "this relay opens no sealed keys (SEAL_SECRET is not set); send the key itself" }
@@ -54,8 +54,9 @@ async function checkCallerKey(relay: Relay, context: RequestContext): Promise<Re
   if (problem !== undefined) {
     return refuse(context, "caller_key_refused", 401, problem, "invalid_api_key");
   }
-  context.upstreamAuth = target.authPrefix ? `${target.authPrefix} ${key}` : key;
-  context.masker = createSecretMasker([...relay.upstreamSecrets, key!, context.callerKey!]);
+  context.upstream.auth = target.authPrefix ? `${target.authPrefix} ${key}` : key;
+  // callerKeyProblem refuses a missing key: both the key and the form it was brought in are strings here.
+  context.upstream.masker = createSecretMasker([...relay.upstreamSecrets, key!, context.caller.key!]);
   return undefined;
 }
 
@@ -64,7 +65,7 @@ async function checkCallerKey(relay: Relay, context: RequestContext): Promise<Re
  * "expiresInDays"}` in, `{"sealed", "upstream", "expires_at"}` out. The key is checked like a raw one first.
  */
 export async function answerSeal(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  const waitFor = await relay.counters.take(`seals:${addressKey(context.client)}`, {
+  const waitFor = await relay.counters.take(`seals:${addressKey(context.caller.address)}`, {
     capacity: SEALS_PER_MINUTE,
     periodMs: 60_000,
   });

@@ -35,7 +35,7 @@ function giveBackAll(relay: Relay, context: RequestContext, usage: TokenUsage | 
   }
   const releases = context.releases.take(true);
   // BYOK requests spend the caller's own quota: the relay keeps no record of them.
-  const recorded = usage !== undefined && !context.target.byok;
+  const recorded = usage !== undefined && !context.upstream.target.byok;
   if (releases.length === 0 && !recorded) return;
   storeCalls(relay, () => {
     const writes: unknown[] = [];
@@ -49,9 +49,9 @@ function giveBackAll(relay: Relay, context: RequestContext, usage: TokenUsage | 
     if (recorded) {
       writes.push(relay.counters.recordUsage({
         day: new Date(relay.now()).toISOString().slice(0, 10),
-        who: context.subject ?? `address:${addressKey(context.client)}`,
-        model: context.model?.slice(0, 100) ?? "",
-        upstream: context.target.name,
+        who: context.caller.subject ?? `address:${addressKey(context.caller.address)}`,
+        model: context.body.model?.slice(0, 100) ?? "",
+        upstream: context.upstream.target.name,
         prompt: usage.prompt_tokens ?? 0,
         completion: usage.completion_tokens ?? 0,
         total: used,
@@ -70,8 +70,8 @@ function giveBackAll(relay: Relay, context: RequestContext, usage: TokenUsage | 
  * server-sent event of a stream. Marked `estimated`.
  */
 function estimateUsage(context: RequestContext): TokenUsage {
-  const prompt = Math.ceil(context.bytesIn / 4);
-  const completion = context.events ? context.events() : Math.ceil(context.bytesOut / 4);
+  const prompt = Math.ceil(context.log.bytesIn / 4);
+  const completion = context.log.events ? context.log.events() : Math.ceil(context.log.bytesOut / 4);
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion, estimated: true };
 }
 
@@ -83,11 +83,12 @@ function estimateUsage(context: RequestContext): TokenUsage {
  */
 export function finish(relay: Relay, context: RequestContext): void {
   if (!context.releases.partEnded()) return;
-  const charged = context.usageWatch !== undefined && context.forwarded && !((context.upstreamStatus ?? 0) >= 300);
-  if (context.usage === undefined && charged) {
-    context.usage = estimateUsage(context);
+  const charged = context.log.usageWatch !== undefined && context.upstream.forwarded &&
+    !((context.upstream.status ?? 0) >= 300);
+  if (context.log.usage === undefined && charged) {
+    context.log.usage = estimateUsage(context);
   }
-  giveBackAll(relay, context, charged ? context.usage : undefined);
+  giveBackAll(relay, context, charged ? context.log.usage : undefined);
   account(relay, context);
 }
 
@@ -96,9 +97,11 @@ function account(relay: Relay, context: RequestContext): void {
   const route = context.routePath !== undefined && Object.hasOwn(relay.routes, context.routePath)
     ? context.routePath
     : "other";
-  const model = context.model?.slice(0, 100);
-  relay.metrics.countRequest(route, context.status ?? 0, context.user ?? "");
-  if (context.usage && context.user) relay.metrics.countTokens(context.user, model ?? "", context.usage);
+  const model = context.body.model?.slice(0, 100);
+  relay.metrics.countRequest(route, context.log.status ?? 0, context.caller.user ?? "");
+  if (context.log.usage && context.caller.user) {
+    relay.metrics.countTokens(context.caller.user, model ?? "", context.log.usage);
+  }
   // Health probes come every few seconds: their lines are debug, not info.
   const level = context.routePath === "/health" ? "debug" : "info";
   if (!relay.log.enabled(level)) return;
@@ -106,19 +109,21 @@ function account(relay: Relay, context: RequestContext): void {
     request_id: context.id,
     method: context.method,
     path: context.path,
-    client: context.client,
-    user: context.user,
-    upstream: context.upstream,
+    client: context.caller.address,
+    user: context.caller.user,
+    upstream: context.upstream.label,
     model,
-    usage: context.usage,
-    status: context.status,
-    upstream_status: context.upstreamStatus,
+    usage: context.log.usage,
+    status: context.log.status,
+    upstream_status: context.upstream.status,
     duration_ms: Math.round((performance.now() - context.startedAt) * 10) / 10,
-    bytes_in: context.bytesIn,
-    bytes_out: context.bytesOut,
-    alias: context.alias,
-    attempts: context.attempts && context.attempts.length > 1 ? context.attempts : undefined,
-    outcome: context.outcome,
-    error: context.error && context.masker ? context.masker.mask(context.error) ?? "[REDACTED]" : context.error,
+    bytes_in: context.log.bytesIn,
+    bytes_out: context.log.bytesOut,
+    alias: context.upstream.alias,
+    attempts: context.upstream.attempts && context.upstream.attempts.length > 1 ? context.upstream.attempts : undefined,
+    outcome: context.log.outcome,
+    error: context.log.error && context.upstream.masker
+      ? context.upstream.masker.mask(context.log.error) ?? "[REDACTED]"
+      : context.log.error,
   });
 }

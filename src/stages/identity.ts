@@ -34,12 +34,12 @@ export function identifyCaller(relay: Relay, context: RequestContext): StageAnsw
   // `useCallerKey` checks it.
   const anonymous = relay.config.publicAccess && !relay.usersByName.has(name);
   if (anonymous || (relay.byok && !("credentials" in read))) {
-    context.subject = `address:${addressKey(context.client)}`;
+    context.caller.subject = `address:${addressKey(context.caller.address)}`;
     const token = bearerToken(authorization);
-    if (relay.byok) context.callerKey = apiKeyHeader ?? (token?.includes(":") ? undefined : token);
+    if (relay.byok) context.caller.key = apiKeyHeader ?? (token?.includes(":") ? undefined : token);
     return undefined;
   }
-  const guessKey = `sign-in:${addressKey(context.client)}:${name.slice(0, 64)}`;
+  const guessKey = `sign-in:${addressKey(context.caller.address)}:${name.slice(0, 64)}`;
   const known = relay.usersByName.get(name);
   if (relay.counters.synchronous && known?.password !== undefined && "credentials" in read) {
     return signInWithPlainPassword(relay, context, read.credentials, known, guessKey, apiKeyHeader);
@@ -62,7 +62,9 @@ async function checkSignIn(
   if (admitted instanceof Response) return admitted;
   let user: Awaited<ReturnType<Relay["authenticate"]>>;
   try {
-    user = "credentials" in read ? await relay.authenticate(read.credentials, addressKey(context.client)) : undefined;
+    user = "credentials" in read
+      ? await relay.authenticate(read.credentials, addressKey(context.caller.address))
+      : undefined;
     // A wrong guess uses its allowance before its check ends: a check waiting for the place sees the allowance
     // already smaller, so no more checks run than there are guesses left.
     if (user === undefined) await relay.counters.take(guessKey, relay.signInRule);
@@ -125,7 +127,7 @@ function signInWithPlainPassword(
     if (!relay.hashedUsers) return signInRefused(context, "wrong username or password");
     // Counted above, in the same step as the look; the answer then waits for the decoy check an unknown name
     // costs, so a wrong plain password cannot be told from an unknown name by its time.
-    return relay.authenticate(credentials, addressKey(context.client)).then((failed) =>
+    return relay.authenticate(credentials, addressKey(context.caller.address)).then((failed) =>
       typeof failed === "symbol" ? hashingBusy(context, failed) : signInRefused(context, "wrong username or password")
     );
   }
@@ -154,9 +156,9 @@ function signInRefused(context: RequestContext, message: string): Response {
 
 /** Records a signed-in user; a key it brings for a BYOK upstream comes in X-Api-Key. */
 function signedIn(context: RequestContext, user: string, apiKeyHeader: string | undefined): undefined {
-  context.user = user;
-  context.subject = `user:${user}`;
-  context.callerKey = apiKeyHeader;
+  context.caller.user = user;
+  context.caller.subject = `user:${user}`;
+  context.caller.key = apiKeyHeader;
   return undefined;
 }
 
@@ -201,7 +203,8 @@ async function admitSignInCheck(
  * /usage, a read that does not count against the caller's request limits.
  */
 export function answerMetrics(relay: Relay, context: RequestContext): Response | undefined {
-  if (!relay.config.metricsUsers.includes(context.user!)) {
+  const { user } = context.caller;
+  if (user === undefined || !relay.config.metricsUsers.includes(user)) {
     return errorResponse(403, "this user may not read /metrics; METRICS names who may", "metrics_not_allowed");
   }
   return metricsResponse(relay.metrics);

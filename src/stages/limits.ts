@@ -31,7 +31,7 @@ export function requestLimits(config: RelayConfig): RequestLimit[] {
 
 /** "this user" or "this address": whom a limit counted, for messages. */
 function subjectWords(context: RequestContext): string {
-  return context.user === undefined ? "this address" : `user ${context.user}`;
+  return context.caller.user === undefined ? "this address" : `user ${context.caller.user}`;
 }
 
 /**
@@ -63,8 +63,8 @@ export function applyLimits(relay: Relay, context: RequestContext): StageAnswer 
 async function takeLimits(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const { requestLimits } = relay;
   const concurrency = relay.config.concurrentRequests;
-  const key = (limit: RequestLimit) => `requests-per-${limit.window}:${context.subject}`;
-  const inFlightKey = concurrency === 0 ? undefined : `in-flight:${context.subject}`;
+  const key = (limit: RequestLimit) => `requests-per-${limit.window}:${context.caller.subject}`;
+  const inFlightKey = concurrency === 0 ? undefined : `in-flight:${context.caller.subject}`;
   const { counters } = relay;
   const held = await storeCalls(relay, () => {
     const calls = requestLimits.map((limit) =>
@@ -154,14 +154,14 @@ interface TokenBudget {
  */
 function tokenBudgets(relay: Relay, context: RequestContext): TokenBudget[] {
   const now = new Date(relay.now());
-  const own = context.user === undefined ? undefined : relay.usersByName.get(context.user)?.tokenBudgets;
+  const own = context.caller.user === undefined ? undefined : relay.usersByName.get(context.caller.user)?.tokenBudgets;
   const [year, month, day] = [now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate()];
   const today = now.toISOString().slice(0, 10);
   const budgets: TokenBudget[] = [];
   const perDay = own?.day ?? relay.config.tokenBudgetPerDay;
   const perMonth = own?.month ?? relay.config.tokenBudgetPerMonth;
   if (perDay > 0) {
-    const key = `tokens-day:${today}:${context.subject}`;
+    const key = `tokens-day:${today}:${context.caller.subject}`;
     budgets.push({
       variable: "TOKEN_BUDGET_PER_DAY",
       window: "day",
@@ -171,7 +171,7 @@ function tokenBudgets(relay: Relay, context: RequestContext): TokenBudget[] {
     });
   }
   if (perMonth > 0) {
-    const key = `tokens-month:${today.slice(0, 7)}:${context.subject}`;
+    const key = `tokens-month:${today.slice(0, 7)}:${context.caller.subject}`;
     budgets.push({
       variable: "TOKEN_BUDGET_PER_MONTH",
       window: "month",
@@ -187,7 +187,7 @@ function tokenBudgets(relay: Relay, context: RequestContext): TokenBudget[] {
 export async function answerUsage(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const { counters, config } = relay;
   const limits = await Promise.all(relay.requestLimits.map(async ({ variable, window, rule }) => {
-    const key = `requests-per-${window}:${context.subject}`;
+    const key = `requests-per-${window}:${context.caller.subject}`;
     const remaining = await counters.remaining(key, rule);
     const nextInSeconds = await counters.wait(key, rule);
     return {
@@ -215,10 +215,10 @@ export async function answerUsage(relay: Relay, context: RequestContext): Promis
   const concurrent = config.concurrentRequests === 0 ? null : {
     name: "CONCURRENT_REQUESTS",
     limit: config.concurrentRequests,
-    in_flight: await counters.get(`in-flight:${context.subject}`),
+    in_flight: await counters.get(`in-flight:${context.caller.subject}`),
   };
   return jsonResponse({
-    caller: context.user === undefined ? { anonymous: true } : { user: context.user },
+    caller: context.caller.user === undefined ? { anonymous: true } : { user: context.caller.user },
     limits,
     concurrent,
     budgets,
@@ -274,9 +274,9 @@ function answerCount(path: string, payload: JsonObject): number | string {
  * `max_tokens` for every other chat upstream (most OpenAI-compatible servers know only that one).
  */
 export function capAnswerTokens(relay: Relay, context: RequestContext): Response | undefined {
-  const path = context.route!.upstreamPath ?? "";
+  const path = context.route?.upstreamPath ?? "";
   const fields = ANSWER_TOKEN_FIELDS[path];
-  const { payload } = context;
+  const { payload } = context.body;
   if (fields === undefined || payload === undefined) return undefined;
   const cap = relay.config.maxTokensPerRequest;
   const answers = answerCount(path, payload);
@@ -310,13 +310,13 @@ export function capAnswerTokens(relay: Relay, context: RequestContext): Response
     answer = Math.max(answer ?? 0, capped);
   }
   if (answer === undefined && cap > 0) {
-    const openAi = /(^|\.)openai\.com(:\d+)?$|\.openai\.azure\.com(:\d+)?$/.test(context.target.host);
+    const openAi = /(^|\.)openai\.com(:\d+)?$|\.openai\.azure\.com(:\d+)?$/.test(context.upstream.target.host);
     payload[fields.length === 2 && openAi ? fields[1] : fields[0]] = share;
     answer = share;
   }
   // Every answer may be that long: the reservation counts them all. Bounded so that it stays an exact integer in
   // the counters whatever a list of prompts holds; a reservation of that size spends any budget already.
-  context.answerTokens = answer === undefined
+  context.body.answerTokens = answer === undefined
     ? undefined
     : Math.min(answer * answers, MAX_ANSWER_TOKENS * MAX_ANSWERS_PER_PROMPT);
   return undefined;
@@ -337,7 +337,7 @@ export function capAnswerTokens(relay: Relay, context: RequestContext): Response
  */
 export function reserveTokens(relay: Relay, context: RequestContext): StageAnswer {
   // A BYOK request spends the caller's own quota, not the operator's: no budget applies.
-  if (context.usageWatch === undefined || context.target.byok) return undefined;
+  if (context.log.usageWatch === undefined || context.upstream.target.byok) return undefined;
   return refuseBackground(relay, context) ?? reserveBudgets(relay, context);
 }
 
@@ -348,7 +348,7 @@ export function reserveTokens(relay: Relay, context: RequestContext): StageAnswe
  * unbounded, so such a request is refused rather than counted wrong. Without a budget it passes.
  */
 function refuseBackground(relay: Relay, context: RequestContext): Response | undefined {
-  const background = context.payload?.background;
+  const background = context.body.payload?.background;
   if (background === undefined || background === null || background === false) return undefined;
   const [budget] = tokenBudgets(relay, context);
   if (budget === undefined) return undefined;
@@ -359,7 +359,7 @@ function refuseBackground(relay: Relay, context: RequestContext): Response | und
 
 /** The budgets stage's store work: the request's estimate added to each budget, all taken back on a refusal. */
 async function reserveBudgets(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  const amount = Math.ceil(context.bytesIn / 4) + (context.answerTokens ?? 0);
+  const amount = Math.ceil(context.log.bytesIn / 4) + (context.body.answerTokens ?? 0);
   const settlements: ((used?: number) => unknown)[] = [];
   for (const budget of tokenBudgets(relay, context)) {
     const expiresAt = budget.resetsAt + 3_600_000;
