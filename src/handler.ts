@@ -46,8 +46,31 @@ export interface HandlerOptions {
 export type RelayHandler = (request: Request, info: Deno.ServeHandlerInfo) => Promise<Response>;
 
 /**
- * The stages every request passes, in this order. The first one that returns a `Response` ends the
- * request; `relayResponse` always does. `finish` runs after the last, or when a relayed body ends.
+ * The stages every request passes, in this order: the table of contents of a request. Each decides one thing; the
+ * first that returns a `Response` ends the stages (`refuse` for a refusal), and `relayResponse` always does.
+ *
+ * - `checkHost`: a Host that could move the path is 400.
+ * - `checkOrigin`: a browser origin not in ALLOWED_ORIGIN (nor the relay's own page) is 403.
+ * - `answerPreflight`: an OPTIONS request is answered here, before credentials.
+ * - `matchRoute`: the route (`context.route`), or 404 / 405.
+ * - `answerHealth`, `answerMcSettings`, `answerPage`, `answerSeal`: the relay's own routes without credentials.
+ * - `identifyCaller`: who asks (`context.caller`): a user (401, sign-in lockout 429), an address, a caller's key.
+ * - `answerUsage`, `answerMetrics`: the caller's own routes, outside the request limits.
+ * - `applyLimits`: RATE_LIMIT_PER_* and CONCURRENT_REQUESTS (429); takes a place in flight (a release).
+ * - `readRequestBody`: a POST body read whole, one JSON object (`context.body`); takes body bytes (a release).
+ * - `chooseUpstream`: which upstream or alias (`context.upstream.target`), or the merged model list.
+ * - `useCallerKey`: the caller's own key for a BYOK upstream, or relay credentials for a keyed one (401).
+ * - `checkModel`: ALLOWED_MODELS (400).
+ * - `capAnswerTokens`: MAX_TOKENS_PER_REQUEST, the answer's length bounded (400 for impossible values).
+ * - `reserveTokens`: TOKEN_BUDGET_PER_* reservations (429 when spent); each a release, settled with the usage.
+ * - `requestUsage`: a streamed chat asks for its usage; a changed body is serialised again.
+ * - `forwardRequest`: the upstream call, failover between an alias's targets, 502/503/504/499 when none answers;
+ *   watches the client (a release), gives the body bytes back once sent.
+ * - `relayResponse`: the upstream's answer relayed (streamed, or read whole), its headers filtered, errors masked.
+ *
+ * Then `finish` (src/stages/finish.ts), once, when the stages are done and the relayed body (if any) has ended, been
+ * cut or lost its client: the usage charged (reported, or estimated), every release the stages registered run (the
+ * process's first, then the store's and the ledger row in one store call), the metrics and the log line.
  */
 const STAGES: Stage[] = [
   checkHost,
