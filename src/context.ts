@@ -108,11 +108,12 @@ export interface UpstreamCall {
   call?: AbortController;
   /** True once the client has gone (noticed by the client watch). */
   clientGone?: boolean;
-  /** True once the request was sent upstream: from then on it is charged, with usage or an estimate. */
-  forwarded?: boolean;
   /** The upstream's response, once `forwardRequest` has one. */
   response?: Response;
-  /** The upstream's status, for the log line. */
+  /**
+   * The status of the upstream's answer, once its headers came: its first byte. From then on a metered request is
+   * charged (usage or an estimate) unless the status is an error; before, it is charged nothing.
+   */
   status?: number;
   /** True when the answer is the upstream's, relayed: it already carries the relay's own headers. */
   relayed?: boolean;

@@ -260,7 +260,6 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
       masker: undefined,
       call: undefined,
       clientGone: undefined,
-      forwarded: undefined,
       response: undefined,
       status: undefined,
       relayed: undefined,

@@ -78,13 +78,17 @@ function estimateUsage(context: RequestContext): TokenUsage {
 /**
  * The end of a request: called by the handler when the stages are done, and by a body relayed after that when it
  * ends, is cut, or loses its client. The last of these calls (`Releases.partEnded`) finishes the request, once: the
- * usage it is charged (reported, or estimated when it never arrived), every release its stages registered
+ * usage it is charged (reported, or estimated when it never arrived; nothing when the upstream never began to
+ * answer), every release its stages registered
  * (`giveBackAll`), then its metrics and log line (`account`).
  */
 export function finish(relay: Relay, context: RequestContext): void {
   if (!context.releases.partEnded()) return;
-  const charged = context.log.usageWatch !== undefined && context.upstream.forwarded &&
-    !((context.upstream.status ?? 0) >= 300);
+  // Charged: a metered request the upstream began to answer (its status and headers came), and not with an error.
+  // One that got no upstream byte (refused, down, timed out, breakers open, the client gone first) was never
+  // answered: its reservations go back whole and the ledger gets no row.
+  const status = context.upstream.status;
+  const charged = context.log.usageWatch !== undefined && status !== undefined && status < 300;
   if (context.log.usage === undefined && charged) {
     context.log.usage = estimateUsage(context);
   }

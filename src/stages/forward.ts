@@ -105,7 +105,6 @@ export async function forwardRequest(relay: Relay, context: RequestContext): Pro
   const plan = attemptPlan(relay, context);
   watchClient(context);
   const deadline = performance.now() + relay.config.requestTimeoutMs;
-  context.upstream.forwarded = true;
   let failure: unknown;
   try {
     for (let index = 0; index < plan.length; index++) {
