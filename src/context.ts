@@ -10,13 +10,17 @@ import type { CircuitBreakers } from "./breakers.ts";
 import type { KeySealer } from "./byok.ts";
 import type { Route } from "./config/routes.ts";
 import type { EnvVar, RelayConfig, RelayUser, Upstream } from "./config/variables.ts";
+import { errorResponse } from "./http.ts";
 import type { Logger, RelayMetrics } from "./observe.ts";
 import type { createSecretMasker } from "./secrets.ts";
 import type { BucketRule, CounterStore } from "./stores/counter.ts";
 import type { BodyLimits, ByteBudget, JsonObject } from "./streams.ts";
 import type { TokenUsage, UsageWatch } from "./usage.ts";
 
-/** What one request carries through the stages: the request, what the stages decided, and its log record. */
+/**
+ * What one request carries through the stages: the request as it came in (read-only), what the stages decided about
+ * it in four groups (`caller`, `body`, `upstream`, `log`), and what it holds until `finish` (`releases`).
+ */
 export interface RequestContext {
   readonly request: Request;
   readonly url: URL;
@@ -31,82 +35,106 @@ export interface RequestContext {
   readonly method: string;
   /** The path as logged: cut at 200 characters. */
   readonly path: string;
-  /** The client's address (TRUST_PROXY decides which). */
-  readonly client: string;
   readonly startedAt: number;
   /** False when the Host header could change the path; `checkHost` answers 400. */
   readonly validHost: boolean;
-  /** Bytes of the request body counted against MAX_BUFFERED_BYTES until it has been sent upstream. */
-  heldBytes: number;
-  /** Whose share of MAX_BUFFERED_BYTES `heldBytes` count against: `user:<name>` or `address:<key>`. */
-  bodyHolder?: string;
-  /** The route matched by `matchRoute`. */
+  /** The route matched by `matchRoute`; undefined before it (and for the answers before it). */
   route?: Route;
-  /** The path inside BASE_PATH that `matchRoute` matched, e.g. `/v1/models`. */
+  /** The path inside BASE_PATH that `matchRoute` matched, e.g. `/v1/models`; undefined before it. */
   routePath?: string;
-  /** The model alias the client asked for (MODEL_ALIASES_JSON), if it did. */
-  alias?: string;
-  /** Every attempt at an alias's targets, for the log line: target, outcome, milliseconds. */
-  attempts?: { target: string; outcome: string; ms: number }[];
-  /** The key the caller brought for a BYOK upstream (raw or sealed): X-Api-Key, or a bearer token naming no user. */
-  callerKey?: string;
-  /** The auth header value for a BYOK upstream, made from the caller's key by `useCallerKey`. */
-  upstreamAuth?: string;
-  /** Masks secrets in what the upstream sends back: the relay's, plus the caller's own key for a BYOK upstream. */
-  masker?: ReturnType<typeof createSecretMasker>;
-  /** The signed-in user, set by `identifyCaller`; undefined for anonymous requests (PUBLIC_ACCESS). */
+  /** Who asks: set by `identifyCaller`. */
+  readonly caller: Caller;
+  /** The request body and what it asks for: set by `readRequestBody`, `chooseUpstream`, `capAnswerTokens`. */
+  readonly body: RequestBody;
+  /** Where the request goes and what came back: set by `chooseUpstream`, `useCallerKey`, `forwardRequest`. */
+  readonly upstream: UpstreamCall;
+  /** What the log line, the metrics and the ledger record of the request: filled in by every stage. */
+  readonly log: RequestLog;
+  /**
+   * What the request holds (a place in flight, budget reservations, body bytes, the client watch), each with what
+   * gives it back: registered by the stage that takes it, at the moment it takes it, and run by `finish`.
+   */
+  readonly releases: Releases;
+}
+
+/** Who asks. */
+export interface Caller {
+  /** The client's address (TRUST_PROXY decides which). */
+  readonly address: string;
+  /** The signed-in user; undefined for anonymous requests (PUBLIC_ACCESS, BYOK). */
   user?: string;
   /** Whom limits and budgets count for: `user:<name>`, or `address:<address>` for anonymous requests. */
   subject?: string;
-  /** The in-flight counter this request holds (CONCURRENT_REQUESTS), released by `account`. */
-  inFlightKey?: string;
-  /** The store that holds the place: where `account` gives it back (`hold`). */
-  inFlightStore?: CounterStore;
+  /** The key the caller brought for a BYOK upstream (raw or sealed): X-Api-Key, or a bearer token naming no user. */
+  key?: string;
+}
+
+/** The request body (POST only) and what it asks for. */
+export interface RequestBody {
+  /** The body as read by `readRequestBody`; dropped once it has been sent upstream. */
+  bytes?: Uint8Array<ArrayBuffer>;
+  /** The body parsed as a JSON object, when a stage needs to look inside it. */
+  payload?: JsonObject;
+  /** True when a stage changed `payload`: the body is serialised again before it is forwarded. */
+  changed: boolean;
+  /** Bytes of the body counted against MAX_BUFFERED_BYTES until it has been sent upstream. */
+  held: number;
+  /** Gives the body's bytes back as soon as it has been sent upstream, before `finish` (which then skips it). */
+  release?: () => unknown;
+  /** The model the client asked for (chat and completions); without the upstream's name once that chose it. */
+  model?: string;
   /**
    * The most answer tokens this request may get, all its answers (`n`, `best_of`, prompts) together, after
    * MAX_TOKENS_PER_REQUEST; undefined when unbounded.
    */
   answerTokens?: number;
-  /** Token budget counters charged with a reservation, settled by `account` with the real usage. */
-  reservations?: { key: string; amount: number; expiresAt: number; store: CounterStore }[];
-  /** The request body as read by `readRequestBody`. */
-  body?: Uint8Array<ArrayBuffer>;
-  /** The body parsed as a JSON object, when a stage needs to look inside it. */
-  payload?: JsonObject;
-  /** True when a stage changed `payload`: the body is serialised again before it is forwarded. */
-  bodyChanged: boolean;
-  /** The upstream chosen by `chooseUpstream`. */
+}
+
+/** Where the request goes, how it is sent, and what came back. */
+export interface UpstreamCall {
+  /** The upstream chosen by `chooseUpstream` (the first one until then); for an alias, the target tried last. */
   target: UpstreamTarget;
-  /** How token usage is read from the answer; set for chat and completions. */
-  usageWatch?: UsageWatch;
-  /** Aborts the upstream call: the client left, or the upstream was too slow. */
-  upstreamCall?: AbortController;
-  /** Ends the watch that aborts the upstream call when the client leaves (`watchClient`). */
-  stopWatchingClient?: () => void;
-  /** True once the client has gone (noticed by `watchClient`). */
+  /** The upstream's name in the log and X-Relay-Upstream, when there are several (for an alias: `upstream/model`). */
+  label?: string;
+  /** The model alias the client asked for (MODEL_ALIASES_JSON), if it did. */
+  alias?: string;
+  /** Every attempt at an alias's targets, for the log line: target, outcome, milliseconds. */
+  attempts?: { target: string; outcome: string; ms: number }[];
+  /** The auth header value for a BYOK upstream, made from the caller's key by `useCallerKey`. */
+  auth?: string;
+  /** Masks secrets in what the upstream sends back: the relay's, plus the caller's own key for a BYOK upstream. */
+  masker?: ReturnType<typeof createSecretMasker>;
+  /** Aborts the current attempt: the client left, or the upstream was too slow. */
+  call?: AbortController;
+  /** True once the client has gone (noticed by the client watch). */
   clientGone?: boolean;
-  /** True once the request was sent upstream: from then on it is charged, with usage or an estimate. */
-  forwarded?: boolean;
-  /** Server-sent events relayed, for a usage estimate when the upstream reports none. */
-  events?: () => number;
-  /** The upstream's response, once `forwardRequest` has it. */
-  upstreamResponse?: Response;
+  /** The upstream's response, once `forwardRequest` has one. */
+  response?: Response;
+  /**
+   * The status of the upstream's answer, once its headers came: its first byte. From then on a metered request is
+   * charged (usage or an estimate) unless the status is an error; before, it is charged nothing.
+   */
   status?: number;
-  upstreamStatus?: number;
+  /** True when the answer is the upstream's, relayed: it already carries the relay's own headers. */
+  relayed?: boolean;
+}
+
+/** What the log line, the metrics and the ledger record of the request. */
+export interface RequestLog {
+  /** The status the client got. */
+  status?: number;
+  /** Why the request ended as it did, e.g. `completed`, `token_budget_exceeded`, `client_gone`. */
+  outcome?: string;
+  /** An error's text (secrets masked before it is logged). */
+  error?: string;
   bytesIn: number;
   bytesOut: number;
-  /** The upstream's name in the log, when there are several. */
-  upstream?: string;
-  /** The model the client asked for (chat and completions). */
-  model?: string;
-  /** Token usage the upstream reported. */
+  /** How token usage is read from the answer; set for chat and completions, which are charged. */
+  usageWatch?: UsageWatch;
+  /** Token usage the upstream reported (or `finish`'s estimate). */
   usage?: TokenUsage;
-  outcome?: string;
-  error?: string;
-  /** True while an upstream body is relayed: `account` runs when it ends. */
-  logWhenBodyEnds?: boolean;
-  /** True when the response already carries the relay's own headers. */
-  headersSet?: boolean;
+  /** Server-sent events relayed, for a usage estimate when the upstream reports none. */
+  events?: () => number;
 }
 
 /** An upstream with what is derived from it once: its host for messages and its ready auth header value. */
@@ -199,4 +227,86 @@ export interface Attempt {
   model?: string;
   /** `upstream/model` for an alias target, else the upstream's name: in logs, metrics, breakers, X-Relay-Upstream. */
   label: string;
+}
+
+/**
+ * A refusal: records why in the request's log line (`outcome`) and answers with the OpenAI-shaped `mc-relay:` error
+ * (`errorResponse`). Every stage that turns a request away answers through it, so the log and the answer agree.
+ */
+export function refuse(
+  context: RequestContext,
+  outcome: string,
+  status: number,
+  message: string,
+  code: string,
+  headers?: Record<string, string>,
+): Response {
+  context.log.outcome = outcome;
+  return errorResponse(status, message, code, headers);
+}
+
+/**
+ * Gives back one thing a request took. `used` is the tokens the request is charged in the end (0 when it is charged
+ * nothing): a budget reservation is settled with it, anything else ignores it. May return a store write's promise.
+ */
+export type Release = (used: number) => unknown;
+
+/**
+ * What a request holds, as the releases that give it back, and the parts of its answer still under way (the
+ * handler's, and a body relayed after the handler returned). A stage registers a release where it takes the thing
+ * (`add`); `finish` runs every release once, when the last part is over: the stages are done and the relayed body
+ * (if any) has ended, been cut or lost its client. Like a Go `defer`: whatever way the request ends, a refusal, an
+ * exception, a client that leaves, nothing taken is lost and nothing is given back twice.
+ */
+export class Releases {
+  /** Releases of what lives in this process (body bytes, the client watch); undefined once run. */
+  #local: (Release | undefined)[] = [];
+  /** Releases that write to the counter store (places, reservations): `finish` runs them in one store call. */
+  #store: (Release | undefined)[] = [];
+  #parts = 1;
+  #finished = false;
+
+  /**
+   * Registers `release` for what was just taken (`store`: it writes to the counter store). The function returned
+   * runs it now instead, at most once (a refusal that gives back at once, a body freed once it has been sent);
+   * `finish` then skips it.
+   */
+  add(release: Release, store = false): (used?: number) => unknown {
+    const list = store ? this.#store : this.#local;
+    const index = list.push(release) - 1;
+    return (used = 0) => {
+      const pending = list[index];
+      list[index] = undefined;
+      return pending?.(used);
+    };
+  }
+
+  /** One more part of the answer to wait for: a body relayed to the client after the handler has returned. */
+  waitForBody(): void {
+    this.#parts++;
+  }
+
+  /** The answer will have no more parts (a stage threw: a relayed body, if any, is never sent). */
+  waitForNothing(): void {
+    this.#parts = 1;
+  }
+
+  /** Ends one part of the answer; true (once) when it was the last: the request is over. */
+  partEnded(): boolean {
+    if (this.#finished || --this.#parts > 0) return false;
+    this.#finished = true;
+    return true;
+  }
+
+  /** The releases not run yet, of the process or of the store, the last taken first (as Go runs its defers). */
+  take(store: boolean): Release[] {
+    const list = store ? this.#store : this.#local;
+    const taken: Release[] = [];
+    for (let index = list.length - 1; index >= 0; index--) {
+      const release = list[index];
+      list[index] = undefined;
+      if (release !== undefined) taken.push(release);
+    }
+    return taken;
+  }
 }

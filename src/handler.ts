@@ -1,6 +1,6 @@
 /**
  * The request handler: `STAGES` (the table of contents of a request), `createHandler` (one `RequestContext` per
- * request through the stages, then `account`), and `createRelay` (what is built once from the config).
+ * request through the stages, then `finish`), and `createRelay` (what is built once from the config).
  *
  * @module
  */
@@ -10,14 +10,14 @@ import { CircuitBreakers } from "./breakers.ts";
 import { KeySealer } from "./byok.ts";
 import { type Route, ROUTES } from "./config/routes.ts";
 import { type RelayConfig, VERSION } from "./config/variables.ts";
-import type { Relay, RequestContext, Stage, UpstreamTarget } from "./context.ts";
+import { type Relay, Releases, type RequestContext, type Stage, type UpstreamTarget } from "./context.ts";
 import { addRelayHeaders, corsHeaders, errorResponse } from "./http.ts";
 import { createLogger, RelayMetrics } from "./observe.ts";
 import { answerMcSettings, answerPage } from "./page.ts";
 import { createSecretMasker } from "./secrets.ts";
-import { account } from "./stages/account.ts";
 import { answerSeal, useCallerKey } from "./stages/byok.ts";
 import { checkModel, chooseUpstream, readRequestBody } from "./stages/choose.ts";
+import { finish } from "./stages/finish.ts";
 import { forwardRequest, requestUsage } from "./stages/forward.ts";
 import { answerHealth, answerPreflight, checkHost, checkOrigin, matchRoute, servedHostNames } from "./stages/gate.ts";
 import { answerMetrics, identifyCaller } from "./stages/identity.ts";
@@ -46,8 +46,31 @@ export interface HandlerOptions {
 export type RelayHandler = (request: Request, info: Deno.ServeHandlerInfo) => Promise<Response>;
 
 /**
- * The stages every request passes, in this order. The first one that returns a `Response` ends the
- * request; `relayResponse` always does. `account` runs after the last, or when a relayed body ends.
+ * The stages every request passes, in this order: the table of contents of a request. Each decides one thing; the
+ * first that returns a `Response` ends the stages (`refuse` for a refusal), and `relayResponse` always does.
+ *
+ * - `checkHost`: a Host that could move the path is 400.
+ * - `checkOrigin`: a browser origin not in ALLOWED_ORIGIN (nor the relay's own page) is 403.
+ * - `answerPreflight`: an OPTIONS request is answered here, before credentials.
+ * - `matchRoute`: the route (`context.route`), or 404 / 405.
+ * - `answerHealth`, `answerMcSettings`, `answerPage`, `answerSeal`: the relay's own routes without credentials.
+ * - `identifyCaller`: who asks (`context.caller`): a user (401, sign-in lockout 429), an address, a caller's key.
+ * - `answerUsage`, `answerMetrics`: the caller's own routes, outside the request limits.
+ * - `applyLimits`: RATE_LIMIT_PER_* and CONCURRENT_REQUESTS (429); takes a place in flight (a release).
+ * - `readRequestBody`: a POST body read whole, one JSON object (`context.body`); takes body bytes (a release).
+ * - `chooseUpstream`: which upstream or alias (`context.upstream.target`), or the merged model list.
+ * - `useCallerKey`: the caller's own key for a BYOK upstream, or relay credentials for a keyed one (401).
+ * - `checkModel`: ALLOWED_MODELS (400).
+ * - `capAnswerTokens`: MAX_TOKENS_PER_REQUEST, the answer's length bounded (400 for impossible values).
+ * - `reserveTokens`: TOKEN_BUDGET_PER_* reservations (429 when spent); each a release, settled with the usage.
+ * - `requestUsage`: a streamed chat asks for its usage; a changed body is serialised again.
+ * - `forwardRequest`: the upstream call, failover between an alias's targets, 502/503/504/499 when none answers;
+ *   watches the client (a release), gives the body bytes back once sent.
+ * - `relayResponse`: the upstream's answer relayed (streamed, or read whole), its headers filtered, errors masked.
+ *
+ * Then `finish` (src/stages/finish.ts), once, when the stages are done and the relayed body (if any) has ended, been
+ * cut or lost its client: the usage charged (reported, or estimated), every release the stages registered run (the
+ * process's first, then the store's and the ledger row in one store call), the metrics and the log line.
  */
 const STAGES: Stage[] = [
   checkHost,
@@ -83,7 +106,7 @@ function onRoute(path: string, stage: Stage): Stage {
 
 /**
  * Builds the relay's request handler from a validated config: the stages in `STAGES` over one
- * `RequestContext` per request, then `account` for the log line and metrics. An exception in a stage is
+ * `RequestContext` per request, then `finish`: what the stages took given back, the log line and metrics. An exception in a stage is
  * answered with a 500 naming the request id (the details go to the log, never to the client).
  */
 export function createHandler(config: RelayConfig, options: HandlerOptions = {}): RelayHandler {
@@ -99,19 +122,21 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
         if (response !== undefined) break;
       }
     } catch (error) {
-      context.error = errorText(error);
-      context.outcome = "relay_error";
+      context.log.error = errorText(error);
+      context.log.outcome = "relay_error";
       response = undefined;
+      // The stage's answer is dropped, and with it any body it was relaying: that body never ends.
+      context.releases.waitForNothing();
     }
     response ??= errorResponse(500, `internal error (request id ${context.id}); see the relay's log`, "relay_error");
-    context.status = response.status;
-    if (!context.headersSet) {
+    context.log.status = response.status;
+    if (!context.upstream.relayed) {
       // A response the relay made itself: it carries its length (0 for none).
-      context.bytesOut = Number(response.headers.get("content-length") ?? 0);
+      context.log.bytesOut = Number(response.headers.get("content-length") ?? 0);
       const added = addRelayHeaders({}, context.id, context.cors);
       for (const name in added) response.headers.set(name, added[name]);
     }
-    if (!context.logWhenBodyEnds) account(relay, context);
+    finish(relay, context);
     return response;
   };
 }
@@ -197,6 +222,7 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
   const url = new URL(validHost ? request.url : "http://invalid-host/");
   const path = url.pathname;
   const origin = request.headers.get("origin");
+  // Every field a stage may set, set here: objects of one shape per request, not grown field by field.
   return {
     request,
     url,
@@ -206,47 +232,49 @@ function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo)
     id: crypto.randomUUID(),
     method: request.method.slice(0, 16),
     path: path.length > 200 ? `${path.slice(0, 200)}...` : path,
-    client: clientAddress(request, info, relay.config.trustProxy),
     startedAt: performance.now(),
-    bodyChanged: false,
-    target: relay.upstreams[0],
-    bytesIn: 0,
-    bytesOut: 0,
-    heldBytes: 0,
-    bodyHolder: undefined,
     validHost,
-    // Every field a stage may set, set here: one object of one shape per request, not one grown field by field.
     route: undefined,
     routePath: undefined,
-    alias: undefined,
-    attempts: undefined,
-    callerKey: undefined,
-    upstreamAuth: undefined,
-    masker: undefined,
-    user: undefined,
-    subject: undefined,
-    inFlightKey: undefined,
-    inFlightStore: undefined,
-    answerTokens: undefined,
-    reservations: undefined,
-    body: undefined,
-    payload: undefined,
-    usageWatch: undefined,
-    upstreamCall: undefined,
-    stopWatchingClient: undefined,
-    clientGone: undefined,
-    forwarded: undefined,
-    events: undefined,
-    upstreamResponse: undefined,
-    status: undefined,
-    upstreamStatus: undefined,
-    upstream: undefined,
-    model: undefined,
-    usage: undefined,
-    outcome: undefined,
-    error: undefined,
-    logWhenBodyEnds: undefined,
-    headersSet: undefined,
+    caller: {
+      address: clientAddress(request, info, relay.config.trustProxy),
+      user: undefined,
+      subject: undefined,
+      key: undefined,
+    },
+    body: {
+      bytes: undefined,
+      payload: undefined,
+      changed: false,
+      held: 0,
+      release: undefined,
+      model: undefined,
+      answerTokens: undefined,
+    },
+    upstream: {
+      target: relay.upstreams[0],
+      label: undefined,
+      alias: undefined,
+      attempts: undefined,
+      auth: undefined,
+      masker: undefined,
+      call: undefined,
+      clientGone: undefined,
+      response: undefined,
+      status: undefined,
+      relayed: undefined,
+    },
+    log: {
+      status: undefined,
+      outcome: undefined,
+      error: undefined,
+      bytesIn: 0,
+      bytesOut: 0,
+      usageWatch: undefined,
+      usage: undefined,
+      events: undefined,
+    },
+    releases: new Releases(),
   };
 }
 

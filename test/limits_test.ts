@@ -652,6 +652,51 @@ Deno.test("limits: token budgets", async (t) => {
     assert.equal(await used(), 42 + estimate.total_tokens, "the estimate was charged");
   });
 
+  await t.step(
+    "a request no upstream answered is charged nothing: refused, down or timed out, budget and ledger unchanged",
+    async () => {
+      const folder = await Deno.makeTempDir({ prefix: "mc-relay-uncharged-" });
+      await using slow = startUpstream(async (request, seen) => {
+        await sleep(1000);
+        return request.signal.aborted ? new Response(null) : openAiLikeUpstream(request, seen);
+      });
+      const store = await openCounterStore({ ...testConfig(upstream.url), statePath: `${folder}/state.db` });
+      if ("error" in store) throw new Error(store.error);
+      try {
+        const config = testConfig(upstream.url, {
+          tokenBudgetPerDay: 100_000,
+          maxTokensPerRequest: 50,
+          requestTimeoutMs: 300,
+          upstreams: [
+            testUpstream("ok", upstream.url),
+            testUpstream("down", "http://127.0.0.1:9"),
+            testUpstream("slow", slow.url),
+          ],
+        });
+        await using relay = startRelay(config, undefined, undefined, { counters: store });
+        const used = async () =>
+          (await relay.call("/usage", { headers: { authorization: GOOD_BEARER } })).json().budgets[0].used;
+        const today = new Date().toISOString().slice(0, 10);
+        const refused = await relay.chat(chatBody({ model: "down/gpt-test" }));
+        assert.equal(refused.status, 502);
+        assert.equal(refused.json().error.code, "upstream_unreachable");
+        const timedOut = await relay.chat(chatBody({ model: "slow/gpt-test" }));
+        assert.equal(timedOut.status, 504);
+        assert.equal(timedOut.json().error.code, "upstream_timeout");
+        await sleep(20);
+        assert.equal(await used(), 0, "each reservation given back whole");
+        assert.deepEqual(await store.readUsage(today, today), [], "no ledger row, not even an estimate");
+        assert.equal((await relay.chat(chatBody({ model: "ok/gpt-test" }))).status, 200);
+        await sleep(20);
+        assert.equal(await used(), 10, "an answered request is still charged");
+        assert.equal((await store.readUsage(today, today)).length, 1, "and recorded");
+      } finally {
+        await store.close?.();
+        await Deno.remove(folder, { recursive: true });
+      }
+    },
+  );
+
   await t.step("MAX_TOKENS_PER_REQUEST lowers, adds when missing, and refuses values that are not counts", async () => {
     await using relay = startRelay(
       testConfig(upstream.url, { maxTokensPerRequest: 1000 }),

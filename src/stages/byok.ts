@@ -7,7 +7,7 @@
 
 import { addressKey } from "../auth.ts";
 import { callerKeyProblem, SEALED_PREFIX } from "../byok.ts";
-import type { Relay, RequestContext, StageAnswer } from "../context.ts";
+import { refuse, type Relay, type RequestContext, type StageAnswer } from "../context.ts";
 import { errorResponse, jsonResponse } from "../http.ts";
 import { createSecretMasker } from "../secrets.ts";
 import { reserveBodyBytes } from "./choose.ts";
@@ -23,11 +23,12 @@ const SEALS_PER_MINUTE = 10;
  * relay credentials (or PUBLIC_ACCESS): a caller with only its own key gets 401, and its key goes nowhere.
  */
 export function useCallerKey(relay: Relay, context: RequestContext): StageAnswer {
-  const { target } = context;
+  const { target } = context.upstream;
   if (!target.byok) {
-    if (context.user !== undefined || relay.config.publicAccess) return undefined;
-    context.outcome = "auth_required";
-    return errorResponse(
+    if (context.caller.user !== undefined || relay.config.publicAccess) return undefined;
+    return refuse(
+      context,
+      "auth_required",
       401,
       `the upstream "${target.name}" uses this relay's own key: sign in with username:password as the API key`,
       "invalid_api_key",
@@ -38,25 +39,24 @@ export function useCallerKey(relay: Relay, context: RequestContext): StageAnswer
 
 /** The caller's key for a BYOK upstream: opened when sealed, checked, and masked in everything sent back. */
 async function checkCallerKey(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  const { target } = context;
-  let key = context.callerKey;
+  const { target } = context.upstream;
+  let key = context.caller.key;
   if (key?.startsWith(SEALED_PREFIX)) {
     const opened = relay.sealer === undefined
       ? { problem: "this relay opens no sealed keys (SEAL_SECRET is not set); send the key itself" }
       : await relay.sealer.open(key, target.name);
     if ("problem" in opened) {
-      context.outcome = "sealed_key_refused";
-      return errorResponse(401, opened.problem, "invalid_api_key");
+      return refuse(context, "sealed_key_refused", 401, opened.problem, "invalid_api_key");
     }
     key = opened.key;
   }
   const problem = callerKeyProblem(key, target);
   if (problem !== undefined) {
-    context.outcome = "caller_key_refused";
-    return errorResponse(401, problem, "invalid_api_key");
+    return refuse(context, "caller_key_refused", 401, problem, "invalid_api_key");
   }
-  context.upstreamAuth = target.authPrefix ? `${target.authPrefix} ${key}` : key;
-  context.masker = createSecretMasker([...relay.upstreamSecrets, key!, context.callerKey!]);
+  context.upstream.auth = target.authPrefix ? `${target.authPrefix} ${key}` : key;
+  // callerKeyProblem refuses a missing key: both the key and the form it was brought in are strings here.
+  context.upstream.masker = createSecretMasker([...relay.upstreamSecrets, key!, context.caller.key!]);
   return undefined;
 }
 
@@ -65,13 +65,14 @@ async function checkCallerKey(relay: Relay, context: RequestContext): Promise<Re
  * "expiresInDays"}` in, `{"sealed", "upstream", "expires_at"}` out. The key is checked like a raw one first.
  */
 export async function answerSeal(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  const waitFor = await relay.counters.take(`seals:${addressKey(context.client)}`, {
+  const waitFor = await relay.counters.take(`seals:${addressKey(context.caller.address)}`, {
     capacity: SEALS_PER_MINUTE,
     periodMs: 60_000,
   });
   if (waitFor > 0) {
-    context.outcome = "seal_rate_limited";
-    return errorResponse(
+    return refuse(
+      context,
+      "seal_rate_limited",
       429,
       `at most ${SEALS_PER_MINUTE} seals a minute from one address; try again in ${waitFor} s`,
       "relay_rate_limit_exceeded",
@@ -95,8 +96,7 @@ export async function answerSeal(relay: Relay, context: RequestContext): Promise
     ? '"expiresInDays" must be a whole number of days from 1 to 3650'
     : callerKeyProblem(typeof request.key === "string" ? request.key : undefined, target);
   if (problem !== undefined) {
-    context.outcome = "seal_refused";
-    return errorResponse(400, problem, "invalid_seal_request");
+    return refuse(context, "seal_refused", 400, problem, "invalid_seal_request");
   }
   const expiresAt = relay.now() + (days as number) * 86_400_000;
   const sealed = await relay.sealer!.seal(request!.key as string, target!.name, expiresAt);

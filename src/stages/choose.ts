@@ -6,9 +6,16 @@
  */
 
 import { addressKey } from "../auth.ts";
-import type { Attempt, Relay, RequestContext, StageAnswer, UpstreamTarget } from "../context.ts";
+import {
+  type Attempt,
+  refuse,
+  type Relay,
+  type RequestContext,
+  type StageAnswer,
+  type UpstreamTarget,
+} from "../context.ts";
 import { deadlines } from "../deadlines.ts";
-import { describeNetworkError, errorResponse, jsonResponse } from "../http.ts";
+import { describeNetworkError, jsonResponse } from "../http.ts";
 import { type JsonObject, parseJson, readBody } from "../streams.ts";
 import { errorText } from "../text.ts";
 
@@ -41,20 +48,18 @@ export function readRequestBody(relay: Relay, context: RequestContext): StageAns
 async function readJsonBody(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const read = await readBody(context.request, relay.bodyLimits, reserveBodyBytes(relay, context));
   if ("status" in read) {
-    context.outcome = read.outcome;
-    return errorResponse(read.status, read.message, read.code, read.headers);
+    return refuse(context, read.outcome, read.status, read.message, read.code, read.headers);
   }
-  context.bytesIn = read.body.byteLength;
+  context.log.bytesIn = read.body.byteLength;
   const payload = parseJson(read.body);
   const problem = payload === undefined ? "the body must be one JSON object" : jsonBodyProblem(payload);
   if (problem !== undefined) {
-    context.outcome = "invalid_body";
-    return errorResponse(400, problem, "invalid_request_body");
+    return refuse(context, "invalid_body", 400, problem, "invalid_request_body");
   }
-  context.payload = payload;
-  context.bodyChanged = true;
-  if (typeof payload!.model === "string") context.model = payload!.model;
-  context.usageWatch = { stripUsageEvent: false };
+  context.body.payload = payload;
+  context.body.changed = true;
+  if (typeof payload!.model === "string") context.body.model = payload!.model;
+  context.log.usageWatch = { stripUsageEvent: false };
   return undefined;
 }
 
@@ -88,12 +93,12 @@ function jsonBodyProblem(payload: JsonObject): string | undefined {
  */
 export function chooseUpstream(relay: Relay, context: RequestContext): StageAnswer {
   const { upstreams } = relay;
-  if (context.model !== undefined && Object.hasOwn(relay.config.modelAliases, context.model)) {
+  if (context.body.model !== undefined && Object.hasOwn(relay.config.modelAliases, context.body.model)) {
     // An alias: `forwardRequest` tries its targets in order; the first one stands for the checks until then.
-    context.alias = context.model;
-    context.attempts = [];
+    context.upstream.alias = context.body.model;
+    context.upstream.attempts = [];
     const [first] = attemptPlan(relay, context);
-    context.target = first.target;
+    context.upstream.target = first.target;
     return undefined;
   }
   const endpoint = context.request.headers.get("x-relay-endpoint")?.trim().replace(/\/+$/, "");
@@ -101,8 +106,9 @@ export function chooseUpstream(relay: Relay, context: RequestContext): StageAnsw
     endpoint === upstream.baseUrl || endpoint!.startsWith(`${upstream.baseUrl}/`);
   if (upstreams.length === 1) {
     if (!endpoint || serves(upstreams[0])) return undefined;
-    context.outcome = "unknown_upstream";
-    return errorResponse(
+    return refuse(
+      context,
+      "unknown_upstream",
       400,
       `X-Relay-Endpoint ${JSON.stringify(endpoint.slice(0, 200))} is not the endpoint this relay serves (${
         upstreams[0].baseUrl
@@ -110,19 +116,20 @@ export function chooseUpstream(relay: Relay, context: RequestContext): StageAnsw
       "unknown_upstream",
     );
   }
-  const model = context.model;
+  const model = context.body.model;
   const slash = model?.indexOf("/") ?? -1;
   const byModel = slash > 0 ? relay.upstreamsByName.get(model!.slice(0, slash)) : undefined;
   if (byModel) {
-    context.target = byModel;
-    context.model = model!.slice(slash + 1);
-    context.payload!.model = context.model;
-    context.bodyChanged = true;
+    context.upstream.target = byModel;
+    context.body.model = model!.slice(slash + 1);
+    if (context.body.payload !== undefined) context.body.payload.model = context.body.model;
+    context.body.changed = true;
   } else if (endpoint) {
     const byEndpoint = upstreams.find(serves);
     if (!byEndpoint) {
-      context.outcome = "unknown_upstream";
-      return errorResponse(
+      return refuse(
+        context,
+        "unknown_upstream",
         400,
         `X-Relay-Endpoint ${JSON.stringify(endpoint.slice(0, 200))} matches none of this relay's upstreams (${
           upstreams.map((upstream) => upstream.name).join(", ")
@@ -130,11 +137,11 @@ export function chooseUpstream(relay: Relay, context: RequestContext): StageAnsw
         "unknown_upstream",
       );
     }
-    context.target = byEndpoint;
-  } else if (context.route!.upstreamPath === "/models") {
+    context.upstream.target = byEndpoint;
+  } else if (context.route?.upstreamPath === "/models") {
     return mergedModels(relay, context);
   }
-  context.upstream = context.target.name;
+  context.upstream.label = context.upstream.target.name;
   return undefined;
 }
 
@@ -144,19 +151,23 @@ export function chooseUpstream(relay: Relay, context: RequestContext): StageAnsw
  * allowed on every upstream the request may go to. `route` only says how OpenRouter uses `models`: it passes.
  */
 export function checkModel(relay: Relay, context: RequestContext): Response | undefined {
-  if (context.payload === undefined || relay.allowedModels.size === 0) return undefined;
-  const fallbacks = fallbackModelsProblem(relay, context);
+  const { payload } = context.body;
+  if (payload === undefined || relay.allowedModels.size === 0) return undefined;
+  const fallbacks = fallbackModelsProblem(relay, context, payload);
   if (fallbacks !== undefined) {
-    context.outcome = "model_not_allowed";
-    return errorResponse(400, fallbacks, "model_not_allowed");
+    return refuse(context, "model_not_allowed", 400, fallbacks, "model_not_allowed");
   }
-  const model = context.model;
-  if (context.alias !== undefined && (relay.allowedModels.has(context.alias))) return undefined;
-  if (context.alias === undefined && model !== undefined && modelAllowed(relay, context.target.name, model)) {
+  const model = context.body.model;
+  if (context.upstream.alias !== undefined && (relay.allowedModels.has(context.upstream.alias))) return undefined;
+  if (
+    context.upstream.alias === undefined && model !== undefined &&
+    modelAllowed(relay, context.upstream.target.name, model)
+  ) {
     return undefined;
   }
-  context.outcome = "model_not_allowed";
-  return errorResponse(
+  return refuse(
+    context,
+    "model_not_allowed",
     400,
     model === undefined
       ? 'this relay needs a JSON body with a "model" (ALLOWED_MODELS is set)'
@@ -172,8 +183,8 @@ export function checkModel(relay: Relay, context: RequestContext): Response | un
  * each allowed on every upstream the request may be sent to (each target of an alias), since OpenRouter may answer
  * with any of them instead of `model`.
  */
-function fallbackModelsProblem(relay: Relay, context: RequestContext): string | undefined {
-  const models = context.payload!.models;
+function fallbackModelsProblem(relay: Relay, context: RequestContext, payload: JsonObject): string | undefined {
+  const models = payload.models;
   if (models === undefined || models === null) return undefined;
   const allowed = relay.config.allowedModels.join(", ");
   if (!Array.isArray(models)) {
@@ -199,23 +210,24 @@ export function upstreamHeaders(target: UpstreamTarget, auth?: string): Record<s
 
 /**
  * Counts a request's body bytes against MAX_BUFFERED_BYTES as they arrive, and against its caller's share of it:
- * the signed-in user, else the address (by /64 for IPv6, as the limits count it); `releaseBody` gives them back.
+ * the signed-in user, else the address (by /64 for IPv6, as the limits count it). They are given back once the body
+ * has been sent (`context.body.release`), or when the request is over, whichever comes first.
  */
 export function reserveBodyBytes(relay: Relay, context: RequestContext): (bytes: number) => boolean {
-  context.bodyHolder = context.user !== undefined ? `user:${context.user}` : `address:${addressKey(context.client)}`;
+  const holder = context.caller.user !== undefined
+    ? `user:${context.caller.user}`
+    : `address:${addressKey(context.caller.address)}`;
+  context.body.release = context.releases.add(() => {
+    relay.bodyBudget.release(holder, context.body.held);
+    context.body.held = 0;
+    context.body.bytes = undefined;
+    context.body.payload = undefined;
+  });
   return (bytes) => {
-    if (!relay.bodyBudget.reserve(context.bodyHolder!, bytes)) return false;
-    context.heldBytes += bytes;
+    if (!relay.bodyBudget.reserve(holder, bytes)) return false;
+    context.body.held += bytes;
     return true;
   };
-}
-
-/** Drops the request body once it has been sent: its bytes no longer count against MAX_BUFFERED_BYTES. */
-export function releaseBody(relay: Relay, context: RequestContext): void {
-  if (context.bodyHolder !== undefined) relay.bodyBudget.release(context.bodyHolder, context.heldBytes);
-  context.heldBytes = 0;
-  context.body = undefined;
-  context.payload = undefined;
 }
 
 /** GET /v1/models with several upstreams: every upstream's list, ids prefixed with the upstream's name. */
@@ -224,8 +236,9 @@ async function mergedModels(relay: Relay, context: RequestContext): Promise<Resp
   // only when X-Relay-Endpoint names them.
   const keyed = relay.upstreams.filter((upstream) => !upstream.byok);
   if (keyed.length === 0) {
-    context.outcome = "unknown_upstream";
-    return errorResponse(
+    return refuse(
+      context,
+      "unknown_upstream",
       400,
       `name the provider whose models to list with X-Relay-Endpoint (MC's endpoint setting): one of ${
         relay.upstreams.map((upstream) => upstream.baseUrl).join(", ")
@@ -242,13 +255,18 @@ async function mergedModels(relay: Relay, context: RequestContext): Promise<Resp
     ...aliasModels(relay),
   ];
   const failed = lists.filter((list) => list.error).map((list) => `${list.name} (${list.error})`);
-  if (failed.length > 0) context.error = `model lists missing: ${failed.join(", ")}`;
+  if (failed.length > 0) context.log.error = `model lists missing: ${failed.join(", ")}`;
   if (failed.length === lists.length) {
-    context.outcome = "upstream_unreachable";
-    return errorResponse(502, `no upstream answered for its model list: ${failed.join(", ")}`, "upstream_unreachable");
+    return refuse(
+      context,
+      "upstream_unreachable",
+      502,
+      `no upstream answered for its model list: ${failed.join(", ")}`,
+      "upstream_unreachable",
+    );
   }
-  context.outcome = failed.length > 0 ? "partial" : "completed";
-  context.upstreamStatus = 200;
+  context.log.outcome = failed.length > 0 ? "partial" : "completed";
+  context.upstream.status = 200;
   return jsonResponse({ object: "list", data });
 }
 
@@ -280,8 +298,8 @@ async function fetchModelList(
 
 /** The attempts a request may make: every target of its alias, in order, or its one upstream. */
 export function attemptPlan(relay: Relay, context: RequestContext): Attempt[] {
-  const targets = context.alias === undefined ? undefined : relay.config.modelAliases[context.alias];
-  if (targets === undefined) return context.target.plan;
+  const targets = context.upstream.alias === undefined ? undefined : relay.config.modelAliases[context.upstream.alias];
+  if (targets === undefined) return context.upstream.target.plan;
   return targets.map((label) => {
     const slash = label.indexOf("/");
     return { target: relay.upstreamsByName.get(label.slice(0, slash))!, model: label.slice(slash + 1), label };

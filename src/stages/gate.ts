@@ -5,14 +5,19 @@
  */
 
 import type { RelayConfig } from "../config/variables.ts";
-import type { Relay, RequestContext } from "../context.ts";
+import { refuse, type Relay, type RequestContext } from "../context.ts";
 import { errorResponse, jsonResponse, preflightHeaders } from "../http.ts";
 
 /** Stage: request target. A Host header that is not a host name (it could move the path or query) gets 400. */
 export function checkHost(_relay: Relay, context: RequestContext): Response | undefined {
   if (context.validHost) return undefined;
-  context.outcome = "invalid_host";
-  return errorResponse(400, "the Host header must be a host name or address with an optional port", "invalid_host");
+  return refuse(
+    context,
+    "invalid_host",
+    400,
+    "the Host header must be a host name or address with an optional port",
+    "invalid_host",
+  );
 }
 
 /** Host names no resolver is asked about: an IPv4 address as browsers write it, or an IPv6 one in brackets. */

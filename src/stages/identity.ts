@@ -8,7 +8,7 @@
 import { ADDRESS_BUSY, addressKey, constantTimeEqual, type HASHING_BUSY, readCredentials } from "../auth.ts";
 import { bearerToken } from "../byok.ts";
 import type { RelayUser } from "../config/variables.ts";
-import type { Relay, RequestContext, StageAnswer } from "../context.ts";
+import { refuse, type Relay, type RequestContext, type StageAnswer } from "../context.ts";
 import { errorResponse } from "../http.ts";
 import { metricsResponse } from "../observe.ts";
 import { type CounterStore, giveBack, hold, startCheck } from "../stores/counter.ts";
@@ -34,12 +34,12 @@ export function identifyCaller(relay: Relay, context: RequestContext): StageAnsw
   // `useCallerKey` checks it.
   const anonymous = relay.config.publicAccess && !relay.usersByName.has(name);
   if (anonymous || (relay.byok && !("credentials" in read))) {
-    context.subject = `address:${addressKey(context.client)}`;
+    context.caller.subject = `address:${addressKey(context.caller.address)}`;
     const token = bearerToken(authorization);
-    if (relay.byok) context.callerKey = apiKeyHeader ?? (token?.includes(":") ? undefined : token);
+    if (relay.byok) context.caller.key = apiKeyHeader ?? (token?.includes(":") ? undefined : token);
     return undefined;
   }
-  const guessKey = `sign-in:${addressKey(context.client)}:${name.slice(0, 64)}`;
+  const guessKey = `sign-in:${addressKey(context.caller.address)}:${name.slice(0, 64)}`;
   const known = relay.usersByName.get(name);
   if (relay.counters.synchronous && known?.password !== undefined && "credentials" in read) {
     return signInWithPlainPassword(relay, context, read.credentials, known, guessKey, apiKeyHeader);
@@ -62,7 +62,9 @@ async function checkSignIn(
   if (admitted instanceof Response) return admitted;
   let user: Awaited<ReturnType<Relay["authenticate"]>>;
   try {
-    user = "credentials" in read ? await relay.authenticate(read.credentials, addressKey(context.client)) : undefined;
+    user = "credentials" in read
+      ? await relay.authenticate(read.credentials, addressKey(context.caller.address))
+      : undefined;
     // A wrong guess uses its allowance before its check ends: a check waiting for the place sees the allowance
     // already smaller, so no more checks run than there are guesses left.
     if (user === undefined) await relay.counters.take(guessKey, relay.signInRule);
@@ -82,18 +84,25 @@ async function checkSignIn(
  */
 function hashingBusy(context: RequestContext, busy: typeof HASHING_BUSY | typeof ADDRESS_BUSY): Response {
   if (busy === ADDRESS_BUSY) {
-    context.outcome = "sign_in_address_busy";
-    return errorResponse(
+    return refuse(
+      context,
+      "sign_in_address_busy",
       429,
       "too many sign-ins from this address are being checked at once; try again in a second",
       "too_many_sign_ins",
       { "retry-after": "1" },
     );
   }
-  context.outcome = "sign_in_busy";
-  return errorResponse(503, "too many sign-ins are being checked; try again in a second", "relay_busy", {
-    "retry-after": "1",
-  });
+  return refuse(
+    context,
+    "sign_in_busy",
+    503,
+    "too many sign-ins are being checked; try again in a second",
+    "relay_busy",
+    {
+      "retry-after": "1",
+    },
+  );
 }
 
 /**
@@ -118,7 +127,7 @@ function signInWithPlainPassword(
     if (!relay.hashedUsers) return signInRefused(context, "wrong username or password");
     // Counted above, in the same step as the look; the answer then waits for the decoy check an unknown name
     // costs, so a wrong plain password cannot be told from an unknown name by its time.
-    return relay.authenticate(credentials, addressKey(context.client)).then((failed) =>
+    return relay.authenticate(credentials, addressKey(context.caller.address)).then((failed) =>
       typeof failed === "symbol" ? hashingBusy(context, failed) : signInRefused(context, "wrong username or password")
     );
   }
@@ -127,8 +136,9 @@ function signInWithPlainPassword(
 
 /** The answer while a user name's guesses from an address are used up: 429 with Retry-After. */
 function lockedOut(context: RequestContext, seconds: number): Response {
-  context.outcome = "auth_locked_out";
-  return errorResponse(
+  return refuse(
+    context,
+    "auth_locked_out",
     429,
     `too many failed sign-ins for this user from this address; try again in ${seconds} s`,
     "too_many_failed_sign_ins",
@@ -146,9 +156,9 @@ function signInRefused(context: RequestContext, message: string): Response {
 
 /** Records a signed-in user; a key it brings for a BYOK upstream comes in X-Api-Key. */
 function signedIn(context: RequestContext, user: string, apiKeyHeader: string | undefined): undefined {
-  context.user = user;
-  context.subject = `user:${user}`;
-  context.callerKey = apiKeyHeader;
+  context.caller.user = user;
+  context.caller.subject = `user:${user}`;
+  context.caller.key = apiKeyHeader;
   return undefined;
 }
 
@@ -176,10 +186,16 @@ async function admitSignInCheck(
     if ("lockedFor" in start) return lockedOut(context, start.lockedFor);
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
-  context.outcome = "sign_in_busy";
-  return errorResponse(503, "too many sign-ins are being checked; try again in a second", "relay_busy", {
-    "retry-after": "1",
-  });
+  return refuse(
+    context,
+    "sign_in_busy",
+    503,
+    "too many sign-ins are being checked; try again in a second",
+    "relay_busy",
+    {
+      "retry-after": "1",
+    },
+  );
 }
 
 /**
@@ -187,7 +203,8 @@ async function admitSignInCheck(
  * /usage, a read that does not count against the caller's request limits.
  */
 export function answerMetrics(relay: Relay, context: RequestContext): Response | undefined {
-  if (!relay.config.metricsUsers.includes(context.user!)) {
+  const { user } = context.caller;
+  if (user === undefined || !relay.config.metricsUsers.includes(user)) {
     return errorResponse(403, "this user may not read /metrics; METRICS names who may", "metrics_not_allowed");
   }
   return metricsResponse(relay.metrics);

@@ -6,8 +6,8 @@
  */
 
 import type { RelayConfig } from "../config/variables.ts";
-import type { Relay, RequestContext, RequestLimit, StageAnswer } from "../context.ts";
-import { errorResponse, jsonResponse } from "../http.ts";
+import { refuse, type Relay, type RequestContext, type RequestLimit, type StageAnswer } from "../context.ts";
+import { jsonResponse } from "../http.ts";
 import { giveBack, hold } from "../stores/counter.ts";
 import type { JsonObject } from "../streams.ts";
 
@@ -31,7 +31,7 @@ export function requestLimits(config: RelayConfig): RequestLimit[] {
 
 /** "this user" or "this address": whom a limit counted, for messages. */
 function subjectWords(context: RequestContext): string {
-  return context.user === undefined ? "this address" : `user ${context.user}`;
+  return context.caller.user === undefined ? "this address" : `user ${context.caller.user}`;
 }
 
 /**
@@ -50,7 +50,7 @@ export function storeCalls<T>(relay: Relay, calls: () => T[]): Promise<Awaited<T
  * Stage: limits. RATE_LIMIT_PER_MINUTE, _HOUR and _DAY per signed-in user (so one user cannot use up a team's
  * shared address), or per client address for anonymous requests: each window is a token bucket that refills evenly,
  * and a request takes one event from each. CONCURRENT_REQUESTS per user or address, open streams included: a
- * request takes a place, held until `account` runs, when the response (or its stream) has ended. All are asked in
+ * request takes a place, held until `finish` gives it back, when the response (or its stream) has ended. All are asked in
  * one store call (one SQLite transaction, one Redis round trip); a refusal gives back everything it took: 429 with
  * Retry-After, naming the limit, its window and when one more request is allowed.
  */
@@ -63,8 +63,8 @@ export function applyLimits(relay: Relay, context: RequestContext): StageAnswer 
 async function takeLimits(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const { requestLimits } = relay;
   const concurrency = relay.config.concurrentRequests;
-  const key = (limit: RequestLimit) => `requests-per-${limit.window}:${context.subject}`;
-  const inFlightKey = concurrency === 0 ? undefined : `in-flight:${context.subject}`;
+  const key = (limit: RequestLimit) => `requests-per-${limit.window}:${context.caller.subject}`;
+  const inFlightKey = concurrency === 0 ? undefined : `in-flight:${context.caller.subject}`;
   const { counters } = relay;
   const held = await storeCalls(relay, () => {
     const calls = requestLimits.map((limit) =>
@@ -86,8 +86,11 @@ async function takeLimits(relay: Relay, context: RequestContext): Promise<Respon
   const refusedRate = answers.findIndex((waitFor, index) => index < requestLimits.length && waitFor > 0);
   const refusedPlace = inFlightKey !== undefined && answers[requestLimits.length] > concurrency;
   if (refusedRate === -1 && !refusedPlace) {
-    context.inFlightKey = inFlightKey;
-    context.inFlightStore = held[requestLimits.length]?.store;
+    if (inFlightKey !== undefined) {
+      // The place is held until the request is over, given back to the store that gave it.
+      const { store } = held[requestLimits.length];
+      context.releases.add(() => giveBack(counters, store, (counters) => counters.add(inFlightKey, -1)), true);
+    }
     return undefined;
   }
   // Everything goes back to the store that gave it, even when Redis came or went meanwhile.
@@ -110,8 +113,9 @@ async function takeLimits(relay: Relay, context: RequestContext): Promise<Respon
 
 /** The answer when a request window's limit is reached: 429 with Retry-After. */
 function rateLimited(context: RequestContext, limit: RequestLimit, waitFor: number): Response {
-  context.outcome = "relay_rate_limited";
-  return errorResponse(
+  return refuse(
+    context,
+    "relay_rate_limited",
     429,
     `the relay's limit of ${limit.rule.capacity} requests per ${limit.window} (${limit.variable}) is reached for ${
       subjectWords(context)
@@ -123,8 +127,9 @@ function rateLimited(context: RequestContext, limit: RequestLimit, waitFor: numb
 
 /** The answer when CONCURRENT_REQUESTS are in flight already: 429, try again in a second. */
 function tooManyInFlight(context: RequestContext, limit: number): Response {
-  context.outcome = "relay_concurrency_limited";
-  return errorResponse(
+  return refuse(
+    context,
+    "relay_concurrency_limited",
     429,
     `${
       subjectWords(context)
@@ -149,14 +154,14 @@ interface TokenBudget {
  */
 function tokenBudgets(relay: Relay, context: RequestContext): TokenBudget[] {
   const now = new Date(relay.now());
-  const own = context.user === undefined ? undefined : relay.usersByName.get(context.user)?.tokenBudgets;
+  const own = context.caller.user === undefined ? undefined : relay.usersByName.get(context.caller.user)?.tokenBudgets;
   const [year, month, day] = [now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate()];
   const today = now.toISOString().slice(0, 10);
   const budgets: TokenBudget[] = [];
   const perDay = own?.day ?? relay.config.tokenBudgetPerDay;
   const perMonth = own?.month ?? relay.config.tokenBudgetPerMonth;
   if (perDay > 0) {
-    const key = `tokens-day:${today}:${context.subject}`;
+    const key = `tokens-day:${today}:${context.caller.subject}`;
     budgets.push({
       variable: "TOKEN_BUDGET_PER_DAY",
       window: "day",
@@ -166,7 +171,7 @@ function tokenBudgets(relay: Relay, context: RequestContext): TokenBudget[] {
     });
   }
   if (perMonth > 0) {
-    const key = `tokens-month:${today.slice(0, 7)}:${context.subject}`;
+    const key = `tokens-month:${today.slice(0, 7)}:${context.caller.subject}`;
     budgets.push({
       variable: "TOKEN_BUDGET_PER_MONTH",
       window: "month",
@@ -182,7 +187,7 @@ function tokenBudgets(relay: Relay, context: RequestContext): TokenBudget[] {
 export async function answerUsage(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const { counters, config } = relay;
   const limits = await Promise.all(relay.requestLimits.map(async ({ variable, window, rule }) => {
-    const key = `requests-per-${window}:${context.subject}`;
+    const key = `requests-per-${window}:${context.caller.subject}`;
     const remaining = await counters.remaining(key, rule);
     const nextInSeconds = await counters.wait(key, rule);
     return {
@@ -210,10 +215,10 @@ export async function answerUsage(relay: Relay, context: RequestContext): Promis
   const concurrent = config.concurrentRequests === 0 ? null : {
     name: "CONCURRENT_REQUESTS",
     limit: config.concurrentRequests,
-    in_flight: await counters.get(`in-flight:${context.subject}`),
+    in_flight: await counters.get(`in-flight:${context.caller.subject}`),
   };
   return jsonResponse({
-    caller: context.user === undefined ? { anonymous: true } : { user: context.user },
+    caller: context.caller.user === undefined ? { anonymous: true } : { user: context.caller.user },
     limits,
     concurrent,
     budgets,
@@ -269,17 +274,22 @@ function answerCount(path: string, payload: JsonObject): number | string {
  * `max_tokens` for every other chat upstream (most OpenAI-compatible servers know only that one).
  */
 export function capAnswerTokens(relay: Relay, context: RequestContext): Response | undefined {
-  const path = context.route!.upstreamPath ?? "";
+  const path = context.route?.upstreamPath ?? "";
   const fields = ANSWER_TOKEN_FIELDS[path];
-  const { payload } = context;
+  const { payload } = context.body;
   if (fields === undefined || payload === undefined) return undefined;
   const cap = relay.config.maxTokensPerRequest;
   const answers = answerCount(path, payload);
   if (typeof answers === "string" || (cap > 0 && answers > cap)) {
-    context.outcome = "invalid_body";
     const tooMany = `this request asks for ${answers} answers (n, best_of, prompts), more than the ${cap} tokens ` +
       `per request of MAX_TOKENS_PER_REQUEST can hold; ask for at most ${cap}`;
-    return errorResponse(400, typeof answers === "string" ? answers : tooMany, "invalid_answer_count");
+    return refuse(
+      context,
+      "invalid_body",
+      400,
+      typeof answers === "string" ? answers : tooMany,
+      "invalid_answer_count",
+    );
   }
   const share = cap > 0 ? Math.floor(cap / answers) : MAX_ANSWER_TOKENS;
   let answer: number | undefined;
@@ -287,8 +297,9 @@ export function capAnswerTokens(relay: Relay, context: RequestContext): Response
     const value = payload[field];
     if (value === undefined || value === null) continue;
     if (typeof value !== "number" || !Number.isInteger(value) || value < 1 || value > MAX_ANSWER_TOKENS) {
-      context.outcome = "invalid_body";
-      return errorResponse(
+      return refuse(
+        context,
+        "invalid_body",
         400,
         `"${field}" must be a whole number from 1 to ${MAX_ANSWER_TOKENS}; no model answers at more length`,
         "invalid_max_tokens",
@@ -299,13 +310,13 @@ export function capAnswerTokens(relay: Relay, context: RequestContext): Response
     answer = Math.max(answer ?? 0, capped);
   }
   if (answer === undefined && cap > 0) {
-    const openAi = /(^|\.)openai\.com(:\d+)?$|\.openai\.azure\.com(:\d+)?$/.test(context.target.host);
+    const openAi = /(^|\.)openai\.com(:\d+)?$|\.openai\.azure\.com(:\d+)?$/.test(context.upstream.target.host);
     payload[fields.length === 2 && openAi ? fields[1] : fields[0]] = share;
     answer = share;
   }
   // Every answer may be that long: the reservation counts them all. Bounded so that it stays an exact integer in
   // the counters whatever a list of prompts holds; a reservation of that size spends any budget already.
-  context.answerTokens = answer === undefined
+  context.body.answerTokens = answer === undefined
     ? undefined
     : Math.min(answer * answers, MAX_ANSWER_TOKENS * MAX_ANSWERS_PER_PROMPT);
   return undefined;
@@ -313,7 +324,8 @@ export function capAnswerTokens(relay: Relay, context: RequestContext): Response
 
 /**
  * Stage: token budgets. A request is charged a reservation when it starts (about four bytes a token of its body,
- * plus the answer tokens it may get, all its answers counted) on every budget that applies, and the real usage replaces it in `account`.
+ * plus the answer tokens it may get, all its answers counted) on every budget that applies, and the real usage
+ * replaces it when the request is over (the reservation's release, run by `finish`).
  * It may start while the budget is not spent; so together with the reservations of requests in flight, a budget
  * is overshot by at most one request's answer. Spent: 429 `token_budget_exceeded` with Retry-After until the
  * UTC day or month ends.
@@ -325,7 +337,7 @@ export function capAnswerTokens(relay: Relay, context: RequestContext): Response
  */
 export function reserveTokens(relay: Relay, context: RequestContext): StageAnswer {
   // A BYOK request spends the caller's own quota, not the operator's: no budget applies.
-  if (context.usageWatch === undefined || context.target.byok) return undefined;
+  if (context.log.usageWatch === undefined || context.upstream.target.byok) return undefined;
   return refuseBackground(relay, context) ?? reserveBudgets(relay, context);
 }
 
@@ -336,21 +348,19 @@ export function reserveTokens(relay: Relay, context: RequestContext): StageAnswe
  * unbounded, so such a request is refused rather than counted wrong. Without a budget it passes.
  */
 function refuseBackground(relay: Relay, context: RequestContext): Response | undefined {
-  const background = context.payload?.background;
+  const background = context.body.payload?.background;
   if (background === undefined || background === null || background === false) return undefined;
   const [budget] = tokenBudgets(relay, context);
   if (budget === undefined) return undefined;
-  context.outcome = "background_not_allowed";
   const message = `background responses cannot be counted against this relay's token budget (${budget.variable}): ` +
     `their usage arrives after the request ends; send the request without "background"`;
-  return errorResponse(400, message, "background_not_allowed");
+  return refuse(context, "background_not_allowed", 400, message, "background_not_allowed");
 }
 
 /** The budgets stage's store work: the request's estimate added to each budget, all taken back on a refusal. */
 async function reserveBudgets(relay: Relay, context: RequestContext): Promise<Response | undefined> {
-  const amount = Math.ceil(context.bytesIn / 4) + (context.answerTokens ?? 0);
-  const reservations: NonNullable<RequestContext["reservations"]> = [];
-  context.reservations = reservations;
+  const amount = Math.ceil(context.log.bytesIn / 4) + (context.body.answerTokens ?? 0);
+  const settlements: ((used?: number) => unknown)[] = [];
   for (const budget of tokenBudgets(relay, context)) {
     const expiresAt = budget.resetsAt + 3_600_000;
     const { value: total, store } = await hold(
@@ -358,22 +368,19 @@ async function reserveBudgets(relay: Relay, context: RequestContext): Promise<Re
       (counters) => counters.add(budget.key, amount, expiresAt),
       (counters) => counters.add(budget.key, -amount, expiresAt),
     );
-    if (total - amount < budget.budget) {
-      reservations.push({ key: budget.key, amount, expiresAt, store });
-      continue;
-    }
-    // Each reservation goes back to the store it was added to (memory during a Redis outage, Redis else).
-    await giveBack(relay.counters, store, (counters) => counters.add(budget.key, -amount, expiresAt));
-    for (const reservation of reservations.splice(0)) {
-      await giveBack(
-        relay.counters,
-        reservation.store,
-        (counters) => counters.add(reservation.key, -reservation.amount, reservation.expiresAt),
-      );
-    }
-    context.outcome = "token_budget_exceeded";
+    // Settled when the request is over: the tokens it used replace the reservation, in the store that holds it
+    // (memory during a Redis outage, Redis else), whichever store counts by then.
+    settlements.push(context.releases.add(
+      (used) => giveBack(relay.counters, store, (counters) => counters.add(budget.key, used - amount, expiresAt)),
+      true,
+    ));
+    if (total - amount < budget.budget) continue;
+    // Refused: every reservation made goes back now, whole, before the answer.
+    for (const settle of settlements) await settle(0);
     const waitFor = Math.max(1, Math.ceil((budget.resetsAt - relay.now()) / 1000));
-    return errorResponse(
+    return refuse(
+      context,
+      "token_budget_exceeded",
       429,
       `the token budget of ${budget.budget} tokens per UTC ${budget.window} (${budget.variable}) is used up for ${
         subjectWords(context)
