@@ -38,7 +38,9 @@ export async function verifyPasswordHash(password: string, stored: PasswordHash)
  * API key). Returns a reason instead when the header is missing or malformed.
  */
 export function readCredentials(authorization: string | null): { credentials: string } | { problem: string } {
-  if (!authorization) {
+  // MC always sends "Bearer <API key field>": with the field empty that is a bare "Bearer" (the browser trims the
+  // space), which is missing credentials, not an unknown scheme.
+  if (!authorization || /^bearer\s*$/i.test(authorization)) {
     return {
       problem: "missing credentials: send 'Authorization: Bearer <username>:<password>' (in MC: the API key field)",
     };

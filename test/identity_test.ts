@@ -75,6 +75,17 @@ Deno.test("identity: sign-in", async (t) => {
     assert.equal(response.headers.get("www-authenticate"), null);
   });
 
+  await t.step(
+    "a bare 'Bearer' (what MC sends with an empty API key field) is missing credentials, naming MC's API key field",
+    async () => {
+      for (const authorization of ["Bearer", "Bearer ", "bearer  "]) {
+        const response = await models({ origin: ALLOWED, authorization });
+        assert.equal(response.status, 401, authorization);
+        assert.match(response.json().error.message, /^mc-relay: missing credentials: .*in MC: the API key field/);
+      }
+    },
+  );
+
   await t.step("a wrong password or a wrong user name gets 401", async () => {
     for (
       const authorization of [
