@@ -86,6 +86,20 @@ Deno.test("identity: sign-in", async (t) => {
     },
   );
 
+  await t.step(
+    "a page's own fetch() (Sec-Fetch-Mode cors or same-origin, no Origin) gets no Basic challenge; a navigation does",
+    async () => {
+      for (const mode of ["cors", "same-origin", "no-cors"]) {
+        const response = await models({ "sec-fetch-mode": mode, authorization: "Bearer team:wrong" });
+        assert.equal(response.status, 401, mode);
+        assert.equal(response.headers.get("www-authenticate"), null, mode);
+      }
+      const navigation = await models({ "sec-fetch-mode": "navigate" });
+      assert.equal(navigation.status, 401);
+      assert.match(navigation.headers.get("www-authenticate") ?? "", /^Basic realm="mc-relay"/);
+    },
+  );
+
   await t.step("a wrong password or a wrong user name gets 401", async () => {
     for (
       const authorization of [

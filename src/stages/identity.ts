@@ -136,9 +136,14 @@ function lockedOut(context: RequestContext, seconds: number): Response {
   );
 }
 
-/** A refused sign-in: 401, with a Basic challenge only for non-browser clients (a browser would pop up a dialog). */
+/**
+ * A refused sign-in: 401, with a Basic challenge only for a client that can use one without a surprise: no Origin
+ * (not a cross-origin page), and no Sec-Fetch-Mode or `navigate` (a page's own fetch() carries `cors` or
+ * `same-origin` and no Origin on a GET; a challenge there would pop up the browser's login dialog over the page).
+ */
 function signInRefused(context: RequestContext, message: string): Response {
-  const challenge: Record<string, string> = context.origin === null
+  const mode = context.request.headers.get("sec-fetch-mode");
+  const challenge: Record<string, string> = context.origin === null && (mode === null || mode === "navigate")
     ? { "www-authenticate": 'Basic realm="mc-relay", charset="UTF-8"' }
     : {};
   return errorResponse(401, message, "invalid_api_key", challenge);
