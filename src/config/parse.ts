@@ -70,6 +70,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
   const upstreams = parseUpstreams(env, errors);
   const allByok = upstreams.length > 0 && upstreams.every((upstream) => upstream.byok);
   const users = parseUsers(env, errors, warnings, publicAccess || allByok);
+  if (users.some((user) => user.name === BARE_PASSWORD_USER)) barePasswordProblems(publicAccess, upstreams, errors);
   const allowedOrigins = parseAllowedOrigins(env.ALLOWED_ORIGIN, errors);
   if (allowedOrigins.length === 0) {
     warnings.push(
@@ -424,6 +425,26 @@ function workersProblems(config: RelayConfig): string[] {
 }
 
 /**
+ * A bare MC_RELAY_PASSWORD (no MC_RELAY_USERNAME) is the one key of a closed relay, as `relay_password` is in MC's
+ * Flask relay. It cannot sit beside PUBLIC_ACCESS (a wrong key would then pass as anonymous, so the password would
+ * guard nothing), nor beside a BYOK upstream (a bare token there is the caller's own provider key: a wrong password
+ * could not be told from a key, and guesses would escape the sign-in lockout).
+ */
+function barePasswordProblems(publicAccess: boolean, upstreams: Upstream[], errors: string[]): void {
+  const alone = "MC_RELAY_PASSWORD without MC_RELAY_USERNAME (a bare password, as MC's Flask relay takes it)";
+  if (publicAccess) {
+    errors.push(
+      `${alone} closes the relay, and PUBLIC_ACCESS=true opens it: remove one (or set MC_RELAY_USERNAME for a user besides public access)`,
+    );
+  }
+  if (upstreams.some((upstream) => upstream.byok)) {
+    errors.push(
+      `${alone} cannot be told from a caller's own key for a BYOK upstream: set MC_RELAY_USERNAME too (callers then send username:password)`,
+    );
+  }
+}
+
+/**
  * PUBLIC_ACCESS=true lets anyone through who can reach the relay, so it starts only with its guard rails: the
  * browser origins named, a request limit and a token budget on.
  */
@@ -552,7 +573,13 @@ function parseUsers(env: RelayEnv, errors: string[], warnings: string[], usersOp
   const username = env.MC_RELAY_USERNAME?.trim() ?? "";
   const password = env.MC_RELAY_PASSWORD ?? "";
   const listed = env.MC_RELAY_USERS?.trim() ?? "";
-  if (username || password || (!listed && !usersOptional)) {
+  if (password && !username) {
+    // The bare password of MC's Flask relay: a migrated relay's users type nothing new.
+    if (password.length < 12) {
+      warnings.push("MC_RELAY_PASSWORD is shorter than 12 characters; anyone who can reach the relay may guess it");
+    }
+    users.push({ name: BARE_PASSWORD_USER, password });
+  } else if (username || password || (!listed && !usersOptional)) {
     if (!username) {
       errors.push("MC_RELAY_USERNAME is required: the name users type before the colon, e.g. 'team'");
     } else if (username.includes(":")) {
@@ -851,6 +878,13 @@ function parseNumber(
   }
   return number;
 }
+
+/**
+ * The user a bare MC_RELAY_PASSWORD (without MC_RELAY_USERNAME) signs in as: callers send `Bearer <password>`, as
+ * MC's Flask relay takes its `relay_password`. A name with a character no MC_RELAY_USERS name can hold (';' starts a
+ * name's budgets there), so it never collides with a configured user.
+ */
+export const BARE_PASSWORD_USER = "relay;password";
 
 /** Loopback and private ranges: what TRUST_PROXY=true (or a number) trusts, a proxy on this host or network. */
 export const PRIVATE_RANGES = [

@@ -7,6 +7,7 @@
 
 import { ADDRESS_BUSY, addressKey, constantTimeEqual, type HASHING_BUSY, readCredentials } from "../auth.ts";
 import { bearerToken } from "../byok.ts";
+import { BARE_PASSWORD_USER } from "../config/parse.ts";
 import type { RelayUser } from "../config/variables.ts";
 import type { Relay, RequestContext, StageAnswer } from "../context.ts";
 import { errorResponse } from "../http.ts";
@@ -24,7 +25,7 @@ import { type CounterStore, giveBack, hold, startCheck } from "../stores/counter
  */
 export function identifyCaller(relay: Relay, context: RequestContext): StageAnswer {
   const authorization = context.request.headers.get("authorization");
-  const read = readCredentials(authorization);
+  const read = readCredentials(authorization, relay.usersByName.has(BARE_PASSWORD_USER));
   const name = "credentials" in read ? read.credentials.slice(0, read.credentials.indexOf(":")) : "";
   const apiKeyHeader = context.request.headers.get("x-api-key")?.trim() || undefined;
   // No relay user: with PUBLIC_ACCESS (credentials naming no configured user; MC's public preset sends "Bearer "
@@ -152,7 +153,9 @@ function signInRefused(context: RequestContext, message: string): Response {
 /** Records a signed-in user; a key it brings for a BYOK upstream comes in X-Api-Key. */
 function signedIn(context: RequestContext, user: string, apiKeyHeader: string | undefined): undefined {
   context.user = user;
-  context.subject = `user:${user}`;
+  // Everyone who holds the bare password is counted by address, as MC's Flask relay counts: one of them spending
+  // the limits and budgets must not lock the others out.
+  context.subject = user === BARE_PASSWORD_USER ? `address:${addressKey(context.client)}` : `user:${user}`;
   context.callerKey = apiKeyHeader;
   return undefined;
 }
