@@ -40,7 +40,7 @@ export {
   verifyPasswordHash,
 } from "./src/auth.ts";
 export { KeySealer } from "./src/byok.ts";
-export { HELP, parseUsageArgs, readEnv, summariseUsage, takeEnvFileOptions } from "./src/cli.ts";
+export { FLASK_RELAY_VARS, HELP, parseUsageArgs, readEnv, summariseUsage, takeEnvFileOptions } from "./src/cli.ts";
 export type { EnvFileOptions, UsageQuery } from "./src/cli.ts";
 export { addressBytes, parseAddressRange, parseConfig, parsePasswordHash, PRIVATE_RANGES } from "./src/config/parse.ts";
 export type { ConfigResult } from "./src/config/parse.ts";

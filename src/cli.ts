@@ -96,6 +96,25 @@ Optional (default in brackets):
 Docs: https://github.com/metaconfigurator/mc-relay#readme
 `;
 
+/**
+ * The environment names of MC's Flask relay (its .env.example and app.py), each with what mc-relay has instead: an
+ * operator who switches keeps their old .env or compose file, and a name the relay would ignore gets a warning that
+ * says what to set. deno.json lets the relay read them for that alone.
+ */
+export const FLASK_RELAY_VARS: Readonly<Record<string, string>> = {
+  ENABLE_MODELS_PROXY: "mc-relay serves /v1/models; to turn it off set DISABLED_PATHS=/v1/models",
+  ENABLE_STREAMING: "mc-relay always streams what a client asks to have streamed; nothing to set",
+  UPSTREAM_PATH_PREFIX: "put the whole path in UPSTREAM_BASE_URL, e.g. https://gateway.example.com/prefix/v1",
+  CONFIG_PATH: "mc-relay reads no config.yaml: run 'mc-relay migrate config.yaml > .env' once and start with that .env",
+  RELAY_PORT: "mc-relay listens on PORT (with the compose file: the relay is reached through Caddy)",
+  RELAY_HOSTNAME: "set PUBLIC_URL=https://<that host> (and MC_RELAY_DOMAIN for examples/docker-compose.yml)",
+};
+
+/** What the relay says about a name of MC's Flask relay, set in `where`. */
+function flaskNote(where: string, name: string): string {
+  return `${where} sets ${name}, a variable of MC's Flask relay that mc-relay does not read: ${FLASK_RELAY_VARS[name]}`;
+}
+
 /** The env files named on the command line, and the arguments left once they are taken out. */
 export interface EnvFileOptions {
   /** Files to read, in order; `optional` ones may be missing (`--env-file-if-exists`). */
@@ -145,10 +164,21 @@ export async function readEnv(
     }
     const parsed = parseEnv(text) as Record<string, string>;
     for (const [name, value] of Object.entries(parsed)) {
-      if (!(ENV_VARS as readonly string[]).includes(name)) {
+      if (Object.hasOwn(FLASK_RELAY_VARS, name)) {
+        notes.push(flaskNote(path, name));
+      } else if (!(ENV_VARS as readonly string[]).includes(name)) {
         notes.push(`${path} sets ${name}, which the relay does not read (see 'mc-relay --help')`);
       } else fromFiles[name] ??= value;
     }
+  }
+  for (const name of Object.keys(FLASK_RELAY_VARS)) {
+    let value: string | undefined;
+    try {
+      value = Deno.env.get(name);
+    } catch {
+      // not readable under the permissions this build was given: nothing to warn about
+    }
+    if (value !== undefined) notes.push(flaskNote("the environment", name));
   }
   const env: RelayEnv = {};
   for (const name of ENV_VARS) {
