@@ -26,6 +26,8 @@ Usage:
   mc-relay hash-password   read a password on stdin, print its hash for MC_RELAY_USERS
   mc-relay seal --upstream NAME [--days 90]
                            seal a key (asked for on a terminal, else read from stdin) for a BYOK upstream
+  mc-relay migrate FILE    print the .env for MC's Flask relay's config.yaml (what differs on stderr),
+                           e.g. mc-relay migrate config.yaml > .env
   mc-relay usage           the usage ledger (STATE_PATH or REDIS_URL): [--since YYYY-MM-DD]
                            [--until YYYY-MM-DD] [--by user|model|upstream|day] [--format table|csv|json]
   mc-relay --version       print the version
@@ -113,6 +115,59 @@ export const FLASK_RELAY_VARS: Readonly<Record<string, string>> = {
 /** What the relay says about a name of MC's Flask relay, set in `where`. */
 function flaskNote(where: string, name: string): string {
   return `${where} sets ${name}, a variable of MC's Flask relay that mc-relay does not read: ${FLASK_RELAY_VARS[name]}`;
+}
+
+/**
+ * Environment variables the YAML package (`npm:yaml`, loaded by `mc-relay migrate` only) looks at while it parses:
+ * debug switches of its own. deno.json lets it read them, or the parse would stop at a permission error.
+ */
+export const YAML_PACKAGE_VARS = ["LOG_STREAM", "LOG_TOKENS"] as const;
+
+/**
+ * `mc-relay migrate <config.yaml>`: prints the .env for MC's Flask relay's config.yaml (standard output: it holds
+ * the file's secrets) and what differs (standard error: no secret). The YAML package is loaded by this command only,
+ * as npm:redis is by REDIS_URL, so the relay itself never needs it. The file is read as YAML 1.1, as the Flask
+ * relay's PyYAML reads it (`enabled: yes` is true there).
+ */
+export async function migrateCommand(args: string[]): Promise<number> {
+  if (args.length !== 1 || args[0].startsWith("-")) {
+    console.error("mc-relay migrate: name MC's Flask relay config file, e.g. 'mc-relay migrate config.yaml > .env'");
+    return 2;
+  }
+  const [path] = args;
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (error) {
+    console.error(`mc-relay migrate: "${path}" cannot be read (${errorName(error)})`);
+    return 1;
+  }
+  const { parse } = await import("npm:yaml@2.9.1");
+  let config: unknown;
+  try {
+    config = parse(text, { version: "1.1" });
+  } catch (error) {
+    // The parser's message names the place (line and column), never the value there.
+    const place = /at line \d+, column \d+/.exec(errorText(error))?.[0] ?? "somewhere";
+    console.error(`mc-relay migrate: "${path}" is not valid YAML (${place})`);
+    return 1;
+  }
+  const { migrateFlaskConfig } = await import("./migrate.ts");
+  const { lines, notes, problems } = migrateFlaskConfig(config);
+  if (problems.length > 0) {
+    for (const problem of problems) console.error(`mc-relay migrate: ${problem}`);
+    return 1;
+  }
+  console.log(
+    [
+      `# mc-relay ${VERSION}: the environment of MC's Flask relay ${path.split(/[\\/]/).pop()} ('mc-relay migrate')`,
+      "# Holds the file's secrets: keep it private (chmod 600). Start: mc-relay --env-file .env (or deno task start).",
+      "# Values are quoted for mc-relay's --env-file; 'docker run --env-file' takes quotes literally: remove them there.",
+      ...lines,
+    ].join("\n"),
+  );
+  for (const note of notes) console.error(`mc-relay migrate: ${note}`);
+  return 0;
 }
 
 /** The env files named on the command line, and the arguments left once they are taken out. */

@@ -5,7 +5,7 @@
  * Proved through the real HTTP surface (see testing.ts); the last test checks that no secret leaked.
  */
 import assert from "node:assert/strict";
-import { ENV_VARS, FLASK_RELAY_VARS, hashPassword, parseConfig } from "../main.ts";
+import { ENV_VARS, FLASK_RELAY_VARS, hashPassword, parseConfig, YAML_PACKAGE_VARS } from "../main.ts";
 import {
   ALLOWED,
   CANARY_CALLER_KEY,
@@ -135,8 +135,8 @@ Deno.test("config: variables, defaults and errors", async (t) => {
 Deno.test("config: deno.json and the Dockerfile", async (t) => {
   await t.step("deno.json grants exactly the environment variables the relay reads", async () => {
     const denoJson = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url)));
-    // Besides its own: the Flask relay's names, read only to warn about them.
-    const read = [...ENV_VARS, ...Object.keys(FLASK_RELAY_VARS)];
+    // Besides its own: the Flask relay's names, read only to warn about them, and the YAML package's (migrate).
+    const read = [...ENV_VARS, ...Object.keys(FLASK_RELAY_VARS), ...YAML_PACKAGE_VARS];
     assert.deepEqual([...denoJson.permissions.default.env].sort(), read.sort());
   });
 
