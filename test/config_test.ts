@@ -245,6 +245,60 @@ Deno.test("config: secrets in errors and risky settings [security]", async (t) =
     // The steps in this block share these fixtures; the block disposes of them before the next one.
     await using upstream = startUpstream(openAiLikeUpstream);
 
+    await t.step("the shipped compose + Caddy setup and a local keyless upstream start without warnings", async () => {
+      const { parseEnv } = await import("node:util");
+      const { parse } = await import("npm:yaml@2.9.1");
+      const dotEnv = parseEnv(await Deno.readTextFile(new URL("../examples/.env.example", import.meta.url)));
+      // The image's own ENV lines, under the .env and compose's environment as Docker layers them.
+      const dockerfile = await Deno.readTextFile(new URL("../Dockerfile", import.meta.url));
+      const image = Object.fromEntries(
+        [...dockerfile.matchAll(/^ENV (.+)$/gm)].flatMap((line) => line[1].split(" ").map((pair) => pair.split("="))),
+      );
+      for (const file of ["docker-compose.yml", "docker-compose.redis.yml"]) {
+        const compose = parse(await Deno.readTextFile(new URL(`../examples/${file}`, import.meta.url)));
+        const service = compose.services["mc-relay"] ?? compose.services["relay-1"];
+        // Compose fills ${MC_RELAY_DOMAIN:?...} from the shell, as the file's header says to run it.
+        const environment = Object.fromEntries(
+          Object.entries(service.environment as Record<string, string>).map((
+            [name, value],
+          ) => [name, String(value).replace(/\$\{MC_RELAY_DOMAIN[^}]*\}/, "relay.example.com")]),
+        );
+        const result = parseConfig({ ...image, ...dotEnv, ...environment });
+        assert.ok(result.ok, file);
+        assert.equal(result.config.publicUrl, "https://relay.example.com", `${file} passes PUBLIC_URL`);
+        assert.deepEqual(result.warnings, [], file);
+      }
+      const local = { ...minimalEnv, HOST: "127.0.0.1", ALLOWED_ORIGIN: ALLOWED };
+      for (
+        const [url, key] of [
+          ["http://10.0.0.5:8000/v1", "none"],
+          ["http://vllm:8000/v1", "EMPTY"],
+          ["http://192.168.1.20:11434/v1", "ollama"],
+          ["http://[fd00::5]:8000/v1", "none"],
+        ]
+      ) {
+        const result = parseConfig({ ...local, UPSTREAM_BASE_URL: url, UPSTREAM_API_KEY: key });
+        assert.ok(result.ok);
+        assert.deepEqual(result.warnings, [], `${url} with ${key}`);
+      }
+      const keyed = parseConfig({ ...local, UPSTREAM_BASE_URL: "http://10.0.0.5:8000/v1" });
+      assert.ok(keyed.ok);
+      assert.match(keyed.warnings.join(), /uses http:\/\/ to 10\.0\.0\.5:8000: the provider key travels/);
+      const named = parseConfig({
+        ...local,
+        HOST: "0.0.0.0",
+        TRUST_PROXY: "10.0.0.2",
+        TLS_CERT_FILE: "c",
+        TLS_KEY_FILE: "k",
+      });
+      assert.ok(named.ok);
+      assert.deepEqual(named.warnings, [], "TRUST_PROXY naming the proxy is what the warning asks for");
+      const exposed = parseConfig({ ...local, HOST: "0.0.0.0", TRUST_PROXY: "true" });
+      assert.ok(exposed.ok);
+      assert.match(exposed.warnings.join(), /TRUST_PROXY is set while HOST=0\.0\.0\.0/);
+      assert.match(exposed.warnings.join(), /HOST=0\.0\.0\.0 without TLS_CERT_FILE/);
+    });
+
     await t.step("risky configurations start with a warning naming the variable", async () => {
       const result = parseConfig({
         ...minimalEnv,

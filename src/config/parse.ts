@@ -6,6 +6,7 @@
  * @module
  */
 
+import { inRanges } from "../auth.ts";
 import { OPTIONAL_ROUTES, ROUTES } from "./routes.ts";
 import {
   type AddressRange,
@@ -520,7 +521,7 @@ function riskWarnings(config: RelayConfig): string[] {
   }
   for (const upstream of config.upstreams) {
     const url = new URL(upstream.baseUrl);
-    if (url.protocol === "http:" && !LOOPBACK_AUTHORITY.test(url.hostname)) {
+    if (url.protocol === "http:" && !LOOPBACK_AUTHORITY.test(url.hostname) && !keylessLocalUpstream(upstream, url)) {
       const name = upstream.name === "default" ? "UPSTREAM_BASE_URL" : `UPSTREAMS_JSON entry "${upstream.name}"`;
       warnings.push(`${name} uses http:// to ${url.host}: the provider key travels in clear text; use https://`);
     }
@@ -534,7 +535,11 @@ function riskWarnings(config: RelayConfig): string[] {
   if (config.authFailuresPerMinute === 0) {
     warnings.push("AUTH_FAILURES_PER_MINUTE=0 turns the sign-in lockout off: passwords can be guessed at full speed");
   }
-  if (config.trustProxy.ranges.length > 0 && !LOOPBACK_AUTHORITY.test(config.host)) {
+  // TLS ends in front of the relay when its users reach it at an https:// PUBLIC_URL (the compose file's Caddy).
+  const behindHttps = config.publicUrl?.startsWith("https://") ?? false;
+  // TRUST_PROXY=true (or a number) trusts every private address; named addresses trust only those. Behind an HTTPS
+  // front the relay's port is the proxy's to reach (compose publishes only Caddy's).
+  if (config.trustProxy.hops > 0 && !LOOPBACK_AUTHORITY.test(config.host) && !behindHttps) {
     warnings.push(
       `TRUST_PROXY is set while HOST=${config.host} is reachable from other machines: name the proxies' addresses in TRUST_PROXY so that nobody else can set X-Forwarded-For`,
     );
@@ -554,12 +559,32 @@ function riskWarnings(config: RelayConfig): string[] {
       warnings.push(`the password of user ${user.name} equals the user name (MC_RELAY_USERS or MC_RELAY_PASSWORD)`);
     }
   }
-  if (config.host === "0.0.0.0" && !config.tlsCertFile) {
+  if (config.host === "0.0.0.0" && !config.tlsCertFile && !behindHttps) {
     warnings.push(
-      "HOST=0.0.0.0 without TLS_CERT_FILE: serve the relay behind HTTPS (see README, 'Deploy': Caddy, nginx) so passwords never cross a network in clear text",
+      "HOST=0.0.0.0 without TLS_CERT_FILE: serve the relay behind HTTPS (see README, 'Deploy': Caddy, nginx) so passwords never cross a network in clear text, and set PUBLIC_URL=https://... to say so",
     );
   }
   return warnings;
+}
+
+/**
+ * Placeholders for "no key" that local servers' docs use (vLLM's EMPTY, Ollama's ollama, llama.cpp's
+ * sk-no-key-required): nothing secret travels with them.
+ */
+const PLACEHOLDER_KEY = /^(none|no|empty|dummy|placeholder|not[-_]?needed|ollama|x|-|sk-no-key-required)$/i;
+
+/**
+ * An http:// upstream on this machine or network that takes no key (a local vLLM or Ollama): no key to leak, and
+ * its traffic stays local, so plain HTTP is no risk worth a warning. Local: a private address, or a one-label host
+ * name (a compose service such as `vllm`, or a name only the local network resolves).
+ */
+function keylessLocalUpstream(upstream: Upstream, url: URL): boolean {
+  if (upstream.byok || !PLACEHOLDER_KEY.test(upstream.apiKey)) return false;
+  const host = url.hostname.replace(/^\[|\]$/g, "");
+  if (addressBytes(host) !== undefined) {
+    return inRanges(host, PRIVATE_RANGES.map((range) => parseAddressRange(range)!));
+  }
+  return !host.includes(".") || host.endsWith(".local") || host.endsWith(".internal");
 }
 
 /**
