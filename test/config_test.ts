@@ -164,6 +164,36 @@ Deno.test("config: deno.json and the Dockerfile", async (t) => {
   );
 });
 
+Deno.test("config: the release ships what the docs download", async (t) => {
+  const read = (path: string) => Deno.readTextFile(new URL(`../${path}`, import.meta.url));
+
+  await t.step(
+    "release.yml attaches env.example and SHA256SUMS over every asset, and tags the image latest",
+    async () => {
+      const workflow = await read(".github/workflows/release.yml");
+      assert.match(workflow, /cp examples\/\.env\.example dist\/env\.example/);
+      assert.match(workflow, /sha256sum mc-relay-\* env\.example > SHA256SUMS/);
+      assert.match(workflow, /files: dist\/\*/);
+      assert.match(workflow, /type=raw,value=latest/);
+    },
+  );
+
+  await t.step("the deploy docs download from releases/latest and run the image's latest tag", async () => {
+    for (const path of ["docs/deploy.md", "README.md"]) {
+      const text = await read(path);
+      assert.match(text, /releases\/latest\/download\/env\.example/, path);
+      assert.doesNotMatch(text, /releases\/download\/v\d/, `${path} names no fixed version to download`);
+      assert.match(
+        text,
+        /docker run --rm -p 8080:8080 --env-file \.env .*ghcr\.io\/metaconfigurator\/mc-relay:latest/,
+        path,
+      );
+      assert.match(text, /xattr -d com\.apple\.quarantine/, path);
+      assert.match(text, /local network/i, path);
+    }
+  });
+});
+
 Deno.test("config: secrets in errors and risky settings [security]", async (t) => {
   {
     // The steps in this block share these fixtures; the block disposes of them before the next one.
