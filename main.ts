@@ -18,6 +18,7 @@ import {
   hashPasswordCommand,
   healthcheck,
   HELP,
+  migrateCommand,
   readEnv,
   sealCommand,
   takeEnvFileOptions,
@@ -34,15 +35,31 @@ export {
   clientAddress,
   constantTimeEqual,
   hashPassword,
-  inRanges,
   PBKDF2_ITERATIONS,
   readCredentials,
   verifyPasswordHash,
 } from "./src/auth.ts";
 export { KeySealer } from "./src/byok.ts";
-export { HELP, parseUsageArgs, readEnv, summariseUsage, takeEnvFileOptions } from "./src/cli.ts";
+export {
+  FLASK_RELAY_VARS,
+  HELP,
+  parseUsageArgs,
+  readEnv,
+  summariseUsage,
+  takeEnvFileOptions,
+  YAML_PACKAGE_VARS,
+} from "./src/cli.ts";
+export { envValue, migrateFlaskConfig } from "./src/migrate.ts";
+export type { Migration } from "./src/migrate.ts";
 export type { EnvFileOptions, UsageQuery } from "./src/cli.ts";
-export { addressBytes, parseAddressRange, parseConfig, parsePasswordHash, PRIVATE_RANGES } from "./src/config/parse.ts";
+export {
+  addressBytes,
+  inRanges,
+  parseAddressRange,
+  parseConfig,
+  parsePasswordHash,
+  PRIVATE_RANGES,
+} from "./src/config/parse.ts";
 export type { ConfigResult } from "./src/config/parse.ts";
 export { OPTIONAL_ROUTES } from "./src/config/routes.ts";
 export { DEFAULTS, ENV_VARS, LOG_LEVELS, METACONFIGURATOR_ORIGINS, VERSION } from "./src/config/variables.ts";
@@ -74,7 +91,7 @@ export type { RedisClient } from "./src/stores/redis.ts";
 export { SqliteCounterStore, ThreadLock } from "./src/stores/sqlite.ts";
 export type { TokenUsage } from "./src/usage.ts";
 
-/** Runs the command line: the relay, `demo`, `healthcheck`, `--help` or `--version`. */
+/** Runs the command line: the relay, `demo`, `healthcheck`, `migrate`, `--help` or `--version`. */
 export async function main(argv: string[]): Promise<number> {
   const options = takeEnvFileOptions(argv);
   if ("problem" in options) {
@@ -92,6 +109,7 @@ export async function main(argv: string[]): Promise<number> {
     return 0;
   }
   if (command === "hash-password") return await hashPasswordCommand();
+  if (command === "migrate") return await migrateCommand(args.slice(1));
   const { env, notes, problems } = await readEnv(options.files);
   if (problems.length > 0) exitWithErrors(problems);
   if (command === "healthcheck") return await healthcheck(env);

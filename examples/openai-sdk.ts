@@ -1,5 +1,7 @@
 /**
- * The official OpenAI SDK, pointed at the relay.
+ * The official OpenAI SDK, pointed at the relay: models and chat completions (streamed and not), which every
+ * OpenAI-compatible server (vLLM, Ollama) serves. RESPONSES=1 adds the Responses API, EMBEDDINGS=1 embeddings (with
+ * an embedding model in MODEL), for upstreams that serve them.
  * Run: RELAY=http://localhost:8080 KEY=user:password MODEL=echo deno run --allow-net --allow-env examples/openai-sdk.ts
  */
 import OpenAI from "npm:openai@7";
@@ -30,8 +32,13 @@ for await (const chunk of stream) {
 }
 console.log();
 
-// The Responses API (the default of newer SDKs) and embeddings pass through the relay the same way.
-const response = await client.responses.create({ model, input: "Say hello from the Responses API" });
-console.log("responses:", response.output_text);
-const embedding = await client.embeddings.create({ model, input: "embed me" });
-console.log("embeddings:", embedding.data[0].embedding.length, "numbers");
+// The Responses API (the default of newer SDKs) and embeddings pass through the relay the same way, where the
+// upstream serves them (OpenAI does; vLLM and Ollama serve embeddings for embedding models only).
+if (Deno.env.get("RESPONSES") === "1") {
+  const response = await client.responses.create({ model, input: "Say hello from the Responses API" });
+  console.log("responses:", response.output_text);
+}
+if (Deno.env.get("EMBEDDINGS") === "1") {
+  const embedding = await client.embeddings.create({ model, input: "embed me" });
+  console.log("embeddings:", embedding.data[0].embedding.length, "numbers");
+}

@@ -6,7 +6,7 @@
  * @module
  */
 
-import { addressBytes, base64url } from "./config/parse.ts";
+import { addressBytes, BARE_PASSWORD_USER, base64url, inRanges } from "./config/parse.ts";
 import type { AddressRange, PasswordHash, RelayUser, TrustedProxies } from "./config/variables.ts";
 import type { RelayMetrics } from "./observe.ts";
 import { textEncoder } from "./text.ts";
@@ -35,13 +35,19 @@ export async function verifyPasswordHash(password: string, stored: PasswordHash)
  * Reads `username:password` from an Authorization header:
  * `Basic base64(username:password)` or `Bearer username:password` (what MC
  * and every OpenAI SDK send when the user types `username:password` as the
- * API key). Returns a reason instead when the header is missing or malformed.
+ * API key). With `barePassword` (a bare MC_RELAY_PASSWORD is configured), `Bearer <token>` without a colon is
+ * that password, as `BARE_PASSWORD_USER`'s credentials. Returns a reason instead when the header is missing or
+ * malformed.
  */
-export function readCredentials(authorization: string | null): { credentials: string } | { problem: string } {
-  if (!authorization) {
-    return {
-      problem: "missing credentials: send 'Authorization: Bearer <username>:<password>' (in MC: the API key field)",
-    };
+export function readCredentials(
+  authorization: string | null,
+  barePassword = false,
+): { credentials: string } | { problem: string } {
+  const key = barePassword ? "<password>" : "<username>:<password>";
+  // MC always sends "Bearer <API key field>": with the field empty that is a bare "Bearer" (the browser trims the
+  // space), which is missing credentials, not an unknown scheme.
+  if (!authorization || /^bearer\s*$/i.test(authorization)) {
+    return { problem: `missing credentials: send 'Authorization: Bearer ${key}' (in MC: the API key field)` };
   }
   const match = /^(\S+)\s+(\S+)\s*$/.exec(authorization);
   const scheme = match?.[1].toLowerCase();
@@ -58,6 +64,9 @@ export function readCredentials(authorization: string | null): { credentials: st
     }
   } else {
     return { problem: "unsupported Authorization scheme: use 'Bearer <username>:<password>' or Basic" };
+  }
+  if (barePassword && scheme === "bearer" && !credentials.includes(":")) {
+    return { credentials: `${BARE_PASSWORD_USER}:${credentials}` };
   }
   if (!credentials.includes(":")) {
     return { problem: "the API key must be <username>:<password> (both parts, joined by a colon)" };
@@ -82,19 +91,6 @@ function constantTimeBytesEqual(given: Uint8Array, expected: Uint8Array): boolea
   let difference = given.length ^ expected.length;
   for (let i = 0; i < expected.length; i++) difference |= (given[i] ?? 0) ^ expected[i];
   return difference === 0;
-}
-
-/** Whether `address` lies in one of `ranges`. */
-export function inRanges(address: string, ranges: AddressRange[]): boolean {
-  const bytes = addressBytes(address);
-  if (!bytes) return false;
-  return ranges.some((range) => {
-    for (let bit = 0; bit < range.bits; bit += 8) {
-      const mask = range.bits - bit >= 8 ? 0xff : (0xff << (8 - (range.bits - bit))) & 0xff;
-      if ((bytes[bit / 8] & mask) !== (range.bytes[bit / 8] & mask)) return false;
-    }
-    return true;
-  });
 }
 
 /**

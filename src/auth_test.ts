@@ -9,12 +9,11 @@ import {
   clientAddress,
   constantTimeEqual,
   hashPassword,
-  inRanges,
   readCredentials,
   verifyPasswordHash,
   withoutPort,
 } from "./auth.ts";
-import { parseAddressRange, parsePasswordHash, parseTrustProxy } from "./config/parse.ts";
+import { inRanges, parseAddressRange, parsePasswordHash, parseTrustProxy } from "./config/parse.ts";
 import type { TrustedProxies } from "./config/variables.ts";
 
 /** TRUST_PROXY as the config reads it. */

@@ -27,6 +27,8 @@ Usage:
   mc-relay hash-password   read a password on stdin, print its hash for MC_RELAY_USERS
   mc-relay seal --upstream NAME [--days 90]
                            seal a key (asked for on a terminal, else read from stdin) for a BYOK upstream
+  mc-relay migrate FILE    print the .env for MC's Flask relay's config.yaml (what differs on stderr),
+                           e.g. mc-relay migrate config.yaml > .env
   mc-relay usage           the usage ledger (STATE_PATH or REDIS_URL): [--since YYYY-MM-DD]
                            [--until YYYY-MM-DD] [--by user|model|upstream|day] [--format table|csv|json]
   mc-relay --version       print the version
@@ -39,6 +41,78 @@ Every variable, by group (default in brackets):
 ${variablesHelp()}Docs: https://github.com/metaconfigurator/mc-relay#readme
 Every variable in full: https://github.com/metaconfigurator/mc-relay/blob/main/docs/configuration.md
 `;
+
+/**
+ * The environment names of MC's Flask relay (its .env.example and app.py), each with what mc-relay has instead: an
+ * operator who switches keeps their old .env or compose file, and a name the relay would ignore gets a warning that
+ * says what to set. deno.json lets the relay read them for that alone.
+ */
+export const FLASK_RELAY_VARS: Readonly<Record<string, string>> = {
+  ENABLE_MODELS_PROXY: "mc-relay serves /v1/models; to turn it off set DISABLED_PATHS=/v1/models",
+  ENABLE_STREAMING: "mc-relay always streams what a client asks to have streamed; nothing to set",
+  UPSTREAM_PATH_PREFIX: "put the whole path in UPSTREAM_BASE_URL, e.g. https://gateway.example.com/prefix/v1",
+  CONFIG_PATH: "mc-relay reads no config.yaml: run 'mc-relay migrate config.yaml > .env' once and start with that .env",
+  RELAY_PORT: "mc-relay listens on PORT (with the compose file: the relay is reached through Caddy)",
+  RELAY_HOSTNAME: "set PUBLIC_URL=https://<that host> (and MC_RELAY_DOMAIN for examples/docker-compose.yml)",
+};
+
+/** What the relay says about a name of MC's Flask relay, set in `where`. */
+function flaskNote(where: string, name: string): string {
+  return `${where} sets ${name}, a variable of MC's Flask relay that mc-relay does not read: ${FLASK_RELAY_VARS[name]}`;
+}
+
+/**
+ * Environment variables the YAML package (`npm:yaml`, loaded by `mc-relay migrate` only) looks at while it parses:
+ * debug switches of its own. deno.json lets it read them, or the parse would stop at a permission error.
+ */
+export const YAML_PACKAGE_VARS = ["LOG_STREAM", "LOG_TOKENS"] as const;
+
+/**
+ * `mc-relay migrate <config.yaml>`: prints the .env for MC's Flask relay's config.yaml (standard output: it holds
+ * the file's secrets) and what differs (standard error: no secret). The YAML package is loaded by this command only,
+ * as npm:redis is by REDIS_URL, so the relay itself never needs it. The file is read as YAML 1.1, as the Flask
+ * relay's PyYAML reads it (`enabled: yes` is true there).
+ */
+export async function migrateCommand(args: string[]): Promise<number> {
+  if (args.length !== 1 || args[0].startsWith("-")) {
+    console.error("mc-relay migrate: name MC's Flask relay config file, e.g. 'mc-relay migrate config.yaml > .env'");
+    return 2;
+  }
+  const [path] = args;
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (error) {
+    console.error(`mc-relay migrate: "${path}" cannot be read (${errorName(error)})`);
+    return 1;
+  }
+  const { parse } = await import("npm:yaml@2.9.1");
+  let config: unknown;
+  try {
+    config = parse(text, { version: "1.1" });
+  } catch (error) {
+    // The parser's message names the place (line and column), never the value there.
+    const place = /at line \d+, column \d+/.exec(errorText(error))?.[0] ?? "somewhere";
+    console.error(`mc-relay migrate: "${path}" is not valid YAML (${place})`);
+    return 1;
+  }
+  const { migrateFlaskConfig } = await import("./migrate.ts");
+  const { lines, notes, problems } = migrateFlaskConfig(config);
+  if (problems.length > 0) {
+    for (const problem of problems) console.error(`mc-relay migrate: ${problem}`);
+    return 1;
+  }
+  console.log(
+    [
+      `# mc-relay ${VERSION}: the environment of MC's Flask relay ${path.split(/[\\/]/).pop()} ('mc-relay migrate')`,
+      "# Holds the file's secrets: keep it private (chmod 600). Start: mc-relay --env-file .env (or deno task start).",
+      "# Values are quoted for mc-relay's --env-file; 'docker run --env-file' takes quotes literally: remove them there.",
+      ...lines,
+    ].join("\n"),
+  );
+  for (const note of notes) console.error(`mc-relay migrate: ${note}`);
+  return 0;
+}
 
 /** The env files named on the command line, and the arguments left once they are taken out. */
 export interface EnvFileOptions {
@@ -89,10 +163,21 @@ export async function readEnv(
     }
     const parsed = parseEnv(text) as Record<string, string>;
     for (const [name, value] of Object.entries(parsed)) {
-      if (!(ENV_VARS as readonly string[]).includes(name)) {
+      if (Object.hasOwn(FLASK_RELAY_VARS, name)) {
+        notes.push(flaskNote(path, name));
+      } else if (!(ENV_VARS as readonly string[]).includes(name)) {
         notes.push(`${path} sets ${name}, which the relay does not read (see 'mc-relay --help')`);
       } else fromFiles[name] ??= value;
     }
+  }
+  for (const name of Object.keys(FLASK_RELAY_VARS)) {
+    let value: string | undefined;
+    try {
+      value = Deno.env.get(name);
+    } catch {
+      // not readable under the permissions this build was given: nothing to warn about
+    }
+    if (value !== undefined) notes.push(flaskNote("the environment", name));
   }
   const env: RelayEnv = {};
   for (const name of ENV_VARS) {

@@ -119,39 +119,80 @@ Deno.test("clients: each common SDK's default call works through the relay, agai
       await Deno.copyFile(new URL(`../examples/${file}`, import.meta.url), `${folder}/${file}`);
     }
     const env = { RELAY: demo.url, KEY: key, MODEL: "echo" };
-    const run = async (command: string, args: string[]) => {
-      const output = await new Deno.Command(command, { args, cwd: folder, env, stdin: "null" }).output();
+    const run = async (command: string, args: string[], extra: Record<string, string> = {}, cwd = folder) => {
+      const output = await new Deno.Command(command, { args, cwd, env: { ...env, ...extra }, stdin: "null" })
+        .output();
       const stdout = decoder.decode(output.stdout);
       seenByClientsOrLogs.push(stdout);
       assert.equal(output.code, 0, `${args.join(" ")}: ${decoder.decode(output.stderr).slice(-2000)}`);
       return stdout;
     };
-    await t.step("the openai SDK in Deno: chat (streamed and not), the Responses API, embeddings", async () => {
-      const out = await run(Deno.execPath(), ["run", "-A", "--quiet", "openai-sdk.ts"]);
-      assert.match(out, /^answer: Echo: Say hello in three words$/m);
-      assert.match(out, /^Echo: Count to five$/m);
-      assert.match(out, /^responses: Echo: Say hello from the Responses API$/m);
-      assert.match(out, /^embeddings: 8 numbers$/m);
-    });
+    /** The permission flags of an example's `Run:` line: it runs with those, no more. */
+    const headerFlags = async (file: string) => {
+      const text = await Deno.readTextFile(new URL(`../examples/${file}`, import.meta.url));
+      return / deno run ((?:--\S+ )+)examples\//.exec(text)![1].trim().split(" ");
+    };
+    /** The demo's request log lines for a path since `from` (its stdout's length then). */
+    const served = (path: string, from: number) =>
+      demo.output().stdout.slice(from).split("\n").filter((line) => line.includes(`"path":"${path}"`)).length;
+    await t.step(
+      "the openai SDK in Deno, as its header runs it: chat (streamed and not); the rest when asked",
+      async () => {
+        const flags = await headerFlags("openai-sdk.ts");
+        const before = demo.output().stdout.length;
+        const out = await run(Deno.execPath(), ["run", ...flags, "--quiet", "openai-sdk.ts"]);
+        assert.match(out, /^answer: Echo: Say hello in three words$/m);
+        assert.match(out, /^Echo: Count to five$/m);
+        assert.doesNotMatch(out, /^responses:|^embeddings:/m, "nothing a vLLM or Ollama server lacks, by default");
+        assert.equal(served("/v1/responses", before) + served("/v1/embeddings", before), 0);
+        const asked = await run(Deno.execPath(), ["run", ...flags, "--quiet", "openai-sdk.ts"], {
+          RESPONSES: "1",
+          EMBEDDINGS: "1",
+        });
+        assert.match(asked, /^responses: Echo: Say hello from the Responses API$/m);
+        assert.match(asked, /^embeddings: 8 numbers$/m);
+      },
+    );
+    await t.step(
+      "an example run inside the repository, as its header says, leaves the repository's lock alone",
+      async () => {
+        const project = new URL("..", import.meta.url).pathname;
+        const lock = await Deno.readTextFile(`${project}deno.lock`);
+        const flags = await headerFlags("openai-sdk.ts");
+        await run(Deno.execPath(), ["run", ...flags, "--quiet", "examples/openai-sdk.ts"], {}, project);
+        assert.equal(await Deno.readTextFile(`${project}deno.lock`), lock);
+        await assert.rejects(Deno.stat(`${project}examples/deno.lock`));
+      },
+    );
     await t.step({
       name: "the openai SDK on Node.js",
       ignore: !installed("node"),
       fn: async () => {
         const out = await run("node", ["openai-node.mjs"]);
         assert.match(out, /^chat: Echo: Say hello in three words$/m);
-        assert.match(out, /^responses: Echo: Say hello from the Responses API$/m);
+        assert.doesNotMatch(out, /^responses:/m);
+        const asked = await run("node", ["openai-node.mjs"], { RESPONSES: "1", EMBEDDINGS: "1" });
+        assert.match(asked, /^responses: Echo: Say hello from the Responses API$/m);
+        assert.match(asked, /^embeddings: 8 numbers$/m);
       },
     });
     await t.step(
-      "the Vercel AI SDK's default model factory (the Responses API): generateText and streamText",
+      "the Vercel AI SDK, as its header runs it: openai.chat (chat completions) by default, the Responses API when asked",
       async () => {
-        const out = await run(Deno.execPath(), ["run", "-A", "--quiet", "vercel-ai-sdk.ts"]);
-        assert.match(out, /^generateText: Echo: Say hello in three words$/m);
-        assert.match(out, /^streamText: Echo: Count to five$/m);
+        const flags = await headerFlags("vercel-ai-sdk.ts");
+        for (const [responses, path] of [["0", "/v1/chat/completions"], ["1", "/v1/responses"]]) {
+          const before = demo.output().stdout.length;
+          const out = await run(Deno.execPath(), ["run", ...flags, "--quiet", "vercel-ai-sdk.ts"], {
+            RESPONSES: responses,
+          });
+          assert.match(out, /^generateText: Echo: Say hello in three words$/m);
+          assert.match(out, /^streamText: Echo: Count to five$/m);
+          assert.equal(served(path, before), 2, `RESPONSES=${responses}: both calls went to ${path}`);
+        }
       },
     );
-    await t.step("LangChain's ChatOpenAI: invoke and stream", async () => {
-      const out = await run(Deno.execPath(), ["run", "-A", "--quiet", "langchain.ts"]);
+    await t.step("LangChain's ChatOpenAI, as its header runs it: invoke and stream", async () => {
+      const out = await run(Deno.execPath(), ["run", ...await headerFlags("langchain.ts"), "--quiet", "langchain.ts"]);
       assert.match(out, /^invoke: Echo: Say hello in three words$/m);
       assert.match(out, /^stream: Echo: Count to five$/m);
     });

@@ -5,7 +5,7 @@
  * Proved through the real HTTP surface (see testing.ts); the last test checks that no secret leaked.
  */
 import assert from "node:assert/strict";
-import { ENV_VARS, hashPassword, parseConfig } from "../main.ts";
+import { ENV_VARS, FLASK_RELAY_VARS, hashPassword, parseConfig, YAML_PACKAGE_VARS } from "../main.ts";
 import {
   ALLOWED,
   CANARY_CALLER_KEY,
@@ -135,7 +135,9 @@ Deno.test("config: variables, defaults and errors", async (t) => {
 Deno.test("config: deno.json and the Dockerfile", async (t) => {
   await t.step("deno.json grants exactly the environment variables the relay reads", async () => {
     const denoJson = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url)));
-    assert.deepEqual([...denoJson.permissions.default.env].sort(), [...ENV_VARS].sort());
+    // Besides its own: the Flask relay's names, read only to warn about them, and the YAML package's (migrate).
+    const read = [...ENV_VARS, ...Object.keys(FLASK_RELAY_VARS), ...YAML_PACKAGE_VARS];
+    assert.deepEqual([...denoJson.permissions.default.env].sort(), read.sort());
   });
 
   await t.step(
@@ -160,6 +162,36 @@ Deno.test("config: deno.json and the Dockerfile", async (t) => {
       assert.doesNotMatch(dockerfile, /^(RUN|COPY)\b.*(\.env\b|--env-file)/m, "no .env baked into the image");
     },
   );
+});
+
+Deno.test("config: the release ships what the docs download", async (t) => {
+  const read = (path: string) => Deno.readTextFile(new URL(`../${path}`, import.meta.url));
+
+  await t.step(
+    "release.yml attaches env.example and SHA256SUMS over every asset, and tags the image latest",
+    async () => {
+      const workflow = await read(".github/workflows/release.yml");
+      assert.match(workflow, /cp examples\/\.env\.example dist\/env\.example/);
+      assert.match(workflow, /sha256sum mc-relay-\* env\.example > SHA256SUMS/);
+      assert.match(workflow, /files: dist\/\*/);
+      assert.match(workflow, /type=raw,value=latest/);
+    },
+  );
+
+  await t.step("the deploy docs download from releases/latest and run the image's latest tag", async () => {
+    for (const path of ["docs/deploy.md", "README.md"]) {
+      const text = await read(path);
+      assert.match(text, /releases\/latest\/download\/env\.example/, path);
+      assert.doesNotMatch(text, /releases\/download\/v\d/, `${path} names no fixed version to download`);
+      assert.match(
+        text,
+        /docker run --rm -p 8080:8080 --env-file \.env .*ghcr\.io\/metaconfigurator\/mc-relay:latest/,
+        path,
+      );
+      assert.match(text, /xattr -d com\.apple\.quarantine/, path);
+      assert.match(text, /local network/i, path);
+    }
+  });
 });
 
 Deno.test("config: secrets in errors and risky settings [security]", async (t) => {
@@ -242,6 +274,60 @@ Deno.test("config: secrets in errors and risky settings [security]", async (t) =
   {
     // The steps in this block share these fixtures; the block disposes of them before the next one.
     await using upstream = startUpstream(openAiLikeUpstream);
+
+    await t.step("the shipped compose + Caddy setup and a local keyless upstream start without warnings", async () => {
+      const { parseEnv } = await import("node:util");
+      const { parse } = await import("npm:yaml@2.9.1");
+      const dotEnv = parseEnv(await Deno.readTextFile(new URL("../examples/.env.example", import.meta.url)));
+      // The image's own ENV lines, under the .env and compose's environment as Docker layers them.
+      const dockerfile = await Deno.readTextFile(new URL("../Dockerfile", import.meta.url));
+      const image = Object.fromEntries(
+        [...dockerfile.matchAll(/^ENV (.+)$/gm)].flatMap((line) => line[1].split(" ").map((pair) => pair.split("="))),
+      );
+      for (const file of ["docker-compose.yml", "docker-compose.redis.yml"]) {
+        const compose = parse(await Deno.readTextFile(new URL(`../examples/${file}`, import.meta.url)));
+        const service = compose.services["mc-relay"] ?? compose.services["relay-1"];
+        // Compose fills ${MC_RELAY_DOMAIN:?...} from the shell, as the file's header says to run it.
+        const environment = Object.fromEntries(
+          Object.entries(service.environment as Record<string, string>).map((
+            [name, value],
+          ) => [name, String(value).replace(/\$\{MC_RELAY_DOMAIN[^}]*\}/, "relay.example.com")]),
+        );
+        const result = parseConfig({ ...image, ...dotEnv, ...environment });
+        assert.ok(result.ok, file);
+        assert.equal(result.config.publicUrl, "https://relay.example.com", `${file} passes PUBLIC_URL`);
+        assert.deepEqual(result.warnings, [], file);
+      }
+      const local = { ...minimalEnv, HOST: "127.0.0.1", ALLOWED_ORIGIN: ALLOWED };
+      for (
+        const [url, key] of [
+          ["http://10.0.0.5:8000/v1", "none"],
+          ["http://vllm:8000/v1", "EMPTY"],
+          ["http://192.168.1.20:11434/v1", "ollama"],
+          ["http://[fd00::5]:8000/v1", "none"],
+        ]
+      ) {
+        const result = parseConfig({ ...local, UPSTREAM_BASE_URL: url, UPSTREAM_API_KEY: key });
+        assert.ok(result.ok);
+        assert.deepEqual(result.warnings, [], `${url} with ${key}`);
+      }
+      const keyed = parseConfig({ ...local, UPSTREAM_BASE_URL: "http://10.0.0.5:8000/v1" });
+      assert.ok(keyed.ok);
+      assert.match(keyed.warnings.join(), /uses http:\/\/ to 10\.0\.0\.5:8000: the provider key travels/);
+      const named = parseConfig({
+        ...local,
+        HOST: "0.0.0.0",
+        TRUST_PROXY: "10.0.0.2",
+        TLS_CERT_FILE: "c",
+        TLS_KEY_FILE: "k",
+      });
+      assert.ok(named.ok);
+      assert.deepEqual(named.warnings, [], "TRUST_PROXY naming the proxy is what the warning asks for");
+      const exposed = parseConfig({ ...local, HOST: "0.0.0.0", TRUST_PROXY: "true" });
+      assert.ok(exposed.ok);
+      assert.match(exposed.warnings.join(), /TRUST_PROXY is set while HOST=0\.0\.0\.0/);
+      assert.match(exposed.warnings.join(), /HOST=0\.0\.0\.0 without TLS_CERT_FILE/);
+    });
 
     await t.step("risky configurations start with a warning naming the variable", async () => {
       const result = parseConfig({

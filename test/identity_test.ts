@@ -103,6 +103,31 @@ Deno.test("identity: sign-in", async (t) => {
     assert.equal(response.headers.get("www-authenticate"), null);
   });
 
+  await t.step(
+    "a bare 'Bearer' (what MC sends with an empty API key field) is missing credentials, naming MC's API key field",
+    async () => {
+      for (const authorization of ["Bearer", "Bearer ", "bearer  "]) {
+        const response = await models({ origin: ALLOWED, authorization });
+        assert.equal(response.status, 401, authorization);
+        assert.match(response.json().error.message, /^mc-relay: missing credentials: .*in MC: the API key field/);
+      }
+    },
+  );
+
+  await t.step(
+    "a page's own fetch() (Sec-Fetch-Mode cors or same-origin, no Origin) gets no Basic challenge; a navigation does",
+    async () => {
+      for (const mode of ["cors", "same-origin", "no-cors"]) {
+        const response = await models({ "sec-fetch-mode": mode, authorization: "Bearer team:wrong" });
+        assert.equal(response.status, 401, mode);
+        assert.equal(response.headers.get("www-authenticate"), null, mode);
+      }
+      const navigation = await models({ "sec-fetch-mode": "navigate" });
+      assert.equal(navigation.status, 401);
+      assert.match(navigation.headers.get("www-authenticate") ?? "", /^Basic realm="mc-relay"/);
+    },
+  );
+
   await t.step("a wrong password or a wrong user name gets 401", async () => {
     for (
       const authorization of [
@@ -548,6 +573,80 @@ Deno.test("identity: lockout and client addresses [security]", async (t) => {
       }
       assert.equal((await attempt("203.0.113.9:50001", GOOD_BEARER)).status, 200, "another address is not locked");
     }
+  });
+});
+
+Deno.test("identity: a bare MC_RELAY_PASSWORD, as MC's Flask relay takes it [security]", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  const env = {
+    UPSTREAM_BASE_URL: upstream.url,
+    UPSTREAM_API_KEY: CANARY_KEY,
+    MC_RELAY_PASSWORD: CANARY_PASSWORD,
+    ALLOWED_ORIGIN: ALLOWED,
+  };
+  const configFrom = (extra: Record<string, string>) => {
+    const result = parseConfig({ ...env, ...extra });
+    if (!result.ok) throw new Error(result.errors.join("\n"));
+    return result.config;
+  };
+  const chat = (relay: ReturnType<typeof startRelay>, authorization: string, headers: Record<string, string> = {}) =>
+    relay.call("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization, "content-type": "application/json", origin: ALLOWED, ...headers },
+      body: chatBody(),
+    });
+
+  await t.step("'Bearer <password>' is accepted without a user name; anything else gets 401", async () => {
+    await using relay = startRelay(configFrom({}));
+    assert.equal((await chat(relay, `Bearer ${CANARY_PASSWORD}`)).status, 200);
+    for (const authorization of [`Bearer ${CANARY_PASSWORD}x`, "Bearer wrong", `Bearer x:${CANARY_PASSWORD}`]) {
+      const refused = await chat(relay, authorization);
+      assert.equal(refused.status, 401, authorization);
+      assert.equal(refused.json().error.code, "invalid_api_key");
+    }
+    const missing = await chat(relay, "Bearer");
+    assert.equal(missing.status, 401);
+    assert.match(missing.json().error.message, /send 'Authorization: Bearer <password>' \(in MC: the API key field\)/);
+  });
+
+  await t.step("MC_RELAY_USERS work beside it, each with its own name:password", async () => {
+    await using relay = startRelay(configFrom({ MC_RELAY_USERS: `alice:${CANARY_PASSWORD}-alice` }));
+    assert.equal((await chat(relay, `Bearer ${CANARY_PASSWORD}`)).status, 200);
+    assert.equal((await chat(relay, `Bearer alice:${CANARY_PASSWORD}-alice`)).status, 200);
+    assert.equal((await chat(relay, `Bearer ${CANARY_PASSWORD}-alice`)).status, 401);
+  });
+
+  await t.step("wrong bare passwords use up the sign-in lockout like any failed sign-in", async () => {
+    await using relay = startRelay({ ...configFrom({}), authFailuresPerMinute: 2 });
+    for (let i = 0; i < 2; i++) assert.equal((await chat(relay, `Bearer guess-${i}`)).status, 401);
+    assert.equal((await chat(relay, `Bearer guess-3`)).status, 429);
+    assert.equal((await chat(relay, `Bearer ${CANARY_PASSWORD}`)).status, 429, "the lockout holds the right one too");
+  });
+
+  await t.step("its holders are limited per address, as MC's Flask relay limits them, not as one user", async () => {
+    await using relay = startRelay(
+      configFrom({ RATE_LIMIT_PER_MINUTE: "1", TRUST_PROXY: "127.0.0.1", AUTH_FAILURES_PER_MINUTE: "0" }),
+    );
+    const from = (address: string) => chat(relay, `Bearer ${CANARY_PASSWORD}`, { "x-forwarded-for": address });
+    assert.equal((await from("192.0.2.1")).status, 200);
+    assert.equal((await from("192.0.2.1")).status, 429);
+    assert.equal((await from("192.0.2.2")).status, 200, "another address has its own limit");
+  });
+
+  await t.step("beside PUBLIC_ACCESS or a BYOK upstream it is a configuration error naming the fix", () => {
+    const open = parseConfig({
+      ...env,
+      PUBLIC_ACCESS: "true",
+      RATE_LIMIT_PER_MINUTE: "20",
+      TOKEN_BUDGET_PER_DAY: "100000",
+    });
+    assert.ok(!open.ok && open.errors.some((error) => /PUBLIC_ACCESS=true opens it/.test(error)));
+    const byok = parseConfig({
+      ...env,
+      UPSTREAMS_JSON: JSON.stringify([{ name: "own", baseUrl: "https://api.example.com/v1", byok: true }]),
+    });
+    assert.ok(!byok.ok && byok.errors.some((error) => /set MC_RELAY_USERNAME too/.test(error)));
+    for (const result of [open, byok]) assert.ok(!JSON.stringify(result).includes(CANARY_PASSWORD));
   });
 });
 

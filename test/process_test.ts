@@ -852,12 +852,26 @@ Deno.test("process: the relay starts with no package registry and an empty cache
   }
 
   await t.step(
-    "the relay's lock holds only what the relay may load (npm:redis); the tests' packages are in test/deno.lock",
+    "the relay's lock holds only what the relay may load (npm:redis for REDIS_URL, npm:yaml for 'mc-relay migrate'); the tests' packages are in test/deno.lock",
     async () => {
       const relayLock = JSON.parse(await Deno.readTextFile(`${PROJECT}deno.lock`));
-      assert.deepEqual(Object.keys(relayLock.specifiers), ["npm:redis@5.12.1"]);
+      assert.deepEqual(Object.keys(relayLock.specifiers), ["npm:redis@5.12.1", "npm:yaml@2.9.1"]);
+      const packages = Object.keys(relayLock.npm).map((name) => name.replace(/^(@?[^@]+)@.*$/, "$1"));
+      assert.deepEqual(
+        [...new Set(packages)].sort(),
+        [
+          "@redis/bloom",
+          "@redis/client",
+          "@redis/json",
+          "@redis/search",
+          "@redis/time-series",
+          "cluster-key-slot",
+          "redis",
+          "yaml",
+        ],
+      );
       const testLock = JSON.parse(await Deno.readTextFile(`${PROJECT}test/deno.lock`));
-      for (const name of ["npm:openai@7.57.0", "npm:playwright-core@1.65.1", "npm:redis@5.12.1"]) {
+      for (const name of ["npm:openai@7.57.0", "npm:playwright-core@1.65.1", "npm:redis@5.12.1", "npm:yaml@2.9.1"]) {
         assert.ok(name in testLock.specifiers, name);
       }
       const { lock, tasks } = JSON.parse(await Deno.readTextFile(`${PROJECT}deno.json`));

@@ -70,6 +70,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
   const upstreams = parseUpstreams(env, errors);
   const allByok = upstreams.length > 0 && upstreams.every((upstream) => upstream.byok);
   const users = parseUsers(env, errors, warnings, publicAccess || allByok);
+  if (users.some((user) => user.name === BARE_PASSWORD_USER)) barePasswordProblems(publicAccess, upstreams, errors);
   const allowedOrigins = parseAllowedOrigins(env.ALLOWED_ORIGIN, errors);
   if (allowedOrigins.length === 0) {
     warnings.push(
@@ -424,6 +425,26 @@ function workersProblems(config: RelayConfig): string[] {
 }
 
 /**
+ * A bare MC_RELAY_PASSWORD (no MC_RELAY_USERNAME) is the one key of a closed relay, as `relay_password` is in MC's
+ * Flask relay. It cannot sit beside PUBLIC_ACCESS (a wrong key would then pass as anonymous, so the password would
+ * guard nothing), nor beside a BYOK upstream (a bare token there is the caller's own provider key: a wrong password
+ * could not be told from a key, and guesses would escape the sign-in lockout).
+ */
+function barePasswordProblems(publicAccess: boolean, upstreams: Upstream[], errors: string[]): void {
+  const alone = "MC_RELAY_PASSWORD without MC_RELAY_USERNAME (a bare password, as MC's Flask relay takes it)";
+  if (publicAccess) {
+    errors.push(
+      `${alone} closes the relay, and PUBLIC_ACCESS=true opens it: remove one (or set MC_RELAY_USERNAME for a user besides public access)`,
+    );
+  }
+  if (upstreams.some((upstream) => upstream.byok)) {
+    errors.push(
+      `${alone} cannot be told from a caller's own key for a BYOK upstream: set MC_RELAY_USERNAME too (callers then send username:password)`,
+    );
+  }
+}
+
+/**
  * PUBLIC_ACCESS=true lets anyone through who can reach the relay, so it starts only with its guard rails: the
  * browser origins named, a request limit and a token budget on.
  */
@@ -499,7 +520,7 @@ function riskWarnings(config: RelayConfig): string[] {
   }
   for (const upstream of config.upstreams) {
     const url = new URL(upstream.baseUrl);
-    if (url.protocol === "http:" && !LOOPBACK_AUTHORITY.test(url.hostname)) {
+    if (url.protocol === "http:" && !LOOPBACK_AUTHORITY.test(url.hostname) && !keylessLocalUpstream(upstream, url)) {
       const name = upstream.name === "default" ? "UPSTREAM_BASE_URL" : `UPSTREAMS_JSON entry "${upstream.name}"`;
       warnings.push(`${name} uses http:// to ${url.host}: the provider key travels in clear text; use https://`);
     }
@@ -513,7 +534,11 @@ function riskWarnings(config: RelayConfig): string[] {
   if (config.authFailuresPerMinute === 0) {
     warnings.push("AUTH_FAILURES_PER_MINUTE=0 turns the sign-in lockout off: passwords can be guessed at full speed");
   }
-  if (config.trustProxy.ranges.length > 0 && !LOOPBACK_AUTHORITY.test(config.host)) {
+  // TLS ends in front of the relay when its users reach it at an https:// PUBLIC_URL (the compose file's Caddy).
+  const behindHttps = config.publicUrl?.startsWith("https://") ?? false;
+  // TRUST_PROXY=true (or a number) trusts every private address; named addresses trust only those. Behind an HTTPS
+  // front the relay's port is the proxy's to reach (compose publishes only Caddy's).
+  if (config.trustProxy.hops > 0 && !LOOPBACK_AUTHORITY.test(config.host) && !behindHttps) {
     warnings.push(
       `TRUST_PROXY is set while HOST=${config.host} is reachable from other machines: name the proxies' addresses in TRUST_PROXY so that nobody else can set X-Forwarded-For`,
     );
@@ -533,12 +558,32 @@ function riskWarnings(config: RelayConfig): string[] {
       warnings.push(`the password of user ${user.name} equals the user name (MC_RELAY_USERS or MC_RELAY_PASSWORD)`);
     }
   }
-  if (config.host === "0.0.0.0" && !config.tlsCertFile) {
+  if (config.host === "0.0.0.0" && !config.tlsCertFile && !behindHttps) {
     warnings.push(
-      "HOST=0.0.0.0 without TLS_CERT_FILE: serve the relay behind HTTPS (see README, 'Deploy': Caddy, nginx) so passwords never cross a network in clear text",
+      "HOST=0.0.0.0 without TLS_CERT_FILE: serve the relay behind HTTPS (see README, 'Deploy': Caddy, nginx) so passwords never cross a network in clear text, and set PUBLIC_URL=https://... to say so",
     );
   }
   return warnings;
+}
+
+/**
+ * Placeholders for "no key" that local servers' docs use (vLLM's EMPTY, Ollama's ollama, llama.cpp's
+ * sk-no-key-required): nothing secret travels with them.
+ */
+const PLACEHOLDER_KEY = /^(none|no|empty|dummy|placeholder|not[-_]?needed|ollama|x|-|sk-no-key-required)$/i;
+
+/**
+ * An http:// upstream on this machine or network that takes no key (a local vLLM or Ollama): no key to leak, and
+ * its traffic stays local, so plain HTTP is no risk worth a warning. Local: a private address, or a one-label host
+ * name (a compose service such as `vllm`, or a name only the local network resolves).
+ */
+function keylessLocalUpstream(upstream: Upstream, url: URL): boolean {
+  if (upstream.byok || !PLACEHOLDER_KEY.test(upstream.apiKey)) return false;
+  const host = url.hostname.replace(/^\[|\]$/g, "");
+  if (addressBytes(host) !== undefined) {
+    return inRanges(host, PRIVATE_RANGES.map((range) => parseAddressRange(range)!));
+  }
+  return !host.includes(".") || host.endsWith(".local") || host.endsWith(".internal");
 }
 
 /**
@@ -552,7 +597,13 @@ function parseUsers(env: RelayEnv, errors: string[], warnings: string[], usersOp
   const username = env.MC_RELAY_USERNAME?.trim() ?? "";
   const password = env.MC_RELAY_PASSWORD ?? "";
   const listed = env.MC_RELAY_USERS?.trim() ?? "";
-  if (username || password || (!listed && !usersOptional)) {
+  if (password && !username) {
+    // The bare password of MC's Flask relay: a migrated relay's users type nothing new.
+    if (password.length < 12) {
+      warnings.push("MC_RELAY_PASSWORD is shorter than 12 characters; anyone who can reach the relay may guess it");
+    }
+    users.push({ name: BARE_PASSWORD_USER, password });
+  } else if (username || password || (!listed && !usersOptional)) {
     if (!username) {
       errors.push("MC_RELAY_USERNAME is required: the name users type before the colon, e.g. 'team'");
     } else if (username.includes(":")) {
@@ -616,6 +667,19 @@ export const base64url = (bytes: Uint8Array) =>
 
 export const fromBase64url = (text: string) =>
   Uint8Array.from(atob(text.replaceAll("-", "+").replaceAll("_", "/")), (char) => char.charCodeAt(0));
+
+/** Whether `address` lies in one of `ranges`. */
+export function inRanges(address: string, ranges: AddressRange[]): boolean {
+  const bytes = addressBytes(address);
+  if (!bytes) return false;
+  return ranges.some((range) => {
+    for (let bit = 0; bit < range.bits; bit += 8) {
+      const mask = range.bits - bit >= 8 ? 0xff : (0xff << (8 - (range.bits - bit))) & 0xff;
+      if ((bytes[bit / 8] & mask) !== (range.bytes[bit / 8] & mask)) return false;
+    }
+    return true;
+  });
+}
 
 /** Parses a `pbkdf2-sha256:...` string; undefined when it is malformed. */
 export function parsePasswordHash(text: string): PasswordHash | undefined {
@@ -857,6 +921,13 @@ function parseNumber(
   }
   return number;
 }
+
+/**
+ * The user a bare MC_RELAY_PASSWORD (without MC_RELAY_USERNAME) signs in as: callers send `Bearer <password>`, as
+ * MC's Flask relay takes its `relay_password`. A name with a character no MC_RELAY_USERS name can hold (';' starts a
+ * name's budgets there), so it never collides with a configured user.
+ */
+export const BARE_PASSWORD_USER = "relay;password";
 
 /** Loopback and private ranges: what TRUST_PROXY=true (or a number) trusts, a proxy on this host or network. */
 export const PRIVATE_RANGES = [

@@ -7,6 +7,7 @@
 
 import { ADDRESS_BUSY, addressKey, constantTimeEqual, type HASHING_BUSY, readCredentials } from "../auth.ts";
 import { bearerToken } from "../byok.ts";
+import { BARE_PASSWORD_USER } from "../config/parse.ts";
 import type { RelayUser } from "../config/variables.ts";
 import { refuse, type Relay, type RequestContext, type StageAnswer } from "../context.ts";
 import { errorResponse } from "../http.ts";
@@ -24,7 +25,7 @@ import { type CounterStore, giveBack, hold, startCheck } from "../stores/counter
  */
 export function identifyCaller(relay: Relay, context: RequestContext): StageAnswer {
   const authorization = context.request.headers.get("authorization");
-  const read = readCredentials(authorization);
+  const read = readCredentials(authorization, relay.usersByName.has(BARE_PASSWORD_USER));
   const name = "credentials" in read ? read.credentials.slice(0, read.credentials.indexOf(":")) : "";
   const apiKeyHeader = context.request.headers.get("x-api-key")?.trim() || undefined;
   // No relay user: with PUBLIC_ACCESS (credentials naming no configured user; MC's public preset sends "Bearer "
@@ -146,9 +147,14 @@ function lockedOut(context: RequestContext, seconds: number): Response {
   );
 }
 
-/** A refused sign-in: 401, with a Basic challenge only for non-browser clients (a browser would pop up a dialog). */
+/**
+ * A refused sign-in: 401, with a Basic challenge only for a client that can use one without a surprise: no Origin
+ * (not a cross-origin page), and no Sec-Fetch-Mode or `navigate` (a page's own fetch() carries `cors` or
+ * `same-origin` and no Origin on a GET; a challenge there would pop up the browser's login dialog over the page).
+ */
 function signInRefused(context: RequestContext, message: string): Response {
-  const challenge: Record<string, string> = context.origin === null
+  const mode = context.request.headers.get("sec-fetch-mode");
+  const challenge: Record<string, string> = context.origin === null && (mode === null || mode === "navigate")
     ? { "www-authenticate": 'Basic realm="mc-relay", charset="UTF-8"' }
     : {};
   return errorResponse(401, message, "invalid_api_key", challenge);
@@ -157,7 +163,11 @@ function signInRefused(context: RequestContext, message: string): Response {
 /** Records a signed-in user; a key it brings for a BYOK upstream comes in X-Api-Key. */
 function signedIn(context: RequestContext, user: string, apiKeyHeader: string | undefined): undefined {
   context.caller.user = user;
-  context.caller.subject = `user:${user}`;
+  // Everyone who holds the bare password is counted by address, as MC's Flask relay counts: one of them spending
+  // the limits and budgets must not lock the others out.
+  context.caller.subject = user === BARE_PASSWORD_USER
+    ? `address:${addressKey(context.caller.address)}`
+    : `user:${user}`;
   context.caller.key = apiKeyHeader;
   return undefined;
 }
