@@ -59,9 +59,17 @@ Deno.test("readCredentials: username:password from Authorization", async (t) => 
   });
 
   await t.step("other schemes, and values with spaces or missing parts, are refused", () => {
-    for (const header of ["Digest x:y", "team:pw", "Bearer", "Bearer a:b c", "Bearer\ta:b extra"]) {
+    for (const header of ["Digest x:y", "team:pw", "Bearer a:b c", "Bearer\ta:b extra"]) {
       const read = readCredentials(header);
       assert.ok("problem" in read && read.problem.startsWith("unsupported Authorization scheme"), header);
+    }
+  });
+
+  await t.step("a bare 'Bearer' (MC with an empty API key field) is missing credentials, naming MC's field", () => {
+    for (const header of ["Bearer", "Bearer   ", "bearer"]) {
+      const read = readCredentials(header);
+      assert.ok("problem" in read && read.problem.startsWith("missing credentials"), header);
+      assert.match((read as { problem: string }).problem, /in MC: the API key field/);
     }
   });
 

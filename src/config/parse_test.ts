@@ -155,7 +155,11 @@ Deno.test("parseConfig: [security] errors never repeat a secret", async (t) => {
     ["a short previous seal secret", { SEAL_SECRET: SECRET + SECRET, SEAL_SECRETS_PREVIOUS: SECRET.slice(0, 20) }],
     ["a REDIS_URL that is not redis://", { REDIS_URL: `https://:${SECRET}@valkey:6379` }],
     ["a REDIS_URL with a space", { REDIS_URL: `redis://:${SECRET} @valkey:6379` }],
-    ["a password without a user name", { MC_RELAY_USERNAME: "", MC_RELAY_PASSWORD: SECRET }],
+    ["a bare password beside PUBLIC_ACCESS", {
+      MC_RELAY_USERNAME: "",
+      MC_RELAY_PASSWORD: SECRET,
+      PUBLIC_ACCESS: "true",
+    }],
     ["a user name with a colon", { MC_RELAY_USERNAME: `team:${SECRET}` }],
     ["a malformed hash", { MC_RELAY_USERS: `alice:pbkdf2-sha256:600000:${SECRET}:x` }],
     ["an entry without a name", { MC_RELAY_USERS: `:${SECRET}` }],
