@@ -58,6 +58,7 @@ export const ENV_VARS = [
   "FAILOVER_BREAKER_FAILURES",
   "FAILOVER_BREAKER_SECONDS",
   "WORKERS",
+  "ADMINS",
 ] as const;
 
 /** The name of one environment variable the relay reads. */
@@ -82,6 +83,8 @@ export interface RelayConfig {
   allowedModels: string[];
   /** Users who may read Prometheus metrics at /metrics on the main port (METRICS); empty serves none there. */
   metricsUsers: string[];
+  /** Users who may open the operator's view, /admin and /admin/usage (ADMINS); empty serves neither. */
+  admins: string[];
   /** A separate port that serves /metrics without auth (METRICS_PORT); undefined for none. */
   metricsPort?: number;
   /** The interface METRICS_PORT listens on (METRICS_HOST, default loopback). */

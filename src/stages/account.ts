@@ -65,6 +65,19 @@ function estimateUsage(context: RequestContext): TokenUsage {
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion, estimated: true };
 }
 
+/**
+ * The figures /admin shows from memory: refusals by status and reason (an error the upstream sent itself counts as
+ * "upstream"), and each upstream's answers and failures (no answer, or 5xx).
+ */
+function countForAdmin(relay: Relay, context: RequestContext): void {
+  const status = context.status ?? 0;
+  const passedOn = context.forwarded === true && context.upstreamStatus === status;
+  if (status >= 400) relay.metrics.countRefusal(status, passedOn ? "upstream" : context.outcome ?? "");
+  if (context.forwarded) {
+    relay.metrics.countUpstreamAnswer(context.target.name, !((context.upstreamStatus ?? 500) < 500));
+  }
+}
+
 /** Stage: account. Counts the request in the metrics and writes its log line (when info is logged). */
 export function account(relay: Relay, context: RequestContext): void {
   releaseBody(relay, context);
@@ -80,6 +93,7 @@ export function account(relay: Relay, context: RequestContext): void {
     : "other";
   const model = context.model?.slice(0, 100);
   relay.metrics.countRequest(route, context.status ?? 0, context.user ?? "");
+  countForAdmin(relay, context);
   if (context.usage && context.user) relay.metrics.countTokens(context.user, model ?? "", context.usage);
   // Health probes come every few seconds: their lines are debug, not info.
   const level = context.routePath === "/health" ? "debug" : "info";

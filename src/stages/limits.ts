@@ -147,7 +147,7 @@ interface TokenBudget {
  * The token budgets that apply to this request's user or address now: TOKEN_BUDGET_PER_DAY and _MONTH, or the
  * user's own from MC_RELAY_USERS. Windows are UTC calendar days and months.
  */
-function tokenBudgets(relay: Relay, context: RequestContext): TokenBudget[] {
+export function tokenBudgets(relay: Relay, context: Pick<RequestContext, "user" | "subject">): TokenBudget[] {
   const now = new Date(relay.now());
   const own = context.user === undefined ? undefined : relay.usersByName.get(context.user)?.tokenBudgets;
   const [year, month, day] = [now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate()];
