@@ -99,17 +99,17 @@ export async function serve(
   // The WORKERS threads take turns at the SQLite file through one lock in shared memory (`ThreadLock`).
   const lock = config.workers > 1 ? new ThreadLock() : undefined;
   // The signal is taken from the start: a SIGHUP while the relay starts waits for it instead of ending the process.
-  let started!: ReturnType<typeof startServer>;
+  const started = Promise.withResolvers<Awaited<ReturnType<typeof startServer>>>();
   if (reload !== undefined && Deno.build.os !== "windows") {
     // Windows has no SIGHUP; there a restart applies a changed file.
     reloadOnSignal(reload, running, () => log, async (config) => {
-      const { swap } = await started;
+      const { swap } = await started.promise;
       log = createLogger(config);
       swap(config);
       for (const worker of workers) worker.postMessage({ reload: config });
     });
   }
-  started = startServer(config, log, lock, (port, url) => {
+  const serving = await startServer(config, log, lock, (port, url) => {
     log.info(`mc-relay ${VERSION} listening`, {
       url,
       upstream: new URL(config.upstreams[0].baseUrl).host,
@@ -122,7 +122,8 @@ export async function serve(
     running.config = { ...running.config, port };
     announce?.(port);
   });
-  const { server, counters, metrics } = await started;
+  started.resolve(serving);
+  const { server, counters, metrics } = serving;
   // METRICS_PORT: /metrics without auth on its own port, for a scraper on a private network.
   const metricsServer = config.metricsPort === undefined ? undefined : listen(
     "METRICS_PORT",
