@@ -125,7 +125,7 @@ function adminHtml(view: AdminView): string {
 <a href="${base}">This month</a>
 </form>
 ${notice(view)}
-<h2>Usage ${view.since} to ${view.until}</h2>
+<h2>Usage <span class="budget">${view.since}</span> to <span class="budget">${view.until}</span></h2>
 <p class="totals">${count(totals.requests)} requests, ${count(totals.tokens)} tokens (${count(totals.prompt)} prompt, ${
     count(totals.completion)
   } completion). As JSON: <a href="${base}/usage?${period}">by caller</a>, <a href="${base}/usage?${period}&amp;by=day">by day</a>; as CSV: <a href="${base}/usage?${period}&amp;format=csv">by caller</a>, <a href="${base}/usage?${period}&amp;by=model&amp;format=csv">by model</a>.</p>
@@ -210,7 +210,9 @@ function budgetText(budgets: AdminView["callers"][number]["budgets"]): string {
   return budgets.map(({ window, budget, used }) => {
     const percent = Math.floor((used / budget) * 100);
     const text = `${count(used)} of ${count(budget)} this ${window} (${percent}%)`;
-    return used >= budget ? `<strong class="spent">${text}, spent</strong>` : text;
+    return used >= budget
+      ? `<strong class="spent budget">${text}, spent</strong>`
+      : `<span class="budget">${text}</span>`;
   }).join("<br>");
 }
 
@@ -375,7 +377,7 @@ caption{text-align:left;font-weight:600;padding:.25rem 0}
 th,td{padding:.3rem .6rem;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}
 thead th{border-bottom:2px solid #888;white-space:nowrap}
 tbody th{font-weight:normal;word-break:break-all;min-width:8rem}
-.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.budget{white-space:nowrap}.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(18rem,1fr));gap:1rem 2rem}
 .chart{margin:0}.chart figcaption{font-weight:600}
 .plot{position:relative;border-left:1px solid #888;padding-left:2px}
@@ -393,7 +395,8 @@ input{background:#1e1e1e;border-color:#aaa}.note,.days,.peak{color:#bbb}.peak{ba
 .skip:focus{background:#121212}.notice{background:#3b1a17;border-color:#f28b82}.spent{color:#f28b82}
 th,td{border-color:#444}thead th{border-color:#999}.grid{stroke:#555}
 .bar-0,.key-0{fill:#8ab4f8;background:#8ab4f8}.bar-1,.key-1{fill:#3d6bb3;background:#3d6bb3}}
-@media (max-width:40rem){main{padding:.75rem .75rem 2rem}h1{font-size:1.3rem}}
+@media (max-width:40rem){main{padding:.75rem .75rem 2rem}h1{font-size:1.3rem}table{font-size:.85rem}
+th,td{padding:.25rem .4rem}tbody th{min-width:6.5rem}}
 `;
 
 /** The CSP hash of the style, computed once. */

@@ -100,7 +100,11 @@ Deno.test("admin: the page and the export from a SQLite ledger", async (t) => {
     assert.doesNotMatch(csp, /script-src|unsafe/, "no script, nothing inline but the hashed style");
     assert.equal(page.headers.get("cache-control"), "no-store");
     assert.doesNotMatch(page.text, /<script|https?:\/\/(?!evil)/i, "no script and no outside asset");
-    assert.match(page.text, new RegExp(`<h2>Usage ${monthStart} to ${today}</h2>`), "this UTC month by default");
+    assert.match(
+      page.text,
+      new RegExp(`<h2>Usage <span class="budget">${monthStart}</span> to <span class="budget">${today}</span></h2>`),
+      "this UTC month by default",
+    );
     assert.match(page.text, /<svg viewBox="0 0 \d+ 100"[^>]* role="img" aria-labelledby="tokens-title tokens-desc">/);
     assert.match(page.text, /<desc id="tokens-desc">\d[\d,]* in all from/);
     assert.match(page.text, new RegExp(`<title>${today}: 93 prompt, 92 completion</title>`), "today's bar");
@@ -112,9 +116,12 @@ Deno.test("admin: the page and the export from a SQLite ledger", async (t) => {
     }
     assert.match(
       page.text,
-      /<th scope="row">user:team<\/th>(<td[^>]*>[^<]*<\/td>){4}<td>85 of 500 this day \(17%\)/,
+      /<th scope="row">user:team<\/th>(<td[^>]*>[^<]*<\/td>){4}<td><span class="budget">85 of 500 this day \(17%\)/,
     );
-    assert.match(page.text, /user:alice<\/th>.*100 of 500 this day \(20%\)<br>100 of 1,000 this month \(10%\)/);
+    assert.match(
+      page.text,
+      /user:alice<\/th>.*100 of 500 this day \(20%\)<\/span><br><span class="budget">100 of 1,000 this month \(10%\)/,
+    );
     for (const sum of summariseUsage(ledger, "upstream")) {
       assert.match(page.text, rowPattern(sum.key, [sum.requests, sum.prompt_tokens, sum.completion_tokens]));
     }
@@ -251,7 +258,7 @@ Deno.test("admin: a public relay lists addresses as the ledger has them", async 
   assert.match(page.text, rowPattern("address:127.0.0.1", [2, 14, 10, 24]));
   assert.match(
     page.text,
-    /address:127\.0\.0\.1<\/th>(<td[^>]*>[^<]*<\/td>){4}<td>24 of 1,000 this day \(2%\)/,
+    /address:127\.0\.0\.1<\/th>(<td[^>]*>[^<]*<\/td>){4}<td><span class="budget">24 of 1,000 this day \(2%\)/,
   );
   counters.close();
   await Deno.remove(folder, { recursive: true });
