@@ -125,7 +125,7 @@ export async function main(argv: string[]): Promise<number> {
   }
   const result = parseConfig(env);
   if (!result.ok) exitWithErrors(result.errors, envFileHint(options.files));
-  await serve(result.config, [...notes, ...result.warnings]);
+  await serve(result.config, [...notes, ...result.warnings], undefined, { env, read: () => readEnv(options.files) });
   return 0;
 }
 

@@ -7,7 +7,7 @@
  */
 
 import { addressBytes, BARE_PASSWORD_USER, base64url, inRanges } from "./config/parse.ts";
-import type { AddressRange, PasswordHash, RelayUser, TrustedProxies } from "./config/variables.ts";
+import type { PasswordHash, RelayUser, TrustedProxies } from "./config/variables.ts";
 import type { RelayMetrics } from "./observe.ts";
 import { textEncoder } from "./text.ts";
 

@@ -15,6 +15,7 @@ import { addRelayHeaders, corsHeaders, errorResponse } from "./http.ts";
 import { createLogger, RelayMetrics } from "./observe.ts";
 import { answerMcSettings, answerPage } from "./page.ts";
 import { createSecretMasker } from "./secrets.ts";
+import { answerAdmin } from "./stages/admin.ts";
 import { answerSeal, useCallerKey } from "./stages/byok.ts";
 import { checkModel, chooseUpstream, readRequestBody } from "./stages/choose.ts";
 import { finish } from "./stages/finish.ts";
@@ -84,6 +85,7 @@ const STAGES: Stage[] = [
   identifyCaller,
   onRoute("/usage", answerUsage),
   onRoute("/metrics", answerMetrics),
+  answerAdmin,
   applyLimits,
   readRequestBody,
   chooseUpstream,
@@ -145,6 +147,9 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
 function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
   const routes: Record<string, Route> = { ...ROUTES };
   if (config.metricsUsers.length > 0) routes["/metrics"] = { method: "GET" };
+  if (config.admins.length > 0) {
+    Object.assign(routes, { "/admin": { method: "GET" }, "/admin/usage": { method: "GET" } });
+  }
   for (const path of config.disabledPaths) delete routes[path];
   if (!config.page) delete routes["/"];
   if (config.sealSecret === undefined) delete routes["/seal"];

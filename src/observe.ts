@@ -32,6 +32,44 @@ export class RelayMetrics {
   /** Per alias target: 1 while its circuit breaker is open. */
   breakerOpen = new Map<string, number>();
   #failovers = new Map<string, number>();
+  /** When this process started counting: refusals and upstream answers are counted since. */
+  readonly startedAt = Date.now();
+
+  #refusals = new Map<string, number>();
+  #upstreamAnswers = new Map<string, { answered: number; failed: number }>();
+
+  /**
+   * Counts a request the relay answered with an error status (4xx, 5xx), by status and reason (the log line's
+   * outcome, or "" when the status says it all: a refused sign-in, an origin or user not allowed). Relay-chosen
+   * words only, so the map stays small; for /admin's refusals.
+   */
+  countRefusal(status: number, reason: string) {
+    const key = `${status} ${reason}`;
+    if (this.#refusals.has(key) || this.#refusals.size < MAX_LABEL_SETS) {
+      this.#refusals.set(key, (this.#refusals.get(key) ?? 0) + 1);
+    }
+  }
+
+  /** The refusals since start, by status and reason, most first. */
+  refusals(): { status: number; reason: string; count: number }[] {
+    return [...this.#refusals].map(([key, count]) => {
+      const space = key.indexOf(" ");
+      return { status: Number(key.slice(0, space)), reason: key.slice(space + 1), count };
+    }).sort((a, b) => b.count - a.count || a.status - b.status);
+  }
+
+  /** Counts one call of an upstream (by its configured name): answered (below 500), or failed. */
+  countUpstreamAnswer(upstream: string, failed: boolean) {
+    let tally = this.#upstreamAnswers.get(upstream);
+    if (tally === undefined) this.#upstreamAnswers.set(upstream, tally = { answered: 0, failed: 0 });
+    if (failed) tally.failed++;
+    else tally.answered++;
+  }
+
+  /** Each upstream's answers and failures since start (`countUpstreamAnswer`). */
+  upstreamAnswers(name: string): { answered: number; failed: number } {
+    return this.#upstreamAnswers.get(name) ?? { answered: 0, failed: 0 };
+  }
 
   /** Counts a failed attempt at an alias target that moved the request on. */
   countFailover(target: string) {

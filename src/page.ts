@@ -70,7 +70,7 @@ export async function answerPage(relay: Relay, context: RequestContext): Promise
 }
 
 /** Text for HTML, with `&`, `<`, `>`, `"` and `'` escaped. */
-function escapeHtml(text: string): string {
+export function escapeHtml(text: string): string {
   return text.replace(/[&<>"']/g, (char) => `&#${char.charCodeAt(0)};`);
 }
 

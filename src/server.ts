@@ -6,10 +6,11 @@
  */
 
 import { errorName, exitWithErrors } from "./cli.ts";
-import { type EnvVar, type RelayConfig, VERSION } from "./config/variables.ts";
+import { type EnvVar, type RelayConfig, type RelayEnv, VERSION } from "./config/variables.ts";
 import { createHandler } from "./handler.ts";
 import { BodyCut, errorResponse } from "./http.ts";
 import { createLogger, type Logger, metricsResponse, RelayMetrics } from "./observe.ts";
+import { planReload, type Running } from "./reload.ts";
 import { openCounterStore } from "./stores/open.ts";
 import { ThreadLock } from "./stores/sqlite.ts";
 import { errorText } from "./text.ts";
@@ -72,22 +73,43 @@ function listen(
   }
 }
 
+/** Where SIGHUP reads the configuration again: the variables the relay started with, and how to read them anew. */
+export interface ReloadSource {
+  env: RelayEnv;
+  /** Reads the environment and the env files again (`readEnv`). */
+  read(): Promise<{ env: RelayEnv; notes: string[]; problems: string[] }>;
+}
+
 /**
  * Starts the relay server for a config and wires graceful shutdown; resolves when it has stopped. `announce` hears
  * the port once the relay listens (the demo prints its banner then). With WORKERS above 1 the same port is served by
- * that many threads (`startWorkers`); this one also serves METRICS_PORT and handles the signals for all.
+ * that many threads (`startWorkers`); this one also serves METRICS_PORT and handles the signals for all. With a
+ * `reload` source, SIGHUP reads the configuration again (`reloadOnSignal`).
  */
 export async function serve(
   config: RelayConfig,
   warnings: string[] = [],
   announce?: (port: number) => void,
+  reload?: ReloadSource,
 ): Promise<void> {
-  const log = createLogger(config);
+  let log = createLogger(config);
   for (const warning of warnings) log.warn(warning);
   let workers: Worker[] = [];
+  const running: Running = { env: reload?.env ?? {}, config };
   // The WORKERS threads take turns at the SQLite file through one lock in shared memory (`ThreadLock`).
   const lock = config.workers > 1 ? new ThreadLock() : undefined;
-  const { server, counters, metrics } = await startServer(config, log, lock, (port, url) => {
+  // The signal is taken from the start: a SIGHUP while the relay starts waits for it instead of ending the process.
+  const started = Promise.withResolvers<Awaited<ReturnType<typeof startServer>>>();
+  if (reload !== undefined && Deno.build.os !== "windows") {
+    // Windows has no SIGHUP; there a restart applies a changed file.
+    reloadOnSignal(reload, running, () => log, async (config) => {
+      const { swap } = await started.promise;
+      log = createLogger(config);
+      swap(config);
+      for (const worker of workers) worker.postMessage({ reload: config });
+    });
+  }
+  const serving = await startServer(config, log, lock, (port, url) => {
     log.info(`mc-relay ${VERSION} listening`, {
       url,
       upstream: new URL(config.upstreams[0].baseUrl).host,
@@ -97,8 +119,11 @@ export async function serve(
       ...(config.workers > 1 && { workers: config.workers }),
     });
     workers = startWorkers({ ...config, port }, config.workers - 1, lock);
+    running.config = { ...running.config, port };
     announce?.(port);
   });
+  started.resolve(serving);
+  const { server, counters, metrics } = serving;
   // METRICS_PORT: /metrics without auth on its own port, for a scraper on a private network.
   const metricsServer = config.metricsPort === undefined ? undefined : listen(
     "METRICS_PORT",
@@ -123,14 +148,15 @@ export async function serve(
     // A second signal (process managers often send one per process in the group) changes nothing.
     if (stopping) return;
     stopping = true;
+    const { shutdownTimeoutMs } = running.config;
     log.info("shutting down: no new connections, in-flight requests may finish", {
       signal,
-      timeout_seconds: config.shutdownTimeoutMs / 1000,
+      timeout_seconds: shutdownTimeoutMs / 1000,
     });
     const deadline = setTimeout(() => {
       log.warn("shutdown timeout reached; closing remaining requests");
       Deno.exit(0);
-    }, config.shutdownTimeoutMs);
+    }, shutdownTimeoutMs);
     metricsServer?.shutdown();
     Promise.all([server.shutdown(), ...workers.map(stopWorker)]).then(async () => {
       clearTimeout(deadline);
@@ -150,6 +176,46 @@ export async function serve(
   await server.finished;
 }
 
+/**
+ * SIGHUP: reads the env files again and validates them as start-up does. Valid, `apply` gets the new config (every
+ * thread swaps its handler: new requests see it, requests in flight finish with the one they started with) and the
+ * log names the variables that changed, never a value; variables only a restart changes are named as such. Not
+ * valid, the running configuration stays and the log names each problem. Reloads run one at a time.
+ */
+function reloadOnSignal(
+  source: ReloadSource,
+  running: Running,
+  log: () => Logger,
+  apply: (config: RelayConfig) => Promise<void>,
+): void {
+  let queue = Promise.resolve();
+  const reload = async () => {
+    const { env, notes, problems } = await source.read();
+    const plan = problems.length > 0 ? { ok: false as const, errors: problems } : planReload(running, env);
+    if (!plan.ok) {
+      for (const problem of plan.errors) log().error("reload refused: configuration problem", { problem });
+      log().error(`reload refused: ${plan.errors.length} configuration problem(s); the running configuration stays`);
+      return;
+    }
+    Object.assign(running, plan.running);
+    await apply(plan.config);
+    for (const warning of [...notes, ...plan.warnings]) log().warn(warning);
+    if (plan.needRestart.length > 0) {
+      log().warn("reload: these variables changed but need a restart; their running values stay", {
+        variables: plan.needRestart,
+      });
+    }
+    log().info("configuration reloaded", { changed: plan.changed });
+  };
+  try {
+    Deno.addSignalListener("SIGHUP", () => {
+      queue = queue.then(reload).catch((error) => log().error("reload failed", { error: errorText(error) }));
+    });
+  } catch {
+    // A host without signals (Deno Deploy) has no reload either.
+  }
+}
+
 /** One server of the relay: its counter store, metrics and handler on the configured port (shared among WORKERS). */
 async function startServer(
   config: RelayConfig,
@@ -166,7 +232,8 @@ async function startServer(
     } else log.info("counter store: Redis answers again; counts are shared again");
   }, lock);
   if ("error" in counters) exitWithErrors([counters.error]);
-  const handler = createHandler(config, { metrics, counters });
+  // A reload swaps the handler: each request keeps the one it started with, so streams in flight finish untouched.
+  let handler = createHandler(config, { metrics, counters });
   const server = listen("PORT", "HOST", {
     port: config.port,
     hostname: config.host,
@@ -177,8 +244,9 @@ async function startServer(
       listening(port, `${tls ? "https" : "http"}://${shown}:${port}`);
     },
     onError: serverErrorHandler(log),
-  }, handler);
-  return { server, counters, metrics };
+  }, (request, info) => handler(request, info));
+  const swap = (next: RelayConfig) => void (handler = createHandler(next, { metrics, counters }));
+  return { server, counters, metrics, swap };
 }
 
 /** The name WORKERS threads get, so the module knows it runs in one. */
@@ -213,16 +281,27 @@ export function runWorker(): void {
     postMessage: (message: unknown) => void;
   };
   let stopping: (() => Promise<void>) | undefined;
+  let swap: ((config: RelayConfig) => void) | undefined;
+  let pending: RelayConfig | undefined;
   scope.onmessage = async (event) => {
     if (event.data === "stop") {
       await stopping?.();
       scope.postMessage("stopped");
       return;
     }
+    if (event.data.reload) {
+      // A reload that comes before this thread listens is applied once it does.
+      if (swap) swap(event.data.reload as RelayConfig);
+      else pending = event.data.reload as RelayConfig;
+      return;
+    }
     const config = event.data.serve as RelayConfig;
     const memory = event.data.lock as SharedArrayBuffer | undefined;
     const lock = memory === undefined ? undefined : new ThreadLock(memory);
-    const { server, counters } = await startServer(config, createLogger(config), lock, () => {});
+    const started = await startServer(config, createLogger(config), lock, () => {});
+    const { server, counters } = started;
+    swap = started.swap;
+    if (pending !== undefined) swap(pending);
     stopping = async () => {
       await server.shutdown();
       await counters.close?.();

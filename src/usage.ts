@@ -1,10 +1,12 @@
 /**
  * Token usage read from upstream answers: from a whole JSON body or from the server-sent events of a stream, as they
- * pass (`usageReader`).
+ * pass (`usageReader`); and the ledger's figures summed and shown (`summariseUsage`, `formatUsage`), for
+ * `mc-relay usage` and /admin/usage alike.
  *
  * @module
  */
 
+import type { LedgerRow } from "./stores/counter.ts";
 import { parseJsonText, textEncoder } from "./text.ts";
 
 /** What the relay watches for in a chat or completion answer to log its token usage. */
@@ -172,3 +174,130 @@ export function endsAtEventBoundary(bytes: Uint8Array): boolean {
 
 /** The end of a server-sent event: two line endings, each CRLF, LF or a lone CR. */
 const EVENT_BOUNDARY = /(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))/g;
+
+/** What `mc-relay usage` was asked for. */
+export interface UsageQuery {
+  /** First UTC day, `YYYY-MM-DD`. */
+  since: string;
+  /** Last UTC day, `YYYY-MM-DD`. */
+  until: string;
+  /** The column the rows are summed by. */
+  by: "user" | "model" | "upstream" | "day";
+  /** The output format. */
+  format: "table" | "csv" | "json";
+}
+
+/** Reads `--since`, `--until`, `--by` and `--format` (each `--name value` or `--name=value`); a problem as text. */
+export function parseUsageArgs(args: string[], today: string): UsageQuery | { problem: string } {
+  const query: UsageQuery = { since: `${today.slice(0, 7)}-01`, until: today, by: "user", format: "table" };
+  const allowed: Record<string, RegExp> = {
+    since: /^\d{4}-\d{2}-\d{2}$/,
+    until: /^\d{4}-\d{2}-\d{2}$/,
+    by: /^(user|model|upstream|day)$/,
+    format: /^(table|csv|json)$/,
+  };
+  for (let index = 0; index < args.length; index++) {
+    const [flag, inline] = args[index].split(/=(.*)/s);
+    const name = flag.replace(/^--/, "");
+    const value = inline ?? args[++index];
+    if (!flag.startsWith("--") || !(name in allowed)) return { problem: `unknown option "${flag}"` };
+    if (value === undefined || !allowed[name].test(value)) {
+      return { problem: `--${name} takes ${String(allowed[name]).replace(/^\/\^|\$\/$/g, "")}, got "${value ?? ""}"` };
+    }
+    (query as unknown as Record<string, string>)[name] = value;
+  }
+  return query;
+}
+
+/** Sums ledger rows by one column: one row per user (or address), model, upstream or day, sorted. */
+export function summariseUsage(
+  rows: LedgerRow[],
+  by: UsageQuery["by"],
+): (Omit<LedgerRow, "day" | "who" | "model" | "upstream"> & { key: string })[] {
+  const sums = new Map<string, Omit<LedgerRow, "day" | "who" | "model" | "upstream"> & { key: string }>();
+  for (const row of rows) {
+    const key = by === "user" ? row.who : row[by];
+    const sum = sums.get(key) ??
+      { key, requests: 0, prompt_tokens: 0, completion_tokens: 0, total_tokens: 0, estimated_requests: 0 };
+    sum.requests += row.requests;
+    sum.prompt_tokens += row.prompt_tokens;
+    sum.completion_tokens += row.completion_tokens;
+    sum.total_tokens += row.total_tokens;
+    sum.estimated_requests += row.estimated_requests;
+    sums.set(key, sum);
+  }
+  return [...sums.values()].sort((a, b) => a.key.localeCompare(b.key));
+}
+
+/**
+ * Characters a terminal or an editor acts on rather than shows: C0 and C1 controls (ESC starts the escapes that
+ * move the cursor, retitle the window or make links), DEL, the line and paragraph separators and the bidirectional
+ * overrides (which reorder what is shown), and the backslash that starts an escape.
+ */
+// deno-lint-ignore no-control-regex -- matching control characters is the point
+const UNSHOWABLE = /[\x00-\x1f\x7f-\x9f\\\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+
+/**
+ * A name a client chose (a model, an address) as text that shows as it is: every `UNSHOWABLE` character as an
+ * escape, `\x1b` or `\u202e` (`\\` for the backslash), so names stay readable and different names stay different.
+ */
+export function escapeControls(text: string): string {
+  return text.replace(UNSHOWABLE, (char) => {
+    if (char === "\\") return "\\\\";
+    const code = char.charCodeAt(0);
+    return code < 0x100 ? `\\x${code.toString(16).padStart(2, "0")}` : `\\u${code.toString(16).padStart(4, "0")}`;
+  });
+}
+
+/**
+ * A CSV cell (RFC 4180) that a spreadsheet shows and never runs: controls escaped as in the table (the CSV is
+ * printed to a terminal too), a cell that would start a formula (=, +, -, @, tab, carriage return, or those after
+ * spaces, or their full-width forms) prefixed with a single quote as OWASP's CSV-injection guidance says, and such a
+ * cell, or one with a quote or comma, quoted.
+ */
+export function csvCell(text: string): string {
+  const shown = escapeControls(text);
+  const formula = /^[\s\u3000]*[=+\-@\t\r\uff1d\uff0b\uff0d\uff20]/.test(shown);
+  const cell = formula ? `'${shown}` : shown;
+  return formula || /[",]/.test(cell) ? `"${cell.replaceAll('"', '""')}"` : cell;
+}
+
+/** The summed ledger as a table (with a total line), CSV or JSON; client-chosen names are shown safely. */
+export function formatUsage(sums: ReturnType<typeof summariseUsage>, query: UsageQuery): string {
+  const columns = ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "estimated_requests"] as const;
+  if (query.format === "json") {
+    return JSON.stringify(
+      {
+        since: query.since,
+        until: query.until,
+        by: query.by,
+        rows: sums.map(({ key, ...sum }) => ({ [query.by]: key, ...sum })),
+      },
+      null,
+      2,
+    );
+  }
+  if (query.format === "csv") {
+    return [
+      [query.by, ...columns].join(","),
+      ...sums.map((sum) => [csvCell(sum.key), ...columns.map((name) => sum[name])].join(",")),
+    ].join("\n");
+  }
+  const total = {
+    key: "total",
+    requests: 0,
+    prompt_tokens: 0,
+    completion_tokens: 0,
+    total_tokens: 0,
+    estimated_requests: 0,
+  };
+  for (const sum of sums) for (const name of columns) total[name] += sum[name];
+  const lines = [
+    [query.by, ...columns],
+    ...[...sums, total].map((sum) => [escapeControls(sum.key), ...columns.map((name) => String(sum[name]))]),
+  ];
+  const widths = lines[0].map((_, column) => Math.max(...lines.map((line) => line[column].length)));
+  const render = (line: string[]) =>
+    line.map((cell, column) => column === 0 ? cell.padEnd(widths[column]) : cell.padStart(widths[column])).join("  ");
+  return [`usage ${query.since} to ${query.until} (UTC days), by ${query.by}`, ...lines.map(render)].join("\n");
+}

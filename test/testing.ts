@@ -142,6 +142,7 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     users: [{ name: USERNAME, password: CANARY_PASSWORD }],
     allowedModels: [],
     metricsUsers: [],
+    admins: [],
     metricsHost: "127.0.0.1",
     maxBufferedBytes: 64 * 1024 * 1024,
     allowedOrigins: [ALLOWED, OTHER_ALLOWED],

@@ -87,6 +87,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
   const failover = parseFailover(read, upstreams, errors);
   const workers = parseWorkers(read.text("WORKERS"), errors);
   const metricsUsers = parseMetricsUsers(read.text("METRICS"), users, errors);
+  const admins = parseAdmins(read.text("ADMINS"), users, errors);
   if (errors.length > 0) return { ok: false, errors };
   const config: RelayConfig = {
     upstreams,
@@ -94,6 +95,7 @@ export function parseConfig(env: RelayEnv): ConfigResult {
     publicAccess,
     allowedOrigins,
     metricsUsers,
+    admins,
     ...listener,
     ...server,
     ...limits,
@@ -503,6 +505,22 @@ function parseMetricsUsers(raw: string | undefined, users: RelayUser[], errors: 
     );
   } else if (names.length === 0 || names.some((name) => !known.has(name))) {
     errors.push(`METRICS must be false or names of configured users, e.g. METRICS=admin, got "${raw}"`);
+  }
+  return names;
+}
+
+/** ADMINS: the configured users who may open /admin (every caller's usage); unset or empty names none. */
+function parseAdmins(raw: string | undefined, users: RelayUser[], errors: string[]): string[] {
+  if (raw === undefined) return [];
+  const names = raw.split(",").map((name) => name.trim()).filter(Boolean);
+  const known = new Set(users.map((user) => user.name));
+  const unknown = names.filter((name) => !known.has(name));
+  if (unknown.length > 0) {
+    errors.push(
+      `ADMINS must name configured users (MC_RELAY_USERNAME or MC_RELAY_USERS), e.g. ADMINS=admin; ${
+        unknown.map((name) => `"${name}"`).join(", ")
+      } ${unknown.length === 1 ? "is" : "are"} not one`,
+    );
   }
   return names;
 }

@@ -39,7 +39,7 @@ export const VARIABLE_GROUPS = [
   "Failover",
   "Bring your own key",
   "Server",
-  "Metrics",
+  "Operator's view",
 ] as const;
 
 /** One group's name. */
@@ -467,7 +467,7 @@ export const VARIABLES = [
   },
   {
     name: "METRICS",
-    group: "Metrics",
+    group: "Operator's view",
     default: "`false`",
     example: "admin",
     summary: "users who may read Prometheus metrics at /metrics",
@@ -476,7 +476,7 @@ export const VARIABLES = [
   },
   {
     name: "METRICS_PORT",
-    group: "Metrics",
+    group: "Operator's view",
     default: "none",
     example: "9464",
     summary: "a separate port serving /metrics without auth",
@@ -484,11 +484,20 @@ export const VARIABLES = [
   },
   {
     name: "METRICS_HOST",
-    group: "Metrics",
+    group: "Operator's view",
     default: "`127.0.0.1`",
     example: "127.0.0.1",
     summary: "the interface METRICS_PORT listens on",
     details: "The interface `METRICS_PORT` listens on. Anything but loopback gives a start-up warning.",
+  },
+  {
+    name: "ADMINS",
+    group: "Operator's view",
+    default: "none",
+    example: "admin",
+    summary: "users who may open the operator's view at /admin and /admin/usage",
+    details:
+      "Configured users who may open the operator's view at `/admin` and `/admin/usage` (others get 403, nobody signed in 401): every caller's usage, the upstreams' health and the refusals. Unset serves neither route. See [admin.md](admin.md).",
   },
 ] as const satisfies readonly Variable[];
 
@@ -517,6 +526,8 @@ export interface RelayConfig {
   allowedModels: string[];
   /** Users who may read Prometheus metrics at /metrics on the main port (METRICS); empty serves none there. */
   metricsUsers: string[];
+  /** Users who may open the operator's view, /admin and /admin/usage (ADMINS); empty serves neither. */
+  admins: string[];
   /** A separate port that serves /metrics without auth (METRICS_PORT); undefined for none. */
   metricsPort?: number;
   /** The interface METRICS_PORT listens on (METRICS_HOST, default loopback). */

@@ -96,6 +96,18 @@ export function finish(relay: Relay, context: RequestContext): void {
   account(relay, context);
 }
 
+/**
+ * The figures /admin shows from memory: refusals by status and reason (an error the upstream sent itself counts as
+ * "upstream"), and each upstream's answers and failures (no answer, or 5xx) for the requests sent to it.
+ */
+function countForAdmin(relay: Relay, context: RequestContext): void {
+  const status = context.log.status ?? 0;
+  const sent = context.upstream.call !== undefined;
+  const passedOn = sent && context.upstream.status === status;
+  if (status >= 400) relay.metrics.countRefusal(status, passedOn ? "upstream" : context.log.outcome ?? "");
+  if (sent) relay.metrics.countUpstreamAnswer(context.upstream.target.name, !((context.upstream.status ?? 500) < 500));
+}
+
 /** Counts the finished request in the metrics and writes its log line (when info is logged). */
 function account(relay: Relay, context: RequestContext): void {
   const route = context.routePath !== undefined && Object.hasOwn(relay.routes, context.routePath)
@@ -103,6 +115,7 @@ function account(relay: Relay, context: RequestContext): void {
     : "other";
   const model = context.body.model?.slice(0, 100);
   relay.metrics.countRequest(route, context.log.status ?? 0, context.caller.user ?? "");
+  countForAdmin(relay, context);
   if (context.log.usage && context.caller.user) {
     relay.metrics.countTokens(context.caller.user, model ?? "", context.log.usage);
   }

@@ -6,7 +6,14 @@
  */
 
 import type { RelayConfig } from "../config/variables.ts";
-import { refuse, type Relay, type RequestContext, type RequestLimit, type StageAnswer } from "../context.ts";
+import {
+  type Caller,
+  refuse,
+  type Relay,
+  type RequestContext,
+  type RequestLimit,
+  type StageAnswer,
+} from "../context.ts";
 import { jsonResponse } from "../http.ts";
 import { giveBack, hold } from "../stores/counter.ts";
 import type { JsonObject } from "../streams.ts";
@@ -152,16 +159,16 @@ interface TokenBudget {
  * The token budgets that apply to this request's user or address now: TOKEN_BUDGET_PER_DAY and _MONTH, or the
  * user's own from MC_RELAY_USERS. Windows are UTC calendar days and months.
  */
-function tokenBudgets(relay: Relay, context: RequestContext): TokenBudget[] {
+export function tokenBudgets(relay: Relay, caller: Pick<Caller, "user" | "subject">): TokenBudget[] {
   const now = new Date(relay.now());
-  const own = context.caller.user === undefined ? undefined : relay.usersByName.get(context.caller.user)?.tokenBudgets;
+  const own = caller.user === undefined ? undefined : relay.usersByName.get(caller.user)?.tokenBudgets;
   const [year, month, day] = [now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate()];
   const today = now.toISOString().slice(0, 10);
   const budgets: TokenBudget[] = [];
   const perDay = own?.day ?? relay.config.tokenBudgetPerDay;
   const perMonth = own?.month ?? relay.config.tokenBudgetPerMonth;
   if (perDay > 0) {
-    const key = `tokens-day:${today}:${context.caller.subject}`;
+    const key = `tokens-day:${today}:${caller.subject}`;
     budgets.push({
       variable: "TOKEN_BUDGET_PER_DAY",
       window: "day",
@@ -171,7 +178,7 @@ function tokenBudgets(relay: Relay, context: RequestContext): TokenBudget[] {
     });
   }
   if (perMonth > 0) {
-    const key = `tokens-month:${today.slice(0, 7)}:${context.caller.subject}`;
+    const key = `tokens-month:${today.slice(0, 7)}:${caller.subject}`;
     budgets.push({
       variable: "TOKEN_BUDGET_PER_MONTH",
       window: "month",
@@ -200,7 +207,7 @@ export async function answerUsage(relay: Relay, context: RequestContext): Promis
     };
   }));
   const budgets = await Promise.all(
-    tokenBudgets(relay, context).map(async ({ variable, window, budget, key, resetsAt }) => {
+    tokenBudgets(relay, context.caller).map(async ({ variable, window, budget, key, resetsAt }) => {
       const used = await counters.get(key);
       return {
         name: variable,
@@ -350,7 +357,7 @@ export function reserveTokens(relay: Relay, context: RequestContext): StageAnswe
 function refuseBackground(relay: Relay, context: RequestContext): Response | undefined {
   const background = context.body.payload?.background;
   if (background === undefined || background === null || background === false) return undefined;
-  const [budget] = tokenBudgets(relay, context);
+  const [budget] = tokenBudgets(relay, context.caller);
   if (budget === undefined) return undefined;
   const message = `background responses cannot be counted against this relay's token budget (${budget.variable}): ` +
     `their usage arrives after the request ends; send the request without "background"`;
@@ -361,7 +368,7 @@ function refuseBackground(relay: Relay, context: RequestContext): Response | und
 async function reserveBudgets(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const amount = Math.ceil(context.log.bytesIn / 4) + (context.body.answerTokens ?? 0);
   const settlements: ((used?: number) => unknown)[] = [];
-  for (const budget of tokenBudgets(relay, context)) {
+  for (const budget of tokenBudgets(relay, context.caller)) {
     const expiresAt = budget.resetsAt + 3_600_000;
     const { value: total, store } = await hold(
       relay.counters,
