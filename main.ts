@@ -52,14 +52,8 @@ export {
 export { envValue, migrateFlaskConfig } from "./src/migrate.ts";
 export type { Migration } from "./src/migrate.ts";
 export type { EnvFileOptions, UsageQuery } from "./src/cli.ts";
-export {
-  addressBytes,
-  inRanges,
-  parseAddressRange,
-  parseConfig,
-  parsePasswordHash,
-  PRIVATE_RANGES,
-} from "./src/config/parse.ts";
+export { parseConfig } from "./src/config/parse.ts";
+export { addressBytes, inRanges, parseAddressRange, parsePasswordHash, PRIVATE_RANGES } from "./src/config/values.ts";
 export type { ConfigResult } from "./src/config/parse.ts";
 export { OPTIONAL_ROUTES } from "./src/config/routes.ts";
 export { DEFAULTS, ENV_VARS, LOG_LEVELS, METACONFIGURATOR_ORIGINS, VERSION } from "./src/config/variables.ts";

@@ -6,7 +6,8 @@
  * @module
  */
 
-import { addressBytes, BARE_PASSWORD_USER, base64url, inRanges } from "./config/parse.ts";
+import { BARE_PASSWORD_USER } from "./config/parse.ts";
+import { addressBytes, base64url, inRanges } from "./config/values.ts";
 import type { PasswordHash, RelayUser, TrustedProxies } from "./config/variables.ts";
 import type { RelayMetrics } from "./observe.ts";
 import { textEncoder } from "./text.ts";

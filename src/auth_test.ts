@@ -13,7 +13,8 @@ import {
   verifyPasswordHash,
   withoutPort,
 } from "./auth.ts";
-import { inRanges, parseAddressRange, parsePasswordHash, parseTrustProxy } from "./config/parse.ts";
+import { parseTrustProxy } from "./config/parse.ts";
+import { inRanges, parseAddressRange, parsePasswordHash } from "./config/values.ts";
 import type { TrustedProxies } from "./config/variables.ts";
 
 /** TRUST_PROXY as the config reads it. */

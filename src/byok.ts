@@ -5,7 +5,7 @@
  * @module
  */
 
-import { base64url, fromBase64url } from "./config/parse.ts";
+import { base64url, fromBase64url } from "./config/values.ts";
 import type { Upstream } from "./config/variables.ts";
 import { textEncoder } from "./text.ts";
 

@@ -1,19 +1,11 @@
 /**
- * Unit tests of src/config/parse.ts beyond test/config_test.ts: numbers at and past their bounds, every problem at
+ * Unit tests of src/config/parse.ts (and the value parsers of src/config/values.ts) beyond test/config_test.ts: numbers at and past their bounds, every problem at
  * once across groups, errors that name their variable and never repeat a secret, URLs, header names and values,
  * TRUST_PROXY, address ranges and password hashes.
  */
 import assert from "node:assert/strict";
-import {
-  addressBytes,
-  base64url,
-  type ConfigResult,
-  parseAddressRange,
-  parseConfig,
-  parsePasswordHash,
-  parseTrustProxy,
-  PRIVATE_RANGES,
-} from "./parse.ts";
+import { type ConfigResult, parseConfig, parseTrustProxy } from "./parse.ts";
+import { addressBytes, base64url, parseAddressRange, parsePasswordHash, PRIVATE_RANGES } from "./values.ts";
 import type { RelayConfig, RelayEnv } from "./variables.ts";
 
 const KEY = "sk-CANARY-unit-provider-key";
