@@ -81,6 +81,7 @@ Deno.test("docs: what the README and docs/ say is true of the code", async (t) =
     }
     const served = new Map(Object.entries(ROUTES).map(([path, route]) => [path, route.method as string]));
     served.set("/metrics", "GET"); // added when METRICS names users
+    served.set("/admin", "GET").set("/admin/usage", "GET"); // added when ADMINS names users
     assert.deepEqual([...documented].sort(), [...served].sort());
   });
 
