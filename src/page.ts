@@ -6,9 +6,10 @@
  */
 
 import { LOOPBACK_AUTHORITY } from "./config/parse.ts";
-import { METACONFIGURATOR_ORIGINS, VERSION } from "./config/variables.ts";
+import { METACONFIGURATOR_ORIGINS, type RelayConfig, VERSION } from "./config/variables.ts";
 import type { Relay, RequestContext } from "./context.ts";
 import { errorResponse, jsonResponse } from "./http.ts";
+import { upstreamProbe } from "./probe.ts";
 import { textEncoder } from "./text.ts";
 
 /**
@@ -24,9 +25,20 @@ function publicBase(relay: Relay, context: RequestContext): string | undefined {
   return `${config.tlsCertFile ? "https" : "http"}://${host}${config.basePath}`;
 }
 
-/** MC's settings document that selects this relay: the relay, the endpoint it serves, and the model if one is set. */
-function mcSettings(relay: Relay, base: string) {
-  const model = relay.config.defaultModel ?? relay.config.allowedModels[0];
+/**
+ * The model MC is told to use: DEFAULT_MODEL, else the first of ALLOWED_MODELS, else the first model the (first)
+ * upstream lists (`upstreamProbe`: cached, never a long wait), else none, and MC keeps its own default; the start-up
+ * check warns then (src/startup.ts).
+ */
+export async function mcModel(config: RelayConfig): Promise<string | undefined> {
+  const configured = config.defaultModel ?? config.allowedModels[0];
+  if (configured !== undefined) return configured;
+  const states = await upstreamProbe(config).read();
+  return states.find((state) => state.name === config.upstreams[0].name)?.firstModel;
+}
+
+/** MC's settings document that selects this relay: the relay, the endpoint it serves, and the model if one is known. */
+function mcSettings(relay: Relay, base: string, model: string | undefined) {
   return { aiIntegration: { ...(model && { model }), backend: { relay: base, endpoint: relay.upstreams[0].baseUrl } } };
 }
 
@@ -40,7 +52,7 @@ export function mcSettingsLink(base: string): string {
  * that selects this relay, for `https://www.metaconfigurator.org/?settings=<relay>/mc-settings.json`. Nothing secret
  * is in it. 404 when the relay does not know the address users reach it at (set PUBLIC_URL).
  */
-export function answerMcSettings(relay: Relay, context: RequestContext): Response | undefined {
+export async function answerMcSettings(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const base = publicBase(relay, context);
   if (base === undefined) {
     return errorResponse(
@@ -49,13 +61,15 @@ export function answerMcSettings(relay: Relay, context: RequestContext): Respons
       "public_url_unknown",
     );
   }
-  return jsonResponse(mcSettings(relay, base), { headers: { "cache-control": "no-cache" } });
+  return jsonResponse(mcSettings(relay, base, await mcModel(relay.config)), {
+    headers: { "cache-control": "no-cache" },
+  });
 }
 
 /** Stage: GET / (under BASE_PATH; PAGE=false turns it off): the relay's own page, without credentials. */
 export async function answerPage(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const hashes = await pageHashes;
-  const body = textEncoder.encode(pageHtml(relay, context));
+  const body = textEncoder.encode(pageHtml(relay, context, await mcModel(relay.config)));
   return new Response(body, {
     headers: {
       "content-type": "text/html; charset=utf-8",
@@ -80,7 +94,7 @@ function escapeHtml(text: string): string {
  * limits and budgets. The information is in the HTML itself; only copying, sign-in and the chat need JavaScript. The
  * models (and so the upstreams) show only after sign-in; the key typed stays in the page's memory.
  */
-function pageHtml(relay: Relay, context: RequestContext): string {
+function pageHtml(relay: Relay, context: RequestContext, model: string | undefined): string {
   const { config } = relay;
   const base = publicBase(relay, context);
   const shown = (value: string | undefined, placeholder: string) =>
@@ -112,7 +126,7 @@ function pageHtml(relay: Relay, context: RequestContext): string {
 <style>${PAGE_STYLE}</style>
 </head>
 <body data-base-path="${escapeHtml(config.basePath)}" data-public="${config.publicAccess}" data-model="${
-    escapeHtml(config.defaultModel ?? "")
+    escapeHtml(model ?? "")
   }">
 <main>
 <h1>mc-relay</h1>
@@ -124,6 +138,11 @@ ${link}
 <dl>
 <dt>Relay URL (without <code>/v1</code>)</dt><dd><code data-copy="Relay URL">${relayUrl}</code></dd>
 <dt>Endpoint</dt><dd><code data-copy="Endpoint">${escapeHtml(relay.upstreams[0].baseUrl)}</code></dd>
+<dt>Model</dt><dd>${
+    model === undefined
+      ? "the name of a model this relay serves (sign in below to list them)"
+      : `<code data-copy="Model">${escapeHtml(model)}</code>`
+  }</dd>
 <dt>API key</dt><dd>${keyText}</dd>
 </dl>
 <h2>Use it from an OpenAI SDK</h2>

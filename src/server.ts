@@ -10,6 +10,7 @@ import { type EnvVar, type RelayConfig, VERSION } from "./config/variables.ts";
 import { createHandler } from "./handler.ts";
 import { BodyCut, errorResponse } from "./http.ts";
 import { createLogger, type Logger, metricsResponse, RelayMetrics } from "./observe.ts";
+import { checkAtStart } from "./startup.ts";
 import { openCounterStore } from "./stores/open.ts";
 import { ThreadLock } from "./stores/sqlite.ts";
 import { errorText } from "./text.ts";
@@ -98,6 +99,7 @@ export async function serve(
     });
     workers = startWorkers({ ...config, port }, config.workers - 1, lock);
     announce?.(port);
+    checkAtStart(config, log);
   });
   // METRICS_PORT: /metrics without auth on its own port, for a scraper on a private network.
   const metricsServer = config.metricsPort === undefined ? undefined : listen(

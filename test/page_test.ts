@@ -162,7 +162,12 @@ Deno.test("page: the relay's own page", async (t) => {
     assert.match(page.text, /<code data-copy="baseURL">https:\/\/relay\.example\.com\/v1<\/code>/);
     assert.ok(page.text.includes(upstream.url), "the endpoint to type into MC");
     assert.ok(page.text.includes("?settings=https%3A%2F%2Frelay.example.com%2Fmc-settings.json"));
-    assert.ok(!page.text.includes("gpt-test"), "no model before sign-in");
+    assert.match(page.text, /<ul id="models"><\/ul>/, "no model list before sign-in");
+    assert.match(
+      page.text,
+      /<code data-copy="Model">gpt-test<\/code>/,
+      "the model for MC, as /mc-settings.json has it",
+    );
     assert.ok(!page.text.includes(CANARY_KEY) && !page.text.includes(CANARY_PASSWORD));
     await using noPage = startRelay(testConfig(upstream.url, { page: false }));
     assert.equal((await noPage.call("/")).status, 404);
@@ -208,6 +213,41 @@ Deno.test("page: /mc-settings.json [security]", async (t) => {
       assert.ok(!unknown.text.includes("attacker"), "a Host header from outside is never trusted for it");
     },
   );
+});
+
+Deno.test("page: the model MC is told to use", async (t) => {
+  await t.step(
+    "without DEFAULT_MODEL, /mc-settings.json and the page name the upstream's first model, asked for once",
+    async () => {
+      await using upstream = startUpstream(openAiLikeUpstream);
+      await using relay = startRelay(testConfig(upstream.url, { publicUrl: "https://relay.example.com" }));
+      const settings = await relay.call("/mc-settings.json");
+      assert.equal(settings.json().aiIntegration.model, "gpt-test");
+      const page = await relay.call("/");
+      assert.match(page.text, /<code data-copy="Model">gpt-test<\/code>/);
+      await relay.call("/mc-settings.json");
+      const asked = upstream.requests.filter((request) => request.path === "/models");
+      assert.equal(asked.length, 1, "the model list is cached, not asked for per request");
+      assert.equal(asked[0].headers.get("authorization"), `Bearer ${CANARY_KEY}`, "asked with the upstream's key");
+    },
+  );
+
+  await t.step("DEFAULT_MODEL wins over the upstream's list, which is then not asked for", async () => {
+    await using upstream = startUpstream(openAiLikeUpstream);
+    await using relay = startRelay(
+      testConfig(upstream.url, { defaultModel: "llama-3", publicUrl: "https://r.example" }),
+    );
+    assert.equal((await relay.call("/mc-settings.json")).json().aiIntegration.model, "llama-3");
+    assert.equal(upstream.requests.length, 0);
+  });
+
+  await t.step("an upstream that lists no model (or does not answer) gives settings without a model", async () => {
+    await using upstream = startUpstream(() => Response.json({ object: "list", data: [] }));
+    await using relay = startRelay(testConfig(upstream.url, { publicUrl: "https://relay.example.com" }));
+    const settings = (await relay.call("/mc-settings.json")).json();
+    assert.equal(settings.aiIntegration.model, undefined);
+    assert.equal(settings.aiIntegration.backend.relay, "https://relay.example.com");
+  });
 });
 
 Deno.test({
@@ -538,7 +578,8 @@ Deno.test({
         assert.ok(text.includes(`Relay URL (without /v1)\n${relay.url}`), text);
         assert.ok(text.includes(`baseURL\n${relay.url}/v1`));
         assert.ok(text.includes(upstream.url), "the endpoint");
-        assert.ok(!text.includes("gpt-test"), "no model before sign-in");
+        assert.equal(await page.locator("#models li").count(), 0, "no model list before sign-in");
+        assert.ok(text.includes("Model\ngpt-test"), "the model for MC");
         assert.equal(await page.getByRole("button", { name: "Copy the Relay URL" }).count(), 1);
         const link = await page.getByRole("link", { name: /Set up MetaConfigurator/ }).getAttribute("href");
         assert.equal(

@@ -183,6 +183,35 @@ Deno.test("process: start-up and shutdown", async (t) => {
   );
 });
 
+/** Waits until the relay process has printed a log line matching `pattern` and returns it, parsed. */
+async function logLine(relay: Awaited<ReturnType<typeof spawnRelay>>, pattern: RegExp) {
+  return await within(
+    10000,
+    (async () => {
+      for (;;) {
+        const line = relay.output().stdout.split("\n").find((line) => pattern.test(line));
+        if (line) return JSON.parse(line);
+        await sleep(20);
+      }
+    })(),
+    `the relay printed no line matching ${pattern}`,
+  );
+}
+
+Deno.test("process: the start-up check", async (t) => {
+  await t.step(
+    "an upstream that lists no model and no DEFAULT_MODEL: a warning says to set DEFAULT_MODEL",
+    async () => {
+      await using upstream = startUpstream(() => Response.json({ object: "list", data: [] }));
+      const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: upstream.url, ALLOWED_ORIGIN: ALLOWED });
+      const warning = await logLine(relay, /"level":"warn".*DEFAULT_MODEL/);
+      assert.match(warning.msg, /no model for MetaConfigurator: .*set DEFAULT_MODEL, e\.g\. DEFAULT_MODEL=/);
+      relay.child.kill("SIGTERM");
+      assert.equal((await relay.finished()).code, 0);
+    },
+  );
+});
+
 Deno.test("process: the demo", async (t) => {
   await t.step(
     "the demo runs with nothing configured, prints URL, credentials and a curl line, and streams",

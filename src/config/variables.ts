@@ -122,11 +122,11 @@ export const VARIABLES = [
   {
     name: "DEFAULT_MODEL",
     group: "Upstream",
-    default: "the first of `ALLOWED_MODELS`, else none",
+    default: "the first of `ALLOWED_MODELS`, else the upstream's first model",
     example: "gpt-4o-mini",
-    summary: "the model MetaConfigurator's one-link settings select",
+    summary: "the model MetaConfigurator's one-link settings select (default: the upstream's first listed model)",
     details:
-      "The model `/mc-settings.json` selects in MetaConfigurator (and the page's test chat preselects). Without one, the settings name no model and MC keeps its own default (`alias-fast`).",
+      "The model `/mc-settings.json` and the page name for MetaConfigurator (and the page's test chat preselects). Unset: the first of `ALLOWED_MODELS`, else the first model the first upstream lists at its `/models` (asked once, cached, renewed at most every 30 s while someone asks); when there is none, the relay warns at start and the settings name no model, so MC would keep its own default (`alias-fast`).",
   },
   {
     name: "MC_RELAY_USERNAME",
