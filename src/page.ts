@@ -8,6 +8,7 @@
 import { LOOPBACK_AUTHORITY } from "./config/parse.ts";
 import { METACONFIGURATOR_ORIGINS, type RelayConfig, VERSION } from "./config/variables.ts";
 import type { Relay, RequestContext } from "./context.ts";
+import { mcEndpoint } from "./endpoint.ts";
 import { errorResponse, jsonResponse } from "./http.ts";
 import { upstreamProbe } from "./probe.ts";
 import { textEncoder } from "./text.ts";
@@ -39,7 +40,8 @@ export async function mcModel(config: RelayConfig): Promise<string | undefined> 
 
 /** MC's settings document that selects this relay: the relay, the endpoint it serves, and the model if one is known. */
 function mcSettings(relay: Relay, base: string, model: string | undefined) {
-  return { aiIntegration: { ...(model && { model }), backend: { relay: base, endpoint: relay.upstreams[0].baseUrl } } };
+  const endpoint = mcEndpoint(relay.config, relay.upstreams[0]);
+  return { aiIntegration: { ...(model && { model }), backend: { relay: base, endpoint } } };
 }
 
 /** The link that configures MetaConfigurator for this relay in one click. */
@@ -137,7 +139,9 @@ ${link}
 <p>Or type these into MetaConfigurator's AI settings (the relay option):</p>
 <dl>
 <dt>Relay URL (without <code>/v1</code>)</dt><dd><code data-copy="Relay URL">${relayUrl}</code></dd>
-<dt>Endpoint</dt><dd><code data-copy="Endpoint">${escapeHtml(relay.upstreams[0].baseUrl)}</code></dd>
+<dt>Endpoint</dt><dd><code data-copy="Endpoint">${
+    escapeHtml(mcEndpoint(config, relay.upstreams[0]))
+  }</code><br><span class="note">Which of this relay's AI providers to use: MC sends it with each request, and the relay checks it.</span></dd>
 <dt>Model</dt><dd>${
     model === undefined
       ? "the name of a model this relay serves (sign in below to list them)"

@@ -23,6 +23,7 @@ import {
   controlledStream,
   encoder,
   IN_CI,
+  minimalEnv,
   openAiLikeUpstream,
   rawRequest,
   seenByClientsOrLogs,
@@ -160,7 +161,7 @@ Deno.test("page: the relay's own page", async (t) => {
     }
     assert.match(page.text, /<code data-copy="Relay URL">https:\/\/relay\.example\.com<\/code>/);
     assert.match(page.text, /<code data-copy="baseURL">https:\/\/relay\.example\.com\/v1<\/code>/);
-    assert.ok(page.text.includes(upstream.url), "the endpoint to type into MC");
+    assert.match(page.text, /<code data-copy="Endpoint">upstream:default<\/code>/, "the endpoint to type into MC");
     assert.ok(page.text.includes("?settings=https%3A%2F%2Frelay.example.com%2Fmc-settings.json"));
     assert.match(page.text, /<ul id="models"><\/ul>/, "no model list before sign-in");
     assert.match(
@@ -193,7 +194,7 @@ Deno.test("page: /mc-settings.json [security]", async (t) => {
       assert.deepEqual(settings.json(), {
         aiIntegration: {
           model: "gpt-test",
-          backend: { relay: "https://relay.example.com/relay", endpoint: upstream.url },
+          backend: { relay: "https://relay.example.com/relay", endpoint: "upstream:default" },
         },
       });
       await using loopback = startRelay(testConfig(upstream.url));
@@ -248,6 +249,76 @@ Deno.test("page: the model MC is told to use", async (t) => {
     assert.equal(settings.aiIntegration.model, undefined);
     assert.equal(settings.aiIntegration.backend.relay, "https://relay.example.com");
   });
+});
+
+Deno.test("page: MC's endpoint [security]", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  const address = new URL(upstream.url).host;
+
+  await t.step(
+    "an upstream on a loopback address is named, never shown: upstream:default, which the relay accepts as X-Relay-Endpoint",
+    async () => {
+      await using relay = startRelay(testConfig(upstream.url, { publicUrl: "https://relay.example.com" }));
+      const page = await relay.call("/");
+      const settings = await relay.call("/mc-settings.json");
+      assert.equal(settings.json().aiIntegration.backend.endpoint, "upstream:default");
+      assert.match(page.text, /<code data-copy="Endpoint">upstream:default<\/code>/);
+      assert.match(
+        page.text,
+        /<dt>Endpoint<\/dt><dd>.*<span class="note">[^<]+<\/span><\/dd>/,
+        "one line says what it is",
+      );
+      for (const endpoint of ["upstream:default", " upstream:default/ ", `${upstream.url}/`]) {
+        const answer = await relay.chat(chatBody(), { "x-relay-endpoint": endpoint });
+        assert.equal(answer.status, 200, `X-Relay-Endpoint ${endpoint}`);
+      }
+      const wrong = await relay.chat(chatBody(), { "x-relay-endpoint": "upstream:elsewhere" });
+      assert.equal(wrong.status, 400);
+      assert.match(wrong.json().error.message, /is not the endpoint this relay serves \(upstream:default\)/);
+      for (const text of [page.text, settings.text, wrong.text]) {
+        assert.ok(!text.includes(address), "the upstream's address is not published");
+      }
+    },
+  );
+
+  await t.step("PUBLISH_UPSTREAM_URL=true shows it, as configured; =false names a public one", async () => {
+    const shown = parseConfig({
+      UPSTREAM_BASE_URL: `${upstream.url}/`,
+      UPSTREAM_API_KEY: CANARY_KEY,
+      PUBLIC_ACCESS: "true",
+      RATE_LIMIT_PER_MINUTE: "5",
+      TOKEN_BUDGET_PER_DAY: "1000",
+      PUBLISH_UPSTREAM_URL: "true",
+      PUBLIC_URL: "https://relay.example.com",
+      ALLOWED_ORIGIN: ALLOWED,
+    });
+    assert.ok(shown.ok);
+    await using relay = startRelay(shown.config);
+    assert.equal((await relay.call("/mc-settings.json")).json().aiIntegration.backend.endpoint, `${upstream.url}/`);
+    const named = parseConfig({ ...minimalEnv, PUBLISH_UPSTREAM_URL: "false", DEFAULT_MODEL: "m" });
+    assert.ok(named.ok);
+    await using namedRelay = startRelay({ ...named.config, publicUrl: "https://relay.example.com" });
+    assert.equal(
+      (await namedRelay.call("/mc-settings.json")).json().aiIntegration.backend.endpoint,
+      "upstream:default",
+    );
+    assert.ok(!parseConfig({ ...minimalEnv, PUBLISH_UPSTREAM_URL: "maybe" }).ok);
+  });
+
+  await t.step(
+    "a public upstream is shown exactly as configured, trailing slash kept (MC compares its preset as a string)",
+    async () => {
+      const blablador = "https://api.helmholtz-blablador.fz-juelich.de/v1/";
+      const result = parseConfig({ ...minimalEnv, UPSTREAM_BASE_URL: blablador, DEFAULT_MODEL: "alias-fast" });
+      assert.ok(result.ok);
+      await using relay = startRelay({ ...result.config, publicUrl: "https://relay.example.com" });
+      assert.deepEqual((await relay.call("/mc-settings.json")).json().aiIntegration, {
+        model: "alias-fast",
+        backend: { relay: "https://relay.example.com", endpoint: blablador },
+      });
+      assert.ok((await relay.call("/")).text.includes(`<code data-copy="Endpoint">${blablador}</code>`));
+    },
+  );
 });
 
 Deno.test({
@@ -577,7 +648,7 @@ Deno.test({
         assert.match(text, /Status: running/);
         assert.ok(text.includes(`Relay URL (without /v1)\n${relay.url}`), text);
         assert.ok(text.includes(`baseURL\n${relay.url}/v1`));
-        assert.ok(text.includes(upstream.url), "the endpoint");
+        assert.ok(text.includes("Endpoint\nupstream:default"), "the endpoint");
         assert.equal(await page.locator("#models li").count(), 0, "no model list before sign-in");
         assert.ok(text.includes("Model\ngpt-test"), "the model for MC");
         assert.equal(await page.getByRole("button", { name: "Copy the Relay URL" }).count(), 1);
@@ -625,7 +696,7 @@ Deno.test({
         const result = await pageFetch(mcPage, `${relay.url}/mc-settings.json`, {});
         assert.equal(result.error, null);
         assert.deepEqual(JSON.parse(result.text), {
-          aiIntegration: { model: "gpt-test", backend: { relay: relay.url, endpoint: upstream.url } },
+          aiIntegration: { model: "gpt-test", backend: { relay: relay.url, endpoint: "upstream:default" } },
         });
       },
     );

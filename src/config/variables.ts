@@ -199,6 +199,16 @@ export const VARIABLES = [
       "The address users reach the relay at, with any path prefix, for the page and `/mc-settings.json`. Unset: only a relay with a loopback `HOST` derives it, from a loopback `Host` header; otherwise `/mc-settings.json` answers 404 `public_url_unknown`.",
   },
   {
+    name: "PUBLISH_UPSTREAM_URL",
+    group: "Browsers and the page",
+    default: "`auto`",
+    example: "false",
+    summary:
+      "whether the page and /mc-settings.json show the upstream's URL as MC's endpoint (auto: not when it is private)",
+    details:
+      "What the page and `/mc-settings.json` give as MetaConfigurator's \"Endpoint\" (MC sends it back as `X-Relay-Endpoint` to pick an upstream). `auto`: the upstream's base URL as configured, unless its host is a loopback or private address, `localhost`, a name without a dot (a compose service such as `vllm`) or under `.local`, `.internal`, `.lan` or `.home.arpa`; such an upstream is shown as `upstream:<name>` (e.g. `upstream:default`), which the relay accepts besides the URL. `false`: every upstream is shown by name; `true`: every URL is shown.",
+  },
+  {
     name: "PAGE",
     group: "Browsers and the page",
     default: "`true`",
@@ -578,6 +588,11 @@ export interface RelayConfig {
   publicUrl?: string;
   /** The model the one-link MC settings select (DEFAULT_MODEL). */
   defaultModel?: string;
+  /**
+   * Whether the page and /mc-settings.json show the upstreams' base URLs (PUBLISH_UPSTREAM_URL): undefined (`auto`)
+   * shows those not on a private or loopback address (`endpointIsInternal`); the others are named `upstream:<name>`.
+   */
+  publishUpstreamUrl?: boolean;
   /** The secret that seals callers' keys for BYOK upstreams (SEAL_SECRET); unset: no sealed keys, no /seal. */
   sealSecret?: string;
   /** Former seal secrets whose sealed keys still open, during a rotation (SEAL_SECRETS_PREVIOUS). */
@@ -600,6 +615,8 @@ export interface Upstream {
   name: string;
   /** Base URL without a trailing slash, e.g. `https://api.openai.com/v1`. */
   baseUrl: string;
+  /** The base URL as configured, when that differs from `baseUrl` by a trailing slash: what MC is shown. */
+  shownUrl?: string;
   /** The provider key; sent to this upstream only, never to clients or logs. Empty for a BYOK upstream. */
   apiKey: string;
   /** Bring your own key: callers send their own provider key, which goes to this upstream only (`"byok": true`). */
