@@ -84,6 +84,20 @@ export function upstreamProbe(config: RelayConfig): UpstreamProbe {
   return probe;
 }
 
+/**
+ * What /health says of each upstream: its name, whether it answers (`null`: not checked, a BYOK upstream or a first
+ * check still running), and its HTTP status or why it gave none. No address, no model, nothing secret.
+ */
+export async function upstreamHealth(config: RelayConfig) {
+  const states = await upstreamProbe(config).read();
+  return states.map(({ name, answers, status, problem }) => ({
+    name,
+    answers,
+    ...(status !== undefined && { status }),
+    ...(problem !== undefined && { problem }),
+  }));
+}
+
 /** Resolves when `promise` does, or after `ms`, whichever comes first; the timer never outlives it. */
 async function waitAtMost(promise: Promise<unknown>, ms: number): Promise<void> {
   let timer: ReturnType<typeof setTimeout> | undefined;

@@ -1,15 +1,16 @@
 /**
  * The start-up check: once the relay listens, it asks its upstreams for their model lists (`upstreamProbe`, whose
- * answers the page and /health then reuse) and warns about what would fail later: no model MC could be told to use.
+ * answers the page and /health then reuse) and warns about what would fail later: an upstream that does not answer,
+ * a base URL without its `/v1`, no model MC could be told to use.
  * It never delays listening and never stops the relay.
  *
  * @module
  */
 
-import type { RelayConfig } from "./config/variables.ts";
+import type { RelayConfig, Upstream } from "./config/variables.ts";
 import type { Logger } from "./observe.ts";
 import { mcModel } from "./page.ts";
-import { upstreamProbe } from "./probe.ts";
+import { askUpstream, upstreamProbe, type UpstreamState } from "./probe.ts";
 
 /** What the start-up check learned, for the banner. */
 export interface StartupFacts {
@@ -19,7 +20,8 @@ export interface StartupFacts {
 
 /** Runs the start-up check and logs its warnings. */
 export async function checkAtStart(config: RelayConfig, log: Logger): Promise<StartupFacts> {
-  await upstreamProbe(config).check();
+  const states = await upstreamProbe(config).check();
+  await Promise.all(config.upstreams.map((upstream, index) => checkUpstream(upstream, states[index], log)));
   const model = await mcModel(config);
   if (model === undefined) {
     const first = config.upstreams[0];
@@ -31,4 +33,29 @@ export async function checkAtStart(config: RelayConfig, log: Logger): Promise<St
     );
   }
   return { model };
+}
+
+/**
+ * Warns when an upstream does not answer, or when its base URL looks one `/v1` short: `<base>/models` is 404 while
+ * `<base>/v1/models` answers (vLLM and Ollama serve the OpenAI API under /v1).
+ */
+async function checkUpstream(upstream: Upstream, state: UpstreamState, log: Logger): Promise<void> {
+  const where = upstream.name === "default"
+    ? "UPSTREAM_BASE_URL"
+    : `the baseUrl of UPSTREAMS_JSON entry "${upstream.name}"`;
+  const host = new URL(upstream.baseUrl).host;
+  if (state.answers === false) {
+    const why = state.problem ?? `HTTP ${state.status}`;
+    log.warn(
+      `upstream "${upstream.name}" (${host}) does not answer (${why}); the relay serves anyway, and /health shows when it answers; check ${where}`,
+    );
+    return;
+  }
+  if (state.status !== 404) return;
+  const withV1 = await askUpstream(upstream, `${upstream.baseUrl}/v1/models`);
+  if ("status" in withV1 && withV1.status >= 200 && withV1.status < 300) {
+    log.warn(
+      `upstream "${upstream.name}" (${host}) answers 404 at ${upstream.baseUrl}/models but serves ${upstream.baseUrl}/v1/models: add /v1 to ${where}, e.g. ${upstream.baseUrl}/v1`,
+    );
+  }
 }

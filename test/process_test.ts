@@ -199,6 +199,28 @@ async function logLine(relay: Awaited<ReturnType<typeof spawnRelay>>, pattern: R
 }
 
 Deno.test("process: the start-up check", async (t) => {
+  await t.step("a base URL without /v1 whose /v1/models answers: a warning says to add /v1", async () => {
+    await using upstream = startUpstream((request, seen) =>
+      seen.path.startsWith("/v1/")
+        ? openAiLikeUpstream(request, seen)
+        : new Response("404 page not found", { status: 404 })
+    );
+    const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: upstream.url, ALLOWED_ORIGIN: ALLOWED });
+    const warning = await logLine(relay, /"level":"warn".*add \/v1/);
+    assert.match(warning.msg, /answers 404 at .*\/models but serves .*\/v1\/models: add \/v1 to UPSTREAM_BASE_URL/);
+    relay.child.kill("SIGTERM");
+    assert.equal((await relay.finished()).code, 0);
+  });
+
+  await t.step("an upstream that does not answer at start: a warning, and the relay serves anyway", async () => {
+    const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: `http://127.0.0.1:${freePort()}/v1` });
+    const warning = await logLine(relay, /"level":"warn".*does not answer/);
+    assert.match(warning.msg, /upstream "default" \(127\.0\.0\.1:\d+\) does not answer \(connection refused\)/);
+    assert.equal((await fetch(`${relay.url}/health`).then((response) => response.json())).ok, true);
+    relay.child.kill("SIGTERM");
+    assert.equal((await relay.finished()).code, 0);
+  });
+
   await t.step(
     "an upstream that lists no model and no DEFAULT_MODEL: a warning says to set DEFAULT_MODEL",
     async () => {
