@@ -10,7 +10,7 @@ import { type EnvVar, type RelayConfig, VERSION } from "./config/variables.ts";
 import { createHandler } from "./handler.ts";
 import { BodyCut, errorResponse } from "./http.ts";
 import { createLogger, type Logger, metricsResponse, RelayMetrics } from "./observe.ts";
-import { checkAtStart } from "./startup.ts";
+import { checkAtStart, printBanner } from "./startup.ts";
 import { openCounterStore } from "./stores/open.ts";
 import { ThreadLock } from "./stores/sqlite.ts";
 import { errorText } from "./text.ts";
@@ -99,7 +99,8 @@ export async function serve(
     });
     workers = startWorkers({ ...config, port }, config.workers - 1, lock);
     announce?.(port);
-    checkAtStart(config, log);
+    // The demo announces itself; anything else gets the banner once the start-up check knows the model.
+    checkAtStart(config, log).then((facts) => announce || printBanner(config, port, facts));
   });
   // METRICS_PORT: /metrics without auth on its own port, for a scraper on a private network.
   const metricsServer = config.metricsPort === undefined ? undefined : listen(

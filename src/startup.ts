@@ -9,7 +9,10 @@
 
 import type { RelayConfig, Upstream } from "./config/variables.ts";
 import type { Logger } from "./observe.ts";
-import { mcModel } from "./page.ts";
+import { LOOPBACK_AUTHORITY } from "./config/parse.ts";
+import { VERSION } from "./config/variables.ts";
+import { mcEndpoint } from "./endpoint.ts";
+import { mcModel, mcSettingsLink } from "./page.ts";
 import { askUpstream, upstreamProbe, type UpstreamState } from "./probe.ts";
 
 /** What the start-up check learned, for the banner. */
@@ -58,4 +61,46 @@ async function checkUpstream(upstream: Upstream, state: UpstreamState, log: Logg
       `upstream "${upstream.name}" (${host}) answers 404 at ${upstream.baseUrl}/models but serves ${upstream.baseUrl}/v1/models: add /v1 to ${where}, e.g. ${upstream.baseUrl}/v1`,
     );
   }
+}
+
+/**
+ * The start-up banner for people, like the demo's: the page, MC's one link, the values for MC and for an SDK. It goes
+ * to stderr, and by default only when stderr is a terminal (BANNER), so stdout stays one JSON log line per event for
+ * machines. Nothing secret: no key, no password, no internal upstream address (`mcEndpoint`).
+ */
+export function startupBanner(config: RelayConfig, port: number, facts: StartupFacts): string {
+  const everywhere = ["0.0.0.0", "::", ""].includes(config.host);
+  const host = everywhere || LOOPBACK_AUTHORITY.test(config.host)
+    ? "localhost"
+    : config.host.includes(":")
+    ? `[${config.host}]`
+    : config.host;
+  const base = config.publicUrl ?? `${config.tlsCertFile ? "https" : "http"}://${host}:${port}${config.basePath}`;
+  // /mc-settings.json answers only where the relay knows its address: PUBLIC_URL, or a loopback HOST.
+  const link = config.publicUrl || LOOPBACK_AUTHORITY.test(config.host)
+    ? mcSettingsLink(base)
+    : "set PUBLIC_URL (the address users reach the relay at) for the one link";
+  const key = config.publicAccess
+    ? "none needed (public relay); an SDK needs any non-empty value, e.g. public"
+    : config.users.length > 0
+    ? "username:password of a relay user"
+    : "the caller's own provider key (bring your own key)";
+  return `
+mc-relay ${VERSION} is running.
+
+  This relay's page:          ${base}/
+  MetaConfigurator, one link: ${link}
+  MetaConfigurator, by hand:  Relay URL ${base}  (without /v1)
+                              Endpoint  ${mcEndpoint(config, config.upstreams[0])}
+                              Model     ${facts.model ?? "none known: set DEFAULT_MODEL"}
+  An OpenAI SDK's baseURL:    ${base}/v1
+  API key:                    ${key}
+
+The log lines (JSON) go to stdout; BANNER=false turns this banner off.
+`;
+}
+
+/** Prints the banner on stderr when BANNER says so (by default: when stderr is a terminal). */
+export function printBanner(config: RelayConfig, port: number, facts: StartupFacts): void {
+  if (config.banner ?? Deno.stderr.isTerminal()) console.error(startupBanner(config, port, facts));
 }

@@ -234,6 +234,50 @@ Deno.test("process: the start-up check", async (t) => {
   );
 });
 
+Deno.test("process: the start-up banner", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+
+  await t.step(
+    "BANNER=true prints the page, the one link and the values for MC and an SDK on stderr; stdout stays JSON",
+    async () => {
+      const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: `${upstream.url}/v1`, BANNER: "true" });
+      await within(
+        10000,
+        (async () => {
+          while (!relay.output().stderr.includes("BANNER=false")) await sleep(20);
+        })(),
+        "no banner on stderr",
+      );
+      const base = `http://localhost:${new URL(relay.url).port}`;
+      const { stderr } = relay.output();
+      assert.ok(stderr.includes(`This relay's page:          ${base}/\n`), stderr);
+      assert.ok(stderr.includes(mcLink(`${base}/mc-settings.json`)), "the one link");
+      assert.match(
+        stderr,
+        new RegExp(`Relay URL ${base}  \\(without /v1\\)\n +Endpoint  upstream:default\n +Model     gpt-test\n`),
+      );
+      assert.ok(stderr.includes(`baseURL:    ${base}/v1\n`));
+      assert.ok(!stderr.includes(new URL(upstream.url).host), "no internal upstream address");
+      relay.child.kill("SIGTERM");
+      assert.equal((await relay.finished()).code, 0);
+      for (const line of relay.output().stdout.split("\n").filter(Boolean)) JSON.parse(line);
+      assert.ok(!stderr.includes(CANARY_KEY) && !stderr.includes(CANARY_PASSWORD), "nothing secret");
+    },
+  );
+
+  await t.step("without a terminal on stderr (and by default) there is no banner: stderr stays empty", async () => {
+    const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: `${upstream.url}/v1` });
+    await logLine(relay, /"msg":"mc-relay [^"]+ listening"/);
+    await sleep(300);
+    relay.child.kill("SIGTERM");
+    await relay.finished();
+    assert.equal(relay.output().stderr, "");
+  });
+});
+
+/** MC's one-link URL for a settings document. */
+const mcLink = (settings: string) => `https://www.metaconfigurator.org/?settings=${encodeURIComponent(settings)}`;
+
 Deno.test("process: the demo", async (t) => {
   await t.step(
     "the demo runs with nothing configured, prints URL, credentials and a curl line, and streams",

@@ -373,7 +373,7 @@ export function parseSealing(env: RelayEnv, upstreams: Upstream[], errors: strin
   return { sealSecret, sealSecretsPrevious };
 }
 
-/** The relay's own page and one-link MC settings: PAGE, PUBLIC_URL, DEFAULT_MODEL. */
+/** The relay's own page, one-link MC settings and banner: PAGE, PUBLIC_URL, DEFAULT_MODEL, PUBLISH_UPSTREAM_URL, BANNER. */
 function parsePresentation(read: ReturnType<typeof envReader>, errors: string[]) {
   const page = read.text("PAGE") === undefined ? true : read.flag("PAGE", "true (a page at /) or false");
   const raw = read.text("PUBLIC_URL");
@@ -402,7 +402,16 @@ function parsePresentation(read: ReturnType<typeof envReader>, errors: string[])
     );
   }
   const publishUpstreamUrl = publish === "true" ? true : publish === "false" ? false : undefined;
-  return { page, publicUrl, defaultModel: read.text("DEFAULT_MODEL"), publishUpstreamUrl };
+  const bannerText = read.text("BANNER")?.toLowerCase();
+  if (bannerText !== undefined && !["auto", "true", "false"].includes(bannerText)) {
+    errors.push(
+      `BANNER must be auto (the start-up banner when stderr is a terminal), true or false, got "${
+        read.text("BANNER")
+      }"`,
+    );
+  }
+  const banner = bannerText === "true" ? true : bannerText === "false" ? false : undefined;
+  return { page, publicUrl, defaultModel: read.text("DEFAULT_MODEL"), publishUpstreamUrl, banner };
 }
 
 /** WORKERS: a whole number of threads from 1, or `auto` (one per core). */

@@ -209,6 +209,16 @@ export const VARIABLES = [
       "What the page and `/mc-settings.json` give as MetaConfigurator's \"Endpoint\" (MC sends it back as `X-Relay-Endpoint` to pick an upstream). `auto`: the upstream's base URL as configured, unless its host is a loopback or private address, `localhost`, a name without a dot (a compose service such as `vllm`) or under `.local`, `.internal`, `.lan` or `.home.arpa`; such an upstream is shown as `upstream:<name>` (e.g. `upstream:default`), which the relay accepts besides the URL. `false`: every upstream is shown by name; `true`: every URL is shown.",
   },
   {
+    name: "BANNER",
+    group: "Server",
+    default: "`auto`",
+    example: "false",
+    summary:
+      "the short human banner at start (page, one link, values for MC and an SDK) on stderr: auto = when stderr is a terminal",
+    details:
+      "At start the relay prints a short banner for people on stderr: its page, MetaConfigurator's one link, the values to type into MC (relay URL, endpoint, model) and an SDK's base URL. Nothing secret is in it. `auto`: only when stderr is a terminal, so `docker logs`, systemd and scripts see the JSON log lines on stdout alone; `true` always; `false` never.",
+  },
+  {
     name: "PAGE",
     group: "Browsers and the page",
     default: "`true`",
@@ -593,6 +603,8 @@ export interface RelayConfig {
    * shows those not on a private or loopback address (`endpointIsInternal`); the others are named `upstream:<name>`.
    */
   publishUpstreamUrl?: boolean;
+  /** Whether the start-up banner is printed on stderr (BANNER): undefined (`auto`) when stderr is a terminal. */
+  banner?: boolean;
   /** The secret that seals callers' keys for BYOK upstreams (SEAL_SECRET); unset: no sealed keys, no /seal. */
   sealSecret?: string;
   /** Former seal secrets whose sealed keys still open, during a rotation (SEAL_SECRETS_PREVIOUS). */
