@@ -108,6 +108,10 @@ function pageHtml(relay: Relay, context: RequestContext, model: string | undefin
   const keyText = config.publicAccess
     ? "nothing: this relay is public (leave MC's key field empty), or your <code>username:password</code> if you have one"
     : "your <code>username:password</code>, from whoever runs this relay";
+  // The OpenAI SDKs refuse an empty key; a public relay takes any key that names no user as no key at all.
+  const sdkKeyText = config.publicAccess
+    ? `<code data-copy="apiKey">public</code> (any non-empty value: the SDKs refuse an empty key), or your <code>username:password</code> if you have one`
+    : keyText;
   const state = relay.counters.state === "degraded"
     ? "running, counting limits in this copy alone (store unreachable)"
     : "running";
@@ -152,15 +156,22 @@ ${link}
 <h2>Use it from an OpenAI SDK</h2>
 <dl>
 <dt><code>baseURL</code></dt><dd><code data-copy="baseURL">${sdkUrl}</code></dd>
-<dt><code>apiKey</code></dt><dd>${keyText}</dd>
+<dt><code>apiKey</code></dt><dd>${sdkKeyText}</dd>
 </dl>
 <h2>Try it</h2>
 <noscript><p>Signing in and the test chat need JavaScript.</p></noscript>
 <form id="sign-in" hidden>
-<label for="key">API key (<code>username:password</code>${config.publicAccess ? ", or empty" : ""})</label>
+${
+    config.publicAccess
+      ? `<p>This relay is public: nothing is needed to try it. If you have a <code>username:password</code>, type it for your own limits.</p>
+<label for="key">API key (optional)</label>
 <input id="key" type="password" autocomplete="current-password" spellcheck="false">
-<button type="submit">Sign in</button>
-<p class="note">The key stays in this page's memory; it is sent to this relay only.</p>
+<button type="submit">Show models and limits</button>`
+      : `<label for="key">API key (<code>username:password</code>)</label>
+<input id="key" type="password" autocomplete="current-password" spellcheck="false">
+<button type="submit">Sign in</button>`
+  }
+<p class="note">A key typed here stays in this page's memory; it is sent to this relay only.</p>
 </form>
 <div id="signed-in" hidden>
 <h3>Models</h3>

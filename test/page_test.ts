@@ -321,6 +321,35 @@ Deno.test("page: MC's endpoint [security]", async (t) => {
   );
 });
 
+Deno.test("page: a public relay's page", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+
+  await t.step(
+    "it gives SDKs an apiKey that works (the SDKs refuse an empty one) and says no 'Sign in' where nothing is needed",
+    async () => {
+      await using relay = startRelay(testConfig(upstream.url, {
+        publicAccess: true,
+        rateLimitPerMinute: 10,
+        tokenBudgetPerDay: 10_000,
+      }));
+      const page = await relay.call("/");
+      const placeholder = /<dt><code>apiKey<\/code><\/dt><dd><code data-copy="apiKey">([^<]+)<\/code>/.exec(page.text)
+        ?.[1];
+      assert.equal(placeholder, "public");
+      assert.doesNotMatch(page.text, /sign in/i);
+      assert.match(page.text, /nothing is needed to try it/);
+      const sdkCall = await relay.chat(chatBody(), { authorization: `Bearer ${placeholder}` });
+      assert.equal(sdkCall.status, 200, "the placeholder is accepted");
+      await using keyed = startRelay(testConfig(upstream.url));
+      assert.match(
+        (await keyed.call("/")).text,
+        /<button type="submit">Sign in<\/button>/,
+        "a relay with users asks to sign in",
+      );
+    },
+  );
+});
+
 Deno.test({
   name: "page: in the browser",
   ignore: !HAVE_CHROMIUM && !IN_CI,
