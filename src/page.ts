@@ -10,7 +10,7 @@ import { METACONFIGURATOR_ORIGINS, type RelayConfig, VERSION } from "./config/va
 import type { Relay, RequestContext } from "./context.ts";
 import { mcEndpoint } from "./endpoint.ts";
 import { errorResponse, jsonResponse } from "./http.ts";
-import { upstreamProbe } from "./probe.ts";
+import { upstreamProbe, type UpstreamState } from "./probe.ts";
 import { textEncoder } from "./text.ts";
 
 /**
@@ -71,7 +71,8 @@ export async function answerMcSettings(relay: Relay, context: RequestContext): P
 /** Stage: GET / (under BASE_PATH; PAGE=false turns it off): the relay's own page, without credentials. */
 export async function answerPage(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const hashes = await pageHashes;
-  const body = textEncoder.encode(pageHtml(relay, context, await mcModel(relay.config)));
+  const [model, states] = await Promise.all([mcModel(relay.config), upstreamProbe(relay.config).read()]);
+  const body = textEncoder.encode(pageHtml(relay, context, model, providerState(states)));
   return new Response(body, {
     headers: {
       "content-type": "text/html; charset=utf-8",
@@ -85,6 +86,14 @@ export async function answerPage(relay: Relay, context: RequestContext): Promise
   });
 }
 
+/** What the page says of the AI provider (the first upstream), from the cached check: nothing when it is unknown. */
+function providerState(states: UpstreamState[]): string {
+  const answers = states[0]?.answers;
+  if (answers === true) return "; its AI provider answers";
+  if (answers === false) return "; <strong>its AI provider does not answer right now</strong>";
+  return "";
+}
+
 /** Text for HTML, with `&`, `<`, `>`, `"` and `'` escaped. */
 function escapeHtml(text: string): string {
   return text.replace(/[&<>"']/g, (char) => `&#${char.charCodeAt(0)};`);
@@ -96,7 +105,7 @@ function escapeHtml(text: string): string {
  * limits and budgets. The information is in the HTML itself; only copying, sign-in and the chat need JavaScript. The
  * models (and so the upstreams) show only after sign-in; the key typed stays in the page's memory.
  */
-function pageHtml(relay: Relay, context: RequestContext, model: string | undefined): string {
+function pageHtml(relay: Relay, context: RequestContext, model: string | undefined, provider: string): string {
   const { config } = relay;
   const base = publicBase(relay, context);
   const shown = (value: string | undefined, placeholder: string) =>
@@ -137,7 +146,7 @@ function pageHtml(relay: Relay, context: RequestContext, model: string | undefin
 <main>
 <h1>mc-relay</h1>
 <p>A relay between web apps such as <a href="https://www.metaconfigurator.org">MetaConfigurator</a> and an OpenAI-compatible AI provider. It keeps the provider's key on the server and answers browsers from the allowed origins only.</p>
-<p id="status">Status: <strong>${escapeHtml(state)}</strong>, version ${VERSION}.</p>
+<p id="status">Status: <strong>${escapeHtml(state)}</strong>${provider}. Version ${VERSION}.</p>
 <h2>Use it from MetaConfigurator</h2>
 ${link}
 <p>Or type these into MetaConfigurator's AI settings (the relay option):</p>
@@ -145,7 +154,7 @@ ${link}
 <dt>Relay URL (without <code>/v1</code>)</dt><dd><code data-copy="Relay URL">${relayUrl}</code></dd>
 <dt>Endpoint</dt><dd><code data-copy="Endpoint">${
     escapeHtml(mcEndpoint(config, relay.upstreams[0]))
-  }</code><br><span class="note">Which of this relay's AI providers to use: MC sends it with each request, and the relay checks it.</span></dd>
+  }</code><br><span class="note">Which AI provider behind this relay answers MC: MC sends this name with each request.</span></dd>
 <dt>Model</dt><dd>${
     model === undefined
       ? "the name of a model this relay serves (sign in below to list them)"
@@ -260,7 +269,7 @@ $("sign-in").addEventListener("submit", async (event) => {
     $("model").replaceChildren(...models.map((id) => Object.assign(document.createElement("option"), { value: id, textContent: id, selected: id === data.model })));
     const usage = await (await call("/usage")).json();
     const lines = [
-      ...usage.budgets.map((b) => b.remaining.toLocaleString("en-US") + " of " + b.budget.toLocaleString("en-US") + " tokens left this UTC " + b.window + " (renews " + b.resets_at + ")"),
+      ...usage.budgets.map((b) => b.remaining.toLocaleString("en-US") + " of " + b.budget.toLocaleString("en-US") + " tokens left this UTC " + b.window + " (renews " + new Date(b.resets_at).toLocaleString("en-GB", { timeZone: "UTC", dateStyle: "medium", timeStyle: "short" }) + " UTC)"),
       ...usage.limits.map((l) => l.remaining + " of " + l.limit + " requests left per " + l.window),
       ...(usage.max_tokens_per_request ? ["answers up to " + usage.max_tokens_per_request + " tokens"] : []),
     ];

@@ -321,6 +321,17 @@ Deno.test("page: MC's endpoint [security]", async (t) => {
   );
 });
 
+Deno.test("page: the status says whether the AI provider answers", async () => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  await using relay = startRelay(testConfig(upstream.url));
+  assert.match((await relay.call("/")).text, /Status: <strong>running<\/strong>; its AI provider answers\./);
+  const down = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (down.addr as Deno.NetAddr).port;
+  down.close();
+  await using lonely = startRelay(testConfig(`http://127.0.0.1:${port}/v1`));
+  assert.match((await lonely.call("/")).text, /its AI provider does not answer right now/);
+});
+
 Deno.test("page: a public relay's page", async (t) => {
   await using upstream = startUpstream(openAiLikeUpstream);
 
