@@ -88,6 +88,7 @@ export async function serve(
   let workers: Worker[] = [];
   // The WORKERS threads take turns at the SQLite file through one lock in shared memory (`ThreadLock`).
   const lock = config.workers > 1 ? new ThreadLock() : undefined;
+  let listeningPort = config.port;
   const { server, counters, metrics } = await startServer(config, log, lock, (port, url) => {
     log.info(`mc-relay ${VERSION} listening`, {
       url,
@@ -99,8 +100,7 @@ export async function serve(
     });
     workers = startWorkers({ ...config, port }, config.workers - 1, lock);
     announce?.(port);
-    // The demo announces itself; anything else gets the banner once the start-up check knows the model.
-    checkAtStart(config, log).then((facts) => announce || printBanner(config, port, facts));
+    listeningPort = port;
   });
   // METRICS_PORT: /metrics without auth on its own port, for a scraper on a private network.
   const metricsServer = config.metricsPort === undefined ? undefined : listen(
@@ -150,6 +150,9 @@ export async function serve(
       // Some hosts (Deno Deploy) manage the process themselves and offer no signals.
     }
   }
+  // Once everything listens and the signals are handled: the start-up check, then the banner (the demo announces
+  // itself instead). A macrotask later, so the work of the check never delays the signal handlers.
+  setTimeout(() => checkAtStart(config, log).then((facts) => announce || printBanner(config, listeningPort, facts)));
   await server.finished;
 }
 

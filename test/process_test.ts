@@ -66,8 +66,11 @@ Deno.test("process: start-up and shutdown", async (t) => {
 
   await t.step("SIGTERM stops new connections, lets in-flight streams finish, and exits 0", async () => {
     const stream = controlledStream();
-    await using upstream = startUpstream(() =>
-      new Response(stream.body, { headers: { "content-type": "text/event-stream" } })
+    // The relay's start-up check asks for the model list; the one stream is for the chat.
+    await using upstream = startUpstream((request, seen) =>
+      seen.path.endsWith("/models")
+        ? openAiLikeUpstream(request, seen)
+        : new Response(stream.body, { headers: { "content-type": "text/event-stream" } })
     );
     const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: upstream.url, SHUTDOWN_TIMEOUT_SECONDS: "10" });
     const response = await fetch(`${relay.url}/v1/chat/completions`, {
