@@ -8,6 +8,7 @@
 import { exitWithErrors } from "./cli.ts";
 import { parseConfig } from "./config/parse.ts";
 import { METACONFIGURATOR_ORIGINS, type RelayEnv } from "./config/variables.ts";
+import { mcEndpoint } from "./endpoint.ts";
 import { mcSettingsLink } from "./page.ts";
 import { serve } from "./server.ts";
 
@@ -266,7 +267,7 @@ mc-relay demo: the relay runs in front of a built-in echo model; nothing leaves 
   This relay's page:          ${base}/
   MetaConfigurator, one link: ${mcSettingsLink(base)}
   MetaConfigurator, by hand:  Relay URL ${base}  (without /v1)
-                              Endpoint  ${config.upstreams[0].baseUrl}
+                              Endpoint  ${mcEndpoint(config, config.upstreams[0])}
   An OpenAI SDK's baseURL:    ${base}/v1
   API key (username:password): ${apiKeyForClients}
   Model:                      ${DEMO_MODEL}

@@ -6,9 +6,11 @@
  */
 
 import { LOOPBACK_AUTHORITY } from "./config/parse.ts";
-import { METACONFIGURATOR_ORIGINS, VERSION } from "./config/variables.ts";
+import { METACONFIGURATOR_ORIGINS, type RelayConfig, VERSION } from "./config/variables.ts";
 import type { Relay, RequestContext } from "./context.ts";
+import { mcEndpoint } from "./endpoint.ts";
 import { errorResponse, jsonResponse } from "./http.ts";
+import { upstreamProbe, type UpstreamState } from "./probe.ts";
 import { textEncoder } from "./text.ts";
 
 /**
@@ -24,10 +26,22 @@ function publicBase(relay: Relay, context: RequestContext): string | undefined {
   return `${config.tlsCertFile ? "https" : "http"}://${host}${config.basePath}`;
 }
 
-/** MC's settings document that selects this relay: the relay, the endpoint it serves, and the model if one is set. */
-function mcSettings(relay: Relay, base: string) {
-  const model = relay.config.defaultModel ?? relay.config.allowedModels[0];
-  return { aiIntegration: { ...(model && { model }), backend: { relay: base, endpoint: relay.upstreams[0].baseUrl } } };
+/**
+ * The model MC is told to use: DEFAULT_MODEL, else the first of ALLOWED_MODELS, else the first model the (first)
+ * upstream lists (`upstreamProbe`: cached, never a long wait), else none, and MC keeps its own default; the start-up
+ * check warns then (src/startup.ts).
+ */
+export async function mcModel(config: RelayConfig): Promise<string | undefined> {
+  const configured = config.defaultModel ?? config.allowedModels[0];
+  if (configured !== undefined) return configured;
+  const states = await upstreamProbe(config).read();
+  return states.find((state) => state.name === config.upstreams[0].name)?.firstModel;
+}
+
+/** MC's settings document that selects this relay: the relay, the endpoint it serves, and the model if one is known. */
+function mcSettings(relay: Relay, base: string, model: string | undefined) {
+  const endpoint = mcEndpoint(relay.config, relay.upstreams[0]);
+  return { aiIntegration: { ...(model && { model }), backend: { relay: base, endpoint } } };
 }
 
 /** The link that configures MetaConfigurator for this relay in one click. */
@@ -40,7 +54,7 @@ export function mcSettingsLink(base: string): string {
  * that selects this relay, for `https://www.metaconfigurator.org/?settings=<relay>/mc-settings.json`. Nothing secret
  * is in it. 404 when the relay does not know the address users reach it at (set PUBLIC_URL).
  */
-export function answerMcSettings(relay: Relay, context: RequestContext): Response | undefined {
+export async function answerMcSettings(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const base = publicBase(relay, context);
   if (base === undefined) {
     return errorResponse(
@@ -49,13 +63,16 @@ export function answerMcSettings(relay: Relay, context: RequestContext): Respons
       "public_url_unknown",
     );
   }
-  return jsonResponse(mcSettings(relay, base), { headers: { "cache-control": "no-cache" } });
+  return jsonResponse(mcSettings(relay, base, await mcModel(relay.config)), {
+    headers: { "cache-control": "no-cache" },
+  });
 }
 
 /** Stage: GET / (under BASE_PATH; PAGE=false turns it off): the relay's own page, without credentials. */
 export async function answerPage(relay: Relay, context: RequestContext): Promise<Response | undefined> {
   const hashes = await pageHashes;
-  const body = textEncoder.encode(pageHtml(relay, context));
+  const [model, states] = await Promise.all([mcModel(relay.config), upstreamProbe(relay.config).read()]);
+  const body = textEncoder.encode(pageHtml(relay, context, model, providerState(states)));
   return new Response(body, {
     headers: {
       "content-type": "text/html; charset=utf-8",
@@ -69,6 +86,14 @@ export async function answerPage(relay: Relay, context: RequestContext): Promise
   });
 }
 
+/** What the page says of the AI provider (the first upstream), from the cached check: nothing when it is unknown. */
+function providerState(states: UpstreamState[]): string {
+  const answers = states[0]?.answers;
+  if (answers === true) return "; its AI provider answers";
+  if (answers === false) return "; <strong>its AI provider does not answer right now</strong>";
+  return "";
+}
+
 /** Text for HTML, with `&`, `<`, `>`, `"` and `'` escaped. */
 export function escapeHtml(text: string): string {
   return text.replace(/[&<>"']/g, (char) => `&#${char.charCodeAt(0)};`);
@@ -80,7 +105,7 @@ export function escapeHtml(text: string): string {
  * limits and budgets. The information is in the HTML itself; only copying, sign-in and the chat need JavaScript. The
  * models (and so the upstreams) show only after sign-in; the key typed stays in the page's memory.
  */
-function pageHtml(relay: Relay, context: RequestContext): string {
+function pageHtml(relay: Relay, context: RequestContext, model: string | undefined, provider: string): string {
   const { config } = relay;
   const base = publicBase(relay, context);
   const shown = (value: string | undefined, placeholder: string) =>
@@ -92,6 +117,10 @@ function pageHtml(relay: Relay, context: RequestContext): string {
   const keyText = config.publicAccess
     ? "nothing: this relay is public (leave MC's key field empty), or your <code>username:password</code> if you have one"
     : "your <code>username:password</code>, from whoever runs this relay";
+  // The OpenAI SDKs refuse an empty key; a public relay takes any key that names no user as no key at all.
+  const sdkKeyText = config.publicAccess
+    ? `<code data-copy="apiKey">public</code> (any non-empty value: the SDKs refuse an empty key), or your <code>username:password</code> if you have one`
+    : keyText;
   const state = relay.counters.state === "degraded"
     ? "running, counting limits in this copy alone (store unreachable)"
     : "running";
@@ -112,32 +141,46 @@ function pageHtml(relay: Relay, context: RequestContext): string {
 <style>${PAGE_STYLE}</style>
 </head>
 <body data-base-path="${escapeHtml(config.basePath)}" data-public="${config.publicAccess}" data-model="${
-    escapeHtml(config.defaultModel ?? "")
+    escapeHtml(model ?? "")
   }">
 <main>
 <h1>mc-relay</h1>
 <p>A relay between web apps such as <a href="https://www.metaconfigurator.org">MetaConfigurator</a> and an OpenAI-compatible AI provider. It keeps the provider's key on the server and answers browsers from the allowed origins only.</p>
-<p id="status">Status: <strong>${escapeHtml(state)}</strong>, version ${VERSION}.</p>
+<p id="status">Status: <strong>${escapeHtml(state)}</strong>${provider}. Version ${VERSION}.</p>
 <h2>Use it from MetaConfigurator</h2>
 ${link}
 <p>Or type these into MetaConfigurator's AI settings (the relay option):</p>
 <dl>
 <dt>Relay URL (without <code>/v1</code>)</dt><dd><code data-copy="Relay URL">${relayUrl}</code></dd>
-<dt>Endpoint</dt><dd><code data-copy="Endpoint">${escapeHtml(relay.upstreams[0].baseUrl)}</code></dd>
+<dt>Endpoint</dt><dd><code data-copy="Endpoint">${
+    escapeHtml(mcEndpoint(config, relay.upstreams[0]))
+  }</code><br><span class="note">Which AI provider behind this relay answers MC: MC sends this name with each request.</span></dd>
+<dt>Model</dt><dd>${
+    model === undefined
+      ? "the name of a model this relay serves (sign in below to list them)"
+      : `<code data-copy="Model">${escapeHtml(model)}</code>`
+  }</dd>
 <dt>API key</dt><dd>${keyText}</dd>
 </dl>
 <h2>Use it from an OpenAI SDK</h2>
 <dl>
 <dt><code>baseURL</code></dt><dd><code data-copy="baseURL">${sdkUrl}</code></dd>
-<dt><code>apiKey</code></dt><dd>${keyText}</dd>
+<dt><code>apiKey</code></dt><dd>${sdkKeyText}</dd>
 </dl>
 <h2>Try it</h2>
 <noscript><p>Signing in and the test chat need JavaScript.</p></noscript>
 <form id="sign-in" hidden>
-<label for="key">API key (<code>username:password</code>${config.publicAccess ? ", or empty" : ""})</label>
+${
+    config.publicAccess
+      ? `<p>This relay is public: nothing is needed to try it. If you have a <code>username:password</code>, type it for your own limits.</p>
+<label for="key">API key (optional)</label>
 <input id="key" type="password" autocomplete="current-password" spellcheck="false">
-<button type="submit">Sign in</button>
-<p class="note">The key stays in this page's memory; it is sent to this relay only.</p>
+<button type="submit">Show models and limits</button>`
+      : `<label for="key">API key (<code>username:password</code>)</label>
+<input id="key" type="password" autocomplete="current-password" spellcheck="false">
+<button type="submit">Sign in</button>`
+  }
+<p class="note">A key typed here stays in this page's memory; it is sent to this relay only.</p>
 </form>
 <div id="signed-in" hidden>
 <h3>Models</h3>
@@ -226,7 +269,7 @@ $("sign-in").addEventListener("submit", async (event) => {
     $("model").replaceChildren(...models.map((id) => Object.assign(document.createElement("option"), { value: id, textContent: id, selected: id === data.model })));
     const usage = await (await call("/usage")).json();
     const lines = [
-      ...usage.budgets.map((b) => b.remaining.toLocaleString("en-US") + " of " + b.budget.toLocaleString("en-US") + " tokens left this UTC " + b.window + " (renews " + b.resets_at + ")"),
+      ...usage.budgets.map((b) => b.remaining.toLocaleString("en-US") + " of " + b.budget.toLocaleString("en-US") + " tokens left this UTC " + b.window + " (renews " + new Date(b.resets_at).toLocaleString("en-GB", { timeZone: "UTC", dateStyle: "medium", timeStyle: "short" }) + " UTC)"),
       ...usage.limits.map((l) => l.remaining + " of " + l.limit + " requests left per " + l.window),
       ...(usage.max_tokens_per_request ? ["answers up to " + usage.max_tokens_per_request + " tokens"] : []),
     ];

@@ -11,6 +11,7 @@ import { createHandler } from "./handler.ts";
 import { BodyCut, errorResponse } from "./http.ts";
 import { createLogger, type Logger, metricsResponse, RelayMetrics } from "./observe.ts";
 import { planReload, type Running } from "./reload.ts";
+import { checkAtStart, printBanner } from "./startup.ts";
 import { openCounterStore } from "./stores/open.ts";
 import { ThreadLock } from "./stores/sqlite.ts";
 import { errorText } from "./text.ts";
@@ -109,6 +110,7 @@ export async function serve(
       for (const worker of workers) worker.postMessage({ reload: config });
     });
   }
+  let listeningPort = config.port;
   const serving = await startServer(config, log, lock, (port, url) => {
     log.info(`mc-relay ${VERSION} listening`, {
       url,
@@ -121,6 +123,7 @@ export async function serve(
     workers = startWorkers({ ...config, port }, config.workers - 1, lock);
     running.config = { ...running.config, port };
     announce?.(port);
+    listeningPort = port;
   });
   started.resolve(serving);
   const { server, counters, metrics } = serving;
@@ -173,6 +176,9 @@ export async function serve(
       // Some hosts (Deno Deploy) manage the process themselves and offer no signals.
     }
   }
+  // Once everything listens and the signals are handled: the start-up check, then the banner (the demo announces
+  // itself instead). A macrotask later, so the work of the check never delays the signal handlers.
+  setTimeout(() => checkAtStart(config, log).then((facts) => announce || printBanner(config, listeningPort, facts)));
   await server.finished;
 }
 

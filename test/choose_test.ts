@@ -157,7 +157,8 @@ Deno.test("choose: upstreams", async (t) => {
         const other = await chat("https://api.other.example/v1");
         assert.equal(other.status, 400);
         assert.equal(other.json().error.code, "unknown_upstream");
-        assert.ok(other.json().error.message.includes(upstream.url), "names the endpoint this relay serves");
+        assert.ok(other.json().error.message.includes("(upstream:default)"), "names the endpoint this relay serves");
+        assert.ok(!other.json().error.message.includes(upstream.url), "by name: a loopback address is not published");
         assert.equal(other.headers.get("access-control-allow-origin"), ALLOWED, "MC can show the message");
         assert.equal(upstream.requests.length, before);
       },

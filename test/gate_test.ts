@@ -36,16 +36,82 @@ function seededRandom(seed: number): () => number {
   };
 }
 
+Deno.test("gate: /health and the upstreams", async (t) => {
+  await t.step(
+    "/health stays 200 while the only upstream is down and says so, from one cached check for many health checks",
+    async () => {
+      const down = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+      const port = (down.addr as Deno.NetAddr).port;
+      down.close();
+      await using relay = startRelay(testConfig(`http://127.0.0.1:${port}/v1`));
+      const answers = await Promise.all([1, 2, 3].map(() => relay.call("/health")));
+      for (const answer of answers) {
+        assert.equal(answer.status, 200);
+        assert.equal(answer.json().ok, true);
+      }
+      const [state] = (await relay.call("/health")).json().upstreams;
+      assert.deepEqual(state, { name: "default", answers: false, problem: "connection refused" });
+    },
+  );
+
+  await t.step("the upstreams are probed at most once per 30 s, however often /health is asked", async () => {
+    await using upstream = startUpstream(openAiLikeUpstream);
+    await using relay = startRelay(testConfig(upstream.url));
+    for (let i = 0; i < 20; i++) assert.equal((await relay.call("/health")).status, 200);
+    assert.equal(upstream.requests.length, 1);
+  });
+
+  await t.step("a BYOK upstream is never probed (it has no key of its own) and shows as unchecked", async () => {
+    await using upstream = startUpstream(openAiLikeUpstream);
+    await using relay = startRelay(
+      testConfig(upstream.url, {
+        upstreams: [{
+          name: "own",
+          baseUrl: upstream.url,
+          apiKey: "",
+          byok: true,
+          authHeader: "Authorization",
+          authPrefix: "Bearer",
+          extraHeaders: {},
+        }],
+      }),
+    );
+    assert.deepEqual((await relay.call("/health")).json().upstreams, [{ name: "own", answers: null }]);
+    assert.equal(upstream.requests.length, 0);
+  });
+
+  await t.step("/v1/v1/... gets a 404 that says to remove the extra /v1 from the client's base URL", async () => {
+    await using upstream = startUpstream(openAiLikeUpstream);
+    await using relay = startRelay(testConfig(upstream.url));
+    const doubled = await relay.call("/v1/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: GOOD_BEARER },
+    });
+    assert.equal(doubled.status, 404);
+    assert.match(
+      doubled.json().error.message,
+      /^mc-relay: the path has \/v1 twice: remove the extra \/v1 from the client's base URL/,
+    );
+  });
+});
+
 Deno.test("gate: routes and /health", async (t) => {
   await using upstream = startUpstream(openAiLikeUpstream);
   await using relay = startRelay(testConfig(`${upstream.url}/api/v1`));
   const auth = { authorization: GOOD_BEARER };
 
-  await t.step("GET /health answers ok without credentials and never calls the upstream", async () => {
+  await t.step("GET /health answers ok without credentials and says whether the upstream answers", async () => {
     const response = await relay.call("/health");
     assert.equal(response.status, 200);
-    assert.deepEqual(response.json(), { status: "ok", ok: true, endpoints: 1, state: "ok" });
-    assert.equal(upstream.requests.length, 0);
+    assert.deepEqual(response.json(), {
+      status: "ok",
+      ok: true,
+      endpoints: 1,
+      state: "ok",
+      upstreams: [{ name: "default", answers: true, status: 200 }],
+    });
+    assert.deepEqual(upstream.requests.map((request) => request.path), ["/api/v1/models"], "its model list, once");
+    upstream.requests.length = 0;
   });
 
   await t.step("GET /v1/models maps to UPSTREAM_BASE_URL + /models", async () => {

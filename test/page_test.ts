@@ -23,6 +23,7 @@ import {
   controlledStream,
   encoder,
   IN_CI,
+  minimalEnv,
   openAiLikeUpstream,
   rawRequest,
   seenByClientsOrLogs,
@@ -160,9 +161,14 @@ Deno.test("page: the relay's own page", async (t) => {
     }
     assert.match(page.text, /<code data-copy="Relay URL">https:\/\/relay\.example\.com<\/code>/);
     assert.match(page.text, /<code data-copy="baseURL">https:\/\/relay\.example\.com\/v1<\/code>/);
-    assert.ok(page.text.includes(upstream.url), "the endpoint to type into MC");
+    assert.match(page.text, /<code data-copy="Endpoint">upstream:default<\/code>/, "the endpoint to type into MC");
     assert.ok(page.text.includes("?settings=https%3A%2F%2Frelay.example.com%2Fmc-settings.json"));
-    assert.ok(!page.text.includes("gpt-test"), "no model before sign-in");
+    assert.match(page.text, /<ul id="models"><\/ul>/, "no model list before sign-in");
+    assert.match(
+      page.text,
+      /<code data-copy="Model">gpt-test<\/code>/,
+      "the model for MC, as /mc-settings.json has it",
+    );
     assert.ok(!page.text.includes(CANARY_KEY) && !page.text.includes(CANARY_PASSWORD));
     await using noPage = startRelay(testConfig(upstream.url, { page: false }));
     assert.equal((await noPage.call("/")).status, 404);
@@ -188,7 +194,7 @@ Deno.test("page: /mc-settings.json [security]", async (t) => {
       assert.deepEqual(settings.json(), {
         aiIntegration: {
           model: "gpt-test",
-          backend: { relay: "https://relay.example.com/relay", endpoint: upstream.url },
+          backend: { relay: "https://relay.example.com/relay", endpoint: "upstream:default" },
         },
       });
       await using loopback = startRelay(testConfig(upstream.url));
@@ -206,6 +212,151 @@ Deno.test("page: /mc-settings.json [security]", async (t) => {
       assert.equal(unknown.status, 404);
       assert.match(unknown.text, /public_url_unknown/);
       assert.ok(!unknown.text.includes("attacker"), "a Host header from outside is never trusted for it");
+    },
+  );
+});
+
+Deno.test("page: the model MC is told to use", async (t) => {
+  await t.step(
+    "without DEFAULT_MODEL, /mc-settings.json and the page name the upstream's first model, asked for once",
+    async () => {
+      await using upstream = startUpstream(openAiLikeUpstream);
+      await using relay = startRelay(testConfig(upstream.url, { publicUrl: "https://relay.example.com" }));
+      const settings = await relay.call("/mc-settings.json");
+      assert.equal(settings.json().aiIntegration.model, "gpt-test");
+      const page = await relay.call("/");
+      assert.match(page.text, /<code data-copy="Model">gpt-test<\/code>/);
+      await relay.call("/mc-settings.json");
+      const asked = upstream.requests.filter((request) => request.path === "/models");
+      assert.equal(asked.length, 1, "the model list is cached, not asked for per request");
+      assert.equal(asked[0].headers.get("authorization"), `Bearer ${CANARY_KEY}`, "asked with the upstream's key");
+    },
+  );
+
+  await t.step("DEFAULT_MODEL wins over the upstream's list, which is then not asked for", async () => {
+    await using upstream = startUpstream(openAiLikeUpstream);
+    await using relay = startRelay(
+      testConfig(upstream.url, { defaultModel: "llama-3", publicUrl: "https://r.example" }),
+    );
+    assert.equal((await relay.call("/mc-settings.json")).json().aiIntegration.model, "llama-3");
+    assert.equal(upstream.requests.length, 0);
+  });
+
+  await t.step("an upstream that lists no model (or does not answer) gives settings without a model", async () => {
+    await using upstream = startUpstream(() => Response.json({ object: "list", data: [] }));
+    await using relay = startRelay(testConfig(upstream.url, { publicUrl: "https://relay.example.com" }));
+    const settings = (await relay.call("/mc-settings.json")).json();
+    assert.equal(settings.aiIntegration.model, undefined);
+    assert.equal(settings.aiIntegration.backend.relay, "https://relay.example.com");
+  });
+});
+
+Deno.test("page: MC's endpoint [security]", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  const address = new URL(upstream.url).host;
+
+  await t.step(
+    "an upstream on a loopback address is named, never shown: upstream:default, which the relay accepts as X-Relay-Endpoint",
+    async () => {
+      await using relay = startRelay(testConfig(upstream.url, { publicUrl: "https://relay.example.com" }));
+      const page = await relay.call("/");
+      const settings = await relay.call("/mc-settings.json");
+      assert.equal(settings.json().aiIntegration.backend.endpoint, "upstream:default");
+      assert.match(page.text, /<code data-copy="Endpoint">upstream:default<\/code>/);
+      assert.match(
+        page.text,
+        /<dt>Endpoint<\/dt><dd>.*<span class="note">[^<]+<\/span><\/dd>/,
+        "one line says what it is",
+      );
+      for (const endpoint of ["upstream:default", " upstream:default/ ", `${upstream.url}/`]) {
+        const answer = await relay.chat(chatBody(), { "x-relay-endpoint": endpoint });
+        assert.equal(answer.status, 200, `X-Relay-Endpoint ${endpoint}`);
+      }
+      const wrong = await relay.chat(chatBody(), { "x-relay-endpoint": "upstream:elsewhere" });
+      assert.equal(wrong.status, 400);
+      assert.match(wrong.json().error.message, /is not the endpoint this relay serves \(upstream:default\)/);
+      for (const text of [page.text, settings.text, wrong.text]) {
+        assert.ok(!text.includes(address), "the upstream's address is not published");
+      }
+    },
+  );
+
+  await t.step("PUBLISH_UPSTREAM_URL=true shows it, as configured; =false names a public one", async () => {
+    const shown = parseConfig({
+      UPSTREAM_BASE_URL: `${upstream.url}/`,
+      UPSTREAM_API_KEY: CANARY_KEY,
+      PUBLIC_ACCESS: "true",
+      RATE_LIMIT_PER_MINUTE: "5",
+      TOKEN_BUDGET_PER_DAY: "1000",
+      PUBLISH_UPSTREAM_URL: "true",
+      PUBLIC_URL: "https://relay.example.com",
+      ALLOWED_ORIGIN: ALLOWED,
+    });
+    assert.ok(shown.ok);
+    await using relay = startRelay(shown.config);
+    assert.equal((await relay.call("/mc-settings.json")).json().aiIntegration.backend.endpoint, `${upstream.url}/`);
+    const named = parseConfig({ ...minimalEnv, PUBLISH_UPSTREAM_URL: "false", DEFAULT_MODEL: "m" });
+    assert.ok(named.ok);
+    await using namedRelay = startRelay({ ...named.config, publicUrl: "https://relay.example.com" });
+    assert.equal(
+      (await namedRelay.call("/mc-settings.json")).json().aiIntegration.backend.endpoint,
+      "upstream:default",
+    );
+    assert.ok(!parseConfig({ ...minimalEnv, PUBLISH_UPSTREAM_URL: "maybe" }).ok);
+  });
+
+  await t.step(
+    "a public upstream is shown exactly as configured, trailing slash kept (MC compares its preset as a string)",
+    async () => {
+      const blablador = "https://api.helmholtz-blablador.fz-juelich.de/v1/";
+      const result = parseConfig({ ...minimalEnv, UPSTREAM_BASE_URL: blablador, DEFAULT_MODEL: "alias-fast" });
+      assert.ok(result.ok);
+      await using relay = startRelay({ ...result.config, publicUrl: "https://relay.example.com" });
+      assert.deepEqual((await relay.call("/mc-settings.json")).json().aiIntegration, {
+        model: "alias-fast",
+        backend: { relay: "https://relay.example.com", endpoint: blablador },
+      });
+      assert.ok((await relay.call("/")).text.includes(`<code data-copy="Endpoint">${blablador}</code>`));
+    },
+  );
+});
+
+Deno.test("page: the status says whether the AI provider answers", async () => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  await using relay = startRelay(testConfig(upstream.url));
+  assert.match((await relay.call("/")).text, /Status: <strong>running<\/strong>; its AI provider answers\./);
+  const down = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (down.addr as Deno.NetAddr).port;
+  down.close();
+  await using lonely = startRelay(testConfig(`http://127.0.0.1:${port}/v1`));
+  assert.match((await lonely.call("/")).text, /its AI provider does not answer right now/);
+});
+
+Deno.test("page: a public relay's page", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+
+  await t.step(
+    "it gives SDKs an apiKey that works (the SDKs refuse an empty one) and says no 'Sign in' where nothing is needed",
+    async () => {
+      await using relay = startRelay(testConfig(upstream.url, {
+        publicAccess: true,
+        rateLimitPerMinute: 10,
+        tokenBudgetPerDay: 10_000,
+      }));
+      const page = await relay.call("/");
+      const placeholder = /<dt><code>apiKey<\/code><\/dt><dd><code data-copy="apiKey">([^<]+)<\/code>/.exec(page.text)
+        ?.[1];
+      assert.equal(placeholder, "public");
+      assert.doesNotMatch(page.text, /sign in/i);
+      assert.match(page.text, /nothing is needed to try it/);
+      const sdkCall = await relay.chat(chatBody(), { authorization: `Bearer ${placeholder}` });
+      assert.equal(sdkCall.status, 200, "the placeholder is accepted");
+      await using keyed = startRelay(testConfig(upstream.url));
+      assert.match(
+        (await keyed.call("/")).text,
+        /<button type="submit">Sign in<\/button>/,
+        "a relay with users asks to sign in",
+      );
     },
   );
 });
@@ -537,8 +688,9 @@ Deno.test({
         assert.match(text, /Status: running/);
         assert.ok(text.includes(`Relay URL (without /v1)\n${relay.url}`), text);
         assert.ok(text.includes(`baseURL\n${relay.url}/v1`));
-        assert.ok(text.includes(upstream.url), "the endpoint");
-        assert.ok(!text.includes("gpt-test"), "no model before sign-in");
+        assert.ok(text.includes("Endpoint\nupstream:default"), "the endpoint");
+        assert.equal(await page.locator("#models li").count(), 0, "no model list before sign-in");
+        assert.ok(text.includes("Model\ngpt-test"), "the model for MC");
         assert.equal(await page.getByRole("button", { name: "Copy the Relay URL" }).count(), 1);
         const link = await page.getByRole("link", { name: /Set up MetaConfigurator/ }).getAttribute("href");
         assert.equal(
@@ -584,7 +736,7 @@ Deno.test({
         const result = await pageFetch(mcPage, `${relay.url}/mc-settings.json`, {});
         assert.equal(result.error, null);
         assert.deepEqual(JSON.parse(result.text), {
-          aiIntegration: { model: "gpt-test", backend: { relay: relay.url, endpoint: upstream.url } },
+          aiIntegration: { model: "gpt-test", backend: { relay: relay.url, endpoint: "upstream:default" } },
         });
       },
     );

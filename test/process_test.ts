@@ -108,8 +108,11 @@ Deno.test("process: start-up and shutdown", async (t) => {
 
   await t.step("SIGTERM stops new connections, lets in-flight streams finish, and exits 0", async () => {
     const stream = controlledStream();
-    await using upstream = startUpstream(() =>
-      new Response(stream.body, { headers: { "content-type": "text/event-stream" } })
+    // The relay's start-up check asks for the model list; the one stream is for the chat.
+    await using upstream = startUpstream((request, seen) =>
+      seen.path.endsWith("/models")
+        ? openAiLikeUpstream(request, seen)
+        : new Response(stream.body, { headers: { "content-type": "text/event-stream" } })
     );
     const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: upstream.url, SHUTDOWN_TIMEOUT_SECONDS: "10" });
     const response = await fetch(`${relay.url}/v1/chat/completions`, {
@@ -224,6 +227,101 @@ Deno.test("process: start-up and shutdown", async (t) => {
     },
   );
 });
+
+/** Waits until the relay process has printed a log line matching `pattern` and returns it, parsed. */
+async function logLine(relay: Awaited<ReturnType<typeof spawnRelay>>, pattern: RegExp) {
+  return await within(
+    10000,
+    (async () => {
+      for (;;) {
+        const line = relay.output().stdout.split("\n").find((line) => pattern.test(line));
+        if (line) return JSON.parse(line);
+        await sleep(20);
+      }
+    })(),
+    `the relay printed no line matching ${pattern}`,
+  );
+}
+
+Deno.test("process: the start-up check", async (t) => {
+  await t.step("a base URL without /v1 whose /v1/models answers: a warning says to add /v1", async () => {
+    await using upstream = startUpstream((request, seen) =>
+      seen.path.startsWith("/v1/")
+        ? openAiLikeUpstream(request, seen)
+        : new Response("404 page not found", { status: 404 })
+    );
+    const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: upstream.url, ALLOWED_ORIGIN: ALLOWED });
+    const warning = await logLine(relay, /"level":"warn".*add \/v1/);
+    assert.match(warning.msg, /answers 404 at .*\/models but serves .*\/v1\/models: add \/v1 to UPSTREAM_BASE_URL/);
+    relay.child.kill("SIGTERM");
+    assert.equal((await relay.finished()).code, 0);
+  });
+
+  await t.step("an upstream that does not answer at start: a warning, and the relay serves anyway", async () => {
+    const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: `http://127.0.0.1:${freePort()}/v1` });
+    const warning = await logLine(relay, /"level":"warn".*does not answer/);
+    assert.match(warning.msg, /upstream "default" \(127\.0\.0\.1:\d+\) does not answer \(connection refused\)/);
+    assert.equal((await fetch(`${relay.url}/health`).then((response) => response.json())).ok, true);
+    relay.child.kill("SIGTERM");
+    assert.equal((await relay.finished()).code, 0);
+  });
+
+  await t.step(
+    "an upstream that lists no model and no DEFAULT_MODEL: a warning says to set DEFAULT_MODEL",
+    async () => {
+      await using upstream = startUpstream(() => Response.json({ object: "list", data: [] }));
+      const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: upstream.url, ALLOWED_ORIGIN: ALLOWED });
+      const warning = await logLine(relay, /"level":"warn".*DEFAULT_MODEL/);
+      assert.match(warning.msg, /no model for MetaConfigurator: .*set DEFAULT_MODEL, e\.g\. DEFAULT_MODEL=/);
+      relay.child.kill("SIGTERM");
+      assert.equal((await relay.finished()).code, 0);
+    },
+  );
+});
+
+Deno.test("process: the start-up banner", async (t) => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+
+  await t.step(
+    "BANNER=true prints the page, the one link and the values for MC and an SDK on stderr; stdout stays JSON",
+    async () => {
+      const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: `${upstream.url}/v1`, BANNER: "true" });
+      await within(
+        10000,
+        (async () => {
+          while (!relay.output().stderr.includes("BANNER=false")) await sleep(20);
+        })(),
+        "no banner on stderr",
+      );
+      const base = `http://localhost:${new URL(relay.url).port}`;
+      const { stderr } = relay.output();
+      assert.ok(stderr.includes(`This relay's page:          ${base}/\n`), stderr);
+      assert.ok(stderr.includes(mcLink(`${base}/mc-settings.json`)), "the one link");
+      assert.match(
+        stderr,
+        new RegExp(`Relay URL ${base}  \\(without /v1\\)\n +Endpoint  upstream:default\n +Model     gpt-test\n`),
+      );
+      assert.ok(stderr.includes(`baseURL:    ${base}/v1\n`));
+      assert.ok(!stderr.includes(new URL(upstream.url).host), "no internal upstream address");
+      relay.child.kill("SIGTERM");
+      assert.equal((await relay.finished()).code, 0);
+      for (const line of relay.output().stdout.split("\n").filter(Boolean)) JSON.parse(line);
+      assert.ok(!stderr.includes(CANARY_KEY) && !stderr.includes(CANARY_PASSWORD), "nothing secret");
+    },
+  );
+
+  await t.step("without a terminal on stderr (and by default) there is no banner: stderr stays empty", async () => {
+    const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: `${upstream.url}/v1` });
+    await logLine(relay, /"msg":"mc-relay [^"]+ listening"/);
+    await sleep(300);
+    relay.child.kill("SIGTERM");
+    await relay.finished();
+    assert.equal(relay.output().stderr, "");
+  });
+});
+
+/** MC's one-link URL for a settings document. */
+const mcLink = (settings: string) => `https://www.metaconfigurator.org/?settings=${encodeURIComponent(settings)}`;
 
 Deno.test("process: the demo", async (t) => {
   await t.step(

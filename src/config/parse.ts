@@ -376,7 +376,7 @@ export function parseSealing(env: RelayEnv, upstreams: Upstream[], errors: strin
   return { sealSecret, sealSecretsPrevious };
 }
 
-/** The relay's own page and one-link MC settings: PAGE, PUBLIC_URL, DEFAULT_MODEL. */
+/** The relay's own page, one-link MC settings and banner: PAGE, PUBLIC_URL, DEFAULT_MODEL, PUBLISH_UPSTREAM_URL, BANNER. */
 function parsePresentation(read: ReturnType<typeof envReader>, errors: string[]) {
   const page = read.text("PAGE") === undefined ? true : read.flag("PAGE", "true (a page at /) or false");
   const raw = read.text("PUBLIC_URL");
@@ -396,7 +396,25 @@ function parsePresentation(read: ReturnType<typeof envReader>, errors: string[])
       );
     }
   }
-  return { page, publicUrl, defaultModel: read.text("DEFAULT_MODEL") };
+  const publish = read.text("PUBLISH_UPSTREAM_URL")?.toLowerCase();
+  if (publish !== undefined && !["auto", "true", "false"].includes(publish)) {
+    errors.push(
+      `PUBLISH_UPSTREAM_URL must be auto (publish unless the upstream is on a private or loopback address), true or false, got "${
+        read.text("PUBLISH_UPSTREAM_URL")
+      }"`,
+    );
+  }
+  const publishUpstreamUrl = publish === "true" ? true : publish === "false" ? false : undefined;
+  const bannerText = read.text("BANNER")?.toLowerCase();
+  if (bannerText !== undefined && !["auto", "true", "false"].includes(bannerText)) {
+    errors.push(
+      `BANNER must be auto (the start-up banner when stderr is a terminal), true or false, got "${
+        read.text("BANNER")
+      }"`,
+    );
+  }
+  const banner = bannerText === "true" ? true : bannerText === "false" ? false : undefined;
+  return { page, publicUrl, defaultModel: read.text("DEFAULT_MODEL"), publishUpstreamUrl, banner };
 }
 
 /** WORKERS: a whole number of threads from 1, or `auto` (one per core). */
@@ -704,7 +722,8 @@ export function parseUpstreams(env: RelayEnv, errors: string[]): Upstream[] {
       }
     }
     if (baseUrl && apiKey) {
-      upstreams.push({ name: "default", baseUrl, apiKey, authHeader, authPrefix, extraHeaders, byok: false });
+      const shown = shownBaseUrl(baseUrl, value("UPSTREAM_BASE_URL"));
+      upstreams.push({ name: "default", baseUrl, ...shown, apiKey, authHeader, authPrefix, extraHeaders, byok: false });
     }
   }
   if (listed) {
@@ -737,9 +756,11 @@ export function parseUpstreams(env: RelayEnv, errors: string[]): Upstream[] {
       if (byok === true && apiKey !== undefined) {
         errors.push(`${where} is "byok": its callers bring their own key, so it has no "apiKey"; remove one of them`);
       }
+      const parsedBase = parseBaseUrl(text(baseUrl), `${where} baseUrl`, errors);
       const upstream: Upstream = {
         name: String(name),
-        baseUrl: parseBaseUrl(text(baseUrl), `${where} baseUrl`, errors) ?? "",
+        baseUrl: parsedBase ?? "",
+        ...shownBaseUrl(parsedBase, text(baseUrl)),
         apiKey: byok === true
           ? ""
           : parseApiKey(typeof apiKey === "string" ? apiKey : undefined, `${where} apiKey`, errors) ?? "",
@@ -779,6 +800,14 @@ function parseKeyPattern(raw: unknown, where: string, errors: string[]): RegExp 
   }
   errors.push(`${where} "keyPattern" must be a regular expression a key must match, e.g. "^sk-"`);
   return undefined;
+}
+
+/**
+ * A base URL as MC is shown it: as configured, so a trailing slash stays (MC compares its own relay preset's endpoint
+ * as an exact string, slash included), in the normalised form the relay matches X-Relay-Endpoint against.
+ */
+function shownBaseUrl(baseUrl: string | undefined, raw: string | undefined): { shownUrl?: string } {
+  return baseUrl && raw?.endsWith("/") ? { shownUrl: `${baseUrl}/` } : {};
 }
 
 function parseBaseUrl(raw: string | undefined, label: string, errors: string[]): string | undefined {

@@ -122,11 +122,11 @@ export const VARIABLES = [
   {
     name: "DEFAULT_MODEL",
     group: "Upstream",
-    default: "the first of `ALLOWED_MODELS`, else none",
+    default: "the first of `ALLOWED_MODELS`, else the upstream's first model",
     example: "gpt-4o-mini",
-    summary: "the model MetaConfigurator's one-link settings select",
+    summary: "the model MetaConfigurator's one-link settings select (default: the upstream's first listed model)",
     details:
-      "The model `/mc-settings.json` selects in MetaConfigurator (and the page's test chat preselects). Without one, the settings name no model and MC keeps its own default (`alias-fast`).",
+      "The model `/mc-settings.json` and the page name for MetaConfigurator (and the page's test chat preselects). Unset: the first of `ALLOWED_MODELS`, else the first model the first upstream lists at its `/models` (asked once, cached, renewed at most every 30 s while someone asks); when there is none, the relay warns at start and the settings name no model, so MC would keep its own default (`alias-fast`).",
   },
   {
     name: "MC_RELAY_USERNAME",
@@ -197,6 +197,26 @@ export const VARIABLES = [
     summary: "the address users reach the relay at (BASE_PATH included), for the page and /mc-settings.json",
     details:
       "The address users reach the relay at, with any path prefix, for the page and `/mc-settings.json`. Unset: only a relay with a loopback `HOST` derives it, from a loopback `Host` header; otherwise `/mc-settings.json` answers 404 `public_url_unknown`.",
+  },
+  {
+    name: "PUBLISH_UPSTREAM_URL",
+    group: "Browsers and the page",
+    default: "`auto`",
+    example: "false",
+    summary:
+      "whether the page and /mc-settings.json show the upstream's URL as MC's endpoint (auto: not when it is private)",
+    details:
+      "What the page and `/mc-settings.json` give as MetaConfigurator's \"Endpoint\" (MC sends it back as `X-Relay-Endpoint` to pick an upstream). `auto`: the upstream's base URL as configured, unless its host is a loopback or private address, `localhost`, a name without a dot (a compose service such as `vllm`) or under `.local`, `.internal`, `.lan` or `.home.arpa`; such an upstream is shown as `upstream:<name>` (e.g. `upstream:default`), which the relay accepts besides the URL. `false`: every upstream is shown by name; `true`: every URL is shown.",
+  },
+  {
+    name: "BANNER",
+    group: "Server",
+    default: "`auto`",
+    example: "false",
+    summary:
+      "the short human banner at start (page, one link, values for MC and an SDK) on stderr: auto = when stderr is a terminal",
+    details:
+      "At start the relay prints a short banner for people on stderr: its page, MetaConfigurator's one link, the values to type into MC (relay URL, endpoint, model) and an SDK's base URL. Nothing secret is in it. `auto`: only when stderr is a terminal, so `docker logs`, systemd and scripts see the JSON log lines on stdout alone; `true` always; `false` never.",
   },
   {
     name: "PAGE",
@@ -589,6 +609,13 @@ export interface RelayConfig {
   publicUrl?: string;
   /** The model the one-link MC settings select (DEFAULT_MODEL). */
   defaultModel?: string;
+  /**
+   * Whether the page and /mc-settings.json show the upstreams' base URLs (PUBLISH_UPSTREAM_URL): undefined (`auto`)
+   * shows those not on a private or loopback address (`endpointIsInternal`); the others are named `upstream:<name>`.
+   */
+  publishUpstreamUrl?: boolean;
+  /** Whether the start-up banner is printed on stderr (BANNER): undefined (`auto`) when stderr is a terminal. */
+  banner?: boolean;
   /** The secret that seals callers' keys for BYOK upstreams (SEAL_SECRET); unset: no sealed keys, no /seal. */
   sealSecret?: string;
   /** Former seal secrets whose sealed keys still open, during a rotation (SEAL_SECRETS_PREVIOUS). */
@@ -611,6 +638,8 @@ export interface Upstream {
   name: string;
   /** Base URL without a trailing slash, e.g. `https://api.openai.com/v1`. */
   baseUrl: string;
+  /** The base URL as configured, when that differs from `baseUrl` by a trailing slash: what MC is shown. */
+  shownUrl?: string;
   /** The provider key; sent to this upstream only, never to clients or logs. Empty for a BYOK upstream. */
   apiKey: string;
   /** Bring your own key: callers send their own provider key, which goes to this upstream only (`"byok": true`). */

@@ -15,7 +15,8 @@ import {
   type UpstreamTarget,
 } from "../context.ts";
 import { deadlines } from "../deadlines.ts";
-import { describeNetworkError, jsonResponse } from "../http.ts";
+import { endpointPicks, mcEndpoint } from "../endpoint.ts";
+import { describeNetworkError, errorResponse, jsonResponse } from "../http.ts";
 import { type JsonObject, parseJson, readBody } from "../streams.ts";
 import { errorText } from "../text.ts";
 
@@ -87,7 +88,8 @@ function jsonBodyProblem(payload: JsonObject): string | undefined {
 
 /**
  * Stage: upstream choice. A model prefix naming an upstream ("openai/gpt-4o") picks it and is stripped; else
- * MC's X-Relay-Endpoint picks the upstream whose base URL it starts with (400 when none does); else the first.
+ * MC's X-Relay-Endpoint picks the upstream it names (`upstream:<name>`) or whose base URL it starts with (400 when
+ * none does); else the first.
  * A model list with several upstreams and no choice merges every upstream's list. With a single upstream the
  * operator's configuration decides: X-Relay-Endpoint is ignored.
  */
@@ -102,8 +104,7 @@ export function chooseUpstream(relay: Relay, context: RequestContext): StageAnsw
     return undefined;
   }
   const endpoint = context.request.headers.get("x-relay-endpoint")?.trim().replace(/\/+$/, "");
-  const serves = (upstream: UpstreamTarget) =>
-    endpoint === upstream.baseUrl || endpoint!.startsWith(`${upstream.baseUrl}/`);
+  const serves = (upstream: UpstreamTarget) => endpointPicks(endpoint!, upstream);
   if (upstreams.length === 1) {
     if (!endpoint || serves(upstreams[0])) return undefined;
     return refuse(
@@ -111,7 +112,7 @@ export function chooseUpstream(relay: Relay, context: RequestContext): StageAnsw
       "unknown_upstream",
       400,
       `X-Relay-Endpoint ${JSON.stringify(endpoint.slice(0, 200))} is not the endpoint this relay serves (${
-        upstreams[0].baseUrl
+        mcEndpoint(relay.config, upstreams[0])
       }); set MC's endpoint to it, or use a relay for that provider`,
       "unknown_upstream",
     );
@@ -133,7 +134,7 @@ export function chooseUpstream(relay: Relay, context: RequestContext): StageAnsw
         400,
         `X-Relay-Endpoint ${JSON.stringify(endpoint.slice(0, 200))} matches none of this relay's upstreams (${
           upstreams.map((upstream) => upstream.name).join(", ")
-        }); set MC's endpoint to one of their base URLs`,
+        }); set MC's endpoint to one of their base URLs, or upstream:<name>`,
         "unknown_upstream",
       );
     }

@@ -7,6 +7,7 @@
 import type { RelayConfig } from "../config/variables.ts";
 import { refuse, type Relay, type RequestContext } from "../context.ts";
 import { errorResponse, jsonResponse, preflightHeaders } from "../http.ts";
+import { upstreamHealth } from "../probe.ts";
 
 /** Stage: request target. A Host header that is not a host name (it could move the path or query) gets 400. */
 export function checkHost(_relay: Relay, context: RequestContext): Response | undefined {
@@ -86,6 +87,13 @@ export function matchRoute(relay: Relay, context: RequestContext): Response | un
   const inside = basePath === "" || full === basePath || full.startsWith(`${basePath}/`);
   const pathname = inside ? full.slice(basePath.length) || "/" : "";
   const route = Object.hasOwn(relay.routes, pathname) ? relay.routes[pathname] : undefined;
+  if (!route && pathname.startsWith("/v1/v1/")) {
+    return errorResponse(
+      404,
+      "the path has /v1 twice: remove the extra /v1 from the client's base URL (an SDK's base URL ends in one /v1; MC's relay URL has none)",
+      "unknown_url",
+    );
+  }
   if (!route) {
     // The path is not repeated: an answer must not tell whether a guessed path matched a secret.
     const served = Object.keys(relay.routes).map((path) => `${basePath}${path}`).join(", ");
@@ -106,14 +114,18 @@ export function matchRoute(relay: Relay, context: RequestContext): Response | un
 
 /**
  * Stage: GET /health answers without credentials: `ok`, how many upstreams there are (as MC's relay does), and
- * the counter store's `state` (`degraded` while Redis is unreachable: still 200, the relay still serves).
+ * the counter store's `state` (`degraded` while Redis is unreachable: still 200, the relay still serves). It is the
+ * relay's liveness, so it stays 200 while an upstream is down; `upstreams` says whether each answers, from the cached
+ * check of src/probe.ts (never one probe per health check).
  */
-export function answerHealth(relay: Relay, _context: RequestContext): Response | undefined {
+export async function answerHealth(relay: Relay, _context: RequestContext): Promise<Response | undefined> {
+  const upstreams = await upstreamHealth(relay.config);
   return jsonResponse({
     status: "ok",
     ok: true,
     endpoints: relay.upstreams.length,
     state: relay.counters.state ?? "ok",
     ...(Object.keys(relay.config.modelAliases).length > 0 && { breakers_open: relay.breakers.open() }),
+    upstreams,
   });
 }
