@@ -312,7 +312,7 @@ export const VARIABLES = [
     summary:
       "cap on max_tokens / max_completion_tokens / max_output_tokens, added when a request names none; 0 = no cap",
     details:
-      "Lowers `max_tokens` and `max_completion_tokens` (chat), `max_tokens` (completions) and `max_output_tokens` (Responses API) to this, and adds it when a request names none. Values that are not whole numbers above 0 get 400 `invalid_max_tokens` (with or without the cap). See [access.md](access.md#max_tokens_per_request).",
+      "The most answer tokens a request may ask for, all its answers together (`n`, `best_of` and prompt lists share it): lowers `max_tokens` and `max_completion_tokens` (chat), `max_tokens` (completions) and `max_output_tokens` (Responses API) to each answer's share, and adds it when a request names none. Values that are not whole numbers from 1 to 1,000,000 get 400 `invalid_max_tokens` (with or without the cap). See [access.md](access.md#max_tokens_per_request).",
   },
   {
     name: "MAX_REQUEST_BYTES",
