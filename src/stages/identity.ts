@@ -94,16 +94,7 @@ function hashingBusy(context: RequestContext, busy: typeof HASHING_BUSY | typeof
       { "retry-after": "1" },
     );
   }
-  return refuse(
-    context,
-    "sign_in_busy",
-    503,
-    "too many sign-ins are being checked; try again in a second",
-    "relay_busy",
-    {
-      "retry-after": "1",
-    },
-  );
+  return signInBusy(context);
 }
 
 /**
@@ -196,16 +187,7 @@ async function admitSignInCheck(
     if ("lockedFor" in start) return lockedOut(context, start.lockedFor);
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
-  return refuse(
-    context,
-    "sign_in_busy",
-    503,
-    "too many sign-ins are being checked; try again in a second",
-    "relay_busy",
-    {
-      "retry-after": "1",
-    },
-  );
+  return signInBusy(context);
 }
 
 /**
@@ -218,4 +200,16 @@ export function answerMetrics(relay: Relay, context: RequestContext): Response |
     return errorResponse(403, "this user may not read /metrics; METRICS names who may", "metrics_not_allowed");
   }
   return metricsResponse(relay.metrics);
+}
+
+/** 503 while every place for a sign-in check is taken (the hashing queue, or the checks of one name and address). */
+function signInBusy(context: RequestContext): Response {
+  return refuse(
+    context,
+    "sign_in_busy",
+    503,
+    "too many sign-ins are being checked; try again in a second",
+    "relay_busy",
+    { "retry-after": "1" },
+  );
 }
