@@ -16,7 +16,7 @@ import {
 } from "../context.ts";
 import { deadlines } from "../deadlines.ts";
 import { endpointPicks, mcEndpoint } from "../endpoint.ts";
-import { describeNetworkError, errorResponse, jsonResponse } from "../http.ts";
+import { describeNetworkError, jsonResponse } from "../http.ts";
 import { type JsonObject, parseJson, readBody } from "../streams.ts";
 import { errorText } from "../text.ts";
 
