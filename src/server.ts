@@ -110,47 +110,15 @@ export async function serve(
       for (const worker of workers) worker.postMessage({ reload: config });
     });
   }
-  let listeningPort = config.port;
-  const serving = await startServer(config, log, lock, (port, url) => {
-    log.info(`mc-relay ${VERSION} listening`, {
-      url,
-      upstream: new URL(config.upstreams[0].baseUrl).host,
-      ...(config.upstreams.length > 1 &&
-        { upstreams: config.upstreams.map((upstream) => `${upstream.name}=${new URL(upstream.baseUrl).host}`) }),
-      allowed_origins: config.allowedOrigins,
-      ...(config.workers > 1 && { workers: config.workers }),
-    });
-    workers = startWorkers({ ...config, port }, config.workers - 1, lock);
-    running.config = { ...running.config, port };
-    announce?.(port);
-    listeningPort = port;
-  });
-  started.resolve(serving);
-  const { server, counters, metrics } = serving;
-  // METRICS_PORT: /metrics without auth on its own port, for a scraper on a private network.
-  const metricsServer = config.metricsPort === undefined ? undefined : listen(
-    "METRICS_PORT",
-    "METRICS_HOST",
-    {
-      port: config.metricsPort,
-      hostname: config.metricsHost,
-      onListen({ hostname, port }) {
-        log.info("metrics served", {
-          url: `http://${hostname.includes(":") ? `[${hostname}]` : hostname}:${port}/metrics`,
-        });
-      },
-    },
-    (request) =>
-      new URL(request.url).pathname === "/metrics" && request.method === "GET"
-        ? metricsResponse(metrics)
-        : new Response("not found", { status: 404 }),
-  );
-
+  // SIGINT and SIGTERM are taken before the relay listens, so a stop sent the moment it does is a clean stop.
+  let metricsServer: Deno.HttpServer | undefined;
   let stopping = false;
-  const stop = (signal: Deno.Signal) => {
+  const stop = async (signal: Deno.Signal) => {
     // A second signal (process managers often send one per process in the group) changes nothing.
     if (stopping) return;
     stopping = true;
+    // A signal that comes while the relay starts (right after its listening line, say) waits for the server.
+    const { server, counters } = await started.promise;
     const { shutdownTimeoutMs } = running.config;
     log.info("shutting down: no new connections, in-flight requests may finish", {
       signal,
@@ -171,11 +139,47 @@ export async function serve(
   const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT", "SIGBREAK"] : ["SIGINT", "SIGTERM"];
   for (const signal of signals) {
     try {
-      Deno.addSignalListener(signal, () => stop(signal));
+      Deno.addSignalListener(signal, () => void stop(signal));
     } catch {
       // Some hosts (Deno Deploy) manage the process themselves and offer no signals.
     }
   }
+  let listeningPort = config.port;
+  const serving = await startServer(config, log, lock, (port, url) => {
+    log.info(`mc-relay ${VERSION} listening`, {
+      url,
+      upstream: new URL(config.upstreams[0].baseUrl).host,
+      ...(config.upstreams.length > 1 &&
+        { upstreams: config.upstreams.map((upstream) => `${upstream.name}=${new URL(upstream.baseUrl).host}`) }),
+      allowed_origins: config.allowedOrigins,
+      ...(config.workers > 1 && { workers: config.workers }),
+    });
+    workers = startWorkers({ ...config, port }, config.workers - 1, lock);
+    running.config = { ...running.config, port };
+    announce?.(port);
+    listeningPort = port;
+  });
+  started.resolve(serving);
+  const { server, metrics } = serving;
+  // METRICS_PORT: /metrics without auth on its own port, for a scraper on a private network.
+  metricsServer = config.metricsPort === undefined ? undefined : listen(
+    "METRICS_PORT",
+    "METRICS_HOST",
+    {
+      port: config.metricsPort,
+      hostname: config.metricsHost,
+      onListen({ hostname, port }) {
+        log.info("metrics served", {
+          url: `http://${hostname.includes(":") ? `[${hostname}]` : hostname}:${port}/metrics`,
+        });
+      },
+    },
+    (request) =>
+      new URL(request.url).pathname === "/metrics" && request.method === "GET"
+        ? metricsResponse(metrics)
+        : new Response("not found", { status: 404 }),
+  );
+
   // Once everything listens and the signals are handled: the start-up check, then the banner (the demo announces
   // itself instead). A macrotask later, so the work of the check never delays the signal handlers.
   setTimeout(() => checkAtStart(config, log).then((facts) => announce || printBanner(config, listeningPort, facts)));
