@@ -1,7 +1,8 @@
 /**
  * Fixtures shared by the test files: a fake upstream, the relay on an ephemeral port (in-process or as
  * a real `deno run -P main.ts` process), canary secrets, and small helpers. Nothing here asserts
- * behaviour of its own; the specification is in test/*_test.ts, one file per area.
+ * behaviour of its own but the canary check each file ends with; the specification is in test/*_test.ts, one file per
+ * area.
  *
  * @module
  */
@@ -49,6 +50,22 @@ export const EVIL = "https://evil.example";
  * an isolate of its own, so each file has its own copy of this list.
  */
 export const seenByClientsOrLogs: string[] = [];
+
+/**
+ * The canary check a test file ends with: this file's tests recorded more than `atLeast` things (so the check is not
+ * vacuous), and none holds a canary secret nor any of `more` (a secret of the file's own, by the message naming it).
+ */
+export function assertNoSecretSeen(atLeast: number, more: Record<string, string> = {}) {
+  // Each test file runs in an isolate of its own, so this is what this file's tests saw.
+  assert.ok(seenByClientsOrLogs.length > atLeast, "the other tests recorded what they saw");
+  const everything = seenByClientsOrLogs.join("\n");
+  assert.ok(!everything.includes(CANARY_KEY), "the provider key leaked");
+  assert.ok(!everything.includes(CANARY_EXTRA), "an extra upstream header value leaked");
+  // Clients send the password themselves; the relay must never send it back or log it.
+  assert.ok(!everything.includes(CANARY_PASSWORD), "the relay password leaked");
+  assert.ok(!everything.includes(CANARY_CALLER_KEY), "a caller's own key leaked");
+  for (const [message, secret] of Object.entries(more)) assert.ok(!everything.includes(secret), message);
+}
 
 /** Shared text encoder. */
 export const encoder = new TextEncoder();
