@@ -12,11 +12,13 @@ import {
   CANARY_KEY,
   CANARY_PASSWORD,
   chatBody,
+  embeddingsUpstream,
   freePort,
   GOOD_BEARER,
   minimalEnv,
   openAiLikeUpstream,
   post,
+  relayFromEnv,
   startRelay,
   startUpstream,
   testConfig,
@@ -28,11 +30,7 @@ import {
 Deno.test("choose: upstreams", async (t) => {
   {
     // The steps in this block share these fixtures; the block disposes of them before the next one.
-    await using upstream = startUpstream((request, seen) =>
-      seen.path === "/embeddings"
-        ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
-        : openAiLikeUpstream(request, seen)
-    );
+    await using upstream = embeddingsUpstream();
 
     await t.step(
       "UPSTREAMS_JSON: MC's X-Relay-Endpoint picks the upstream by URL prefix, each gets its own key",
@@ -167,20 +165,10 @@ Deno.test("choose: upstreams", async (t) => {
 Deno.test("choose: ALLOWED_MODELS [security]", async (t) => {
   {
     // The steps in this block share these fixtures; the block disposes of them before the next one.
-    await using upstream = startUpstream((request, seen) =>
-      seen.path === "/embeddings"
-        ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
-        : openAiLikeUpstream(request, seen)
-    );
-    /** A relay configured through parseConfig, as the real process is. */
-    const relayFromEnv = (env: Record<string, string>, overrides: Partial<RelayConfig> = {}) => {
-      const result = parseConfig({ UPSTREAM_BASE_URL: upstream.url, UPSTREAM_API_KEY: CANARY_KEY, ...env });
-      assert.ok(result.ok, JSON.stringify(!result.ok && result.errors));
-      return startRelay({ ...result.config, authFailuresPerMinute: 0, ...overrides });
-    };
+    await using upstream = embeddingsUpstream();
 
     await t.step("ALLOWED_MODELS refuses other models with 400 before the upstream is called", async () => {
-      await using relay = relayFromEnv({
+      await using relay = relayFromEnv(upstream.url, {
         MC_RELAY_USERNAME: USERNAME,
         MC_RELAY_PASSWORD: CANARY_PASSWORD,
         ALLOWED_MODELS: "gpt-test, gpt-other",

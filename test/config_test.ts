@@ -12,6 +12,7 @@ import {
   CANARY_EXTRA,
   CANARY_KEY,
   CANARY_PASSWORD,
+  embeddingsUpstream,
   minimalEnv,
   openAiLikeUpstream,
   OTHER_ALLOWED,
@@ -196,11 +197,7 @@ Deno.test("config: the release ships what the docs download", async (t) => {
 Deno.test("config: secrets in errors and risky settings [security]", async (t) => {
   {
     // The steps in this block share these fixtures; the block disposes of them before the next one.
-    await using upstream = startUpstream((request, seen) =>
-      seen.path === "/embeddings"
-        ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
-        : openAiLikeUpstream(request, seen)
-    );
+    await using upstream = embeddingsUpstream();
 
     await t.step("secret values are never repeated in an error", () => {
       const result = parseConfig({

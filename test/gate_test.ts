@@ -5,20 +5,22 @@
  * Proved through the real HTTP surface (see testing.ts); the last test checks that no secret leaked.
  */
 import assert from "node:assert/strict";
-import { parseConfig, type RelayConfig } from "../main.ts";
+import { parseConfig } from "../main.ts";
 import {
   ALLOWED,
   assertNoSecretSeen,
   CANARY_EXTRA,
-  CANARY_KEY,
   CANARY_PASSWORD,
+  chatAs,
   chatBody,
+  embeddingsUpstream,
   EVIL,
   GOOD_BEARER,
   minimalEnv,
   openAiLikeUpstream,
   OTHER_ALLOWED,
   rawRequest,
+  relayFromEnv,
   seenByClientsOrLogs,
   startRelay,
   startUpstream,
@@ -586,16 +588,6 @@ Deno.test("gate: BASE_PATH and DISABLED_PATHS", async (t) => {
   {
     // The steps in this block share these fixtures; the block disposes of them before the next one.
     await using upstream = startUpstream(openAiLikeUpstream);
-    const chatAs = (
-      relay: { call: ReturnType<typeof startRelay>["call"] },
-      headers: Record<string, string>,
-      extra = {},
-    ) =>
-      relay.call("/v1/chat/completions", {
-        method: "POST",
-        headers: { "content-type": "application/json", ...headers },
-        body: chatBody(extra),
-      });
 
     await t.step("BASE_PATH serves every route and preflight under the prefix, and nothing outside it", async () => {
       await using relay = startRelay(testConfig(upstream.url, { basePath: "/relay" }));
@@ -634,22 +626,15 @@ Deno.test("gate: BASE_PATH and DISABLED_PATHS", async (t) => {
 
   {
     // The steps in this block share these fixtures; the block disposes of them before the next one.
-    await using upstream = startUpstream((request, seen) =>
-      seen.path === "/embeddings"
-        ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
-        : openAiLikeUpstream(request, seen)
-    );
-    /** A relay configured through parseConfig, as the real process is. */
-    const relayFromEnv = (env: Record<string, string>, overrides: Partial<RelayConfig> = {}) => {
-      const result = parseConfig({ UPSTREAM_BASE_URL: upstream.url, UPSTREAM_API_KEY: CANARY_KEY, ...env });
-      assert.ok(result.ok, JSON.stringify(!result.ok && result.errors));
-      return startRelay({ ...result.config, authFailuresPerMinute: 0, ...overrides });
-    };
+    await using upstream = embeddingsUpstream();
 
     await t.step(
       "every route the common SDKs call is on: embeddings, completions, responses; DISABLED_PATHS switches them off",
       async () => {
-        await using plain = relayFromEnv({ MC_RELAY_USERNAME: USERNAME, MC_RELAY_PASSWORD: CANARY_PASSWORD });
+        await using plain = relayFromEnv(upstream.url, {
+          MC_RELAY_USERNAME: USERNAME,
+          MC_RELAY_PASSWORD: CANARY_PASSWORD,
+        });
         const post = (relay: typeof plain, path: string) =>
           relay.call(path, {
             method: "POST",
@@ -660,7 +645,7 @@ Deno.test("gate: BASE_PATH and DISABLED_PATHS", async (t) => {
           assert.equal((await post(plain, path)).status, 200, path);
           assert.equal(upstream.requests.at(-1)!.path, path.slice(3));
         }
-        await using narrowed = relayFromEnv({
+        await using narrowed = relayFromEnv(upstream.url, {
           MC_RELAY_USERNAME: USERNAME,
           MC_RELAY_PASSWORD: CANARY_PASSWORD,
           DISABLED_PATHS: "/v1/embeddings,/v1/responses",

@@ -23,6 +23,7 @@ import {
   CANARY_PASSWORD,
   chatBody,
   decoder,
+  embeddingsUpstream,
   encoder,
   GOOD_BEARER,
   installed,
@@ -30,6 +31,7 @@ import {
   openAiLikeUpstream,
   parseTrustProxyForTest,
   processEnv,
+  relayFromEnv,
   runRelayProcess,
   sleep,
   startRelay,
@@ -194,24 +196,14 @@ Deno.test("identity: sign-in", async (t) => {
 });
 
 Deno.test("identity: users and password hashes", async (t) => {
-  await using upstream = startUpstream((request, seen) =>
-    seen.path === "/embeddings"
-      ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
-      : openAiLikeUpstream(request, seen)
-  );
+  await using upstream = embeddingsUpstream();
   const bobHash = await hashPassword("bob-password-456", 2000);
-  /** A relay configured through parseConfig, as the real process is. */
-  const relayFromEnv = (env: Record<string, string>, overrides: Partial<RelayConfig> = {}) => {
-    const result = parseConfig({ UPSTREAM_BASE_URL: upstream.url, UPSTREAM_API_KEY: CANARY_KEY, ...env });
-    assert.ok(result.ok, JSON.stringify(!result.ok && result.errors));
-    return startRelay({ ...result.config, authFailuresPerMinute: 0, ...overrides });
-  };
   const here = new URL("..", import.meta.url).pathname;
 
   await t.step(
     "every user of MC_RELAY_USERS signs in (plain or hashed), and each request is logged with its user",
     async () => {
-      await using relay = relayFromEnv({ MC_RELAY_USERS: `alice:alice-password-123, bob:${bobHash}` });
+      await using relay = relayFromEnv(upstream.url, { MC_RELAY_USERS: `alice:alice-password-123, bob:${bobHash}` });
       const as = (credentials: string) =>
         relay.call("/v1/models", { headers: { authorization: `Bearer ${credentials}` } });
       assert.equal((await as("alice:alice-password-123")).status, 200);
@@ -232,7 +224,7 @@ Deno.test("identity: users and password hashes", async (t) => {
   );
 
   await t.step("MC_RELAY_USERNAME/MC_RELAY_PASSWORD and MC_RELAY_USERS work together", async () => {
-    await using relay = relayFromEnv({
+    await using relay = relayFromEnv(upstream.url, {
       MC_RELAY_USERNAME: USERNAME,
       MC_RELAY_PASSWORD: CANARY_PASSWORD,
       MC_RELAY_USERS: "alice:alice-password-123",
@@ -250,7 +242,7 @@ Deno.test("identity: users and password hashes", async (t) => {
     const hash = output.stdout.trim();
     assert.match(hash, /^pbkdf2-sha256:600000:[A-Za-z0-9_-]{22}:[A-Za-z0-9_-]{43}$/);
     assert.ok(!hash.includes("carol-password-789"));
-    await using relay = relayFromEnv({ MC_RELAY_USERS: `carol:${hash}` });
+    await using relay = relayFromEnv(upstream.url, { MC_RELAY_USERS: `carol:${hash}` });
     const response = await relay.call("/v1/models", { headers: { authorization: "Bearer carol:carol-password-789" } });
     assert.equal(response.status, 200);
   });

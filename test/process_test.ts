@@ -16,6 +16,7 @@ import {
   chatBody,
   controlledStream,
   decoder,
+  embeddingsUpstream,
   encoder,
   EVIL,
   freePort,
@@ -504,11 +505,7 @@ Deno.test("process: https and healthcheck", async (t) => {
 });
 
 Deno.test("process: the metrics port", async (t) => {
-  await using upstream = startUpstream((request, seen) =>
-    seen.path === "/embeddings"
-      ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
-      : openAiLikeUpstream(request, seen)
-  );
+  await using upstream = embeddingsUpstream();
 
   await t.step("METRICS_PORT serves /metrics on its own port without auth", async () => {
     const metricsPort = freePort();

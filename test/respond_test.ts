@@ -5,7 +5,7 @@
  * Proved through the real HTTP surface (see testing.ts); the last test checks that no secret leaked.
  */
 import assert from "node:assert/strict";
-import { parseConfig, type RelayConfig } from "../main.ts";
+import { parseConfig } from "../main.ts";
 import {
   ALLOWED,
   assertNoSecretSeen,
@@ -14,11 +14,13 @@ import {
   chatBody,
   controlledStream,
   decoder,
+  embeddingsUpstream,
   encoder,
   GOOD_BEARER,
   minimalEnv,
   openAiLikeUpstream,
   rawUpstream,
+  relayFromEnv,
   sleep,
   startRelay,
   startUpstream,
@@ -357,20 +359,10 @@ Deno.test("respond: streaming, stalls and breaks", async (t) => {
 });
 
 Deno.test("respond: usage read from answers", async (t) => {
-  await using upstream = startUpstream((request, seen) =>
-    seen.path === "/embeddings"
-      ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
-      : openAiLikeUpstream(request, seen)
-  );
-  /** A relay configured through parseConfig, as the real process is. */
-  const relayFromEnv = (env: Record<string, string>, overrides: Partial<RelayConfig> = {}) => {
-    const result = parseConfig({ UPSTREAM_BASE_URL: upstream.url, UPSTREAM_API_KEY: CANARY_KEY, ...env });
-    assert.ok(result.ok, JSON.stringify(!result.ok && result.errors));
-    return startRelay({ ...result.config, authFailuresPerMinute: 0, ...overrides });
-  };
+  await using upstream = embeddingsUpstream();
 
   await t.step("a non-streamed chat's token usage goes into the log line, with user and model", async () => {
-    await using relay = relayFromEnv({ MC_RELAY_USERS: "alice:alice-password-123" });
+    await using relay = relayFromEnv(upstream.url, { MC_RELAY_USERS: "alice:alice-password-123" });
     await relay.call("/v1/chat/completions", {
       method: "POST",
       headers: { authorization: "Bearer alice:alice-password-123", "content-type": "application/json" },
@@ -553,22 +545,12 @@ Deno.test("respond: log lines and metrics", async (t) => {
 
   {
     // The steps in this block share these fixtures; the block disposes of them before the next one.
-    await using upstream = startUpstream((request, seen) =>
-      seen.path === "/embeddings"
-        ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
-        : openAiLikeUpstream(request, seen)
-    );
-    /** A relay configured through parseConfig, as the real process is. */
-    const relayFromEnv = (env: Record<string, string>, overrides: Partial<RelayConfig> = {}) => {
-      const result = parseConfig({ UPSTREAM_BASE_URL: upstream.url, UPSTREAM_API_KEY: CANARY_KEY, ...env });
-      assert.ok(result.ok, JSON.stringify(!result.ok && result.errors));
-      return startRelay({ ...result.config, authFailuresPerMinute: 0, ...overrides });
-    };
+    await using upstream = embeddingsUpstream();
 
     await t.step(
       "METRICS=alice: /metrics, for the users it names only, counts requests, latency, tokens and streams",
       async () => {
-        await using relay = relayFromEnv({
+        await using relay = relayFromEnv(upstream.url, {
           MC_RELAY_USERS: "alice:alice-password-123,bob:bob-password-1234",
           METRICS: "alice",
         });

@@ -323,6 +323,25 @@ export function openAiLikeUpstream(request: Request, seen: SeenRequest): Respons
   }, { headers: { "x-request-id": "req_upstream_1", "openai-processing-ms": "12" } });
 }
 
+/** A fake upstream as `openAiLikeUpstream`, that also answers /embeddings with one embedding. */
+export function embeddingsUpstream() {
+  return startUpstream((request, seen) =>
+    seen.path === "/embeddings"
+      ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
+      : openAiLikeUpstream(request, seen)
+  );
+}
+
+/**
+ * A relay in front of `upstreamUrl` configured through parseConfig from `env`, as the real process is; no sign-in
+ * lockout unless `overrides` sets one.
+ */
+export function relayFromEnv(upstreamUrl: string, env: Record<string, string>, overrides: Partial<RelayConfig> = {}) {
+  const result = parseConfig({ UPSTREAM_BASE_URL: upstreamUrl, UPSTREAM_API_KEY: CANARY_KEY, ...env });
+  assert.ok(result.ok, JSON.stringify(!result.ok && result.errors));
+  return startRelay({ ...result.config, authFailuresPerMinute: 0, ...overrides });
+}
+
 /** An upstream that answers every POST like OpenAI, reporting whatever usage `reported` holds at the time. */
 export function usageUpstream() {
   const state: { reported: Record<string, unknown> } = {
@@ -348,6 +367,14 @@ export const post = (relay: Relay, path: string, body: Record<string, unknown>) 
     method: "POST",
     headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
     body: JSON.stringify({ model: "gpt-test", ...body }),
+  });
+
+/** POSTs a chat body (gpt-test, with `extra`) as JSON with `headers` only: no credentials unless they are given. */
+export const chatAs = (relay: { call: Relay["call"] }, headers: Record<string, string>, extra = {}) =>
+  relay.call("/v1/chat/completions", {
+    method: "POST",
+    headers: { "content-type": "application/json", ...headers },
+    body: chatBody(extra),
   });
 
 /** A streamed body whose chunks the test releases one by one. */
