@@ -5,9 +5,10 @@
  * Proved through the real HTTP surface (see testing.ts); the last test checks that no secret leaked.
  */
 import assert from "node:assert/strict";
-import { type RelayConfig, type Upstream } from "../main.ts";
 import {
   ALLOWED,
+  answering,
+  ask,
   assertNoSecretSeen,
   CANARY_EXTRA,
   CANARY_KEY,
@@ -21,6 +22,7 @@ import {
   openAiLikeUpstream,
   rawRequest,
   rawUpstream,
+  relayWith,
   sleep,
   startRelay,
   startUpstream,
@@ -216,25 +218,6 @@ Deno.test("forward: upstream failures and timeouts", async (t) => {
 });
 
 Deno.test("forward: failover and breakers", async (t) => {
-  /** A fake upstream that answers `status` (200: a chat answer naming itself) and counts what it got. */
-  const answering = (name: string, status = 200) =>
-    startUpstream((_request, seen) =>
-      status === 200
-        ? Response.json({
-          choices: [{ message: { role: "assistant", content: `from ${name}` } }],
-          model: JSON.parse(seen.body || "{}").model,
-          usage: { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 },
-        })
-        : Response.json({ error: { message: `${name} says ${status}` } }, { status })
-    );
-  const relayWith = (
-    aliases: Record<string, string[]>,
-    upstreams: Upstream[],
-    overrides: Partial<RelayConfig> = {},
-    now?: () => number,
-  ) => startRelay(testConfig(upstreams[0].baseUrl, { upstreams, modelAliases: aliases, ...overrides }), undefined, now);
-  const ask = (relay: ReturnType<typeof startRelay>, model = "alias-fast", extra = {}) =>
-    relay.chat(chatBody({ model, ...extra }));
   await using good = answering("good");
 
   await t.step(

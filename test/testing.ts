@@ -377,6 +377,29 @@ export const chatAs = (relay: { call: Relay["call"] }, headers: Record<string, s
     body: chatBody(extra),
   });
 
+/** A fake upstream that answers `status` (200: a chat answer naming itself) and counts what it got. */
+export const answering = (name: string, status = 200) =>
+  startUpstream((_request, seen) =>
+    status === 200
+      ? Response.json({
+        choices: [{ message: { role: "assistant", content: `from ${name}` } }],
+        model: JSON.parse(seen.body || "{}").model,
+        usage: { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 },
+      })
+      : Response.json({ error: { message: `${name} says ${status}` } }, { status })
+  );
+
+/** A relay over `upstreams` (the first is the default) with MODEL_ALIASES `aliases`, on `now`'s clock if given. */
+export const relayWith = (
+  aliases: Record<string, string[]>,
+  upstreams: Upstream[],
+  overrides: Partial<RelayConfig> = {},
+  now?: () => number,
+) => startRelay(testConfig(upstreams[0].baseUrl, { upstreams, modelAliases: aliases, ...overrides }), undefined, now);
+
+/** A chat for `model` (an alias unless named) with the test user's credentials. */
+export const ask = (relay: Relay, model = "alias-fast", extra = {}) => relay.chat(chatBody({ model, ...extra }));
+
 /** A streamed body whose chunks the test releases one by one. */
 export function controlledStream() {
   const releases: (() => void)[] = [];
