@@ -20,6 +20,7 @@ import {
   openAiLikeUpstream,
   OTHER_ALLOWED,
   rawRequest,
+  type Relay,
   relayFromEnv,
   seenByClientsOrLogs,
   startRelay,
@@ -37,6 +38,18 @@ function seededRandom(seed: number): () => number {
     return ((value ^ (value >>> 14)) >>> 0) / 4294967296;
   };
 }
+
+/** A browser's preflight for a POST to the chat route from `origin`, asking for `requestHeaders`. */
+const preflight = (relay: Relay, origin: string, requestHeaders: string, extra: Record<string, string> = {}) =>
+  relay.call("/v1/chat/completions", {
+    method: "OPTIONS",
+    headers: {
+      origin,
+      "access-control-request-method": "POST",
+      "access-control-request-headers": requestHeaders,
+      ...extra,
+    },
+  });
 
 Deno.test("gate: /health and the upstreams", async (t) => {
   await t.step(
@@ -363,19 +376,9 @@ Deno.test("gate: hostile request targets, hosts and headers [security]", async (
 Deno.test("gate: origins, CORS and preflight", async (t) => {
   await using upstream = startUpstream(openAiLikeUpstream);
   await using relay = startRelay(testConfig(upstream.url, { maxRequestBytes: 100 }));
-  const preflight = (origin: string, requestHeaders: string, extra: Record<string, string> = {}) =>
-    relay.call("/v1/chat/completions", {
-      method: "OPTIONS",
-      headers: {
-        origin,
-        "access-control-request-method": "POST",
-        "access-control-request-headers": requestHeaders,
-        ...extra,
-      },
-    });
 
   await t.step("a preflight from an allowed origin is answered before auth, echoing the origin", async () => {
-    const response = await preflight(ALLOWED, "authorization,content-type,x-relay-endpoint");
+    const response = await preflight(relay, ALLOWED, "authorization,content-type,x-relay-endpoint");
     assert.equal(response.status, 204);
     assert.equal(response.headers.get("access-control-allow-origin"), ALLOWED);
     assert.equal(response.headers.get("vary"), "Origin");
@@ -390,6 +393,7 @@ Deno.test("gate: origins, CORS and preflight", async (t) => {
     "the OpenAI SDK's x-stainless-* and openai-* headers pass the preflight; unknown ones do not",
     async () => {
       const response = await preflight(
+        relay,
         OTHER_ALLOWED,
         "authorization,content-type,x-stainless-os,x-stainless-retry-count,openai-organization,x-custom-header",
       );
@@ -403,7 +407,9 @@ Deno.test("gate: origins, CORS and preflight", async (t) => {
   );
 
   await t.step("a Private Network Access preflight is allowed for allowed origins", async () => {
-    const response = await preflight(ALLOWED, "authorization", { "access-control-request-private-network": "true" });
+    const response = await preflight(relay, ALLOWED, "authorization", {
+      "access-control-request-private-network": "true",
+    });
     assert.equal(response.headers.get("access-control-allow-private-network"), "true");
   });
 
@@ -466,19 +472,9 @@ Deno.test("gate: origins, CORS and preflight", async (t) => {
 Deno.test("gate: disallowed origins [security]", async (t) => {
   await using upstream = startUpstream(openAiLikeUpstream);
   await using relay = startRelay(testConfig(upstream.url, { maxRequestBytes: 100 }));
-  const preflight = (origin: string, requestHeaders: string, extra: Record<string, string> = {}) =>
-    relay.call("/v1/chat/completions", {
-      method: "OPTIONS",
-      headers: {
-        origin,
-        "access-control-request-method": "POST",
-        "access-control-request-headers": requestHeaders,
-        ...extra,
-      },
-    });
 
   await t.step("a preflight from a disallowed origin gets no CORS headers at all", async () => {
-    const response = await preflight(EVIL, "authorization,content-type");
+    const response = await preflight(relay, EVIL, "authorization,content-type");
     assert.equal(response.status, 403);
     for (const [name] of response.headers) assert.ok(!name.startsWith("access-control-"), name);
   });
