@@ -360,12 +360,15 @@ Deno.test("page: a public relay's page", async (t) => {
   );
 });
 
+/**
+ * The options of a test in Chromium: skipped where there is none (but never in CI). playwright-core keeps pipes to
+ * Chromium open across steps; each test closes its browser in `finally`.
+ */
+const IN_CHROMIUM = { ignore: !HAVE_CHROMIUM && !IN_CI, sanitizeOps: false, sanitizeResources: false };
+
 Deno.test({
   name: "page: in the browser",
-  ignore: !HAVE_CHROMIUM && !IN_CI,
-  // playwright-core keeps pipes to Chromium open across steps; the browser is closed in `finally`.
-  sanitizeOps: false,
-  sanitizeResources: false,
+  ...IN_CHROMIUM,
 }, async (t) => {
   const openaiFolder = await npmPackageFolder("openai", OPENAI_VERSION);
   await using allowedPage = startPageServer(openaiFolder);
@@ -606,9 +609,7 @@ Deno.test({
 
 Deno.test({
   name: "page: a page from another origin in the browser [security]",
-  ignore: !HAVE_CHROMIUM && !IN_CI,
-  sanitizeOps: false,
-  sanitizeResources: false,
+  ...IN_CHROMIUM,
 }, async (t) => {
   const openaiFolder = await npmPackageFolder("openai", OPENAI_VERSION);
   await using allowedPage = startPageServer(openaiFolder);
@@ -646,9 +647,7 @@ Deno.test({
 
 Deno.test({
   name: "page: the relay's own page and one-link MC settings in Chromium",
-  ignore: !HAVE_CHROMIUM && !IN_CI,
-  sanitizeOps: false,
-  sanitizeResources: false,
+  ...IN_CHROMIUM,
 }, async (t) => {
   const openaiFolder = await npmPackageFolder("openai", OPENAI_VERSION);
   await using otherOrigin = startPageServer(openaiFolder);
