@@ -11,6 +11,7 @@ import {
   assertNoSecretSeen,
   CANARY_PASSWORD,
   decoder,
+  eventually,
   installed,
   openAiLikeUpstream,
   seenByClientsOrLogs,
@@ -21,7 +22,6 @@ import {
   streamedAnswer,
   testConfig,
   USERNAME,
-  within,
 } from "./testing.ts";
 
 const API_KEY = `${USERNAME}:${CANARY_PASSWORD}`;
@@ -103,13 +103,7 @@ Deno.test("clients: each common SDK's default call works through the relay, agai
   const demo = await spawnRelay({}, ["demo"]);
   const folder = await Deno.makeTempDir({ prefix: "mc-relay-sdks-" });
   try {
-    await within(
-      5000,
-      (async () => {
-        while (!demo.output().stdout.includes("Stop with Ctrl+C")) await sleep(10);
-      })(),
-      "the demo printed no banner",
-    );
+    await eventually(5000, () => demo.output().stdout.includes("Stop with Ctrl+C"), "the demo printed no banner", 10);
     const key = /API key \(username:password\):\s+(\S+)/.exec(demo.output().stdout)![1];
     // LangChain resolves its own `openai` dependency only with a local node_modules; Node reads the same folder.
     await Deno.writeTextFile(`${folder}/deno.json`, '{ "nodeModulesDir": "auto" }');

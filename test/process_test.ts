@@ -18,6 +18,7 @@ import {
   decoder,
   embeddingsUpstream,
   encoder,
+  eventually,
   EVIL,
   freePort,
   GOOD_BEARER,
@@ -79,13 +80,7 @@ function parseCsv(text: string): string[][] {
 /** Sends SIGTERM, waits until the relay says it is shutting down, and checks that a new connection is refused. */
 async function sigtermAndAskAgain(relay: Awaited<ReturnType<typeof spawnRelay>>) {
   relay.child.kill("SIGTERM");
-  await within(
-    5000,
-    (async () => {
-      while (!relay.output().stdout.includes("shutting down")) await sleep(20);
-    })(),
-    "the relay did not react to SIGTERM",
-  );
+  await eventually(5000, () => relay.output().stdout.includes("shutting down"), "the relay did not react to SIGTERM");
   const answer = await fetch(`${relay.url}/health`).then(
     (response) => response.body?.cancel().then(() => response.status),
     () => "refused",
@@ -287,13 +282,7 @@ Deno.test("process: the start-up banner", async (t) => {
     "BANNER=true prints the page, the one link and the values for MC and an SDK on stderr; stdout stays JSON",
     async () => {
       const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: `${upstream.url}/v1`, BANNER: "true" });
-      await within(
-        10000,
-        (async () => {
-          while (!relay.output().stderr.includes("BANNER=false")) await sleep(20);
-        })(),
-        "no banner on stderr",
-      );
+      await eventually(10000, () => relay.output().stderr.includes("BANNER=false"), "no banner on stderr");
       const base = `http://localhost:${new URL(relay.url).port}`;
       const { stderr } = relay.output();
       assert.ok(stderr.includes(`This relay's page:          ${base}/\n`), stderr);
@@ -329,12 +318,11 @@ Deno.test("process: the demo", async (t) => {
     "the demo runs with nothing configured, prints URL, credentials and a curl line, and streams",
     async () => {
       const relay = await spawnRelay({}, ["demo"]);
-      await within(
+      await eventually(
         5000,
-        (async () => {
-          while (!relay.output().stdout.includes("Stop with Ctrl+C")) await sleep(10);
-        })(),
+        () => relay.output().stdout.includes("Stop with Ctrl+C"),
         "the demo printed no banner",
+        10,
       );
       const { stdout } = relay.output();
       const apiKey = /API key \(username:password\):\s+(\S+)/.exec(stdout)![1];

@@ -12,6 +12,7 @@ import {
   chatBody,
   controlledStream,
   decoder,
+  eventually,
   freePort,
   sleep,
   spawnRelay,
@@ -175,11 +176,9 @@ Deno.test({
       envFile({ ...base, MC_RELAY_USERS: `${USERNAME}:${CANARY_PASSWORD},bob:${NEW_PASSWORD}` }),
     );
     relay.child.kill("SIGHUP");
-    await within(
+    await eventually(
       10_000,
-      (async () => {
-        while (!relay.output().stdout.includes('"msg":"configuration reloaded"')) await sleep(20);
-      })(),
+      () => relay.output().stdout.includes('"msg":"configuration reloaded"'),
       "the reload was logged",
     );
     await sleep(200); // the message to the other thread is on its way

@@ -436,6 +436,17 @@ export async function within<T>(ms: number, promise: Promise<T>, message: string
   }
 }
 
+/** Waits until `condition` holds, looking every `everyMs`; fails with `message` when `ms` have passed first. */
+export function eventually(ms: number, condition: () => boolean, message: string, everyMs = 20): Promise<void> {
+  return within(
+    ms,
+    (async () => {
+      while (!condition()) await sleep(everyMs);
+    })(),
+    message,
+  );
+}
+
 /** A chat completion request body. */
 export const chatBody = (extra: Record<string, unknown> = {}) =>
   JSON.stringify({ model: "gpt-test", messages: [{ role: "user", content: "Hello" }], ...extra });
