@@ -5,20 +5,23 @@
  * Proved through the real HTTP surface (see testing.ts); the last test checks that no secret leaked.
  */
 import assert from "node:assert/strict";
-import { parseConfig, type RelayConfig, type Upstream } from "../main.ts";
+import { parseConfig } from "../main.ts";
 import {
   ALLOWED,
-  CANARY_CALLER_KEY,
-  CANARY_EXTRA,
+  answering,
+  ask,
+  assertNoSecretSeen,
   CANARY_KEY,
   CANARY_PASSWORD,
   chatBody,
+  embeddingsUpstream,
   freePort,
   GOOD_BEARER,
   minimalEnv,
   openAiLikeUpstream,
   post,
-  seenByClientsOrLogs,
+  relayFromEnv,
+  relayWith,
   startRelay,
   startUpstream,
   testConfig,
@@ -30,11 +33,7 @@ import {
 Deno.test("choose: upstreams", async (t) => {
   {
     // The steps in this block share these fixtures; the block disposes of them before the next one.
-    await using upstream = startUpstream((request, seen) =>
-      seen.path === "/embeddings"
-        ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
-        : openAiLikeUpstream(request, seen)
-    );
+    await using upstream = embeddingsUpstream();
 
     await t.step(
       "UPSTREAMS_JSON: MC's X-Relay-Endpoint picks the upstream by URL prefix, each gets its own key",
@@ -169,20 +168,10 @@ Deno.test("choose: upstreams", async (t) => {
 Deno.test("choose: ALLOWED_MODELS [security]", async (t) => {
   {
     // The steps in this block share these fixtures; the block disposes of them before the next one.
-    await using upstream = startUpstream((request, seen) =>
-      seen.path === "/embeddings"
-        ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
-        : openAiLikeUpstream(request, seen)
-    );
-    /** A relay configured through parseConfig, as the real process is. */
-    const relayFromEnv = (env: Record<string, string>, overrides: Partial<RelayConfig> = {}) => {
-      const result = parseConfig({ UPSTREAM_BASE_URL: upstream.url, UPSTREAM_API_KEY: CANARY_KEY, ...env });
-      assert.ok(result.ok, JSON.stringify(!result.ok && result.errors));
-      return startRelay({ ...result.config, authFailuresPerMinute: 0, ...overrides });
-    };
+    await using upstream = embeddingsUpstream();
 
     await t.step("ALLOWED_MODELS refuses other models with 400 before the upstream is called", async () => {
-      await using relay = relayFromEnv({
+      await using relay = relayFromEnv(upstream.url, {
         MC_RELAY_USERNAME: USERNAME,
         MC_RELAY_PASSWORD: CANARY_PASSWORD,
         ALLOWED_MODELS: "gpt-test, gpt-other",
@@ -300,25 +289,6 @@ Deno.test("choose: ALLOWED_MODELS [security]", async (t) => {
 });
 
 Deno.test("choose: model aliases", async (t) => {
-  /** A fake upstream that answers `status` (200: a chat answer naming itself) and counts what it got. */
-  const answering = (name: string, status = 200) =>
-    startUpstream((_request, seen) =>
-      status === 200
-        ? Response.json({
-          choices: [{ message: { role: "assistant", content: `from ${name}` } }],
-          model: JSON.parse(seen.body || "{}").model,
-          usage: { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 },
-        })
-        : Response.json({ error: { message: `${name} says ${status}` } }, { status })
-    );
-  const relayWith = (
-    aliases: Record<string, string[]>,
-    upstreams: Upstream[],
-    overrides: Partial<RelayConfig> = {},
-    now?: () => number,
-  ) => startRelay(testConfig(upstreams[0].baseUrl, { upstreams, modelAliases: aliases, ...overrides }), undefined, now);
-  const ask = (relay: ReturnType<typeof startRelay>, model = "alias-fast", extra = {}) =>
-    relay.chat(chatBody({ model, ...extra }));
   await using good = answering("good");
 
   await t.step(
@@ -355,12 +325,5 @@ Deno.test("choose: model aliases", async (t) => {
 });
 
 Deno.test("no secret ever appeared in anything the relay logged or returned, in any test above", () => {
-  // Each test file runs in an isolate of its own, so this is what this file's tests saw.
-  assert.ok(seenByClientsOrLogs.length > 80, "the other tests recorded what they saw");
-  const everything = seenByClientsOrLogs.join("\n");
-  assert.ok(!everything.includes(CANARY_KEY), "the provider key leaked");
-  assert.ok(!everything.includes(CANARY_EXTRA), "an extra upstream header value leaked");
-  // Clients send the password themselves; the relay must never send it back or log it.
-  assert.ok(!everything.includes(CANARY_PASSWORD), "the relay password leaked");
-  assert.ok(!everything.includes(CANARY_CALLER_KEY), "a caller's own key leaked");
+  assertNoSecretSeen(80);
 });

@@ -1,7 +1,8 @@
 /**
  * Fixtures shared by the test files: a fake upstream, the relay on an ephemeral port (in-process or as
  * a real `deno run -P main.ts` process), canary secrets, and small helpers. Nothing here asserts
- * behaviour of its own; the specification is in test/*_test.ts, one file per area.
+ * behaviour of its own but the canary check each file ends with; the specification is in test/*_test.ts, one file per
+ * area.
  *
  * @module
  */
@@ -49,6 +50,22 @@ export const EVIL = "https://evil.example";
  * an isolate of its own, so each file has its own copy of this list.
  */
 export const seenByClientsOrLogs: string[] = [];
+
+/**
+ * The canary check a test file ends with: this file's tests recorded more than `atLeast` things (so the check is not
+ * vacuous), and none holds a canary secret nor any of `more` (a secret of the file's own, by the message naming it).
+ */
+export function assertNoSecretSeen(atLeast: number, more: Record<string, string> = {}) {
+  // Each test file runs in an isolate of its own, so this is what this file's tests saw.
+  assert.ok(seenByClientsOrLogs.length > atLeast, "the other tests recorded what they saw");
+  const everything = seenByClientsOrLogs.join("\n");
+  assert.ok(!everything.includes(CANARY_KEY), "the provider key leaked");
+  assert.ok(!everything.includes(CANARY_EXTRA), "an extra upstream header value leaked");
+  // Clients send the password themselves; the relay must never send it back or log it.
+  assert.ok(!everything.includes(CANARY_PASSWORD), "the relay password leaked");
+  assert.ok(!everything.includes(CANARY_CALLER_KEY), "a caller's own key leaked");
+  for (const [message, secret] of Object.entries(more)) assert.ok(!everything.includes(secret), message);
+}
 
 /** Shared text encoder. */
 export const encoder = new TextEncoder();
@@ -306,6 +323,25 @@ export function openAiLikeUpstream(request: Request, seen: SeenRequest): Respons
   }, { headers: { "x-request-id": "req_upstream_1", "openai-processing-ms": "12" } });
 }
 
+/** A fake upstream as `openAiLikeUpstream`, that also answers /embeddings with one embedding. */
+export function embeddingsUpstream() {
+  return startUpstream((request, seen) =>
+    seen.path === "/embeddings"
+      ? Response.json({ object: "list", data: [{ embedding: [0.1] }] })
+      : openAiLikeUpstream(request, seen)
+  );
+}
+
+/**
+ * A relay in front of `upstreamUrl` configured through parseConfig from `env`, as the real process is; no sign-in
+ * lockout unless `overrides` sets one.
+ */
+export function relayFromEnv(upstreamUrl: string, env: Record<string, string>, overrides: Partial<RelayConfig> = {}) {
+  const result = parseConfig({ UPSTREAM_BASE_URL: upstreamUrl, UPSTREAM_API_KEY: CANARY_KEY, ...env });
+  assert.ok(result.ok, JSON.stringify(!result.ok && result.errors));
+  return startRelay({ ...result.config, authFailuresPerMinute: 0, ...overrides });
+}
+
 /** An upstream that answers every POST like OpenAI, reporting whatever usage `reported` holds at the time. */
 export function usageUpstream() {
   const state: { reported: Record<string, unknown> } = {
@@ -332,6 +368,37 @@ export const post = (relay: Relay, path: string, body: Record<string, unknown>) 
     headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
     body: JSON.stringify({ model: "gpt-test", ...body }),
   });
+
+/** POSTs a chat body (gpt-test, with `extra`) as JSON with `headers` only: no credentials unless they are given. */
+export const chatAs = (relay: { call: Relay["call"] }, headers: Record<string, string>, extra = {}) =>
+  relay.call("/v1/chat/completions", {
+    method: "POST",
+    headers: { "content-type": "application/json", ...headers },
+    body: chatBody(extra),
+  });
+
+/** A fake upstream that answers `status` (200: a chat answer naming itself) and counts what it got. */
+export const answering = (name: string, status = 200) =>
+  startUpstream((_request, seen) =>
+    status === 200
+      ? Response.json({
+        choices: [{ message: { role: "assistant", content: `from ${name}` } }],
+        model: JSON.parse(seen.body || "{}").model,
+        usage: { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 },
+      })
+      : Response.json({ error: { message: `${name} says ${status}` } }, { status })
+  );
+
+/** A relay over `upstreams` (the first is the default) with MODEL_ALIASES `aliases`, on `now`'s clock if given. */
+export const relayWith = (
+  aliases: Record<string, string[]>,
+  upstreams: Upstream[],
+  overrides: Partial<RelayConfig> = {},
+  now?: () => number,
+) => startRelay(testConfig(upstreams[0].baseUrl, { upstreams, modelAliases: aliases, ...overrides }), undefined, now);
+
+/** A chat for `model` (an alias unless named) with the test user's credentials. */
+export const ask = (relay: Relay, model = "alias-fast", extra = {}) => relay.chat(chatBody({ model, ...extra }));
 
 /** A streamed body whose chunks the test releases one by one. */
 export function controlledStream() {
@@ -367,6 +434,17 @@ export async function within<T>(ms: number, promise: Promise<T>, message: string
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** Waits until `condition` holds, looking every `everyMs`; fails with `message` when `ms` have passed first. */
+export function eventually(ms: number, condition: () => boolean, message: string, everyMs = 20): Promise<void> {
+  return within(
+    ms,
+    (async () => {
+      while (!condition()) await sleep(everyMs);
+    })(),
+    message,
+  );
 }
 
 /** A chat completion request body. */
