@@ -140,6 +140,8 @@ export interface RequestLog {
 /** An upstream with what is derived from it once: its host for messages and its ready auth header value. */
 export type UpstreamTarget = Upstream & {
   host: string;
+  /** How messages to clients name it: its host, or `upstream:<name>` when its address is not published. */
+  shown: string;
   authValue: string;
   /** The attempts of a request to it alone (no alias): itself, made once. */
   plan: Attempt[];

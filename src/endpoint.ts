@@ -25,6 +25,17 @@ export function isInternalHost(hostname: string): boolean {
   return !host.includes(".") || /\.(localhost|local|internal|lan|home\.arpa)$/.test(host);
 }
 
+/**
+ * How messages to clients name an upstream: its host when its URL is published, else `upstream:<name>`, so an error
+ * (unreachable, timed out, rate-limited) never tells a public relay's callers an internal address. The log keeps the
+ * host.
+ */
+export function shownHost(config: RelayConfig, upstream: Upstream): string {
+  return mcEndpoint(config, upstream) === endpointName(upstream)
+    ? endpointName(upstream)
+    : new URL(upstream.baseUrl).host;
+}
+
 /** The value an upstream is named by instead of its URL. */
 export function endpointName(upstream: Upstream): string {
   return `upstream:${upstream.name}`;

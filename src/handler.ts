@@ -14,6 +14,7 @@ import { type Relay, Releases, type RequestContext, type Stage, type UpstreamTar
 import { addRelayHeaders, corsHeaders, errorResponse } from "./http.ts";
 import { createLogger, RelayMetrics } from "./observe.ts";
 import { answerMcSettings, answerPage } from "./page.ts";
+import { shownHost } from "./endpoint.ts";
 import { createSecretMasker } from "./secrets.ts";
 import { answerAdmin } from "./stages/admin.ts";
 import { answerSeal, useCallerKey } from "./stages/byok.ts";
@@ -159,6 +160,7 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
       // Lower case like every other header name the relay sends, once, not per request.
       authHeader: upstream.authHeader.toLowerCase(),
       host: new URL(upstream.baseUrl).host,
+      shown: shownHost(config, upstream),
       authValue: upstream.authPrefix ? `${upstream.authPrefix} ${upstream.apiKey}` : upstream.apiKey,
       plan: [],
       // Ask for bodies as the upstream has them, so they pass through byte for byte.

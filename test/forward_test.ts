@@ -63,6 +63,22 @@ Deno.test("forward: what reaches the upstream and where [security]", async (t) =
   await using relay = startRelay(testConfig(upstream.url));
 
   await t.step(
+    "[security] an upstream on an internal address is named upstream:<name> in errors, never by its address",
+    async () => {
+      const closed = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+      const port = (closed.addr as Deno.NetAddr).port;
+      closed.close();
+      await using relay = startRelay(testConfig(`http://127.0.0.1:${port}/v1`, { publicAccess: true }));
+      const response = await relay.chat(chatBody(), { authorization: "Bearer" });
+      assert.equal(response.status, 502);
+      const { message } = response.json().error;
+      assert.match(message, /^mc-relay: could not reach the upstream upstream:default: connection refused/);
+      assert.doesNotMatch(message, new RegExp(`127\\.0\\.0\\.1|${port}`));
+      assert.match(JSON.stringify(relay.requestLogs().at(-1)), /upstream_unreachable/, "the log still says why");
+    },
+  );
+
+  await t.step(
     "the provider key, the extra headers, content-type and accept are sent; client secrets and hop-by-hop headers are not",
     async () => {
       await rawRequest(
@@ -130,7 +146,8 @@ Deno.test("forward: upstream failures and timeouts", async (t) => {
     const closed = Deno.listen({ hostname: "127.0.0.1", port: 0 });
     const port = (closed.addr as Deno.NetAddr).port;
     closed.close();
-    await using relay = startRelay(testConfig(`http://127.0.0.1:${port}/v1`));
+    // A published upstream (PUBLISH_UPSTREAM_URL=true) is named by its host; an internal one, below, is not.
+    await using relay = startRelay(testConfig(`http://127.0.0.1:${port}/v1`, { publishUpstreamUrl: true }));
     const response = await relay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
     assert.equal(response.status, 502);
     assert.equal(response.json().error.code, "upstream_unreachable");
@@ -146,7 +163,7 @@ Deno.test("forward: upstream failures and timeouts", async (t) => {
       await released;
       return new Response("late");
     });
-    await using relay = startRelay(testConfig(upstream.url, { requestTimeoutMs: 300 }));
+    await using relay = startRelay(testConfig(upstream.url, { requestTimeoutMs: 300, publishUpstreamUrl: true }));
     const started = performance.now();
     const response = await relay.call("/v1/chat/completions", {
       method: "POST",

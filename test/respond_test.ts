@@ -307,7 +307,7 @@ Deno.test("respond: streaming, stalls and breaks", async (t) => {
 
   await t.step("a non-streamed answer that breaks off before its end gets 502 upstream_stream_error", async () => {
     await using upstream = rawUpstream(PARTIAL_JSON_ANSWER, 50);
-    await using relay = startRelay(testConfig(upstream.url));
+    await using relay = startRelay(testConfig(upstream.url, { publishUpstreamUrl: true }));
     const response = await relay.chat(chatBody(), { origin: ALLOWED });
     assert.equal(response.status, 502);
     assert.equal(response.json().error.code, "upstream_stream_error");
@@ -588,7 +588,7 @@ Deno.test("respond: provider errors, masked secrets and metric labels [security]
         { status: 429, headers: { "retry-after": "7", "x-ratelimit-remaining-requests": "0" } },
       )
     );
-    await using relay = startRelay(testConfig(limited.url));
+    await using relay = startRelay(testConfig(limited.url, { publishUpstreamUrl: true }));
     const response = await relay.chat(chatBody());
     assert.equal(response.status, 429);
     assert.equal(response.headers.get("retry-after"), "7");

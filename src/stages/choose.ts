@@ -242,7 +242,7 @@ async function mergedModels(relay: Relay, context: RequestContext): Promise<Resp
       "unknown_upstream",
       400,
       `name the provider whose models to list with X-Relay-Endpoint (MC's endpoint setting): one of ${
-        relay.upstreams.map((upstream) => upstream.baseUrl).join(", ")
+        relay.upstreams.map((upstream) => mcEndpoint(relay.config, upstream)).join(", ")
       }`,
       "unknown_upstream",
     );

@@ -42,7 +42,7 @@ export function abortReason(context: RequestContext): unknown {
 /** The answer when the upstream call failed before any response: 499, 504 or 502. */
 export function upstreamFailure(relay: Relay, context: RequestContext, error: unknown): Response {
   const reason = abortReason(context);
-  const host = context.upstream.target.host;
+  const host = context.upstream.target.shown;
   if (reason instanceof RelayAbort && reason.kind === "client_gone") {
     return refuse(context, "client_gone", 499, "the client closed the request", "client_closed_request");
   }
@@ -81,7 +81,7 @@ function upstreamRedirect(context: RequestContext, location: string): Response {
     context,
     "upstream_redirect",
     502,
-    `the upstream ${context.upstream.target.host} redirected to ${redirectTarget}; set ${
+    `the upstream ${context.upstream.target.shown} redirected to ${redirectTarget}; set ${
       context.upstream.target.name === "default"
         ? "UPSTREAM_BASE_URL"
         : `the baseUrl of upstream "${context.upstream.target.name}"`

@@ -117,7 +117,7 @@ async function relayWholeAnswer(
 function answerCutOff(relay: Relay, context: RequestContext, error: unknown): Response {
   const reason = abortReason(context);
   if (reason instanceof RelayAbort && reason.kind === "client_gone") return upstreamFailure(relay, context, error);
-  const host = context.upstream.target.host;
+  const host = context.upstream.target.shown;
   if (reason instanceof RelayAbort && reason.kind === "upstream_timeout") {
     return refuse(
       context,
@@ -191,7 +191,7 @@ async function relayErrorResponse(
     return JSON.stringify({
       error: {
         message:
-          `mc-relay: the upstream ${context.upstream.target.host} answered ${response.status} with a body the relay does not pass on (${reason}); see the relay's log (request id ${context.id})`,
+          `mc-relay: the upstream ${context.upstream.target.shown} answered ${response.status} with a body the relay does not pass on (${reason}); see the relay's log (request id ${context.id})`,
         type: response.status >= 500 ? "server_error" : "invalid_request_error",
         code: "upstream_error",
       },
@@ -206,7 +206,7 @@ async function relayErrorResponse(
   const rewritten = await rewriteBody(body, (text) => {
     const masked = context.upstream.masker ? context.upstream.masker.mask(text) : relay.maskSecrets(text);
     if (masked === undefined) return undefined;
-    return response.status === 429 ? explainProviderRateLimit(masked, context.upstream.target.host) : masked;
+    return response.status === 429 ? explainProviderRateLimit(masked, context.upstream.target.shown) : masked;
   }, replace);
   return new Response(rewritten.body, init);
 }
