@@ -113,7 +113,7 @@ export function migrateFlaskConfig(config: unknown): Migration {
       problems.push(`${label} holds quotes of every kind or a line break: no .env can carry it; change it`);
     } else lines.push(`${name}=${written}`);
   };
-  const publicAccess = migrateAccess(config, set, lines, notes);
+  const publicAccess = migrateAccess(config, set, lines, notes, problems);
   migrateOrigins(config, publicAccess, set, lines, notes);
   migrateLimits(config, publicAccess, set, lines, notes);
   migrateEndpoints(config, set, lines, notes, problems);
@@ -123,7 +123,7 @@ export function migrateFlaskConfig(config: unknown): Migration {
 type Setter = (name: string, value: string, label?: string) => void;
 
 /** `relay_password` and `log_level`, `request_timeout`, `enable_*`: who may call, and how the relay runs. */
-function migrateAccess(config: Yaml, set: Setter, lines: string[], notes: string[]): boolean {
+function migrateAccess(config: Yaml, set: Setter, lines: string[], notes: string[], problems: string[]): boolean {
   const password = config.relay_password === undefined || config.relay_password === null
     ? ""
     : String(config.relay_password);
@@ -132,6 +132,11 @@ function migrateAccess(config: Yaml, set: Setter, lines: string[], notes: string
     set("PUBLIC_ACCESS", "true");
     notes.push(
       "relay_password is empty: PUBLIC_ACCESS=true, anyone may call within the request limits and the token budget per address",
+    );
+  } else if (/[:\s]/.test(password)) {
+    // mc-relay reads a token with a colon as name:password, and a space splits the header: no caller could send it.
+    problems.push(
+      "relay_password contains ':' or a space, which mc-relay cannot take as a bare password; choose a new one (e.g. openssl rand -base64 24) and tell your users",
     );
   } else {
     set("MC_RELAY_PASSWORD", password, "relay_password");

@@ -55,7 +55,7 @@ Deno.test("migrate: MC's own config.example.yaml becomes a .env the relay starts
 });
 
 Deno.test("migrate: relay_password becomes a bare MC_RELAY_PASSWORD, and stays out of every note", () => {
-  const password = "pass 'with' \"quotes\" # and a hash";
+  const password = "pass'with'\"quotes\"#and-a-hash";
   const { lines, notes } = migrateFlaskConfig({ relay_password: password, allowed_origins: [], endpoints: [endpoint] });
   const env = envOf(lines);
   assert.equal(env.MC_RELAY_PASSWORD, password);
@@ -151,6 +151,15 @@ Deno.test("migrate: endpoints keep their auth header, raw-key prefix and extra h
   assert.ok(config.ok, config.ok ? "" : config.errors.join("\n"));
   assert.equal(config.config.upstreams[0].authPrefix, "");
   for (const secret of ["azure-SECRET", "SECRET-header-value"]) assert.ok(!notes.join("\n").includes(secret));
+});
+
+Deno.test("migrate: a relay_password with ':' or a space, which no caller could send as a bare password, is a problem", () => {
+  for (const password of ["team:long-password-1", "long password 1"]) {
+    const { lines, problems } = migrateFlaskConfig({ relay_password: password, endpoints: [endpoint] });
+    assert.match(problems.join("\n"), /relay_password contains ':' or a space/);
+    assert.ok(!problems.join("\n").includes(password), "the problem does not repeat the password");
+    assert.ok(!lines.some((line) => line.startsWith("MC_RELAY_PASSWORD=")));
+  }
 });
 
 Deno.test("migrate: a file the Flask relay would refuse gives problems and no .env", () => {

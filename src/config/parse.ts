@@ -634,8 +634,13 @@ function parseUsers(env: RelayEnv, errors: string[], warnings: string[], usersOp
   const password = env.MC_RELAY_PASSWORD ?? "";
   const listed = env.MC_RELAY_USERS?.trim() ?? "";
   if (password && !username) {
-    // The bare password of MC's Flask relay: a migrated relay's users type nothing new.
-    if (password.length < 12) {
+    // The bare password of MC's Flask relay: a migrated relay's users type nothing new. A colon would make it read as
+    // name:password, a space would split the Authorization header: no caller could ever send it.
+    if (/[:\s]/.test(password)) {
+      errors.push(
+        "MC_RELAY_PASSWORD on its own (sent as 'Bearer <password>') must not contain ':' or spaces, or no client can send it; choose another, e.g. the output of 'openssl rand -base64 24', or set MC_RELAY_USERNAME too",
+      );
+    } else if (password.length < 12) {
       warnings.push("MC_RELAY_PASSWORD is shorter than 12 characters; anyone who can reach the relay may guess it");
     }
     users.push({ name: BARE_PASSWORD_USER, password });

@@ -147,6 +147,8 @@ Deno.test("parseConfig: [security] errors never repeat a secret", async (t) => {
     ["a short previous seal secret", { SEAL_SECRET: SECRET + SECRET, SEAL_SECRETS_PREVIOUS: SECRET.slice(0, 20) }],
     ["a REDIS_URL that is not redis://", { REDIS_URL: `https://:${SECRET}@valkey:6379` }],
     ["a REDIS_URL with a space", { REDIS_URL: `redis://:${SECRET} @valkey:6379` }],
+    ["a bare password with a colon", { MC_RELAY_USERNAME: "", MC_RELAY_PASSWORD: `a:${SECRET}` }],
+    ["a bare password with a space", { MC_RELAY_USERNAME: "", MC_RELAY_PASSWORD: `a ${SECRET}` }],
     ["a bare password beside PUBLIC_ACCESS", {
       MC_RELAY_USERNAME: "",
       MC_RELAY_PASSWORD: SECRET,
