@@ -5,6 +5,7 @@
  * Proved through the real HTTP surface (see testing.ts); the last test checks that no secret leaked.
  */
 import assert from "node:assert/strict";
+import { BARE_PASSWORD_USER } from "../src/config/parse.ts";
 import {
   type CounterStore,
   hashPassword,
@@ -116,9 +117,9 @@ function complete(text: string): boolean {
 }
 
 /** A POST head with a declared length, from `address` (the proxy's X-Forwarded-For). */
-const uploadHead = (address: string, length: number, path = "/v1/chat/completions") =>
+const uploadHead = (address: string, length: number, path = "/v1/chat/completions", more = "") =>
   `POST ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nX-Forwarded-For: ${address}\r\n` +
-  `Content-Length: ${length}`;
+  `${more}Content-Length: ${length}`;
 
 /** The three stores a budget may live in; `onEveryStore` runs its steps on every one of them that can start here. */
 const STORES: { name: string; open: (config: RelayConfig) => Promise<CounterStore & { close?(): unknown }> }[] = [
@@ -380,6 +381,45 @@ Deno.test("limits: bounds against abuse [security]", async (t) => {
     assert.equal(other.status, 200, other.text);
     first[Symbol.dispose]();
   });
+  await t.step(
+    "[security] each holder of the bare relay password has its own share of MAX_BUFFERED_BYTES",
+    async () => {
+      const bare = "bare-relay-password-77";
+      await using relay = startRelay(testConfig(upstream.url, {
+        users: [{ name: BARE_PASSWORD_USER, password: bare }],
+        trustProxy: parseTrustProxyForTest("127.0.0.1"),
+        maxRequestBytes: 100_000,
+        maxBufferedBytes: 400_000,
+      }));
+      const pad = "x".repeat(60_000);
+      const signedIn = `Authorization: Bearer ${bare}\r\n`;
+      // One holder fills its share with a stalled body; its second is refused.
+      using first = await stalledUpload(
+        relay.port,
+        uploadHead("203.0.113.7", 90_000, undefined, signedIn),
+        `{"pad":"${pad}`,
+      );
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      using second = await stalledUpload(
+        relay.port,
+        uploadHead("203.0.113.7", 90_000, undefined, signedIn),
+        `{"pad":"${pad}`,
+      );
+      assert.match(await second.answer(3000), /^HTTP\/1\.1 503/);
+      // Another holder of the same password, from another address, still has room: the share is per address.
+      const other = await relay.call("/v1/chat/completions", {
+        method: "POST",
+        headers: {
+          authorization: `Bearer ${bare}`,
+          "content-type": "application/json",
+          "x-forwarded-for": "198.51.100.7",
+        },
+        body: chatBody({ pad: "y".repeat(90_000) }),
+      });
+      assert.equal(other.status, 200, other.text);
+      first[Symbol.dispose]();
+    },
+  );
 });
 
 Deno.test("limits: request rates", async (t) => {

@@ -211,13 +211,13 @@ export function upstreamHeaders(target: UpstreamTarget, auth?: string): Record<s
 
 /**
  * Counts a request's body bytes against MAX_BUFFERED_BYTES as they arrive, and against its caller's share of it:
- * the signed-in user, else the address (by /64 for IPv6, as the limits count it). They are given back once the body
+ * whom the limits count for (`caller.subject`: the signed-in user, or the address for anonymous callers and holders
+ * of the bare password), else the address (by /64 for IPv6, as the limits count it). They are given back once the body
  * has been sent (`context.body.release`), or when the request is over, whichever comes first.
  */
 export function reserveBodyBytes(relay: Relay, context: RequestContext): (bytes: number) => boolean {
-  const holder = context.caller.user !== undefined
-    ? `user:${context.caller.user}`
-    : `address:${addressKey(context.caller.address)}`;
+  // Whom the limits count for (a bare password's holders by address, each their own share), else the address.
+  const holder = context.caller.subject ?? `address:${addressKey(context.caller.address)}`;
   context.body.release = context.releases.add(() => {
     relay.bodyBudget.release(holder, context.body.held);
     context.body.held = 0;
