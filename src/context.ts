@@ -233,7 +233,9 @@ export interface Attempt {
 
 /**
  * A refusal: records why in the request's log line (`outcome`) and answers with the OpenAI-shaped `mc-relay:` error
- * (`errorResponse`). Every stage that turns a request away answers through it, so the log and the answer agree.
+ * (`errorResponse`). Stages answer through it wherever the log line should say why; the answers that keep an empty
+ * outcome (a disallowed origin's 403, an unknown path's 404 and 405, a refused sign-in's 401, the /metrics and
+ * /admin refusals) call `errorResponse` themselves, and their status says it.
  */
 export function refuse(
   context: RequestContext,

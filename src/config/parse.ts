@@ -516,7 +516,8 @@ export function parseTrustProxy(raw: string | undefined, errors: string[]): Trus
 function parseMetricsUsers(raw: string | undefined, users: RelayUser[], errors: string[]): string[] {
   if (raw === undefined || raw.toLowerCase() === "false") return [];
   const names = raw.split(",").map((name) => name.trim()).filter(Boolean);
-  const known = new Set(users.map((user) => user.name));
+  // The bare password's holders are nobody in particular: they may not read every user's traffic.
+  const known = new Set(users.map((user) => user.name).filter((name) => name !== BARE_PASSWORD_USER));
   if (raw.toLowerCase() === "true") {
     errors.push(
       "METRICS names the users who may read /metrics (it shows every user's traffic), e.g. METRICS=admin; true is no longer accepted",
@@ -531,7 +532,8 @@ function parseMetricsUsers(raw: string | undefined, users: RelayUser[], errors: 
 function parseAdmins(raw: string | undefined, users: RelayUser[], errors: string[]): string[] {
   if (raw === undefined) return [];
   const names = raw.split(",").map((name) => name.trim()).filter(Boolean);
-  const known = new Set(users.map((user) => user.name));
+  // The bare password's holders are nobody in particular: they may not see every caller's usage.
+  const known = new Set(users.map((user) => user.name).filter((name) => name !== BARE_PASSWORD_USER));
   const unknown = names.filter((name) => !known.has(name));
   if (unknown.length > 0) {
     errors.push(

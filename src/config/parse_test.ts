@@ -184,6 +184,13 @@ Deno.test("parseConfig: [security] errors never repeat a secret", async (t) => {
   }
 });
 
+Deno.test("[security] parseConfig: the bare password's holders cannot be made admins or metrics readers", () => {
+  for (const name of ["ADMINS", "METRICS"]) {
+    const result = parseConfig({ ...base, MC_RELAY_USERNAME: "", [name]: "relay;password" });
+    assert.ok(!result.ok && result.errors.some((line) => line.startsWith(name)), name);
+  }
+});
+
 Deno.test({
   // ';' and ':' share a key: an entry typed `bob;password` used to be read as the name `bob` with the option
   // "password" (less its last character), which the error quoted.

@@ -105,7 +105,10 @@ function countForAdmin(relay: Relay, context: RequestContext): void {
   const sent = context.upstream.call !== undefined;
   const passedOn = sent && context.upstream.status === status;
   if (status >= 400) relay.metrics.countRefusal(status, passedOn ? "upstream" : context.log.outcome ?? "");
-  if (sent) relay.metrics.countUpstreamAnswer(context.upstream.target.name, !((context.upstream.status ?? 500) < 500));
+  // A client that left before the answer says nothing of the upstream: anyone could make a target look failing.
+  if (sent && context.log.outcome !== "client_gone") {
+    relay.metrics.countUpstreamAnswer(context.upstream.target.name, !((context.upstream.status ?? 500) < 500));
+  }
 }
 
 /** Counts the finished request in the metrics and writes its log line (when info is logged). */
