@@ -108,7 +108,8 @@ async function takeLimits(relay: Relay, context: RequestContext): Promise<Respon
         calls.push(giveBack(counters, held[index].store, (s) => s.give(key(limit), limit.rule)));
       }
     });
-    if (inFlightKey !== undefined) {
+    // A full store that refused a new counter (Infinity) stored nothing: nothing to give back.
+    if (inFlightKey !== undefined && Number.isFinite(answers[requestLimits.length])) {
       calls.push(giveBack(counters, held[requestLimits.length].store, (store) => store.add(inFlightKey, -1)));
     }
     return calls;
@@ -375,6 +376,11 @@ async function reserveBudgets(relay: Relay, context: RequestContext): Promise<Re
       (counters) => counters.add(budget.key, amount, expiresAt),
       (counters) => counters.add(budget.key, -amount, expiresAt),
     );
+    // A full store that refused a new counter (Infinity) stored nothing: there is nothing to settle.
+    if (!Number.isFinite(total)) {
+      for (const settle of settlements) await settle(0);
+      return budgetSpent(context, budget, relay.now());
+    }
     // Settled when the request is over: the tokens it used replace the reservation, in the store that holds it
     // (memory during a Redis outage, Redis else), whichever store counts by then.
     settlements.push(context.releases.add(
@@ -384,17 +390,22 @@ async function reserveBudgets(relay: Relay, context: RequestContext): Promise<Re
     if (total - amount < budget.budget) continue;
     // Refused: every reservation made goes back now, whole, before the answer.
     for (const settle of settlements) await settle(0);
-    const waitFor = Math.max(1, Math.ceil((budget.resetsAt - relay.now()) / 1000));
-    return refuse(
-      context,
-      "token_budget_exceeded",
-      429,
-      `the token budget of ${budget.budget} tokens per UTC ${budget.window} (${budget.variable}) is used up for ${
-        subjectWords(context)
-      }; it renews at ${new Date(budget.resetsAt).toISOString()}`,
-      "token_budget_exceeded",
-      { "retry-after": String(waitFor) },
-    );
+    return budgetSpent(context, budget, relay.now());
   }
   return undefined;
+}
+
+/** 429 for a spent token budget, naming it and when it renews. */
+function budgetSpent(context: RequestContext, budget: TokenBudget, now: number): Response {
+  const waitFor = Math.max(1, Math.ceil((budget.resetsAt - now) / 1000));
+  return refuse(
+    context,
+    "token_budget_exceeded",
+    429,
+    `the token budget of ${budget.budget} tokens per UTC ${budget.window} (${budget.variable}) is used up for ${
+      subjectWords(context)
+    }; it renews at ${new Date(budget.resetsAt).toISOString()}`,
+    "token_budget_exceeded",
+    { "retry-after": String(waitFor) },
+  );
 }
