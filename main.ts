@@ -14,7 +14,6 @@
 
 import {
   envFileHint,
-  exitWithErrors,
   hashPasswordCommand,
   healthcheck,
   HELP,
@@ -27,6 +26,7 @@ import {
 import { parseConfig } from "./src/config/parse.ts";
 import { VERSION } from "./src/config/variables.ts";
 import { demo } from "./src/demo.ts";
+import { exitWithErrors } from "./src/exit.ts";
 import { runWorker, serve, WORKER_NAME } from "./src/server.ts";
 
 // The public API (the tests, testing.ts and bench.ts import it from here), from the modules that own it.

@@ -9,6 +9,7 @@ import { hashPassword } from "./auth.ts";
 import { callerKeyProblem, KeySealer } from "./byok.ts";
 import { parseSealing, parseUpstreams } from "./config/parse.ts";
 import { variablesHelp } from "./config/render.ts";
+import { errorName, exitWithErrors } from "./exit.ts";
 import { DEFAULTS, ENV_VARS, type RelayEnv, VERSION } from "./config/variables.ts";
 import type { LedgerRow } from "./stores/counter.ts";
 import { RedisCounterStore } from "./stores/redis.ts";
@@ -189,19 +190,6 @@ export async function readEnv(
     if (value !== undefined) env[name] = value;
   }
   return { env, notes, problems };
-}
-
-/** An error's class name, for one-line messages (`NotFound`, `PermissionDenied`). */
-export function errorName(error: unknown): string {
-  return error instanceof Error ? error.name : "error";
-}
-
-export function exitWithErrors(errors: string[], hint = ""): never {
-  console.error(`mc-relay: cannot start, ${errors.length} configuration problem(s):`);
-  for (const error of errors) console.error(`  ${error}`);
-  if (hint) console.error(hint);
-  console.error("See 'mc-relay --help' or README.md for every variable.");
-  Deno.exit(1);
 }
 
 /** Where a start without env file can look for one: a `.env` beside it that was not read. */

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { exitWithErrors } from "./cli.ts";
+import { exitWithErrors } from "./exit.ts";
 import { parseConfig } from "./config/parse.ts";
 import { METACONFIGURATOR_ORIGINS, type RelayEnv } from "./config/variables.ts";
 import { mcEndpoint } from "./endpoint.ts";

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { errorName, exitWithErrors } from "./cli.ts";
+import { errorName, exitWithErrors } from "./exit.ts";
 import { type EnvVar, type RelayConfig, type RelayEnv, VERSION } from "./config/variables.ts";
 import { createHandler } from "./handler.ts";
 import { BodyCut, errorResponse } from "./http.ts";
