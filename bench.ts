@@ -154,7 +154,8 @@ function startBenchProcess(mode: "upstream" | "bare" | "bare-js", argument: stri
   const child = new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", `${here}bench.ts`, mode, String(port), argument],
     stdout: "null",
-    stderr: "inherit",
+    // An upstream that injects faults reports each one it injects: not the bench's output.
+    stderr: mode === "upstream" && Number(argument) > 0 ? "null" : "inherit",
   }).spawn();
   return { url: `http://127.0.0.1:${port}`, child, pid: child.pid };
 }
@@ -303,7 +304,8 @@ function percentile(sorted: number[], p: number): number {
 
 /** Headers that sign a request in: the relay's user (nginx checks the same), or a gateway's own. */
 type Auth = Record<string, string>;
-const RELAY_AUTH: Auth = { authorization: AUTH };
+// "Authorization" as wrk's -H writes it: a wrk script's header of the same name then replaces it, never adds a second.
+const RELAY_AUTH: Auth = { Authorization: AUTH };
 
 /** What one sequential request measures: the whole answer, or only until a stream's first byte. */
 type Probe = "models" | "chat" | "firstByte";
