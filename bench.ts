@@ -635,13 +635,30 @@ async function installPortkey(): Promise<string | undefined> {
 }
 
 /**
+ * Loaded before Portkey: a server that names no host listens on 127.0.0.1 (Portkey's start script gives none, and
+ * Node would listen on every interface), so the bench stays on loopback.
+ */
+const LOOPBACK_ONLY = `import net from "node:net";
+const listen = net.Server.prototype.listen;
+net.Server.prototype.listen = function (...args) {
+  if (typeof args[0] === "number" && typeof args[1] !== "string") args.splice(1, args[1] === undefined ? 1 : 0, "127.0.0.1");
+  return listen.apply(this, args);
+};`;
+
+/**
  * The Portkey gateway under Node, headless, sending every request to the fake upstream as an OpenAI-compatible
  * custom host (`x-portkey-provider: openai`, `x-portkey-custom-host`), with the upstream's key as its bearer token.
  */
 function startPortkey(upstreamUrl: string): ProxyProcess {
   const port = freePort();
   const child = new Deno.Command("node", {
-    args: [PORTKEY_ENTRY, `--port=${port}`, "--headless"],
+    args: [
+      "--import",
+      `data:text/javascript,${encodeURIComponent(LOOPBACK_ONLY)}`,
+      PORTKEY_ENTRY,
+      `--port=${port}`,
+      "--headless",
+    ],
     cwd: PORTKEY_FOLDER,
     env: { NODE_ENV: "production" },
     stdout: "null",
