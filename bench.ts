@@ -2,17 +2,21 @@
  * mc-relay's benchmark: figures printed, nothing asserted. Run with `deno task bench` (add `--quick` for a
  * smaller run). Everything talks to loopback only, and every loop is bounded in count and time.
  *
- * Three paths are measured in the same run, each in its own process:
- *   direct  client -> fake upstream                          (the floor)
- *   relay   client -> mc-relay (deno run -P main.ts) -> upstream
- *   nginx   client -> nginx (same auth check, no buffering, one worker) -> upstream
- *   bare    client -> the smallest Deno proxy (fetch, pass the body on, nothing else) -> upstream:
- *           what Deno itself costs, so the difference to the relay is what is the relay's own
- *   bare+JS the same proxy, but the body passes through the least JavaScript that can look at each chunk (one
- *           BYOB read and one enqueue per chunk): the floor for any Deno proxy that watches a stream, as the relay
- *           must (idle timeout, usage, byte counts), where the bare proxy lets Deno pipe the body without JavaScript
- * Then the relay alone: 1,000 concurrent streamed chats, a soak of requests with 1% injected upstream
- * faults (RSS and open files before and after), and start-up time.
+ * The systems a user could put in the same place are measured in the same run, each in its own process, against
+ * calling the fake upstream directly:
+ *   nginx        one worker, the same auth check, no buffering, keep-alive to the upstream (the floor of any proxy)
+ *   bare         the smallest Deno proxy (fetch, pass the body on, nothing else): what Deno itself costs
+ *   bareJs       the same, but the body passes through the least JavaScript that can look at each chunk (one BYOB
+ *                read and one enqueue per chunk): the floor for a Deno proxy that watches a stream, as the relay must
+ *   relay        mc-relay (deno run -P main.ts), no limits
+ *   relayLimits  mc-relay with every request limit and a token budget on, in the memory store
+ *   portkey      the Portkey gateway (Node), installed from npm into /tmp/mc-relay-bench/portkey at bench time
+ *                (bench-only, never a dependency of the relay; skipped with the reason printed when npm fails)
+ * For each: non-streamed chats (POST /v1/chat/completions, a small body, an answer with usage) and GET /v1/models,
+ * throughput and CPU per request under wrk, added latency one request at a time, the added time to a stream's first
+ * byte, CPU per chunk of streams (100 chunks 20 ms apart, 200 at once), RSS idle, at peak, and with 1,000 streams
+ * open. Then the relay alone: a soak with 1% injected upstream faults, what each counter store costs per chat,
+ * WORKERS, and start-up time. Where a column cannot be measured, the output says so and why.
  *
  * Every process is measured warm: each path, each store variant and each worker count first takes `WARM_UP_SECONDS`
  * of load. V8 compiles a server's hot code over its first seconds under load (the relay's throughput rose from
@@ -45,6 +49,7 @@ function runUpstream(port: number, faultRate: number) {
     id: "chatcmpl-bench",
     object: "chat.completion",
     choices: [{ index: 0, message: { role: "assistant", content: "ok" }, finish_reason: "stop" }],
+    usage: { prompt_tokens: 9, completion_tokens: 1, total_tokens: 10 },
   });
   Deno.serve({ hostname: "127.0.0.1", port, onListen() {} }, async (request) => {
     const path = new URL(request.url).pathname;
@@ -66,12 +71,15 @@ function runUpstream(port: number, faultRate: number) {
     }
     if (path.endsWith("/models")) return new Response(models, { headers: { "content-type": "application/json" } });
     if (!body.stream) return new Response(answer, { headers: { "content-type": "application/json" } });
-    const chunks: number = body.chunks ?? 100;
-    const interval: number = body.interval ?? 20;
+    // Gateways that drop unknown fields (Portkey) still pass the model: `bench-model@CHUNKSxINTERVAL` says it too.
+    const shape = /@(\d+)x(\d+)$/.exec(String(body.model ?? ""));
+    const chunks: number = body.chunks ?? (shape ? Number(shape[1]) : 100);
+    const interval: number = body.interval ?? (shape ? Number(shape[2]) : 20);
     let sent = 0;
     const stream = new ReadableStream<Uint8Array>({
       async pull(controller) {
-        await sleep(interval);
+        // The first event goes at once (what a stream's first byte is timed by); the others `interval` ms apart.
+        if (sent > 0) await sleep(interval);
         if (sent++ === chunks) {
           controller.enqueue(encoder.encode("data: [DONE]\n\n"));
           return controller.close();
@@ -146,7 +154,8 @@ function startBenchProcess(mode: "upstream" | "bare" | "bare-js", argument: stri
   const child = new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", `${here}bench.ts`, mode, String(port), argument],
     stdout: "null",
-    stderr: "inherit",
+    // An upstream that injects faults reports each one it injects: not the bench's output.
+    stderr: mode === "upstream" && Number(argument) > 0 ? "null" : "inherit",
   }).spawn();
   return { url: `http://127.0.0.1:${port}`, child, pid: child.pid };
 }
@@ -293,42 +302,87 @@ function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 }
 
-/** p50/p99 in µs of sequential GET /v1/models over one kept-alive connection. */
-async function sequentialLatency(base: string, count: number) {
+/** Headers that sign a request in: the relay's user (nginx checks the same), or a gateway's own. */
+type Auth = Record<string, string>;
+// "Authorization" as wrk's -H writes it: a wrk script's header of the same name then replaces it, never adds a second.
+const RELAY_AUTH: Auth = { Authorization: AUTH };
+
+/** What one sequential request measures: the whole answer, or only until a stream's first byte. */
+type Probe = "models" | "chat" | "firstByte";
+
+/** One request of a probe kind; resolves when its answer (or, for `firstByte`, its first body byte) is in. */
+async function probeOnce(base: string, auth: Auth, probe: Probe): Promise<void> {
+  if (probe === "models") {
+    const response = await fetch(`${base}/v1/models`, { headers: auth });
+    await response.arrayBuffer();
+    return;
+  }
+  const response = await fetch(`${base}/v1/chat/completions`, {
+    method: "POST",
+    headers: { ...auth, "content-type": "application/json" },
+    body: probe === "chat" ? CHAT_BODY : FIRST_BYTE_BODY,
+  });
+  if (probe === "chat") {
+    await response.arrayBuffer();
+    return;
+  }
+  const reader = response.body!.getReader();
+  await reader.read(); // the first chunk: what a user waits for
+  await reader.cancel().catch(() => {});
+}
+
+/** p50/p99 in µs of `count` sequential requests of one probe kind over kept-alive connections (200 warm up first). */
+async function sequentialLatency(base: string, auth: Auth, probe: Probe, count: number) {
   const timings: number[] = [];
   for (let i = 0; i < count + 200; i++) {
     const started = performance.now();
-    const response = await fetch(`${base}/v1/models`, { headers: { authorization: AUTH } });
-    await response.arrayBuffer();
-    if (i >= 200) timings.push((performance.now() - started) * 1000); // the first 200 warm up
+    await probeOnce(base, auth, probe);
+    if (i >= 200) timings.push((performance.now() - started) * 1000);
   }
   timings.sort((a, b) => a - b);
   return { p50: percentile(timings, 50), p99: percentile(timings, 99) };
 }
 
-/** Requests per second (and requests made) of GET /v1/models with `connections` open connections (wrk, else a Deno loop). */
+/** A wrk script that sends `body` to every request, with these headers. */
+function wrkScript(auth: Auth, body?: string): string {
+  const lines = Object.entries(auth).map(([name, value]) => `wrk.headers["${name}"] = "${value}"`);
+  if (body !== undefined) {
+    lines.push(`wrk.method = "POST"`, `wrk.body = '${body}'`, `wrk.headers["Content-Type"] = "application/json"`);
+  }
+  return `${lines.join("\n")}\n`;
+}
+
+/**
+ * Requests per second (and requests made) with `connections` open connections: GET /v1/models, or non-streamed
+ * chats (`chat`). wrk when installed, else a Deno loop in this process.
+ */
 async function throughput(
   base: string,
   connections: number,
   seconds: number,
+  auth: Auth = RELAY_AUTH,
+  chat = false,
 ): Promise<{ rps: number; requests: number }> {
+  const url = `${base}/v1/${chat ? "chat/completions" : "models"}`;
   if (installed("wrk")) {
+    const script = await Deno.makeTempFile({ suffix: ".lua" });
+    await Deno.writeTextFile(script, wrkScript(auth, chat ? CHAT_BODY : undefined));
     const output = await new Deno.Command("wrk", {
-      args: ["-t2", `-c${connections}`, `-d${seconds}s`, "-H", `Authorization: ${AUTH}`, `${base}/v1/models`],
+      args: ["-t2", `-c${connections}`, `-d${seconds}s`, "-s", script, url],
       stdout: "piped",
       stderr: "piped",
     }).output();
+    await Deno.remove(script);
     const text = new TextDecoder().decode(output.stdout);
+    if (/Non-2xx/.test(text)) console.error(`  wrk saw non-2xx answers from ${url}:\n${text}`);
     const rate = /Requests\/sec:\s+([\d.]+)/.exec(text);
-    if (/Non-2xx/.test(text)) console.error(`  wrk saw non-2xx answers from ${base}:\n${text}`);
     if (rate) return { rps: Number(rate[1]), requests: Number(/(\d+) requests in/.exec(text)?.[1]) };
   }
   let done = 0;
   const deadline = performance.now() + seconds * 1000;
   await Promise.all(Array.from({ length: connections }, async () => {
     while (performance.now() < deadline) {
-      const response = await fetch(`${base}/v1/models`, { headers: { authorization: AUTH } });
-      await response.arrayBuffer();
+      await probeOnce(base, auth, chat ? "chat" : "models");
       done++;
     }
   }));
@@ -336,41 +390,8 @@ async function throughput(
 }
 
 /** Requests per second of POST /v1/chat/completions (non-streamed) with `connections` open connections. */
-async function chatThroughput(
-  base: string,
-  connections: number,
-  seconds: number,
-): Promise<{ rps: number; requests: number }> {
-  if (installed("wrk")) {
-    const script = await Deno.makeTempFile({ suffix: ".lua" });
-    await Deno.writeTextFile(script, CHAT_WRK_SCRIPT);
-    const output = await new Deno.Command("wrk", {
-      args: ["-t2", `-c${connections}`, `-d${seconds}s`, "-s", script, `${base}/v1/chat/completions`],
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    await Deno.remove(script);
-    const text = new TextDecoder().decode(output.stdout);
-    if (/Non-2xx/.test(text)) console.error(`  wrk saw non-2xx answers from ${base}:\n${text}`);
-    const rate = Number(/Requests\/sec:\s+([\d.]+)/.exec(text)?.[1]);
-    const requests = Number(/(\d+) requests in/.exec(text)?.[1]);
-    return { rps: rate, requests };
-  }
-  let done = 0;
-  const deadline = performance.now() + seconds * 1000;
-  await Promise.all(Array.from({ length: connections }, async () => {
-    while (performance.now() < deadline) {
-      const response = await fetch(`${base}/v1/chat/completions`, {
-        method: "POST",
-        headers: { authorization: AUTH, "content-type": "application/json" },
-        body: CHAT_BODY,
-      });
-      await response.arrayBuffer();
-      done++;
-    }
-  }));
-  return { rps: done / seconds, requests: done };
-}
+const chatThroughput = (base: string, connections: number, seconds: number, auth: Auth = RELAY_AUTH) =>
+  throughput(base, connections, seconds, auth, true);
 
 /** Every limit and budget on, each too generous ever to refuse: the store does all its work, nobody is turned away. */
 const GENEROUS_LIMITS = {
@@ -384,9 +405,11 @@ const GENEROUS_LIMITS = {
 /** The non-streamed chat every chat measurement sends. */
 const CHAT_BODY = '{"model":"bench-model","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}';
 
+/** A streamed chat whose first event comes at once: what the time to a stream's first byte is measured with. */
+const FIRST_BYTE_BODY = '{"model":"bench-model@1x1","stream":true,"messages":[{"role":"user","content":"hi"}]}';
+
 /** A wrk script that sends CHAT_BODY, signed in. */
-const CHAT_WRK_SCRIPT =
-  `wrk.method = "POST"\nwrk.body = '${CHAT_BODY}'\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "${AUTH}"\n`;
+const CHAT_WRK_SCRIPT = wrkScript(RELAY_AUTH, CHAT_BODY);
 
 /**
  * What each counter store costs per request: non-streamed chats with every limit and budget on (generous enough never
@@ -502,7 +525,7 @@ async function workerScaling(upstreamUrl: string, seconds: number) {
 }
 
 /** Opens `streams` streamed chats at once; returns chunk delays (ms, send stamp to arrival) and failures. */
-async function concurrentStreams(base: string, streams: number, chunks: number, interval: number) {
+async function concurrentStreams(base: string, auth: Auth, streams: number, chunks: number, interval: number) {
   const delays: number[] = [];
   let failures = 0;
   let completed = 0;
@@ -512,8 +535,8 @@ async function concurrentStreams(base: string, streams: number, chunks: number, 
     try {
       const response = await fetch(`${base}/v1/chat/completions`, {
         method: "POST",
-        headers: { authorization: AUTH, "content-type": "application/json" },
-        body: JSON.stringify({ model: "bench-model", stream: true, chunks, interval, messages: [] }),
+        headers: { ...auth, "content-type": "application/json" },
+        body: JSON.stringify({ model: `bench-model@${chunks}x${interval}`, stream: true, messages: [] }),
       });
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       let buffered = "";
@@ -542,24 +565,111 @@ async function concurrentStreams(base: string, streams: number, chunks: number, 
   return { delays, failures, completed, p50: percentile(delays, 50), p99: percentile(delays, 99) };
 }
 
-/** A proxy the bench measures, started in a process of its own. */
-type ProxyProcess = { url: string; pid: number; child: Deno.ChildProcess; prefix?: string };
+/** A proxy the bench measures, started in a process of its own, with the headers that sign a request in to it. */
+type ProxyProcess = { url: string; pid: number; child: Deno.ChildProcess; auth: Auth; prefix?: string };
+
+/** The kinds of proxy the bench starts. `relayLimits`: every limit and a token budget on, in the memory store. */
+type ProxyKind = "relay" | "relayLimits" | "nginx" | "bare" | "bareJs" | "portkey";
 
 /** Starts a proxy of one kind in front of the upstream and waits until it answers. */
-async function startProxy(kind: "relay" | "nginx" | "bare" | "bareJs", upstreamUrl: string): Promise<ProxyProcess> {
-  if (kind === "relay") {
-    const relay = startRelayProcess(upstreamUrl);
+async function startProxy(kind: ProxyKind, upstreamUrl: string): Promise<ProxyProcess> {
+  if (kind === "relay" || kind === "relayLimits") {
+    const relay = startRelayProcess(upstreamUrl, kind === "relayLimits" ? GENEROUS_LIMITS : {});
     await waitForHttp(`${relay.url}/health`);
-    return relay;
+    return { ...relay, auth: RELAY_AUTH };
   }
   if (kind === "nginx") {
     const nginx = await startNginx(upstreamUrl);
-    await waitForHttp(`${nginx.url}/v1/models`, { headers: { authorization: AUTH } });
-    return nginx;
+    await waitForHttp(`${nginx.url}/v1/models`, { headers: RELAY_AUTH });
+    return { ...nginx, auth: RELAY_AUTH };
+  }
+  if (kind === "portkey") {
+    const portkey = startPortkey(upstreamUrl);
+    await waitForHttp(`${portkey.url}/v1/models`, { headers: portkey.auth }, 30_000);
+    return portkey;
   }
   const bare = startBareProcess(upstreamUrl, kind === "bareJs");
   await waitForHttp(`${bare.url}/v1/models`);
-  return bare;
+  return { ...bare, auth: RELAY_AUTH };
+}
+
+/** Where the bench installs the Portkey gateway (bench-only: never a dependency of the relay). */
+const PORTKEY_FOLDER = "/tmp/mc-relay-bench/portkey";
+const PORTKEY_VERSION = Deno.env.get("BENCH_PORTKEY_VERSION") ?? "1.15.2";
+const PORTKEY_ENTRY = `${PORTKEY_FOLDER}/node_modules/@portkey-ai/gateway/build/start-server.js`;
+
+/**
+ * Installs `@portkey-ai/gateway` with npm into PORTKEY_FOLDER (once; a second run reuses it), with `@hono/node-server`
+ * pinned to 1.14.1 by npm `overrides`: later versions fail every Portkey stream with `TypeError: immutable`
+ * (Portkey-AI/gateway#1389). Returns why not, when it cannot.
+ */
+async function installPortkey(): Promise<string | undefined> {
+  if (!installed("node") || !installed("npm")) return "no node and npm on PATH";
+  const manifest = JSON.stringify({
+    name: "mc-relay-bench-portkey",
+    private: true,
+    dependencies: { "@portkey-ai/gateway": PORTKEY_VERSION },
+    overrides: { "@hono/node-server": "1.14.1" },
+  });
+  try {
+    await Deno.mkdir(PORTKEY_FOLDER, { recursive: true });
+    const current = await Deno.readTextFile(`${PORTKEY_FOLDER}/package.json`).catch(() => "");
+    if (current === manifest && await Deno.stat(PORTKEY_ENTRY).then(() => true, () => false)) return undefined;
+    await Deno.writeTextFile(`${PORTKEY_FOLDER}/package.json`, manifest);
+    const output = await new Deno.Command("npm", {
+      args: ["install", "--no-audit", "--no-fund", "--loglevel=error"],
+      cwd: PORTKEY_FOLDER,
+      stdout: "piped",
+      stderr: "piped",
+      signal: AbortSignal.timeout(240_000),
+    }).output();
+    if (!output.success) {
+      const said = new TextDecoder().decode(output.stderr).trim().split("\n").slice(-2).join(" ");
+      return `npm install @portkey-ai/gateway@${PORTKEY_VERSION} failed: ${said.slice(0, 200)}`;
+    }
+    await Deno.stat(PORTKEY_ENTRY);
+    return undefined;
+  } catch (error) {
+    return `npm install @portkey-ai/gateway@${PORTKEY_VERSION} failed: ${String(error).slice(0, 200)}`;
+  }
+}
+
+/**
+ * Loaded before Portkey: a server that names no host listens on 127.0.0.1 (Portkey's start script gives none, and
+ * Node would listen on every interface), so the bench stays on loopback.
+ */
+const LOOPBACK_ONLY = `import net from "node:net";
+const listen = net.Server.prototype.listen;
+net.Server.prototype.listen = function (...args) {
+  if (typeof args[0] === "number" && typeof args[1] !== "string") args.splice(1, args[1] === undefined ? 1 : 0, "127.0.0.1");
+  return listen.apply(this, args);
+};`;
+
+/**
+ * The Portkey gateway under Node, headless, sending every request to the fake upstream as an OpenAI-compatible
+ * custom host (`x-portkey-provider: openai`, `x-portkey-custom-host`), with the upstream's key as its bearer token.
+ */
+function startPortkey(upstreamUrl: string): ProxyProcess {
+  const port = freePort();
+  const child = new Deno.Command("node", {
+    args: [
+      "--import",
+      `data:text/javascript,${encodeURIComponent(LOOPBACK_ONLY)}`,
+      PORTKEY_ENTRY,
+      `--port=${port}`,
+      "--headless",
+    ],
+    cwd: PORTKEY_FOLDER,
+    env: { NODE_ENV: "production" },
+    stdout: "null",
+    stderr: "null", // it logs an error line for every GET /v1/models it passes on
+  }).spawn();
+  const auth = {
+    authorization: "Bearer sk-bench",
+    "x-portkey-provider": "openai",
+    "x-portkey-custom-host": `${upstreamUrl}/v1`,
+  };
+  return { url: `http://127.0.0.1:${port}`, child, pid: child.pid, auth };
 }
 
 /** Stops a bench process and removes what it left on disk. */
@@ -570,12 +680,15 @@ async function stopProcess(proxy: ProxyProcess): Promise<void> {
 }
 
 /**
- * Memory per open stream (KB), in a fresh proxy process: its RSS with `streams` more streams open (their first event
- * still to come) less its RSS before, per stream, after 100 streams held first have set up its pools. A fresh process
+ * Memory per open stream (KB), and RSS, in a fresh proxy process with `streams` streams open (their first event in,
+ * the next 60 s away): its RSS with them less its RSS with the first 100, which set up its pools, per stream. A fresh process
  * leaves out the garbage earlier traffic made (and the collections that free it while one measures), so this shows
  * what holding a stream open costs. NaN when the streams do not all open within 30 s.
  */
-async function memoryPerOpenStream(proxy: ProxyProcess, streams: number): Promise<number> {
+async function memoryPerOpenStream(
+  proxy: ProxyProcess,
+  streams: number,
+): Promise<{ perStreamKb: number; rssMb: number }> {
   const leave = new AbortController();
   let open = 0;
   const hold = (count: number) =>
@@ -584,11 +697,13 @@ async function memoryPerOpenStream(proxy: ProxyProcess, streams: number): Promis
         const response = await fetch(`${proxy.url}/v1/chat/completions`, {
           method: "POST",
           signal: leave.signal,
-          headers: { authorization: AUTH, "content-type": "application/json" },
-          body: JSON.stringify({ model: "bench-model", stream: true, chunks: 1, interval: 60_000, messages: [] }),
+          headers: { ...proxy.auth, "content-type": "application/json" },
+          body: JSON.stringify({ model: "bench-model@2x60000", stream: true, messages: [] }),
         });
+        const reader = response.body!.getReader();
+        await reader.read(); // the first event (a gateway may send its headers only with it)
         open++;
-        await response.body?.getReader().read(); // ends when the bench leaves
+        await reader.read(); // the second is 60 s away: ends when the bench leaves
       } catch {
         // left
       }
@@ -602,13 +717,15 @@ async function memoryPerOpenStream(proxy: ProxyProcess, streams: number): Promis
   const first = hold(100);
   const warm = await opened(100);
   const before = memoryMb(proxy.pid);
-  const held = hold(streams);
-  const allOpen = warm && await opened(100 + streams);
+  const held = hold(streams - 100);
+  const allOpen = warm && await opened(streams);
   const after = memoryMb(proxy.pid);
   leave.abort();
   await Promise.all([...first, ...held]);
   await stopProcess(proxy);
-  return allOpen ? ((after - before) * 1024) / streams : NaN;
+  return allOpen
+    ? { perStreamKb: ((after - before) * 1024) / (streams - 100), rssMb: after }
+    : { perStreamKb: NaN, rssMb: NaN };
 }
 
 const format = (value: number, digits = 0) =>
@@ -616,97 +733,154 @@ const format = (value: number, digits = 0) =>
     ? value.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits })
     : "–";
 
+/** The systems measured side by side, in the order of the table. */
+const SYSTEMS: { kind: ProxyKind; label: string }[] = [
+  { kind: "nginx", label: "nginx, 1 worker (floor)" },
+  { kind: "bare", label: "bare Deno proxy (floor)" },
+  { kind: "bareJs", label: "Deno, JS per chunk (floor)" },
+  { kind: "relay", label: "mc-relay, no limits" },
+  { kind: "relayLimits", label: "mc-relay, limits + budget (memory)" },
+  { kind: "portkey", label: "Portkey gateway (Node)" },
+];
+
+/** One measured system: its process, or why it is not measured. */
+type System = { kind: ProxyKind; label: string; proxy?: ProxyProcess; missing?: string; idleMb?: number };
+
 async function main() {
   const sizes = quick
-    ? { sequential: 500, seconds: 3, streams: 200, chunks: 50, soak: 5000 }
-    : { sequential: 3000, seconds: 8, streams: 1000, chunks: 100, soak: 50000 };
+    ? { sequential: 300, seconds: 3, streams: 100, chunks: 50, held: 300, soak: 5000 }
+    : { sequential: 2000, seconds: 9, streams: 200, chunks: 100, held: 1000, soak: 50000 };
   const haveNginx = installed("nginx");
+  const haveWrk = installed("wrk");
   const deno = Deno.version.deno;
   const cpu = /model name\s*:\s*(.*)/.exec(Deno.readTextFileSync("/proc/cpuinfo"))?.[1] ?? "unknown CPU";
   console.log(
     `mc-relay bench${quick ? " (quick)" : ""}: Deno ${deno}, ${navigator.hardwareConcurrency} cores (${cpu}), ` +
-      `${haveNginx ? "nginx (1 worker)" : "no nginx: its column is left empty"}, load from ${
-        installed("wrk") ? "wrk" : "a Deno loop"
-      }`,
+      `load from ${haveWrk ? "wrk" : "a Deno loop (no wrk: throughputs are the loop's, which shares a core)"}`,
   );
+  const portkeyMissing = await installPortkey();
+  if (portkeyMissing) console.log(`  Portkey skipped: ${portkeyMissing}`);
+  else console.log(`  Portkey gateway ${PORTKEY_VERSION} from npm in ${PORTKEY_FOLDER} (@hono/node-server 1.14.1)`);
 
   const upstream = startUpstreamProcess();
   await waitForHttp(`${upstream.url}/v1/models`);
-  const relay = await startProxy("relay", upstream.url);
-  const nginx = haveNginx ? await startProxy("nginx", upstream.url) : undefined;
-  const bare = await startProxy("bare", upstream.url);
-  const bareJs = await startProxy("bareJs", upstream.url);
-  const relayIdleMb = memoryMb(relay.pid);
+  const direct = { url: upstream.url, auth: RELAY_AUTH };
+  const systems: System[] = [];
+  for (const { kind, label } of SYSTEMS) {
+    const missing = kind === "nginx" && !haveNginx
+      ? "nginx not installed"
+      : kind === "portkey" && portkeyMissing
+      ? portkeyMissing
+      : undefined;
+    if (missing) {
+      systems.push({ kind, label, missing });
+      continue;
+    }
+    try {
+      const proxy = await startProxy(kind, upstream.url);
+      await sleep(500);
+      systems.push({ kind, label, proxy, idleMb: memoryMb(proxy.pid) });
+    } catch (error) {
+      systems.push({ kind, label, missing: `did not start: ${String(error).slice(0, 120)}` });
+    }
+  }
+  const running = systems.filter((system) => system.proxy !== undefined) as (System & { proxy: ProxyProcess })[];
+  const results: Record<string, Record<string, number>> = { direct: {} };
+  for (const system of systems) results[system.kind] = {};
+  const notes: string[] = [];
 
-  const paths = [
-    { name: "direct", url: upstream.url, pid: upstream.pid },
-    { name: "relay", url: relay.url, pid: relay.pid },
-    ...(nginx ? [{ name: "nginx", url: nginx.url, pid: nginx.pid }] : []),
-    { name: "bare", url: bare.url, pid: bare.pid },
-    { name: "bareJs", url: bareJs.url, pid: bareJs.pid },
-  ];
-  const results: Record<string, Record<string, number>> = {};
-  for (const path of paths) results[path.name] = {};
-
-  console.log(`- warm-up: ${WARM_UP_SECONDS} s of GET /v1/models per path`);
-  for (const path of paths) await throughput(path.url, 32, WARM_UP_SECONDS);
-
-  console.log(`- sequential latency: ${sizes.sequential} requests per path`);
-  for (const path of paths) {
-    const { p50, p99 } = await sequentialLatency(path.url, sizes.sequential);
-    Object.assign(results[path.name], { p50, p99 });
+  console.log(`- warm-up: ${WARM_UP_SECONDS} s of chats and ${WARM_UP_SECONDS} s of GET /v1/models per system`);
+  for (const { proxy } of running) {
+    await chatThroughput(proxy.url, 32, WARM_UP_SECONDS, proxy.auth);
+    await throughput(proxy.url, 32, WARM_UP_SECONDS, proxy.auth);
   }
 
-  // The paths take turns, three rounds of a third of the time each, and each path's median counts: a machine whose
-  // speed drifts over minutes (a shared VM) then slows every path alike instead of the ones measured last.
-  for (const connections of [32, 256]) {
-    console.log(`- throughput with ${connections} connections: ${sizes.seconds} s per path, in 3 turns`);
+  console.log(
+    `- sequential latency: ${sizes.sequential} requests per system and kind (models, chat, a stream's first byte)`,
+  );
+  for (const probe of ["models", "chat", "firstByte"] as const) {
+    // Direct first and again last: the floor every added latency is taken against is their mean.
+    const first = await sequentialLatency(direct.url, direct.auth, probe, sizes.sequential);
+    for (const { kind, proxy } of running) {
+      const { p50, p99 } = await sequentialLatency(proxy.url, proxy.auth, probe, sizes.sequential);
+      Object.assign(results[kind], { [`${probe}P50`]: p50, [`${probe}P99`]: p99 });
+    }
+    const last = await sequentialLatency(direct.url, direct.auth, probe, sizes.sequential);
+    Object.assign(results.direct, {
+      [`${probe}P50`]: (first.p50 + last.p50) / 2,
+      [`${probe}P99`]: (first.p99 + last.p99) / 2,
+    });
+  }
+
+  // The systems take turns, three rounds of a third of the time each, and each one's median counts: a machine whose
+  // speed drifts over minutes (a shared VM) then slows every system alike instead of the ones measured last.
+  for (const chat of [true, false]) {
+    const what = chat ? "non-streamed chats" : "GET /v1/models";
+    console.log(`- throughput, ${what}, 32 connections: ${sizes.seconds} s per system, in 3 turns`);
     const rounds: Record<string, number[]> = {};
     // CPU per request over all three turns: the proxy's own cost, whatever share of the cores it got.
-    const cpu: Record<string, { seconds: number; requests: number }> = {};
+    const spent: Record<string, { seconds: number; requests: number }> = {};
     for (let round = 0; round < 3; round++) {
-      for (const path of paths) {
-        const cpuBefore = cpuSeconds(path.pid);
-        const { rps, requests } = await throughput(path.url, connections, Math.max(1, Math.round(sizes.seconds / 3)));
-        const spent = (cpu[path.name] ??= { seconds: 0, requests: 0 });
-        spent.seconds += cpuSeconds(path.pid) - cpuBefore;
-        spent.requests += requests;
-        (rounds[path.name] ??= []).push(rps);
+      for (const { kind, proxy } of [{ kind: "direct", proxy: { ...direct, pid: upstream.pid } }, ...running]) {
+        const cpuBefore = cpuSeconds(proxy.pid);
+        const seconds = Math.max(1, Math.round(sizes.seconds / 3));
+        const { rps, requests } = await throughput(proxy.url, 32, seconds, proxy.auth, chat);
+        const sum = (spent[kind] ??= { seconds: 0, requests: 0 });
+        sum.seconds += cpuSeconds(proxy.pid) - cpuBefore;
+        sum.requests += requests;
+        (rounds[kind] ??= []).push(rps);
       }
     }
-    for (const path of paths) {
-      results[path.name][`rps${connections}`] = rounds[path.name].sort((a, b) => a - b)[1];
+    for (const kind in rounds) {
+      const sorted = rounds[kind].sort((a, b) => a - b);
+      results[kind][chat ? "chatRps" : "modelsRps"] = sorted[1];
+      results[kind][chat ? "chatRpsSpread" : "modelsRpsSpread"] = (sorted[2] - sorted[0]) / sorted[1];
       // The direct path's process is the upstream itself: no proxy to count.
-      if (path.name !== "direct") {
-        results[path.name][`cpuPerRequestUs${connections}`] = (cpu[path.name].seconds * 1e6) / cpu[path.name].requests;
+      if (kind !== "direct") {
+        results[kind][chat ? "cpuPerChatUs" : "cpuPerModelsUs"] = (spent[kind].seconds * 1e6) / spent[kind].requests;
       }
     }
   }
 
-  // 100 ms apart: 10,000 chunks a second over 1,000 streams, which the one load process can still take in
-  // without its own queueing dominating the delays (at 20 ms even the direct path queues for 100+ ms here).
-  console.log(`- streaming: ${sizes.streams} concurrent streams of ${sizes.chunks} chunks, 100 ms apart, per path`);
-  for (const path of paths) {
-    const proxyPid = path.name === "direct" ? undefined : path.pid;
+  console.log(
+    `- streaming: ${sizes.streams} concurrent streams of ${sizes.chunks} chunks, 20 ms apart, per system`,
+  );
+  for (const target of [{ kind: "direct", proxy: undefined }, ...running]) {
+    const proxyPid = target.proxy?.pid;
     const cpuBefore = proxyPid ? cpuSeconds(proxyPid) : 0;
     let peakMb = 0;
     const sampler = proxyPid ? setInterval(() => (peakMb = Math.max(peakMb, memoryMb(proxyPid))), 100) : undefined;
-    const run = await concurrentStreams(path.url, sizes.streams, sizes.chunks, 100);
+    const run = await concurrentStreams(
+      target.proxy?.url ?? direct.url,
+      target.proxy?.auth ?? direct.auth,
+      sizes.streams,
+      sizes.chunks,
+      20,
+    );
     clearInterval(sampler);
-    Object.assign(results[path.name], {
+    Object.assign(results[target.kind], {
       chunkP50: run.p50,
       chunkP99: run.p99,
       streamFailures: run.failures,
       streamsCompleted: run.completed,
       cpuPerChunkUs: proxyPid ? ((cpuSeconds(proxyPid) - cpuBefore) * 1e6) / run.delays.length : NaN,
       peakMb: proxyPid ? peakMb : NaN,
+      // The highest RSS the process had over everything so far (the throughput phases included).
+      hwmMb: proxyPid ? memoryMb(proxyPid, "VmHWM") : NaN,
     });
+    if (run.failures > 0) {
+      notes.push(`${target.kind}: ${run.failures} of ${sizes.streams} streams ended broken or short`);
+    }
   }
-  const relayPeakMb = results.relay.peakMb;
+  for (const { proxy } of running) await stopProcess(proxy);
 
-  console.log(`- memory per open stream: ${sizes.streams} streams held open (first event 60 s away), fresh processes`);
-  for (const kind of ["relay", ...(haveNginx ? ["nginx" as const] : []), "bare", "bareJs"] as const) {
-    results[kind].perStreamKb = await memoryPerOpenStream(await startProxy(kind, upstream.url), sizes.streams);
+  console.log(`- memory: ${sizes.held} streams held open (first event 60 s away), fresh processes`);
+  for (const { kind } of running) {
+    if (kind === "relayLimits") continue; // the same process as the relay's, with counters that hold no stream
+    const held = await memoryPerOpenStream(await startProxy(kind, upstream.url), sizes.held);
+    results[kind].perStreamKb = held.perStreamKb;
+    results[kind].heldRssMb = held.rssMb;
+    if (!Number.isFinite(held.rssMb)) notes.push(`${kind}: not all ${sizes.held} streams opened within 30 s`);
   }
 
   console.log(`- soak: ${sizes.soak} requests through the relay with 1% injected upstream faults`);
@@ -772,56 +946,68 @@ async function main() {
   }
   startups.sort((a, b) => a - b);
 
-  for (const process of [relay, bare, bareJs, upstream, ...(nginx ? [nginx] : [])]) await stopProcess(process);
+  await stopProcess({ ...upstream, auth: RELAY_AUTH });
 
-  const names = ["direct", "relay", "nginx", "bare", "bareJs"];
-  const row = (label: string, value: (name: string) => string) =>
-    `| ${label} | ${names.map((name) => (results[name] ? value(name) : "–")).join(" | ")} |`;
-  const ratio = (a: number, b: number) => (haveNginx && Number.isFinite(a / b) ? format(a / b, 2) : "–");
+  const ms = (us: number, digits = 2) => format(us / 1000, digits);
+  const added = (kind: string, probe: string) =>
+    `${ms(results[kind][`${probe}P50`] - results.direct[`${probe}P50`])} / ${
+      ms(results[kind][`${probe}P99`] - results.direct[`${probe}P99`])
+    }`;
+  const rows = systems.map(({ kind, label, missing, idleMb }) => {
+    if (missing) return `| ${label} | not measured: ${missing} |||||||||`;
+    const r = results[kind];
+    return `| ${label} | ${format(r.chatRps)} | ${format(r.cpuPerChatUs)} | ${format(r.modelsRps)} | ${
+      format(r.cpuPerModelsUs)
+    } | ${added(kind, "models")} | ${added(kind, "chat")} | ${added(kind, "firstByte")} | ${
+      format(r.cpuPerChunkUs, 1)
+    } | ${format(r.chunkP50 - results.direct.chunkP50, 2)} / ${format(r.chunkP99 - results.direct.chunkP99, 2)} | ${
+      format(idleMb ?? NaN)
+    } / ${format(r.hwmMb)} | ${kind === "relayLimits" ? "(as no limits)" : format(r.heldRssMb)} |`;
+  });
+  const d = results.direct;
+  const ratio = (kind: string, over: string, field: string) =>
+    results[kind] && results[over] ? format(results[kind][field] / results[over][field], 2) : "–";
+  const spread = (kind: string) => results[kind]?.chatRps ? `${format(results[kind].chatRpsSpread * 100)}%` : "–";
   console.log(
     `
-| measure | direct | relay | nginx | bare Deno | Deno, JS per chunk |
-| --- | ---: | ---: | ---: | ---: | ---: |
-${row("latency p50, sequential GET /v1/models (µs)", (name) => format(results[name].p50))}
-${row("latency p99 (µs)", (name) => format(results[name].p99))}
-${row("throughput, 32 connections (req/s)", (name) => format(results[name].rps32))}
-${row("throughput, 256 connections (req/s)", (name) => format(results[name].rps256))}
-${row("proxy CPU per request, 32 connections (µs)", (name) => format(results[name].cpuPerRequestUs32))}
-${row(`chunk delay p50, ${sizes.streams} streams (ms)`, (name) => format(results[name].chunkP50, 2))}
-${row("chunk delay p99 (ms)", (name) => format(results[name].chunkP99, 2))}
-${row("streams completed / failed", (name) => `${results[name].streamsCompleted} / ${results[name].streamFailures}`)}
-${row("proxy CPU per forwarded chunk (µs)", (name) => format(results[name].cpuPerChunkUs, 1))}
-${row(`proxy RSS at peak, ${sizes.streams} streams (MB)`, (name) => format(results[name].peakMb, 1))}
-${row(`proxy memory per open stream, ${sizes.streams} held (KB)`, (name) => format(results[name].perStreamKb, 1))}
+Non-streamed chats (POST /v1/chat/completions, a small body, an answer with usage) and GET /v1/models: wrk, 32
+connections, 3 turns of ${Math.max(1, Math.round(sizes.seconds / 3))} s, the median; CPU per request over all turns.
+Added latency: sequential requests, one at a time, against calling the upstream directly (direct: models ${
+      ms(d.modelsP50)
+    } / ${ms(d.modelsP99)} ms, chat ${ms(d.chatP50)} / ${ms(d.chatP99)} ms, first byte ${ms(d.firstByteP50)} / ${
+      ms(d.firstByteP99)
+    } ms p50 / p99). Streams: ${sizes.streams} at once, ${sizes.chunks} chunks 20 ms apart (direct chunk delay ${
+      format(d.chunkP50, 2)
+    } / ${format(d.chunkP99, 2)} ms). RSS: idle after start, peak (VmHWM) after the throughput and stream phases, and
+in a fresh process with ${sizes.held} streams open.
 
-- added latency p50 / p99: relay ${format(results.relay.p50 - results.direct.p50)} / ${
-      format(results.relay.p99 - results.direct.p99)
-    } µs${
-      haveNginx
-        ? `, nginx ${format(results.nginx.p50 - results.direct.p50)} / ${
-          format(results.nginx.p99 - results.direct.p99)
-        } µs`
-        : ""
+| system | chat req/s | CPU per chat (µs) | models req/s | CPU per models (µs) | added p50 / p99 models (ms) | added p50 / p99 chat (ms) | added first byte p50 / p99 (ms) | CPU per chunk (µs) | added chunk delay p50 / p99 (ms) | RSS idle / peak (MB) | RSS, ${
+      format(sizes.held)
+    } open streams (MB) |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+| direct (the fake upstream) | ${format(d.chatRps)} | – | ${format(d.modelsRps)} | – | – | – | – | – | – | – | – |
+${rows.join("\n")}
+
+- chat throughput spread over the 3 turns ((max - min) / median): ${
+      systems.filter((s) => !s.missing).map((s) => `${s.kind} ${spread(s.kind)}`).join(", ")
     }
-- added chunk delay p50 / p99: relay ${format(results.relay.chunkP50 - results.direct.chunkP50, 2)} / ${
-      format(results.relay.chunkP99 - results.direct.chunkP99, 2)
-    } ms
-- relay / nginx: throughput ${ratio(results.relay.rps32, results.nginx?.rps32)} (32 conn.), ${
-      ratio(results.relay.rps256, results.nginx?.rps256)
-    } (256 conn.); CPU per chunk ${ratio(results.relay.cpuPerChunkUs, results.nginx?.cpuPerChunkUs)}
-- relay / bare Deno proxy: throughput ${
-      format(results.relay.rps32 / results.bare.rps32, 2)
-    } (32 conn.); CPU per request ${
-      format(results.relay.cpuPerRequestUs32 / results.bare.cpuPerRequestUs32, 2)
-    }; CPU per chunk ${format(results.relay.cpuPerChunkUs / results.bare.cpuPerChunkUs, 2)}; RSS ${
-      format(results.relay.peakMb / results.bare.peakMb, 2)
-    }; memory per open stream ${format(results.relay.perStreamKb / results.bare.perStreamKb, 2)}
-- relay / Deno with JS per chunk: CPU per chunk ${
-      format(results.relay.cpuPerChunkUs / results.bareJs.cpuPerChunkUs, 2)
-    }; RSS ${format(results.relay.peakMb / results.bareJs.peakMb, 2)}; memory per open stream ${
-      format(results.relay.perStreamKb / results.bareJs.perStreamKb, 2)
+- mc-relay / bare Deno proxy: CPU per chat ${ratio("relay", "bare", "cpuPerChatUs")} (limits + budget: ${
+      ratio("relayLimits", "bare", "cpuPerChatUs")
+    }; goal at most 2), chat throughput ${ratio("relay", "bare", "chatRps")} (limits + budget: ${
+      ratio("relayLimits", "bare", "chatRps")
+    }; goal at least 0.5), RSS at ${sizes.held} open streams ${ratio("relay", "bare", "heldRssMb")} (goal at most 1.2)
+- mc-relay / Deno with JS per chunk: CPU per chunk ${ratio("relay", "bareJs", "cpuPerChunkUs")} (goal at most 1.25)
+- mc-relay / Portkey: chat throughput ${ratio("relay", "portkey", "chatRps")}, CPU per chat ${
+      ratio("relay", "portkey", "cpuPerChatUs")
     }
-- relay RSS: ${format(relayIdleMb, 1)} MB idle, ${format(relayPeakMb, 1)} MB at peak with ${sizes.streams} streams
+- not measured: ${
+      [
+        ...systems.filter((s) => s.missing).map((s) => `${s.label}: ${s.missing}`),
+        ...notes,
+        "the direct path's CPU per request (its process is the upstream's)",
+        "RSS at open streams for limits + budget (the relay's process; counters hold nothing per stream)",
+      ].join("; ")
+    }
 - soak: ${sizes.soak} requests in ${format(soakSeconds, 1)} s, outcomes ${
       JSON.stringify(Object.fromEntries(outcomes))
     }; ` +
