@@ -44,6 +44,9 @@ const NOT_OURS = new Set([
   "MC_RELAY_DOMAIN", // the compose files' own variable, for Caddy's site address and PUBLIC_URL
   "BUFFER_CHANNEL_SIZE", // a Deno internal the performance notes measure
   "DENO_V8_FLAGS",
+  "TCP_NODELAY", // a socket option the performance notes measure
+  "BENCH_PORTKEY_VERSION", // the bench's own settings
+  "WARM_UP_SECONDS",
 ]);
 
 Deno.test("docs: what the README and docs/ say is true of the code", async (t) => {
