@@ -42,10 +42,18 @@ export interface HandlerOptions {
   counters?: CounterStore;
   /** The longest a request body may go without a byte (10 s, BODY_IDLE_MS); tests shorten it. */
   bodyIdleMs?: number;
+  /**
+   * The handler a reload replaces: what its config shares with the new one is carried over (the verified sign-ins,
+   * the body allowance and the requests holding it, the breakers), so a reload neither makes every hashed user pay
+   * PBKDF2 again nor lets old and new requests each fill MAX_BUFFERED_BYTES, nor closes an open breaker.
+   */
+  previous?: RelayHandler;
 }
 
-/** A `Deno.serve` handler. */
-export type RelayHandler = (request: Request, info: Deno.ServeHandlerInfo) => Promise<Response>;
+/** A `Deno.serve` handler, and what it shares across requests (for the reload that replaces it). */
+export type RelayHandler = ((request: Request, info: Deno.ServeHandlerInfo) => Promise<Response>) & {
+  readonly relay?: Relay;
+};
 
 /**
  * The stages every request passes, in this order: the table of contents of a request. Each decides one thing; the
@@ -114,7 +122,7 @@ function onRoute(path: string, stage: Stage): Stage {
  */
 export function createHandler(config: RelayConfig, options: HandlerOptions = {}): RelayHandler {
   const relay = createRelay(config, options);
-  return async (request, info) => {
+  const handler = async (request: Request, info: Deno.ServeHandlerInfo) => {
     const context = newContext(relay, request, info);
     let response: Response | undefined;
     try {
@@ -142,6 +150,7 @@ export function createHandler(config: RelayConfig, options: HandlerOptions = {})
     finish(relay, context);
     return response;
   };
+  return Object.assign(handler, { relay });
 }
 
 /**
@@ -192,6 +201,7 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
   const masker = createSecretMasker(upstreamSecrets);
   const now = options.now ?? Date.now;
   const metrics = options.metrics ?? new RelayMetrics();
+  const kept = keptParts(config, options.previous?.relay);
   const log = createLogger(config, options.log);
   for (const targets of Object.values(config.modelAliases)) {
     for (const label of targets) metrics.breakerOpen.set(label, 0);
@@ -212,9 +222,9 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     usersByName: new Map(config.users.map((user) => [user.name, user])),
     requestLimits: requestLimits(config),
     now,
-    authenticate: createAuthenticator(config.users, metrics),
+    authenticate: kept.authenticate ?? createAuthenticator(config.users, metrics),
     hashedUsers: config.users.some((user) => user.hash !== undefined),
-    bodyBudget: new ByteBudget(config.maxBufferedBytes, config.maxRequestBytes),
+    bodyBudget: kept.bodyBudget ?? new ByteBudget(config.maxBufferedBytes, config.maxRequestBytes),
     bodyLimits: {
       maxRequestBytes: config.maxRequestBytes,
       requestTimeoutMs: config.requestTimeoutMs,
@@ -227,13 +237,30 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
       ? undefined
       : new KeySealer([config.sealSecret, ...config.sealSecretsPrevious], now),
     byok: upstreams.some((upstream) => upstream.byok),
-    breakers: new CircuitBreakers(config.breakerFailures, config.breakerOpenMs, now, (label, open) => {
+    breakers: kept.breakers ?? new CircuitBreakers(config.breakerFailures, config.breakerOpenMs, now, (label, open) => {
       metrics.breakerOpen.set(label, open ? 1 : 0);
       if (open) log.warn("breaker open: target skipped", { target: label, seconds: config.breakerOpenMs / 1000 });
       else log.info("breaker closed: target answers again", { target: label });
     }),
   };
 }
+
+/** The parts of the handler a reload replaces that the new config would build the same: those are carried over. */
+function keptParts(config: RelayConfig, previous: Relay | undefined): Partial<Pick<Relay, KeptPart>> {
+  if (previous === undefined) return {};
+  const old = previous.config;
+  const same = (pick: (config: RelayConfig) => unknown) => JSON.stringify(pick(old)) === JSON.stringify(pick(config));
+  return {
+    authenticate: same((config) => config.users) ? previous.authenticate : undefined,
+    bodyBudget: same((config) => [config.maxBufferedBytes, config.maxRequestBytes]) ? previous.bodyBudget : undefined,
+    breakers: same((config) => [config.modelAliases, config.breakerFailures, config.breakerOpenMs])
+      ? previous.breakers
+      : undefined,
+  };
+}
+
+/** What a reload may carry over. */
+type KeptPart = "authenticate" | "bodyBudget" | "breakers";
 
 /** A fresh context for one request: its id, its client's address, and the CORS headers its origin gets. */
 function newContext(relay: Relay, request: Request, info: Deno.ServeHandlerInfo): RequestContext {

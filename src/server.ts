@@ -255,7 +255,7 @@ async function startServer(
     },
     onError: serverErrorHandler(log),
   }, (request, info) => handler(request, info));
-  const swap = (next: RelayConfig) => void (handler = createHandler(next, { metrics, counters }));
+  const swap = (next: RelayConfig) => void (handler = createHandler(next, { metrics, counters, previous: handler }));
   return { server, counters, metrics, swap };
 }
 

@@ -5,6 +5,7 @@
  * Proved on real relay processes (see testing.ts); the last test checks that no secret leaked.
  */
 import assert from "node:assert/strict";
+import { createHandler, hashPassword, metricsResponse, parsePasswordHash, RelayMetrics } from "../main.ts";
 import {
   assertNoSecretSeen,
   CANARY_KEY,
@@ -18,6 +19,7 @@ import {
   spawnRelay,
   startUpstream,
   streamedAnswer,
+  testConfig,
   USERNAME,
   within,
 } from "./testing.ts";
@@ -27,6 +29,54 @@ const NEW_PASSWORD = "bob-password-reloaded-1";
 /** The text of an env file from variables. */
 const envFile = (env: Record<string, string>) =>
   Object.entries(env).map(([name, value]) => `${name}=${value}`).join("\n") + "\n";
+
+Deno.test("reload: what the new configuration does not change is carried over", async (t) => {
+  const metrics = new RelayMetrics();
+  const hashed = async (name: string, password: string) => ({
+    name,
+    hash: parsePasswordHash(await hashPassword(password, 2000))!,
+  });
+  const config = testConfig("http://127.0.0.1:9/v1", { users: [await hashed("carol", "carol-password-1")] });
+  const info = {
+    remoteAddr: { transport: "tcp", hostname: "127.0.0.1", port: 40000 },
+    completed: Promise.resolve(),
+  } as Deno.ServeHandlerInfo;
+  const usage = async (handler: ReturnType<typeof createHandler>, credentials: string) => {
+    const response = await handler(
+      new Request("http://127.0.0.1/usage", { headers: { authorization: `Bearer ${credentials}` } }),
+      info,
+    );
+    await response.body?.cancel();
+    return response.status;
+  };
+  const hashChecks = async () =>
+    Number(/^mc_relay_password_hash_checks_total (\d+)$/m.exec(await metricsResponse(metrics).text())![1]);
+  const first = createHandler(config, { metrics, log: () => {} });
+  assert.equal(await usage(first, "carol:carol-password-1"), 200);
+  const checked = await hashChecks();
+
+  await t.step("the same users: a verified sign-in is not hashed again, the body allowance is the same", async () => {
+    const second = createHandler({ ...config, rateLimitPerMinute: 5 }, { metrics, log: () => {}, previous: first });
+    assert.equal(await usage(second, "carol:carol-password-1"), 200);
+    assert.equal(await hashChecks(), checked, "carol's sign-in was remembered across the reload");
+    assert.equal(second.relay?.bodyBudget, first.relay?.bodyBudget, "one MAX_BUFFERED_BYTES for old and new requests");
+  });
+
+  await t.step("changed users or limits: built anew", async () => {
+    const third = createHandler(
+      { ...config, users: [await hashed("carol", "carol-password-2")], maxBufferedBytes: 1 },
+      {
+        metrics,
+        log: () => {},
+        previous: first,
+      },
+    );
+    assert.equal(await usage(third, "carol:carol-password-1"), 401, "the old password is gone");
+    assert.equal(await usage(third, "carol:carol-password-2"), 200);
+    assert.ok(await hashChecks() > checked);
+    assert.notEqual(third.relay?.bodyBudget, first.relay?.bodyBudget);
+  });
+});
 
 Deno.test({
   name: "reload: SIGHUP reads the env file again",
