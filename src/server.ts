@@ -187,6 +187,24 @@ export async function serve(
 }
 
 /**
+ * The env files as read once two reads 100 ms apart agree: an editor that truncates and writes a file could be caught
+ * halfway, and a file with its limit lines not yet written is valid but says something else. Three tries, then a
+ * problem that says to write the file whole (or move a written one into place) and signal again.
+ */
+async function steadyRead(source: ReloadSource): ReturnType<ReloadSource["read"]> {
+  let read = await source.read();
+  for (let tries = 0; tries < 3; tries++) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    const again = await source.read();
+    if (JSON.stringify(again) === JSON.stringify(read)) return read;
+    read = again;
+  }
+  const problem = "the env file kept changing while it was read; write it whole (or move a written file into place), " +
+    "then send SIGHUP again";
+  return { ...read, problems: [...read.problems, problem] };
+}
+
+/**
  * SIGHUP: reads the env files again and validates them as start-up does. Valid, `apply` gets the new config (every
  * thread swaps its handler: new requests see it, requests in flight finish with the one they started with) and the
  * log names the variables that changed, never a value; variables only a restart changes are named as such. Not
@@ -200,7 +218,7 @@ function reloadOnSignal(
 ): void {
   let queue = Promise.resolve();
   const reload = async () => {
-    const { env, notes, problems } = await source.read();
+    const { env, notes, problems } = await steadyRead(source);
     const plan = problems.length > 0 ? { ok: false as const, errors: problems } : planReload(running, env);
     if (!plan.ok) {
       for (const problem of plan.errors) log().error("reload refused: configuration problem", { problem });
