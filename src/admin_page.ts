@@ -36,6 +36,8 @@ export interface AdminView {
     byok: boolean;
     answered: number;
     failed: number;
+    /** The last check of its `/models` (the one /health reports): null when not checked (BYOK, or not yet). */
+    check: { answers: boolean | null; status?: number; problem?: string };
     /** Alias targets on this upstream (`upstream/model`), and those whose breaker is open. */
     targets: string[];
     openTargets: string[];
@@ -259,10 +261,14 @@ function health(view: AdminView): string {
   const rows = view.upstreams.map((upstream) => {
     const status = upstream.openTargets.length > 0
       ? `<strong class="spent">breaker open: ${upstream.openTargets.map(shown).join(", ")}</strong>`
+      : upstream.check.answers === false
+      ? `<strong class="spent">not answering its check</strong> (${
+        shown(upstream.check.problem ?? `status ${upstream.check.status}`)
+      })`
       : upstream.failed > 0 && upstream.answered === 0
       ? `<strong class="spent">failing</strong>`
       : upstream.answered + upstream.failed === 0
-      ? "no calls yet"
+      ? upstream.check.answers ? "answers its check; no calls yet" : "no calls yet"
       : "answering";
     return [
       `${shown(upstream.name)}${upstream.byok ? ' <span class="note">(BYOK)</span>' : ""}`,

@@ -31,6 +31,8 @@ const HOSTILE_MODEL = '=HYPERLINK("http://evil.example")<script>alert(1)</script
 
 /** An upstream whose usage depends on the model, so each row of the ledger has figures of its own. */
 function usageByModel(_request: Request, seen: SeenRequest): Response {
+  // The relay checks an upstream's model list (for /health and /admin): this one has one.
+  if (seen.path === "/models") return Response.json({ object: "list", data: [{ id: "gpt-a", object: "model" }] });
   const model = JSON.parse(seen.body).model as string;
   const [prompt, completion] = model === "gpt-a" ? [7, 5] : model === "gpt-b" ? [20, 30] : [11, 2];
   return Response.json({
@@ -278,6 +280,16 @@ Deno.test("admin: in memory there is no ledger; the page says so and still shows
   const usage = await relay.call("/admin/usage", { headers: { authorization: ADMIN } });
   assert.equal(usage.status, 404);
   assert.match(usage.json().error.message, /keeps no usage ledger.*set STATE_PATH or REDIS_URL/);
+});
+
+Deno.test("admin: an upstream that does not answer its check shows so before any call fails", async () => {
+  const closed = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (closed.addr as Deno.NetAddr).port;
+  closed.close();
+  await using relay = startRelay(testConfig(`http://127.0.0.1:${port}/v1`, { users, admins: ["admin"] }));
+  const page = await relay.call("/admin", { headers: { authorization: ADMIN } });
+  assert.equal(page.status, 200);
+  assert.match(page.text, /not answering its check<\/strong> \(connection refused\)/);
 });
 
 Deno.test("admin: ADMINS names configured users; without it /admin does not exist", async () => {

@@ -8,6 +8,7 @@
 import { adminPageResponse, type AdminView } from "../admin_page.ts";
 import { refuse, type Relay, type RequestContext } from "../context.ts";
 import { errorResponse } from "../http.ts";
+import { upstreamHealth } from "../probe.ts";
 import type { LedgerRow } from "../stores/counter.ts";
 import { textEncoder } from "../text.ts";
 import { formatUsage, parseUsageArgs, summariseUsage, type UsageQuery } from "../usage.ts";
@@ -127,6 +128,8 @@ async function answerPage(relay: Relay, query: UsageQuery): Promise<Response> {
   );
   const openTargets = relay.breakers.open();
   const aliasTargets = Object.values(relay.config.modelAliases).flat();
+  // The cached check /health reports (src/probe.ts): at most one every 30 s per upstream, whoever asks.
+  const checks = await upstreamHealth(relay.config);
   const view: AdminView = {
     since: query.since,
     until: query.until,
@@ -147,6 +150,7 @@ async function answerPage(relay: Relay, query: UsageQuery): Promise<Response> {
         name: upstream.name,
         host: upstream.host,
         byok: upstream.byok,
+        check: checks.find((check) => check.name === upstream.name) ?? { answers: null },
         ...relay.metrics.upstreamAnswers(upstream.name),
         targets: [...new Set(targets)],
         openTargets: openTargets.filter((label) => label.split("/")[0] === upstream.name),
