@@ -597,6 +597,11 @@ Deno.test("identity: a bare MC_RELAY_PASSWORD, as MC's Flask relay takes it [sec
     const missing = await chat(relay, "Bearer");
     assert.equal(missing.status, 401);
     assert.match(missing.json().error.message, /send 'Authorization: Bearer <password>' \(in MC: the API key field\)/);
+    // Its holders are counted by address, and /usage says so: the relay's internal name for them shows nowhere.
+    const usage = await relay.call("/usage", { headers: { authorization: `Bearer ${CANARY_PASSWORD}` } });
+    assert.equal(usage.status, 200);
+    assert.deepEqual(usage.json().caller, { anonymous: true });
+    assert.doesNotMatch(usage.text, /relay;password/);
   });
 
   await t.step("MC_RELAY_USERS work beside it, each with its own name:password", async () => {

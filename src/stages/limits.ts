@@ -38,7 +38,7 @@ export function requestLimits(config: RelayConfig): RequestLimit[] {
 
 /** "this user" or "this address": whom a limit counted, for messages. */
 function subjectWords(context: RequestContext): string {
-  return context.caller.user === undefined ? "this address" : `user ${context.caller.user}`;
+  return context.caller.subject?.startsWith("user:") ? `user ${context.caller.user}` : "this address";
 }
 
 /**
@@ -226,7 +226,9 @@ export async function answerUsage(relay: Relay, context: RequestContext): Promis
     in_flight: await counters.get(`in-flight:${context.caller.subject}`),
   };
   return jsonResponse({
-    caller: context.caller.user === undefined ? { anonymous: true } : { user: context.caller.user },
+    // The bare password's holders are counted, and shown, by address, like anonymous callers (the user behind the
+    // password is an internal name that means nothing to them).
+    caller: context.caller.subject?.startsWith("user:") ? { user: context.caller.user } : { anonymous: true },
     limits,
     concurrent,
     budgets,
