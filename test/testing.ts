@@ -678,3 +678,14 @@ export async function startRedis() {
   await start();
   return { url: `redis://127.0.0.1:${port}`, port, stop, start, [Symbol.asyncDispose]: stop };
 }
+
+/** A public relay in front of `upstreamUrl`: anyone may call, 20 a minute, 100,000 tokens a day, behind a proxy on loopback. */
+export function publicConfig(upstreamUrl: string, overrides: Partial<RelayConfig> = {}): RelayConfig {
+  return testConfig(upstreamUrl, {
+    publicAccess: true,
+    rateLimitPerMinute: 20,
+    tokenBudgetPerDay: 100_000,
+    trustProxy: parseTrustProxyForTest("127.0.0.1"),
+    ...overrides,
+  });
+}
