@@ -9,7 +9,7 @@ import { hashPassword } from "./auth.ts";
 import { callerKeyProblem, KeySealer } from "./byok.ts";
 import { parseSealing, parseUpstreams } from "./config/parse.ts";
 import { variablesHelp } from "./config/render.ts";
-import { errorName, exitWithErrors } from "./exit.ts";
+import { errorName } from "./exit.ts";
 import { DEFAULTS, ENV_VARS, type RelayEnv, VERSION } from "./config/variables.ts";
 import type { LedgerRow } from "./stores/counter.ts";
 import { RedisCounterStore } from "./stores/redis.ts";

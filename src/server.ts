@@ -111,7 +111,7 @@ export async function serve(
     });
   }
   // SIGINT and SIGTERM are taken before the relay listens, so a stop sent the moment it does is a clean stop.
-  let metricsServer: Deno.HttpServer | undefined;
+  let metricsServer: Deno.HttpServer | undefined = undefined;
   let stopping = false;
   const stop = async (signal: Deno.Signal) => {
     // A second signal (process managers often send one per process in the group) changes nothing.
