@@ -210,7 +210,7 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     config,
     log,
     metrics,
-    counters: options.counters ?? new MemoryCounterStore(options.now),
+    counters: options.counters ?? new MemoryCounterStore(options.now, config.memoryStoreKeys),
     routes,
     allowedOrigins: new Set(config.allowedOrigins),
     servedHosts: servedHostNames(config),

@@ -10,7 +10,7 @@ import { ENV_VARS, type EnvVar, type RelayConfig, type RelayEnv } from "./config
 
 /**
  * Variables a reload cannot change: the listening socket (PORT, HOST, the TLS files), the counter store and what it
- * was opened with (STATE_PATH, REDIS_URL, USAGE_RETENTION_DAYS), the threads (WORKERS) and the metrics port
+ * was opened with (STATE_PATH, REDIS_URL, USAGE_RETENTION_DAYS, MEMORY_STORE_KEYS), the threads (WORKERS) and the metrics port
  * (METRICS_PORT, METRICS_HOST). The running values stay until a restart.
  */
 export const RESTART_ONLY: readonly EnvVar[] = [
@@ -21,6 +21,7 @@ export const RESTART_ONLY: readonly EnvVar[] = [
   "STATE_PATH",
   "REDIS_URL",
   "USAGE_RETENTION_DAYS",
+  "MEMORY_STORE_KEYS",
   "WORKERS",
   "METRICS_PORT",
   "METRICS_HOST",
@@ -68,6 +69,7 @@ export function planReload(running: Running, env: RelayEnv): ReloadPlan {
     statePath: old.statePath,
     redisUrl: old.redisUrl,
     usageRetentionDays: old.usageRetentionDays,
+    memoryStoreKeys: old.memoryStoreKeys,
     workers: old.workers,
     metricsPort: old.metricsPort,
     metricsHost: old.metricsHost,

@@ -182,6 +182,7 @@ export function testConfig(upstreamBaseUrl: string, overrides: Partial<RelayConf
     basePath: "",
     disabledPaths: [],
     usageRetentionDays: 400,
+    memoryStoreKeys: 100_000,
     page: true,
     sealSecretsPrevious: [],
     modelAliases: {},

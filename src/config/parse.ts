@@ -300,6 +300,12 @@ function parseState(read: ReturnType<typeof envReader>, errors: string[], warnin
       max: 36500,
       example: "a whole number of days, e.g. 400",
     }),
+    memoryStoreKeys: read.number("MEMORY_STORE_KEYS", 100_000, {
+      integer: true,
+      min: 1000,
+      max: 10_000_000,
+      example: "a whole number, e.g. 100000",
+    }),
   };
 }
 

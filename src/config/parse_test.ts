@@ -42,6 +42,7 @@ Deno.test("parseConfig: numbers", async (t) => {
     ["RATE_LIMIT_PER_MINUTE", "1000000000000000", ["1e3", "-5"]],
     ["TOKEN_BUDGET_PER_DAY", "100000", ["100k", "1,000"]],
     ["USAGE_RETENTION_DAYS", "36500", ["0", "36501"]],
+    ["MEMORY_STORE_KEYS", "10000000", ["999", "10000001", "1.5"]],
     ["FAILOVER_BREAKER_FAILURES", "1000", ["0", "1001"]],
     ["FAILOVER_BREAKER_SECONDS", "0.001", ["0", "86401"]],
     ["METRICS_PORT", "9464", ["70000", "port"]],

@@ -369,6 +369,15 @@ export const VARIABLES = [
     details: "Days of the usage ledger kept (1 to 36500).",
   },
   {
+    name: "MEMORY_STORE_KEYS",
+    group: "State",
+    default: "`100000`",
+    example: "100000",
+    summary: "buckets and counters the in-memory store holds (no STATE_PATH or REDIS_URL, or while Redis is down)",
+    details:
+      "How many buckets (rate limits, lockouts), and as many counters (places in flight, budgets), the in-memory store holds: the default store, and the stand-in while Redis is down. Full, it forgets refilled buckets, then the least-used tenth; a counter that holds something is never evicted, so past this many callers with budgets a newcomer is refused until one expires. From 1,000 to 10,000,000. See [state.md](state.md#memory).",
+  },
+  {
     name: "MODEL_ALIASES_JSON",
     group: "Failover",
     default: "none",
@@ -603,6 +612,8 @@ export interface RelayConfig {
   redisUrl?: string;
   /** Ledger days kept (USAGE_RETENTION_DAYS). */
   usageRetentionDays: number;
+  /** Buckets, and as many counters, the in-memory store holds (MEMORY_STORE_KEYS). */
+  memoryStoreKeys: number;
   /** Serve the relay's own page at `/` (PAGE, default true). */
   page: boolean;
   /** The address users reach the relay at, BASE_PATH included (PUBLIC_URL), e.g. `https://relay.example.com`. */

@@ -5,6 +5,8 @@
 import assert from "node:assert/strict";
 import type { BucketRule } from "./counter.ts";
 import { MemoryCounterStore } from "./memory.ts";
+import { openCounterStore } from "./open.ts";
+import { parseConfig } from "../config/parse.ts";
 
 const TEN_A_MINUTE: BucketRule = { capacity: 10, periodMs: 60_000 };
 
@@ -91,4 +93,18 @@ Deno.test("MemoryCounterStore keeps no usage ledger", () => {
     estimated: false,
   });
   assert.deepEqual(counters.readUsage("2000-01-01", "2100-01-01"), []);
+});
+
+Deno.test("openCounterStore: the in-memory store holds MEMORY_STORE_KEYS buckets", async () => {
+  const result = parseConfig({
+    UPSTREAM_BASE_URL: "https://api.example.com/v1",
+    UPSTREAM_API_KEY: "sk-unit-key",
+    MC_RELAY_USERNAME: "team",
+    MC_RELAY_PASSWORD: "unit-password-12345",
+    MEMORY_STORE_KEYS: "2500",
+  });
+  assert.ok(result.ok);
+  const store = await openCounterStore(result.config);
+  assert.ok(store instanceof MemoryCounterStore);
+  assert.equal(store.maxKeys, 2500);
 });

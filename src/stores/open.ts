@@ -34,7 +34,7 @@ export async function openCounterStore(
   }
   if (config.redisUrl !== undefined) {
     const shared = await RedisCounterStore.connect(config.redisUrl, Date.now, config.usageRetentionDays);
-    return new FallbackCounterStore(shared, new MemoryCounterStore(), onChange);
+    return new FallbackCounterStore(shared, new MemoryCounterStore(Date.now, config.memoryStoreKeys), onChange);
   }
-  return new MemoryCounterStore();
+  return new MemoryCounterStore(Date.now, config.memoryStoreKeys);
 }
