@@ -5,7 +5,7 @@
  * @module
  */
 
-import { LOOPBACK_AUTHORITY } from "./config/parse.ts";
+import { BARE_PASSWORD_USER, LOOPBACK_AUTHORITY } from "./config/parse.ts";
 import { METACONFIGURATOR_ORIGINS, type RelayConfig, VERSION } from "./config/variables.ts";
 import type { Relay, RequestContext } from "./context.ts";
 import { mcEndpoint } from "./endpoint.ts";
@@ -99,6 +99,25 @@ export function escapeHtml(text: string): string {
   return text.replace(/[&<>"']/g, (char) => `&#${char.charCodeAt(0)};`);
 }
 
+/** What the page asks for as the API key, in MC and in an SDK, as HTML. */
+function keyWords(relay: Relay): { what: string; keyText: string; sdkKeyText: string } {
+  const { config } = relay;
+  // A relay migrated from MC's Flask relay takes its bare password (MC_RELAY_PASSWORD alone), maybe beside users.
+  const bare = relay.usersByName.has(BARE_PASSWORD_USER);
+  const named = config.users.length > (bare ? 1 : 0);
+  const what = bare
+    ? named ? "the relay password, or your <code>username:password</code>" : "the relay password"
+    : "your <code>username:password</code>";
+  const keyText = config.publicAccess
+    ? "nothing: this relay is public (leave MC's key field empty), or your <code>username:password</code> if you have one"
+    : `${what}, from whoever runs this relay`;
+  // The OpenAI SDKs refuse an empty key; a public relay takes any key that names no user as no key at all.
+  const sdkKeyText = config.publicAccess
+    ? `<code data-copy="apiKey">public</code> (any non-empty value: the SDKs refuse an empty key), or your <code>username:password</code> if you have one`
+    : keyText;
+  return { what, keyText, sdkKeyText };
+}
+
 /**
  * The page: what this relay is and whether it runs, the values to type into MC and into an SDK (each with a copy
  * button), the one-link setup, and a sign-in that lists the models, runs a streamed test chat and shows the caller's
@@ -114,13 +133,7 @@ function pageHtml(relay: Relay, context: RequestContext, model: string | undefin
       : escapeHtml(value);
   const relayUrl = shown(base, "{base}");
   const sdkUrl = shown(base && `${base}/v1`, "{base}/v1");
-  const keyText = config.publicAccess
-    ? "nothing: this relay is public (leave MC's key field empty), or your <code>username:password</code> if you have one"
-    : "your <code>username:password</code>, from whoever runs this relay";
-  // The OpenAI SDKs refuse an empty key; a public relay takes any key that names no user as no key at all.
-  const sdkKeyText = config.publicAccess
-    ? `<code data-copy="apiKey">public</code> (any non-empty value: the SDKs refuse an empty key), or your <code>username:password</code> if you have one`
-    : keyText;
+  const { what, keyText, sdkKeyText } = keyWords(relay);
   const state = relay.counters.state === "degraded"
     ? "running, counting limits in this copy alone (store unreachable)"
     : "running";
@@ -176,7 +189,7 @@ ${
 <label for="key">API key (optional)</label>
 <input id="key" type="password" autocomplete="current-password" spellcheck="false">
 <button type="submit">Show models and limits</button>`
-      : `<label for="key">API key (<code>username:password</code>)</label>
+      : `<label for="key">API key (${what.replace("your ", "")})</label>
 <input id="key" type="password" autocomplete="current-password" spellcheck="false">
 <button type="submit">Sign in</button>`
   }

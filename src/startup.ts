@@ -9,7 +9,7 @@
 
 import type { RelayConfig, Upstream } from "./config/variables.ts";
 import type { Logger } from "./observe.ts";
-import { LOOPBACK_AUTHORITY } from "./config/parse.ts";
+import { BARE_PASSWORD_USER, LOOPBACK_AUTHORITY } from "./config/parse.ts";
 import { VERSION } from "./config/variables.ts";
 import { mcEndpoint } from "./endpoint.ts";
 import { mcModel, mcSettingsLink } from "./page.ts";
@@ -82,6 +82,8 @@ export function startupBanner(config: RelayConfig, port: number, facts: StartupF
     : "set PUBLIC_URL (the address users reach the relay at) for the one link";
   const key = config.publicAccess
     ? "none needed (public relay); an SDK needs any non-empty value, e.g. public"
+    : config.users.some((user) => user.name === BARE_PASSWORD_USER)
+    ? "the relay password (MC_RELAY_PASSWORD)"
     : config.users.length > 0
     ? "username:password of a relay user"
     : "the caller's own provider key (bring your own key)";

@@ -360,6 +360,22 @@ Deno.test("page: a public relay's page", async (t) => {
   );
 });
 
+Deno.test("page: a relay migrated from MC's Flask relay asks for the relay password, not a user name", async () => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  const config = parseConfig({
+    UPSTREAM_BASE_URL: upstream.url,
+    UPSTREAM_API_KEY: CANARY_KEY,
+    MC_RELAY_PASSWORD: CANARY_PASSWORD,
+    PUBLISH_UPSTREAM_URL: "true",
+  });
+  assert.ok(config.ok);
+  await using relay = startRelay(config.config);
+  const page = (await relay.call("/")).text;
+  assert.match(page, /the relay password, from whoever runs this relay/);
+  assert.match(page, /<label for="key">API key \(the relay password\)<\/label>/);
+  assert.doesNotMatch(page, /username:password/);
+});
+
 /**
  * The options of a test in Chromium: skipped where there is none (but never in CI). playwright-core keeps pipes to
  * Chromium open across steps; each test closes its browser in `finally`.
