@@ -118,11 +118,22 @@ Deno.test("forward: what reaches the upstream and where [security]", async (t) =
     await using redirecting = startUpstream(() =>
       new Response(null, { status: 307, headers: { location: `${target.url}/models` } })
     );
-    await using redirectRelay = startRelay(testConfig(redirecting.url));
+    // A published upstream (PUBLISH_UPSTREAM_URL=true): the message names where it redirected to.
+    await using redirectRelay = startRelay(testConfig(redirecting.url, { publishUpstreamUrl: true }));
     const response = await redirectRelay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
     assert.equal(response.status, 502);
     assert.equal(response.json().error.code, "upstream_redirect");
     assert.match(response.json().error.message, /redirected to 127\.0\.0\.1:\d+; set UPSTREAM_BASE_URL/);
+    // An internal one, redirecting relatively (vLLM's trailing slash): no address in the message, only in the log.
+    await using internal = startUpstream(() =>
+      new Response(null, { status: 307, headers: { location: "/v1/models/" } })
+    );
+    await using internalRelay = startRelay(testConfig(internal.url));
+    const hidden = await internalRelay.call("/v1/models", { headers: { authorization: GOOD_BEARER } });
+    assert.equal(hidden.status, 502);
+    assert.match(hidden.json().error.message, /upstream:default redirected to another location; set UPSTREAM_BASE_URL/);
+    assert.doesNotMatch(hidden.json().error.message, /127\.0\.0\.1/);
+    assert.match(internalRelay.requestLogs().at(-1)?.error ?? "", /redirected to 127\.0\.0\.1:\d+/);
     assert.equal(target.requests.length, 0);
   });
 

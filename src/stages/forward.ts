@@ -73,7 +73,11 @@ export function upstreamFailure(relay: Relay, context: RequestContext, error: un
 function upstreamRedirect(context: RequestContext, location: string): Response {
   let redirectTarget = "another location";
   try {
-    redirectTarget = new URL(location, context.upstream.target.baseUrl).host;
+    const to = new URL(location, context.upstream.target.baseUrl);
+    // An internal upstream's redirect (a relative Location, or an internal name) would name what is kept from
+    // clients: the host goes to the log only.
+    context.log.error = `redirected to ${to.host}`;
+    if (context.upstream.target.shown === context.upstream.target.host) redirectTarget = to.host;
   } catch {
     // keep the generic wording
   }
