@@ -34,7 +34,8 @@ export class CircuitBreakers {
     readonly failuresToOpen: number,
     readonly openMs: number,
     readonly now: () => number,
-    readonly onChange: (label: string, open: boolean) => void,
+    /** Hears a breaker open or close; a reload that keeps the breakers gives them its own (with its log). */
+    public onChange: (label: string, open: boolean) => void,
   ) {}
 
   #state(label: string) {

@@ -203,8 +203,19 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
   const metrics = options.metrics ?? new RelayMetrics();
   const kept = keptParts(config, options.previous?.relay);
   const log = createLogger(config, options.log);
-  for (const targets of Object.values(config.modelAliases)) {
-    for (const label of targets) metrics.breakerOpen.set(label, 0);
+  const breakerChanged = (label: string, open: boolean) => {
+    metrics.breakerOpen.set(label, open ? 1 : 0);
+    if (open) log.warn("breaker open: target skipped", { target: label, seconds: config.breakerOpenMs / 1000 });
+    else log.info("breaker closed: target answers again", { target: label });
+  };
+  if (kept.breakers) {
+    // Carried over from the handler a reload replaced: its open breakers stay open, in the metrics too, and what
+    // they log goes through this handler's log.
+    kept.breakers.onChange = breakerChanged;
+  } else {
+    for (const targets of Object.values(config.modelAliases)) {
+      for (const label of targets) metrics.breakerOpen.set(label, 0);
+    }
   }
   return {
     config,
@@ -237,11 +248,7 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
       ? undefined
       : new KeySealer([config.sealSecret, ...config.sealSecretsPrevious], now),
     byok: upstreams.some((upstream) => upstream.byok),
-    breakers: kept.breakers ?? new CircuitBreakers(config.breakerFailures, config.breakerOpenMs, now, (label, open) => {
-      metrics.breakerOpen.set(label, open ? 1 : 0);
-      if (open) log.warn("breaker open: target skipped", { target: label, seconds: config.breakerOpenMs / 1000 });
-      else log.info("breaker closed: target answers again", { target: label });
-    }),
+    breakers: kept.breakers ?? new CircuitBreakers(config.breakerFailures, config.breakerOpenMs, now, breakerChanged),
   };
 }
 
@@ -253,7 +260,8 @@ function keptParts(config: RelayConfig, previous: Relay | undefined): Partial<Pi
   return {
     authenticate: same((config) => config.users) ? previous.authenticate : undefined,
     bodyBudget: same((config) => [config.maxBufferedBytes, config.maxRequestBytes]) ? previous.bodyBudget : undefined,
-    breakers: same((config) => [config.modelAliases, config.breakerFailures, config.breakerOpenMs])
+    // An upstream whose address or key changed is a new target: its breaker starts closed.
+    breakers: same((config) => [config.modelAliases, config.breakerFailures, config.breakerOpenMs, config.upstreams])
       ? previous.breakers
       : undefined,
   };

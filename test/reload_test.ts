@@ -62,6 +62,21 @@ Deno.test("reload: what the new configuration does not change is carried over", 
     assert.equal(second.relay?.bodyBudget, first.relay?.bodyBudget, "one MAX_BUFFERED_BYTES for old and new requests");
   });
 
+  await t.step("an open breaker stays open across a reload that keeps the aliases, in /metrics too", () => {
+    const aliased = { ...config, modelAliases: { "alias-x": ["default/a"] }, breakerFailures: 1 };
+    const before = createHandler(aliased, { metrics, log: () => {} });
+    before.relay!.breakers.failed("default/a", "user:carol", false);
+    assert.deepEqual(before.relay!.breakers.open(), ["default/a"]);
+    const after = createHandler({ ...aliased, rateLimitPerMinute: 5 }, { metrics, log: () => {}, previous: before });
+    assert.deepEqual(after.relay!.breakers.open(), ["default/a"]);
+    assert.equal(metrics.breakerOpen.get("default/a"), 1, "the gauge says what the breaker says");
+    const moved = createHandler(
+      { ...aliased, upstreams: [{ ...aliased.upstreams[0], baseUrl: "http://127.0.0.1:10/v1" }] },
+      { metrics, log: () => {}, previous: after },
+    );
+    assert.deepEqual(moved.relay!.breakers.open(), [], "an upstream that moved starts with its breaker closed");
+  });
+
   await t.step("changed users or limits: built anew", async () => {
     const third = createHandler(
       { ...config, users: [await hashed("carol", "carol-password-2")], maxBufferedBytes: 1 },
