@@ -521,6 +521,28 @@ Deno.test("budgets: token budgets [security]", async (t) => {
   });
 });
 
+Deno.test("budgets: a memory store full of live counters says so, and spends nothing of the newcomer's", async () => {
+  await using upstream = startUpstream(openAiLikeUpstream);
+  const store = new MemoryCounterStore(Date.now, 1000);
+  // A thousand callers each hold a budget counter: the store cannot count one more.
+  for (let index = 0; index < 1000; index++) store.add(`tokens-day:held:${index}`, 10, Date.now() + 3_600_000);
+  // With CONCURRENT_REQUESTS the place in flight finds no room first; without it, the budget's reservation.
+  for (const concurrentRequests of [5, 0]) {
+    await using relay = startRelay(
+      testConfig(upstream.url, { tokenBudgetPerDay: 1000, concurrentRequests }),
+      undefined,
+      undefined,
+      { counters: store },
+    );
+    const refused = await relay.chat(chatBody());
+    assert.equal(refused.status, 503, `CONCURRENT_REQUESTS=${concurrentRequests}`);
+    assert.equal(refused.json().error.code, "relay_busy");
+    assert.match(refused.json().error.message, /memory store is full \(MEMORY_STORE_KEYS\)/);
+    assert.equal(refused.headers.get("retry-after"), "60");
+  }
+  assert.equal(upstream.requests.length, 0, "nothing reached the upstream");
+});
+
 Deno.test("no secret ever appeared in anything the relay logged or returned, in any test above", () => {
   assertNoSecretSeen(20);
 });

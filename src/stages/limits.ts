@@ -114,6 +114,7 @@ async function takeLimits(relay: Relay, context: RequestContext): Promise<Respon
     }
     return calls;
   });
+  if (refusedRate === -1 && !Number.isFinite(answers[requestLimits.length])) return storeFull(context);
   return refusedRate === -1
     ? tooManyInFlight(context, concurrency)
     : rateLimited(context, requestLimits[refusedRate], answers[refusedRate]);
@@ -144,6 +145,21 @@ function tooManyInFlight(context: RequestContext, limit: number): Response {
     } already has ${limit} requests in flight (CONCURRENT_REQUESTS); try again when one has finished`,
     "relay_concurrency_limit_exceeded",
     { "retry-after": "1" },
+  );
+}
+
+/**
+ * 503 when the in-memory store is full of counters that hold something (MEMORY_STORE_KEYS callers with places or
+ * budgets in use) and cannot count this caller: nothing was spent, room comes back as counters expire.
+ */
+function storeFull(context: RequestContext): Response {
+  return refuse(
+    context,
+    "store_full",
+    503,
+    "the relay cannot count one more caller now: its memory store is full (MEMORY_STORE_KEYS); try again in a minute",
+    "relay_busy",
+    { "retry-after": "60" },
   );
 }
 
@@ -381,7 +397,7 @@ async function reserveBudgets(relay: Relay, context: RequestContext): Promise<Re
     // A full store that refused a new counter (Infinity) stored nothing: there is nothing to settle.
     if (!Number.isFinite(total)) {
       for (const settle of settlements) await settle(0);
-      return budgetSpent(context, budget, relay.now());
+      return storeFull(context);
     }
     // Settled when the request is over: the tokens it used replace the reservation, in the store that holds it
     // (memory during a Redis outage, Redis else), whichever store counts by then.
