@@ -191,7 +191,7 @@ export async function serve(
  * halfway, and a file with its limit lines not yet written is valid but says something else. Three tries, then a
  * problem that says to write the file whole (or move a written one into place) and signal again.
  */
-async function steadyRead(source: ReloadSource): ReturnType<ReloadSource["read"]> {
+export async function steadyRead(source: ReloadSource): ReturnType<ReloadSource["read"]> {
   let read = await source.read();
   for (let tries = 0; tries < 3; tries++) {
     await new Promise((resolve) => setTimeout(resolve, 100));
