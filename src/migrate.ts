@@ -136,7 +136,7 @@ function migrateAccess(config: Yaml, set: Setter, lines: string[], notes: string
   } else if (/[:\s]/.test(password)) {
     // mc-relay reads a token with a colon as name:password, and a space splits the header: no caller could send it.
     problems.push(
-      "relay_password contains ':' or a space, which mc-relay cannot take as a bare password; choose a new one (e.g. openssl rand -base64 24) and tell your users",
+      "relay_password contains ':' or a space, which mc-relay cannot take as a bare password (it reads a key with a colon as name:password, and a space ends the header); choose a new one (e.g. openssl rand -base64 24) and tell your users",
     );
   } else {
     set("MC_RELAY_PASSWORD", password, "relay_password");

@@ -83,7 +83,9 @@ export function startupBanner(config: RelayConfig, port: number, facts: StartupF
   const key = config.publicAccess
     ? "none needed (public relay); an SDK needs any non-empty value, e.g. public"
     : config.users.some((user) => user.name === BARE_PASSWORD_USER)
-    ? "the relay password (MC_RELAY_PASSWORD)"
+    ? config.users.length > 1
+      ? "the relay password (MC_RELAY_PASSWORD), or username:password of a relay user"
+      : "the relay password (MC_RELAY_PASSWORD)"
     : config.users.length > 0
     ? "username:password of a relay user"
     : "the caller's own provider key (bring your own key)";

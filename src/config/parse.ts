@@ -646,7 +646,7 @@ function parseUsers(env: RelayEnv, errors: string[], warnings: string[], usersOp
     // name:password, a space would split the Authorization header: no caller could ever send it.
     if (/[:\s]/.test(password)) {
       errors.push(
-        "MC_RELAY_PASSWORD on its own (sent as 'Bearer <password>') must not contain ':' or spaces, or no client can send it; choose another, e.g. the output of 'openssl rand -base64 24', or set MC_RELAY_USERNAME too",
+        "MC_RELAY_PASSWORD on its own (sent as 'Bearer <password>') must not contain ':' or spaces: mc-relay reads a key with a colon as name:password, and a space ends the header; choose another, e.g. the output of 'openssl rand -base64 24', or set MC_RELAY_USERNAME too",
       );
     } else if (password.length < 12) {
       warnings.push("MC_RELAY_PASSWORD is shorter than 12 characters; anyone who can reach the relay may guess it");
