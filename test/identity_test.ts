@@ -602,6 +602,11 @@ Deno.test("identity: a bare MC_RELAY_PASSWORD, as MC's Flask relay takes it [sec
     assert.equal(usage.status, 200);
     assert.deepEqual(usage.json().caller, { anonymous: true });
     assert.doesNotMatch(usage.text, /relay;password/);
+    await using budgeted = startRelay(configFrom({ TOKEN_BUDGET_PER_DAY: "1" }));
+    assert.equal((await chat(budgeted, `Bearer ${CANARY_PASSWORD}`)).status, 200);
+    const spent = await chat(budgeted, `Bearer ${CANARY_PASSWORD}`);
+    assert.equal(spent.status, 429);
+    assert.match(spent.json().error.message, /is used up for this address/);
   });
 
   await t.step("MC_RELAY_USERS work beside it, each with its own name:password", async () => {
