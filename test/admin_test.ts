@@ -10,6 +10,7 @@ import {
   ALLOWED,
   assertNoSecretSeen,
   CANARY_PASSWORD,
+  eventually,
   EVIL,
   GOOD_BEARER,
   minimalEnv,
@@ -290,6 +291,34 @@ Deno.test("admin: an upstream that does not answer its check shows so before any
   const page = await relay.call("/admin", { headers: { authorization: ADMIN } });
   assert.equal(page.status, 200);
   assert.match(page.text, /not answering its check<\/strong> \(connection refused\)/);
+});
+
+Deno.test("admin: a client that leaves before the answer does not count as its upstream failing", async () => {
+  let release!: () => void;
+  const released = new Promise<void>((resolve) => (release = resolve));
+  await using upstream = startUpstream(async (request, seen) => {
+    if (seen.path === "/models") return Response.json({ object: "list", data: [{ id: "gpt-a", object: "model" }] });
+    await released;
+    return usageByModel(request, seen);
+  });
+  await using relay = startRelay(testConfig(upstream.url, { users, admins: ["admin"] }));
+  const leaving = new AbortController();
+  const chat = fetch(`${relay.url}/v1/chat/completions`, {
+    method: "POST",
+    headers: { authorization: GOOD_BEARER, "content-type": "application/json" },
+    body: JSON.stringify({ model: "gpt-a", messages: [] }),
+    signal: leaving.signal,
+  }).catch(() => undefined);
+  await eventually(2000, () => upstream.requests.some((seen) => seen.path === "/chat/completions"), "the chat began");
+  leaving.abort();
+  await chat;
+  await eventually(2000, () => relay.requestLogs().some((line) => line.outcome === "client_gone"), "the relay saw it");
+  release();
+  const page = await relay.call("/admin", { headers: { authorization: ADMIN } });
+  assert.match(
+    page.text,
+    /<th scope="row">default<\/th><td>[^<]+<\/td><td>[^<]*<\/td><td class="num">0<\/td><td class="num">0</,
+  );
 });
 
 Deno.test("admin: ADMINS names configured users; without it /admin does not exist", async () => {
