@@ -300,6 +300,21 @@ Deno.test("process: the start-up banner", async (t) => {
     },
   );
 
+  await t.step(
+    "the banner of a relay with the bare relay password asks for that password, not a user name",
+    async () => {
+      const { MC_RELAY_USERNAME: _name, ...bare } = minimalEnv;
+      const relay = await spawnRelay({ ...bare, UPSTREAM_BASE_URL: `${upstream.url}/v1`, BANNER: "true" });
+      await eventually(10000, () => relay.output().stderr.includes("BANNER=false"), "no banner on stderr");
+      relay.child.kill("SIGTERM");
+      await relay.finished();
+      const { stderr } = relay.output();
+      assert.match(stderr, /the relay password \(MC_RELAY_PASSWORD\)/);
+      assert.doesNotMatch(stderr, /username:password/);
+      assert.ok(!stderr.includes(CANARY_PASSWORD), "nothing secret");
+    },
+  );
+
   await t.step("without a terminal on stderr (and by default) there is no banner: stderr stays empty", async () => {
     const relay = await spawnRelay({ ...minimalEnv, UPSTREAM_BASE_URL: `${upstream.url}/v1` });
     await logLine(relay, /"msg":"mc-relay [^"]+ listening"/);
