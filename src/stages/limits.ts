@@ -394,21 +394,20 @@ async function reserveBudgets(relay: Relay, context: RequestContext): Promise<Re
       (counters) => counters.add(budget.key, amount, expiresAt),
       (counters) => counters.add(budget.key, -amount, expiresAt),
     );
-    // A full store that refused a new counter (Infinity) stored nothing: there is nothing to settle.
-    if (!Number.isFinite(total)) {
-      for (const settle of settlements) await settle(0);
-      return storeFull(context);
+    // A full store that refused a new counter (Infinity) stored nothing: there is nothing to settle for it.
+    const stored = Number.isFinite(total);
+    if (stored) {
+      // Settled when the request is over: the tokens it used replace the reservation, in the store that holds it
+      // (memory during a Redis outage, Redis else), whichever store counts by then.
+      settlements.push(context.releases.add(
+        (used) => giveBack(relay.counters, store, (counters) => counters.add(budget.key, used - amount, expiresAt)),
+        true,
+      ));
+      if (total - amount < budget.budget) continue;
     }
-    // Settled when the request is over: the tokens it used replace the reservation, in the store that holds it
-    // (memory during a Redis outage, Redis else), whichever store counts by then.
-    settlements.push(context.releases.add(
-      (used) => giveBack(relay.counters, store, (counters) => counters.add(budget.key, used - amount, expiresAt)),
-      true,
-    ));
-    if (total - amount < budget.budget) continue;
-    // Refused: every reservation made goes back now, whole, before the answer.
+    // Refused (the budget is spent, or the store is full): every reservation made goes back now, whole.
     for (const settle of settlements) await settle(0);
-    return budgetSpent(context, budget, relay.now());
+    return stored ? budgetSpent(context, budget, relay.now()) : storeFull(context);
   }
   return undefined;
 }
