@@ -99,12 +99,19 @@ export function escapeHtml(text: string): string {
   return text.replace(/[&<>"']/g, (char) => `&#${char.charCodeAt(0)};`);
 }
 
+/**
+ * How callers sign in: with the bare relay password (MC_RELAY_PASSWORD alone, as a relay migrated from MC's Flask
+ * relay takes it), as named users, both, or neither (BYOK upstreams only). The page and the banner word their key by it.
+ */
+export function signIns(config: RelayConfig): { bare: boolean; named: boolean } {
+  const bare = config.users.some((user) => user.name === BARE_PASSWORD_USER);
+  return { bare, named: config.users.length > (bare ? 1 : 0) };
+}
+
 /** What the page asks for as the API key, in MC and in an SDK, as HTML. */
 function keyWords(relay: Relay): { what: string; keyText: string; sdkKeyText: string } {
   const { config } = relay;
-  // A relay migrated from MC's Flask relay takes its bare password (MC_RELAY_PASSWORD alone), maybe beside users.
-  const bare = relay.usersByName.has(BARE_PASSWORD_USER);
-  const named = config.users.length > (bare ? 1 : 0);
+  const { bare, named } = signIns(config);
   const what = bare
     ? named ? "the relay password, or your <code>username:password</code>" : "the relay password"
     : "your <code>username:password</code>";

@@ -9,10 +9,10 @@
 
 import type { RelayConfig, Upstream } from "./config/variables.ts";
 import type { Logger } from "./observe.ts";
-import { BARE_PASSWORD_USER, LOOPBACK_AUTHORITY } from "./config/parse.ts";
+import { LOOPBACK_AUTHORITY } from "./config/parse.ts";
 import { VERSION } from "./config/variables.ts";
 import { mcEndpoint } from "./endpoint.ts";
-import { mcModel, mcSettingsLink } from "./page.ts";
+import { mcModel, mcSettingsLink, signIns } from "./page.ts";
 import { askUpstream, upstreamProbe, type UpstreamState } from "./probe.ts";
 
 /** What the start-up check learned, for the banner. */
@@ -80,13 +80,14 @@ export function startupBanner(config: RelayConfig, port: number, facts: StartupF
   const link = config.publicUrl || LOOPBACK_AUTHORITY.test(config.host)
     ? mcSettingsLink(base)
     : "set PUBLIC_URL (the address users reach the relay at) for the one link";
+  const { bare, named } = signIns(config);
   const key = config.publicAccess
     ? "none needed (public relay); an SDK needs any non-empty value, e.g. public"
-    : config.users.some((user) => user.name === BARE_PASSWORD_USER)
-    ? config.users.length > 1
+    : bare
+    ? named
       ? "the relay password (MC_RELAY_PASSWORD), or username:password of a relay user"
       : "the relay password (MC_RELAY_PASSWORD)"
-    : config.users.length > 0
+    : named
     ? "username:password of a relay user"
     : "the caller's own provider key (bring your own key)";
   return `
