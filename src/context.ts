@@ -170,6 +170,8 @@ export interface Relay {
   readonly usersByName: Map<string, RelayUser>;
   /** The request limits that are on (RATE_LIMIT_PER_*), each a token bucket. */
   readonly requestLimits: RequestLimit[];
+  /** True when a token budget may apply to someone (TOKEN_BUDGET_PER_*, or a user's own): else none is looked up. */
+  readonly tokenBudgetsOn: boolean;
   /** The clock for limits and budget windows, in milliseconds. */
   readonly now: () => number;
   /** ALLOWED_MODELS as a set; empty allows any model. */

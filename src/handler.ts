@@ -218,6 +218,8 @@ function createRelay(config: RelayConfig, options: HandlerOptions): Relay {
     signInRule: { capacity: config.authFailuresPerMinute, periodMs: 60_000 },
     usersByName: new Map(config.users.map((user) => [user.name, user])),
     requestLimits: requestLimits(config),
+    tokenBudgetsOn: config.tokenBudgetPerDay > 0 || config.tokenBudgetPerMonth > 0 ||
+      config.users.some(({ tokenBudgets }) => (tokenBudgets?.day ?? 0) > 0 || (tokenBudgets?.month ?? 0) > 0),
     now,
     authenticate: kept.authenticate ?? createAuthenticator(config.users, metrics),
     hashedUsers: config.users.some((user) => user.hash !== undefined),

@@ -15,6 +15,9 @@ const LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
 /** At most this many label combinations per counter: past it, new ones are counted under "other" (kinds kept apart). */
 const MAX_LABEL_SETS = 2000;
 
+/** The kinds of tokens counted per answer. */
+const TOKEN_KINDS = ["prompt", "completion"] as const;
+
 /** At most this many model labels per user: past it, that user's further models are counted as "other". */
 const MAX_MODELS_PER_USER = 20;
 
@@ -82,8 +85,13 @@ export class RelayMetrics {
 
   #modelsByUser = new Map<string, Set<string>>();
 
+  /** The label text of a set of labels, as Prometheus reads it. */
+  static #key(labels: Record<string, string>): string {
+    return Object.entries(labels).map(([name, value]) => `${name}="${RelayMetrics.#label(value)}"`).join(",");
+  }
+
   static #add(counter: Map<string, number>, labels: Record<string, string>, amount: number) {
-    let key = Object.entries(labels).map(([name, value]) => `${name}="${RelayMetrics.#label(value)}"`).join(",");
+    let key = RelayMetrics.#key(labels);
     if (!counter.has(key) && counter.size >= MAX_LABEL_SETS) {
       key = Object.keys(labels).map((name) => `${name}="${name === "kind" ? labels.kind : "other"}"`).join(",");
     }
@@ -127,12 +135,24 @@ export class RelayMetrics {
     this.#latency.count++;
   }
 
+  /** The label text of each user, model and kind of tokens seen so far (at most MAX_LABEL_SETS). */
+  #tokenKeys = new Map<string, string>();
+
   /** Adds the tokens of one answer. */
   countTokens(user: string, requestedModel: string, usage: TokenUsage) {
     const model = this.#modelLabel(user, requestedModel);
-    for (const kind of ["prompt", "completion"] as const) {
+    for (const kind of TOKEN_KINDS) {
       const tokens = usage[`${kind}_tokens`];
-      if (tokens !== undefined) RelayMetrics.#add(this.#tokens, { user, model, kind }, tokens);
+      if (tokens === undefined) continue;
+      // As in countRequest: the label text made once per user, model and kind, not per answer.
+      const id = `${user}\n${model}\n${kind}`;
+      const key = this.#tokenKeys.get(id);
+      if (key !== undefined && this.#tokens.has(key)) {
+        this.#tokens.set(key, this.#tokens.get(key)! + tokens);
+        continue;
+      }
+      RelayMetrics.#add(this.#tokens, { user, model, kind }, tokens);
+      if (this.#tokenKeys.size < MAX_LABEL_SETS) this.#tokenKeys.set(id, RelayMetrics.#key({ user, model, kind }));
     }
   }
 

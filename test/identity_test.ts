@@ -61,6 +61,7 @@ function remoteLikeStore(): CounterStore {
     add: (key, amount, expiresAt) => Promise.resolve(memory.add(key, amount, expiresAt)),
     get: (key) => Promise.resolve(memory.get(key)),
     recordUsage: (entry) => Promise.resolve(memory.recordUsage(entry)),
+    keepsLedger: memory.keepsLedger,
     readUsage: (since, until) => Promise.resolve(memory.readUsage(since, until)),
     startCheck: (key, rule, expiresAt) => Promise.resolve(startCheck(memory, key, rule, expiresAt)),
   };

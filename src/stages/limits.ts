@@ -177,6 +177,8 @@ interface TokenBudget {
  * user's own from MC_RELAY_USERS. Windows are UTC calendar days and months.
  */
 export function tokenBudgets(relay: Relay, caller: Pick<Caller, "user" | "subject">): TokenBudget[] {
+  // Most relays have none: no date worked out per request for nothing.
+  if (!relay.tokenBudgetsOn) return [];
   const now = new Date(relay.now());
   const own = caller.user === undefined ? undefined : relay.usersByName.get(caller.user)?.tokenBudgets;
   const [year, month, day] = [now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate()];
@@ -363,7 +365,7 @@ export function capAnswerTokens(relay: Relay, context: RequestContext): Response
  */
 export function reserveTokens(relay: Relay, context: RequestContext): StageAnswer {
   // A BYOK request spends the caller's own quota, not the operator's: no budget applies.
-  if (context.log.usageWatch === undefined || context.upstream.target.byok) return undefined;
+  if (context.log.usageWatch === undefined || context.upstream.target.byok || !relay.tokenBudgetsOn) return undefined;
   return refuseBackground(relay, context) ?? reserveBudgets(relay, context);
 }
 

@@ -36,6 +36,8 @@ export interface CounterStore {
   get(key: string): number | Promise<number>;
   /** Adds one answered request to the usage ledger. */
   recordUsage(entry: LedgerEntry): void | Promise<void>;
+  /** False for a store that keeps no ledger (memory): no entry is made for it, per request, to be dropped. */
+  readonly keepsLedger: boolean;
   /** The ledger's rows for the UTC days `since` to `until` (`YYYY-MM-DD`, both included). */
   readUsage(since: string, until: string): LedgerRow[] | Promise<LedgerRow[]>;
   /** "degraded" while a shared store cannot be reached and this process counts alone. */

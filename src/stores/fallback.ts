@@ -196,6 +196,8 @@ export class FallbackCounterStore implements CounterStore {
   remaining = (key: string, rule: BucketRule) => this.#run((store) => store.remaining(key, rule));
   add = (key: string, amount: number, expiresAt?: number) => this.#run((store) => store.add(key, amount, expiresAt));
   get = (key: string) => this.#run((store) => store.get(key));
+  // The shared store's ledger; rows while Redis is silent go to the local store, which keeps none.
+  readonly keepsLedger = true;
   recordUsage = (entry: LedgerEntry) => this.#run((store) => store.recordUsage(entry));
   startCheck = (key: string, rule: BucketRule, expiresAt: number) =>
     this.#run((store) => startCheck(store, key, rule, expiresAt));

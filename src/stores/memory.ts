@@ -90,6 +90,8 @@ export class MemoryCounterStore implements CounterStore {
     return counter === undefined || counter.expiresAt <= this.now() ? 0 : counter.value;
   }
 
+  readonly keepsLedger = false;
+
   /** Keeps nothing (see the class): usage while Redis is unreachable is not in the ledger either. */
   recordUsage(_entry: LedgerEntry): void {}
 

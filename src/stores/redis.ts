@@ -274,6 +274,8 @@ export class RedisCounterStore implements CounterStore {
     return outcome === "locked" ? { lockedFor: secondsToWait(Number(level), rule) } : { busy: true };
   }
 
+  readonly keepsLedger = true;
+
   async recordUsage(entry: LedgerEntry): Promise<void> {
     const field = JSON.stringify([entry.who, entry.model, entry.upstream]);
     const figures = {

@@ -205,6 +205,8 @@ export class SqliteCounterStore implements CounterStore {
     return row === undefined || (row.expires_at ?? Infinity) <= this.now() ? 0 : row.value;
   }
 
+  readonly keepsLedger = true;
+
   recordUsage(entry: LedgerEntry): void {
     // Every write goes through #transaction, so WORKERS threads take turns at it through the ThreadLock.
     this.#transaction(() =>
