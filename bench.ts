@@ -8,6 +8,8 @@
  *   bare         the smallest Deno proxy (fetch, pass the body on, nothing else): what Deno itself costs
  *   bareJs       the same, but the body passes through the least JavaScript that can look at each chunk (one BYOB
  *                read and one enqueue per chunk): the floor for a Deno proxy that watches a stream, as the relay must
+ *   bareRead     the same, and a chat's body read whole, parsed and serialised again, its answer read whole and
+ *                parsed: the floor for a Deno proxy that checks a chat and counts its usage, as the relay must
  *   relay        mc-relay (deno run -P main.ts), no limits
  *   relayLimits  mc-relay with every request limit and a token budget on, in the memory store
  *   portkey      the Portkey gateway (Node), installed from npm into /tmp/mc-relay-bench/portkey at bench time
@@ -91,35 +93,52 @@ function runUpstream(port: number, faultRate: number) {
   });
 }
 
+/** The bare proxies' modes: `bare` passes bodies on, `bare-js` sees each chunk, `bare-read` also reads bodies whole. */
+type BareMode = "bare" | "bare-js" | "bare-read";
+
 /**
- * The smallest possible Deno proxy: the platform's own cost, for comparison. With `perChunk`, the body passes
- * through the least JavaScript that sees every chunk.
+ * The smallest possible Deno proxy: the platform's own cost, for comparison. `bare-js`: a streamed body passes
+ * through the least JavaScript that sees every chunk. `bare-read`: also the least a relay must do with a chat to check
+ * it and count its usage (issues 23 and 27): the request body read whole, parsed and serialised again, a non-streamed
+ * answer read whole and parsed, its bytes sent on; no auth, limits, deadlines, log or metrics.
  */
-function runBareProxy(port: number, upstreamUrl: string, perChunk = false) {
+function runBareProxy(port: number, upstreamUrl: string, mode: BareMode) {
   Deno.serve({ hostname: "127.0.0.1", port, onListen() {} }, async (request) => {
     const url = new URL(request.url);
+    const read = mode === "bare-read" && request.body !== null;
     const response = await fetch(`${upstreamUrl}${url.pathname}`, {
       method: request.method,
       headers: { authorization: "Bearer sk-bench", "content-type": "application/json" },
-      body: request.body,
+      body: read ? new TextEncoder().encode(JSON.stringify(JSON.parse(await request.text()))) : request.body,
     });
     const init = { status: response.status, headers: response.headers };
-    if (!perChunk || response.body === null) return new Response(response.body, init);
-    const reader = response.body.getReader({ mode: "byob" });
-    let buffer = new Uint8Array(2048);
-    return new Response(
-      new ReadableStream<Uint8Array>({
-        async pull(controller) {
-          const { done, value } = await reader.read(buffer);
-          if (done) return controller.close();
-          controller.enqueue(value.slice());
-          buffer = new Uint8Array(value.buffer);
-        },
-        cancel: (reason) => reader.cancel(reason),
-      }, { highWaterMark: 0 }),
-      init,
-    );
+    const stream = response.headers.get("content-type")?.startsWith("text/event-stream") ?? false;
+    if (mode === "bare-read" && !stream && request.method === "POST") {
+      const bytes = await response.bytes();
+      JSON.parse(new TextDecoder().decode(bytes));
+      return new Response(bytes, init);
+    }
+    // A relay passes an answer it need not read (a model list) within Deno, and watches only streams.
+    if (mode === "bare" || response.body === null || (mode === "bare-read" && !stream)) {
+      return new Response(response.body, init);
+    }
+    return new Response(perChunk(response.body), init);
   });
+}
+
+/** A body through the least JavaScript that sees each chunk: one BYOB read, one copy, one enqueue. */
+function perChunk(body: ReadableStream<Uint8Array>): ReadableStream<Uint8Array> {
+  const reader = body.getReader({ mode: "byob" });
+  let buffer = new Uint8Array(2048);
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      const { done, value } = await reader.read(buffer);
+      if (done) return controller.close();
+      controller.enqueue(value.slice());
+      buffer = new Uint8Array(value.buffer);
+    },
+    cancel: (reason) => reader.cancel(reason),
+  }, { highWaterMark: 0 });
 }
 
 // ---------------------------------------------------------------------------
@@ -148,8 +167,8 @@ async function waitForHttp(url: string, init: RequestInit = {}, timeoutMs = 1500
   throw new Error(`${url} did not answer within ${timeoutMs} ms`);
 }
 
-/** Runs this file in another mode ("upstream", "bare" or "bare-js") on a free port, as a process of its own. */
-function startBenchProcess(mode: "upstream" | "bare" | "bare-js", argument: string) {
+/** Runs this file in another mode ("upstream" or a bare proxy's) on a free port, as a process of its own. */
+function startBenchProcess(mode: "upstream" | BareMode, argument: string) {
   const port = freePort();
   const child = new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", `${here}bench.ts`, mode, String(port), argument],
@@ -161,8 +180,7 @@ function startBenchProcess(mode: "upstream" | "bare" | "bare-js", argument: stri
 }
 
 const startUpstreamProcess = (faultRate = 0) => startBenchProcess("upstream", String(faultRate));
-const startBareProcess = (upstreamUrl: string, perChunk = false) =>
-  startBenchProcess(perChunk ? "bare-js" : "bare", upstreamUrl);
+const startBareProcess = (upstreamUrl: string, mode: BareMode) => startBenchProcess(mode, upstreamUrl);
 
 function startRelayProcess(upstreamUrl: string, extraEnv: Record<string, string> = {}) {
   const port = freePort();
@@ -569,7 +587,7 @@ async function concurrentStreams(base: string, auth: Auth, streams: number, chun
 type ProxyProcess = { url: string; pid: number; child: Deno.ChildProcess; auth: Auth; prefix?: string };
 
 /** The kinds of proxy the bench starts. `relayLimits`: every limit and a token budget on, in the memory store. */
-type ProxyKind = "relay" | "relayLimits" | "nginx" | "bare" | "bareJs" | "portkey";
+type ProxyKind = "relay" | "relayLimits" | "nginx" | "bare" | "bareJs" | "bareRead" | "portkey";
 
 /** Starts a proxy of one kind in front of the upstream and waits until it answers. */
 async function startProxy(kind: ProxyKind, upstreamUrl: string): Promise<ProxyProcess> {
@@ -588,7 +606,10 @@ async function startProxy(kind: ProxyKind, upstreamUrl: string): Promise<ProxyPr
     await waitForHttp(`${portkey.url}/v1/models`, { headers: portkey.auth }, 30_000);
     return portkey;
   }
-  const bare = startBareProcess(upstreamUrl, kind === "bareJs");
+  const bare = startBareProcess(
+    upstreamUrl,
+    kind === "bareJs" ? "bare-js" : kind === "bareRead" ? "bare-read" : "bare",
+  );
   await waitForHttp(`${bare.url}/v1/models`);
   return { ...bare, auth: RELAY_AUTH };
 }
@@ -738,6 +759,7 @@ const SYSTEMS: { kind: ProxyKind; label: string }[] = [
   { kind: "nginx", label: "nginx, 1 worker (floor)" },
   { kind: "bare", label: "bare Deno proxy (floor)" },
   { kind: "bareJs", label: "Deno, JS per chunk (floor)" },
+  { kind: "bareRead", label: "Deno, chat read and checked (floor)" },
   { kind: "relay", label: "mc-relay, no limits" },
   { kind: "relayLimits", label: "mc-relay, limits + budget (memory)" },
   { kind: "portkey", label: "Portkey gateway (Node)" },
@@ -996,6 +1018,11 @@ ${rows.join("\n")}
     }; goal at most 2), chat throughput ${ratio("relay", "bare", "chatRps")} (limits + budget: ${
       ratio("relayLimits", "bare", "chatRps")
     }; goal at least 0.5), RSS at ${sizes.held} open streams ${ratio("relay", "bare", "heldRssMb")} (goal at most 1.2)
+- mc-relay / Deno with the chat read and checked: CPU per chat ${
+      ratio("relay", "bareRead", "cpuPerChatUs")
+    }, chat throughput ${ratio("relay", "bareRead", "chatRps")}; that floor / bare Deno proxy: CPU per chat ${
+      ratio("bareRead", "bare", "cpuPerChatUs")
+    }
 - mc-relay / Deno with JS per chunk: CPU per chunk ${ratio("relay", "bareJs", "cpuPerChunkUs")} (goal at most 1.25)
 - mc-relay / Portkey: chat throughput ${ratio("relay", "portkey", "chatRps")}, CPU per chat ${
       ratio("relay", "portkey", "cpuPerChatUs")
@@ -1040,8 +1067,8 @@ ${
 
 if (Deno.args[0] === "upstream") {
   runUpstream(Number(Deno.args[1]), Number(Deno.args[2] ?? 0));
-} else if (Deno.args[0] === "bare" || Deno.args[0] === "bare-js") {
-  runBareProxy(Number(Deno.args[1]), Deno.args[2], Deno.args[0] === "bare-js");
+} else if (["bare", "bare-js", "bare-read"].includes(Deno.args[0])) {
+  runBareProxy(Number(Deno.args[1]), Deno.args[2], Deno.args[0] as BareMode);
 } else if (import.meta.main) {
   await main();
 }
