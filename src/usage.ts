@@ -132,7 +132,8 @@ export function usageReader(watch: UsageWatch, eventStream: boolean) {
       parts = [];
     } else {
       const keep = Math.min(3, rest.length);
-      parts.push(rest.slice(0, rest.length - keep));
+      // Only a real part is held: an empty one would keep every later chunk off the common path above.
+      if (rest.length > keep) parts.push(rest.slice(0, rest.length - keep));
       carry = rest.slice(rest.length - keep);
     }
     return textEncoder.encode(out);
