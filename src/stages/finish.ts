@@ -34,8 +34,8 @@ function giveBackAll(relay: Relay, context: RequestContext, usage: TokenUsage | 
     }
   }
   const releases = context.releases.take(true);
-  // BYOK requests spend the caller's own quota: the relay keeps no record of them.
-  const recorded = usage !== undefined && !context.upstream.target.byok;
+  // BYOK requests spend the caller's own quota: the relay keeps no record of them. Nor does a store without a ledger.
+  const recorded = usage !== undefined && !context.upstream.target.byok && relay.counters.keepsLedger;
   if (releases.length === 0 && !recorded) return;
   storeCalls(relay, () => {
     const writes: unknown[] = [];
