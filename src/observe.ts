@@ -90,8 +90,16 @@ export class RelayMetrics {
     return Object.entries(labels).map(([name, value]) => `${name}="${RelayMetrics.#label(value)}"`).join(",");
   }
 
-  static #add(counter: Map<string, number>, labels: Record<string, string>, amount: number) {
-    let key = RelayMetrics.#key(labels);
+  /**
+   * Adds `amount` under `labels` (their text `key`, made here unless given); past MAX_LABEL_SETS a new set counts as
+   * "other", kinds kept apart.
+   */
+  static #add(
+    counter: Map<string, number>,
+    labels: Record<string, string>,
+    amount: number,
+    key = RelayMetrics.#key(labels),
+  ) {
     if (!counter.has(key) && counter.size >= MAX_LABEL_SETS) {
       key = Object.keys(labels).map((name) => `${name}="${name === "kind" ? labels.kind : "other"}"`).join(",");
     }
@@ -108,22 +116,27 @@ export class RelayMetrics {
     return model;
   }
 
+  /**
+   * The label text of `labels`, made once per `id` (the labels' values joined) and kept for the first MAX_LABEL_SETS
+   * ids: a request's and an answer's labels are a bounded set, and escaping them per request cost a fast chat time.
+   */
+  static #cachedKey(cache: Map<string, string>, id: string, labels: Record<string, string>): string {
+    let key = cache.get(id);
+    if (key === undefined) {
+      key = RelayMetrics.#key(labels);
+      if (cache.size < MAX_LABEL_SETS) cache.set(id, key);
+    }
+    return key;
+  }
+
   /** The label text of each route, status and user seen so far (at most MAX_LABEL_SETS). */
   #requestKeys = new Map<string, string>();
 
   /** Counts one answered request. */
   countRequest(route: string, status: number, user: string) {
-    // The label text is made once per route, status and user (a bounded set), not per request.
-    const id = `${route}\n${status}\n${user}`;
-    let key = this.#requestKeys.get(id);
-    if (key === undefined) {
-      key = `route="${RelayMetrics.#label(route)}",status="${status}",user="${RelayMetrics.#label(user)}"`;
-      if (this.#requestKeys.size < MAX_LABEL_SETS) this.#requestKeys.set(id, key);
-    }
-    if (!this.#requests.has(key) && this.#requests.size >= MAX_LABEL_SETS) {
-      key = 'route="other",status="other",user="other"';
-    }
-    this.#requests.set(key, (this.#requests.get(key) ?? 0) + 1);
+    const labels = { route, status: String(status), user };
+    const key = RelayMetrics.#cachedKey(this.#requestKeys, `${route}\n${status}\n${user}`, labels);
+    RelayMetrics.#add(this.#requests, labels, 1, key);
   }
 
   /** Records how long the upstream took to send its response headers. */
@@ -144,15 +157,9 @@ export class RelayMetrics {
     for (const kind of TOKEN_KINDS) {
       const tokens = usage[`${kind}_tokens`];
       if (tokens === undefined) continue;
-      // As in countRequest: the label text made once per user, model and kind, not per answer.
-      const id = `${user}\n${model}\n${kind}`;
-      const key = this.#tokenKeys.get(id);
-      if (key !== undefined && this.#tokens.has(key)) {
-        this.#tokens.set(key, this.#tokens.get(key)! + tokens);
-        continue;
-      }
-      RelayMetrics.#add(this.#tokens, { user, model, kind }, tokens);
-      if (this.#tokenKeys.size < MAX_LABEL_SETS) this.#tokenKeys.set(id, RelayMetrics.#key({ user, model, kind }));
+      const labels = { user, model, kind };
+      const key = RelayMetrics.#cachedKey(this.#tokenKeys, `${user}\n${model}\n${kind}`, labels);
+      RelayMetrics.#add(this.#tokens, labels, tokens, key);
     }
   }
 
